@@ -1,0 +1,338 @@
+"""Dataset loaders: shapes, scaling, exact round trips through the file formats, and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulator.config import ConfigError, DataConfig, PartitionConfig, SyntheticConfig
+from simulator.data import DATASETS, Dataset, load_dataset, partition
+
+
+def load(dataset: str, path: Path | None = None, seed: int = 0, num_clients: int = 10, **fields):
+    cfg = DataConfig(dataset=dataset, path=None if path is None else str(path), **fields)
+    return load_dataset(cfg, num_clients, seed)
+
+
+def assert_well_formed(ds: Dataset, input_shape: tuple[int, ...]) -> None:
+    assert ds.input_shape == input_shape
+    for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test)):
+        assert x.dtype == np.float32 and x.flags.c_contiguous
+        assert y.dtype == np.int64 and y.shape == (len(x),)
+        assert 0 <= y.min() and y.max() < ds.num_classes
+
+
+# ----- embedded -----
+
+
+@pytest.fixture(scope="module")
+def digits() -> Dataset:
+    return load("digits", test_fraction=0.25)
+
+
+def test_digits_shapes_range_and_exact_values(digits):
+    from sklearn.datasets import load_digits
+
+    source = load_digits()
+    assert_well_formed(digits, (1, 8, 8))
+    assert digits.num_classes == 10
+    assert len(digits.x_train) + len(digits.x_test) == 1797
+    assert digits.x_train.min() == 0.0 and digits.x_train.max() == 1.0
+    # Together the splits are the source's images, divided by 16.
+    ours = np.concatenate([digits.x_train, digits.x_test]).reshape(-1, 64) * 16
+    np.testing.assert_array_equal(np.unique(ours, axis=0), np.unique(source.data, axis=0))
+
+
+def test_digits_split_is_stratified(digits):
+    everything = np.bincount(np.concatenate([digits.y_train, digits.y_test]))
+    np.testing.assert_array_equal(np.bincount(digits.y_test), np.round(everything * 0.25))
+
+
+def test_digits_split_is_seeded(digits):
+    again, other = load("digits", test_fraction=0.25), load("digits", seed=1, test_fraction=0.25)
+    np.testing.assert_array_equal(again.x_test, digits.x_test)
+    np.testing.assert_array_equal(again.y_train, digits.y_train)
+    assert other.x_test.shape == digits.x_test.shape
+    assert not np.array_equal(other.x_test, digits.x_test)
+
+
+def test_mnist5k_shapes():
+    ds = load("mnist5k", test_fraction=0.2)
+    assert_well_formed(ds, (1, 28, 28))
+    assert (len(ds.x_train), len(ds.x_test)) == (4000, 1000)
+    np.testing.assert_array_equal(np.bincount(ds.y_test), np.full(10, 100))
+    assert ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0
+
+
+def test_unknown_dataset_lists_valid_names():
+    with pytest.raises(ConfigError, match="data.dataset") as error:
+        load("imagenet")
+    assert all(name in str(error.value) for name in DATASETS)
+    names = ["digits", "mnist5k", "mnist", "cifar10", "cifar100", "npz", "synthetic"]
+    assert sorted(DATASETS) == sorted(names)
+
+
+# ----- MNIST idx files -----
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    magic = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)  # two zero bytes, uint8, ndim
+    return magic + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+
+
+def write_mnist(folder: Path, gz: bool) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (12, 5, 4), dtype=np.uint8),  # H != W
+        "train-labels-idx1-ubyte": rng.integers(0, 10, 12, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (6, 5, 4), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, 6, dtype=np.uint8),
+    }
+    for name, array in arrays.items():
+        data = idx_bytes(array)
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / name).write_bytes(data)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_idx_round_trip(tmp_path, gz):
+    arrays = write_mnist(tmp_path, gz)
+    ds = load("mnist", tmp_path)
+    assert_well_formed(ds, (1, 5, 4))
+    np.testing.assert_array_equal(ds.x_train[:, 0] * 255, arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(ds.x_test[:, 0] * 255, arrays["t10k-images-idx3-ubyte"])
+    np.testing.assert_array_equal(ds.y_train, arrays["train-labels-idx1-ubyte"])
+    np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
+    assert ds.num_classes == 10
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda data: b"\x01" + data[1:],  # bad magic
+        lambda data: data[:-1],  # truncated values
+        lambda data: data + b"\x00",  # trailing bytes
+        lambda data: data[:6],  # truncated header
+    ],
+)
+def test_mnist_malformed_idx_names_the_file(tmp_path, corrupt):
+    write_mnist(tmp_path, gz=False)
+    file = tmp_path / "t10k-images-idx3-ubyte"
+    file.write_bytes(corrupt(file.read_bytes()))
+    with pytest.raises(ConfigError, match="data.path") as error:
+        load("mnist", tmp_path)
+    assert str(file) in str(error.value)
+
+
+def test_mnist_label_count_mismatch(tmp_path):
+    write_mnist(tmp_path, gz=False)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(11, np.uint8)))
+    with pytest.raises(ConfigError, match="11 labels for 12 images"):
+        load("mnist", tmp_path)
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="data.path = None"):
+        load("mnist")
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError, match="data.path") as error:
+        load("cifar10", missing)
+    assert str(missing) in str(error.value)
+
+
+def test_missing_file_in_folder_is_named(tmp_path):
+    write_mnist(tmp_path, gz=True)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(ConfigError, match="data.path") as error:
+        load("mnist", tmp_path)
+    assert "t10k-labels-idx1-ubyte" in str(error.value)
+
+
+# ----- CIFAR pickles -----
+
+
+def write_pickle(file: Path, data: np.ndarray, labels: dict[bytes, list[int]]) -> None:
+    with file.open("wb") as handle:
+        pickle.dump({b"batch_label": b"x", b"data": data, **labels}, handle)
+
+
+def cifar_images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
+
+
+def test_cifar10_round_trip_channel_first(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batches = [cifar_images(2, seed) for seed in range(6)]
+    batches[0][0] = 0
+    batches[0][0, 1024 + 5 * 32 + 7] = 200  # green plane, row 5, column 7 of the first image
+    for i, data in enumerate(batches[:5], start=1):
+        write_pickle(folder / f"data_batch_{i}", data, {b"labels": [i, 9 - i]})
+    write_pickle(folder / "test_batch", batches[5], {b"labels": [0, 3]})
+
+    ds = load("cifar10", folder)
+    assert_well_formed(ds, (3, 32, 32))
+    assert (len(ds.x_train), len(ds.x_test), ds.num_classes) == (10, 2, 10)
+    assert ds.x_train[0, 1, 5, 7] == np.float32(200 / 255)
+    assert np.count_nonzero(ds.x_train[0]) == 1
+    expected = np.concatenate(batches[:5]).reshape(-1, 3, 32, 32)
+    np.testing.assert_array_equal(ds.x_train * 255, expected)
+    np.testing.assert_array_equal(ds.y_train, [1, 8, 2, 7, 3, 6, 4, 5, 5, 4])
+    np.testing.assert_array_equal(ds.y_test, [0, 3])
+
+
+def test_cifar10_missing_batch_is_named(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ["data_batch_1", "data_batch_2", "data_batch_4", "data_batch_5", "test_batch"]:
+        write_pickle(folder / name, cifar_images(1, 0), {b"labels": [0]})
+    with pytest.raises(ConfigError, match="data_batch_3"):
+        load("cifar10", folder)
+
+
+def test_cifar100_round_trip_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    train, test = cifar_images(4, 1), cifar_images(2, 2)
+    fine = {b"fine_labels": [99, 0, 42, 7], b"coarse_labels": [1] * 4}
+    write_pickle(folder / "train", train, fine)
+    write_pickle(folder / "test", test, {b"fine_labels": [5, 98], b"coarse_labels": [0] * 2})
+
+    ds = load("cifar100", folder)
+    assert_well_formed(ds, (3, 32, 32))
+    assert ds.num_classes == 100
+    np.testing.assert_array_equal(ds.x_test * 255, test.reshape(-1, 3, 32, 32))
+    assert ds.x_train[2, 2, 31, 0] * 255 == train[2, 2048 + 31 * 32]  # blue plane, last row
+    np.testing.assert_array_equal(ds.y_train, [99, 0, 42, 7])
+
+
+def test_cifar_without_label_key_is_rejected(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ["train", "test"]:
+        write_pickle(folder / name, cifar_images(1, 0), {b"labels": [0]})
+    with pytest.raises(ConfigError, match="fine_labels"):
+        load("cifar100", folder)
+
+
+# ----- npz -----
+
+
+def test_npz_with_test_split_adds_channel_and_scales(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, 3, 5), dtype=np.uint8)
+    x_test = rng.integers(0, 256, (4, 3, 5), dtype=np.uint8)
+    file = tmp_path / "data.npz"
+    np.savez(file, x=x, y=np.array([0, 1, 2, 0, 1, 2, 0, 1]), x_test=x_test, y_test=[6, 0, 1, 2])
+
+    ds = load("npz", file)
+    assert_well_formed(ds, (1, 3, 5))
+    assert ds.num_classes == 7  # the largest label, in either split, plus one
+    np.testing.assert_array_equal(ds.x_train[:, 0], x.astype(np.float32) / 255)
+    np.testing.assert_array_equal(ds.x_test[:, 0], x_test.astype(np.float32) / 255)
+    np.testing.assert_array_equal(ds.y_test, [6, 0, 1, 2])
+
+
+def test_npz_without_test_split_is_split_by_class(tmp_path):
+    x = np.arange(100 * 3, dtype=np.float64).reshape(100, 3) / 300  # floats are kept as they are
+    y = np.repeat([0, 1, 3, 4], 25)
+    file = tmp_path / "vectors.npz"
+    np.savez(file, x=x, y=y)
+
+    ds = load("npz", file, test_fraction=0.2)
+    assert_well_formed(ds, (3,))
+    assert ds.num_classes == 5
+    np.testing.assert_array_equal(np.bincount(ds.y_test, minlength=5), [5, 5, 0, 5, 5])
+    # Each row still carries its own label: row r is x[r] with label y[r].
+    rows = np.round(np.concatenate([ds.x_train, ds.x_test])[:, 0] * 300 / 3).astype(int)
+    np.testing.assert_array_equal(y[rows], np.concatenate([ds.y_train, ds.y_test]))
+    np.testing.assert_allclose(np.sort(rows), np.arange(100))
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.zeros((3, 2))}, "missing arrays"),
+        ({"x": np.zeros((3, 2)), "y": np.array([0, -1, 1])}, ">= 0"),
+        ({"x": np.zeros((3, 2)), "y": np.array([0.0, 1.0, 1.0])}, "integer"),
+        ({"x": np.zeros((3, 2)), "y": np.array([0, 1])}, "3 inputs but 2 labels"),
+        ({"x": np.zeros((3, 2)), "y": np.zeros(3, int), "x_test": np.zeros((1, 2))}, "y_test"),
+        ({"x": np.zeros((3, 2, 2, 2, 2)), "y": np.zeros(3, int)}, "inputs must be"),
+    ],
+)
+def test_npz_bad_contents(tmp_path, arrays, message):
+    file = tmp_path / "bad.npz"
+    np.savez(file, **arrays)
+    with pytest.raises(ConfigError, match="data.path") as error:
+        load("npz", file)
+    assert message in str(error.value)
+
+
+# ----- synthetic -----
+
+SMALL = SyntheticConfig(dim=12, num_classes=5, mean_samples=40)
+
+
+def synthetic(seed: int = 0, num_clients: int = 30, **fields) -> Dataset:
+    cfg = dataclasses.replace(SMALL, **fields)
+    return load("synthetic", seed=seed, num_clients=num_clients, synthetic=cfg)
+
+
+def test_synthetic_shapes_groups_and_labels():
+    ds = synthetic()
+    assert_well_formed(ds, (12,))
+    assert ds.num_classes == 5
+    np.testing.assert_array_equal(np.unique(ds.groups_train), np.arange(30))
+    total = len(ds.x_train) + len(ds.x_test)
+    assert len(ds.x_test) / total == pytest.approx(0.2, abs=0.03)
+    assert total / 30 == pytest.approx(40, rel=0.5)
+    assert len(np.unique(ds.y_train)) == 5
+
+
+def test_synthetic_is_seeded():
+    first, second, other = synthetic(seed=3), synthetic(seed=3), synthetic(seed=4)
+    np.testing.assert_array_equal(first.x_train, second.x_train)
+    np.testing.assert_array_equal(first.y_test, second.y_test)
+    np.testing.assert_array_equal(first.groups_train, second.groups_train)
+    assert not np.array_equal(first.x_train[:10], other.x_train[:10])
+
+
+def test_synthetic_beta_moves_group_inputs_apart():
+    def spread_of_group_means(ds: Dataset) -> float:
+        means = [ds.x_train[ds.groups_train == g].mean() for g in range(30)]
+        return float(np.std(means))
+
+    assert spread_of_group_means(synthetic(beta=0.0)) < 0.6
+    assert spread_of_group_means(synthetic(beta=5.0)) > 2.5
+
+
+def test_synthetic_groups_have_different_label_distributions():
+    ds = synthetic()
+    counts = [np.bincount(ds.y_train[ds.groups_train == g], minlength=5) for g in range(30)]
+    shares = np.stack(counts) / np.sum(counts, axis=1, keepdims=True)
+    # Each group's own model makes a few labels dominate it, unlike the pooled data.
+    assert shares.max(axis=1).mean() > 0.5
+    assert np.bincount(ds.y_train).max() / len(ds.y_train) < 0.4
+
+
+def test_synthetic_natural_partition_gives_each_client_its_group():
+    ds = synthetic(num_clients=30)
+    cfg = PartitionConfig(kind="natural")
+    parts = partition(ds.y_train, 30, cfg, np.random.default_rng(0), ds.groups_train)
+    for group, part in enumerate(parts):
+        np.testing.assert_array_equal(part, np.flatnonzero(ds.groups_train == group))
+
+
+def test_dataset_rejects_wrong_dtypes():
+    labels, test_inputs = np.zeros(2, np.int64), np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="float32"):
+        Dataset("bad", np.zeros((2, 3)), labels, test_inputs, labels, num_classes=2)
