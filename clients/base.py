@@ -1,0 +1,78 @@
+"""The interface every client-side training method implements, and plain local SGD.
+
+A method trains the actor's one reused model in place on one client's data.
+Per-round facts arrive in a frozen :class:`TrainContext`; randomness only from
+the generator in it, so a client's result does not depend on which actor ran it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from simulator.config import ClientConfig
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What a client knows about this round."""
+
+    server_round: int
+    client_id: int
+    config: dict[str, Any]  # the strategy's ConfigRecord for this client
+    generator: torch.Generator  # seeded from (run seed, round, client id)
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What local training reports besides the weights left in the model."""
+
+    num_examples: int
+    train_loss: float
+
+
+class ClientMethod:
+    """Minibatch SGD over ``epochs`` passes; subclasses add to the gradient.
+
+    Subclasses override :meth:`begin` (called once before the first step, with
+    the global weights still in the model) and :meth:`adjust_gradients` (called
+    after each backward pass), and nothing else.
+    """
+
+    def __init__(self, cfg: ClientConfig) -> None:
+        self.cfg = cfg
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def begin(self, model: nn.Module, context: TrainContext) -> None:
+        """Prepare for one client's training; the model holds the global weights."""
+
+    def adjust_gradients(self, model: nn.Module) -> None:
+        """Change the gradients after backward, before the optimizer step."""
+
+    def train(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: TrainContext
+    ) -> LocalResult:
+        """Train ``model`` in place on ``(x, y)``; return the example count and mean loss."""
+        self.begin(model, context)
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=self.cfg.lr,
+            momentum=self.cfg.momentum,
+            weight_decay=self.cfg.weight_decay,
+        )
+        model.train()
+        total_loss, steps = torch.zeros(()), 0
+        for _ in range(self.cfg.epochs):
+            order = torch.randperm(len(y), generator=context.generator)
+            for batch in order.split(self.cfg.batch_size):
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.loss_fn(model(x[batch]), y[batch])
+                loss.backward()
+                self.adjust_gradients(model)
+                optimizer.step()
+                total_loss += loss.detach()
+                steps += 1
+        return LocalResult(num_examples=len(y), train_loss=float(total_loss) / max(steps, 1))
