@@ -1,0 +1,128 @@
+"""Flower's ``Grid`` over our backends, so any Flower strategy runs unchanged.
+
+Node ``c`` is client ``c``. :meth:`SimulationGrid.send_and_receive` turns the
+strategy's messages into client jobs, runs them in one backend call (each
+distinct ArrayRecord is converted once, however many messages share it), and
+wraps the outcomes as Flower reply messages in the order the messages came.
+Nothing waits or polls: replies exist as soon as the call returns.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from simulator.backends import Backend, ClientFailure
+from simulator.worker import EVALUATE, TRAIN, ClientJob, ClientOutcome
+
+_KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE}
+
+
+class SimulationGrid(Grid):
+    """A Grid whose nodes are simulated clients run by a :class:`Backend`."""
+
+    def __init__(self, backend: Backend, num_clients: int, run_id: int) -> None:
+        self.backend = backend
+        self.node_ids = list(range(num_clients))
+        self._run = Run.create_empty(run_id)
+        self._ids = itertools.count()
+        self._replies: dict[str, Message] = {}
+        self.server_round = 0  # set by the engine; seeds each client's local shuffling
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(
+            content=content,
+            message_type=message_type,
+            dst_node_id=dst_node_id,
+            group_id=group_id,
+            ttl=ttl,
+        )
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.node_ids
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        for message, reply in zip(messages, self._execute(messages)):
+            self._replies[message.metadata.message_id] = reply
+        return [message.metadata.message_id for message in messages]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Run every message's client now; ``timeout`` has nothing to wait for."""
+        return self._execute(list(messages))
+
+    def _execute(self, messages: list[Message]) -> list[Message]:
+        if not messages:
+            return []
+        records: list[ArrayRecord] = []
+        jobs = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
+            jobs.append(self._job(message, records))
+        outcomes = self.backend.run(jobs, [record.to_numpy_ndarrays() for record in records])
+        return [
+            self._reply(message, outcome, list(records[job.weights_index].keys()))
+            for message, job, outcome in zip(messages, jobs, outcomes)
+        ]
+
+    def _job(self, message: Message, records: list[ArrayRecord]) -> ClientJob:
+        """The job for ``message``; its ArrayRecord joins ``records`` unless already there."""
+        kind = _KINDS.get(message.metadata.message_type)
+        if kind is None:
+            raise ValueError(f"unsupported message type {message.metadata.message_type!r}")
+        if message.metadata.dst_node_id not in range(len(self.node_ids)):
+            raise ValueError(f"message to unknown node {message.metadata.dst_node_id}")
+        content = message.content
+        (arrays,) = content.array_records.values()
+        config: dict[str, Any] = {}
+        for record in content.config_records.values():
+            config.update(record)
+        index = next((i for i, r in enumerate(records) if r is arrays), len(records))
+        if index == len(records):
+            records.append(arrays)
+        return ClientJob(
+            client_id=message.metadata.dst_node_id,
+            kind=kind,
+            server_round=self.server_round,
+            weights_index=index,
+            config=config,
+        )
+
+    def _reply(self, message: Message, outcome: ClientOutcome, keys: list[str]) -> Message:
+        if outcome.error is not None:
+            raise ClientFailure(f"client {outcome.client_id} failed:\n{outcome.error}")
+        content = RecordDict({"metrics": MetricRecord(outcome.metrics)})
+        if outcome.arrays is not None:
+            content["arrays"] = ArrayRecord(
+                array_dict=OrderedDict(
+                    (key, Array(a)) for key, a in zip(keys, outcome.arrays, strict=True)
+                )
+            )
+        reply = Message(content, reply_to=message)
+        reply.metadata.__dict__["_message_id"] = f"r{message.metadata.message_id}"
+        return reply
