@@ -1,0 +1,169 @@
+"""The round loop: the one place that owns it.
+
+An :class:`Experiment` drives a Flower strategy's ``configure_*`` / ``aggregate_*``
+methods itself, through our :class:`~simulator.grid.SimulationGrid`, so that it
+can evaluate, log and checkpoint between them. Every strategy call runs under
+global random state seeded from (run seed, round): Flower samples clients with
+``random.sample``, and that makes the cohort a function of the seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.task_identity import TaskIdentity
+from tqdm import tqdm
+
+from clients import resolve_method
+from clients.models import build_model
+from simulator import checkpoint
+from simulator.backends import make_backend
+from simulator.config import RunConfig, to_dict
+from simulator.data import load_dataset, partition
+from simulator.grid import SimulationGrid
+from simulator.keys import ACCURACY, PROXIMAL_MU, TRAIN_LOSS
+from simulator.plot import plot_forgetting
+from simulator.run_dir import RunDirectory
+from simulator.seeding import Purpose, derive_seed, rng, seeded_global_state, torch_generator
+from simulator.worker import WorkerData, evaluate
+
+SERVER_NODE_ID = 1  # Flower's SuperLink node id: the source of every instruction
+log = logging.getLogger("fedstream")
+
+
+class Experiment:
+    """One scenario, one strategy, one seed: runs and writes its run directory."""
+
+    def __init__(self, run: RunConfig, strategy: Strategy, run_dir: Path, resume: bool = False) -> None:
+        self.run_cfg = run
+        self.strategy = strategy
+        self.run_dir = run_dir
+        self.resume = resume
+
+    def run(self) -> dict[str, Any]:
+        """Run every round; return the summary written to ``summary.json``."""
+        cfg = self.run_cfg
+        started = time.perf_counter()
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+
+        # 1. Data: load and split across clients (impossible values fail here, before Ray).
+        resolve_method(cfg.client.method)
+        dataset = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+        parts = partition(
+            dataset.y_train, cfg.federation.num_clients, cfg.data.partition,
+            rng(cfg.seed, Purpose.PARTITION), dataset.groups_train,
+        )
+        data = WorkerData.pack(
+            dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test,
+            dataset.num_classes, parts,
+        )
+        x_test, y_test = torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test)
+
+        # 2. Model: the server's copy, seeded; its weights are the initial global arrays.
+        model = build_model(
+            dataset.input_shape, dataset.num_classes, cfg.model,
+            torch_generator(cfg.seed, Purpose.MODEL_INIT),
+        )
+        arrays, first_round, wall_offset = ArrayRecord(model.state_dict()), 1, 0.0
+
+        # 3. Resume from the last finished round, if asked.
+        if self.resume:
+            saved = checkpoint.load(self.run_dir / "checkpoints")
+            self._check_same_run(saved.config)
+            arrays, self.strategy = saved.arrays, saved.strategy
+            first_round, wall_offset = saved.round + 1, saved.wall_s
+        outputs = RunDirectory(self.run_dir, resume_round=first_round - 1)
+        self._warn_unused_proximal_term()
+
+        # 4. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface.
+        backend = make_backend(cfg, data)
+        grid = SimulationGrid(backend, cfg.federation.num_clients, run_id=cfg.seed)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = cfg.seed, SERVER_NODE_ID, 0
+        progress = tqdm(
+            range(first_round, cfg.rounds + 1), initial=first_round - 1, total=cfg.rounds,
+            desc="round", unit="round", dynamic_ncols=True,
+        )
+        try:
+            for server_round in progress:
+                # 5. Train: the strategy samples and configures, clients train, it aggregates.
+                grid.server_round = server_round
+                with seeded_global_state(derive_seed(cfg.seed, Purpose.STRATEGY, server_round)):
+                    messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+                    replies = grid.send_and_receive(messages)
+                    new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
+                if new_arrays is not None:
+                    arrays = new_arrays
+
+                # 6. Evaluate the global model on every task seen (one task: the test set).
+                if server_round % cfg.eval.every == 0 or server_round == cfg.rounds:
+                    model.load_state_dict(arrays.to_torch_state_dict())
+                    _, accuracy = evaluate(model, x_test, y_test, cfg.eval.batch_size)
+                    record = {
+                        "round": server_round,
+                        "task": 0,
+                        "wall_s": round(wall_offset + time.perf_counter() - started, 3),
+                        "train_loss": _metric(train_metrics, TRAIN_LOSS),
+                        "acc_per_task": [accuracy],
+                        "acc_seen": accuracy,
+                    }
+                    if cfg.eval.federated:
+                        record["client_acc"] = self._federated_evaluation(server_round, arrays, grid)
+                    outputs.log(record)
+                    progress.set_postfix(loss=record["train_loss"], acc=f"{accuracy:.3f}")
+
+                # 7. Checkpoint, so a crash never loses a finished round.
+                every = cfg.engine.checkpoint_every
+                if every and (server_round % every == 0 or server_round == cfg.rounds):
+                    checkpoint.save(self.run_dir / "checkpoints", checkpoint.Checkpoint(
+                        round=server_round, arrays=arrays, strategy=self.strategy,
+                        wall_s=wall_offset + time.perf_counter() - started, config=to_dict(cfg),
+                    ))
+        finally:
+            progress.close()
+            backend.close()
+
+        # 8. Outputs: accuracy matrix, summary, forgetting plot.
+        summary = outputs.finish(wall_offset + time.perf_counter() - started, cfg.rounds)
+        plot_forgetting(outputs.records, self.run_dir / "plots" / "forgetting.png",
+                        title=f"{cfg.scenario} / {type(self.strategy).__name__}")
+        return summary
+
+    def _federated_evaluation(self, server_round: int, arrays: ArrayRecord, grid: SimulationGrid) -> float | None:
+        """The strategy's own client-side evaluation: sampled clients on their local test samples."""
+        with seeded_global_state(derive_seed(self.run_cfg.seed, Purpose.STRATEGY, server_round, 1)):
+            messages = self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+            metrics = self.strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages))
+        return _metric(metrics, ACCURACY)
+
+    def _check_same_run(self, saved: dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint written by a different config (rounds may grow)."""
+        current = to_dict(self.run_cfg)
+        differing = sorted(k for k in current if k != "rounds" and current[k] != saved.get(k))
+        if differing:
+            raise ValueError(
+                f"resume=true: the checkpoint in {self.run_dir / 'checkpoints'} was written "
+                f"with different {', '.join(differing)}; resume with the same config"
+            )
+
+    def _warn_unused_proximal_term(self) -> None:
+        mu = getattr(self.strategy, "proximal_mu", 0.0)
+        if mu and self.run_cfg.client.method != "fedprox":
+            log.warning(
+                "the strategy sends %s=%s but client.method=%s ignores it; "
+                "set client.method=fedprox to apply the proximal term",
+                PROXIMAL_MU, mu, self.run_cfg.client.method,
+            )
+
+
+def _metric(record: MetricRecord | None, key: str) -> float | None:
+    """A float from an aggregated MetricRecord, or None where the strategy gave none."""
+    if record is None or key not in record:
+        return None
+    return float(np.asarray(record[key]))
