@@ -1,0 +1,52 @@
+"""Shared helpers: compose a config the way run.py does, and run it in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from simulator.config import RunConfig, load_config
+from simulator.engine import Experiment
+from strategies import build_strategy
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["rounds=3", "engine.backend=local"]  # a few seconds on digits
+
+
+def compose_config(overrides: list[str]) -> Any:
+    """The composed Hydra config for ``overrides``, with Hydra's runtime info set."""
+    with initialize_config_dir(config_dir=str(ROOT / "scenarios"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def compose_run(overrides: list[str]) -> RunConfig:
+    """The validated run config for ``overrides``."""
+    return load_config(compose_config(overrides))
+
+
+def run_experiment(run_dir: Path, overrides: list[str], resume: bool = False) -> dict[str, Any]:
+    """Run a scenario in this process (the backend is whatever the overrides say)."""
+    cfg = compose_config(overrides)
+    run = load_config(cfg)
+    strategy = build_strategy(cfg.strategy, run.federation.num_clients)
+    return Experiment(run, strategy, run_dir, resume=resume).run()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl``."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny local run shared by the tests that only read its run directory."""
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    run_experiment(run_dir, TINY)
+    return run_dir
