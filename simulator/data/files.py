@@ -25,7 +25,10 @@ _CIFAR_PIXELS = 3 * 32 * 32
 def _existing_path(path: str | None, dataset: str, expected: str) -> Path:
     """``data.path`` as a Path, or a ConfigError saying what ``dataset`` expected there."""
     if path is None:
-        raise ConfigError(f"data.path = None: data.dataset = {dataset!r} reads {expected}")
+        raise ConfigError(
+            f"data.path = None: data.dataset = {dataset!r} reads {expected}; "
+            "set data.path=... in the scenario file or on the command line"
+        )
     resolved = Path(path).expanduser()
     if not resolved.exists():
         raise ConfigError(

@@ -1,0 +1,78 @@
+"""Every shipped scenario file validates and runs a couple of rounds on its data."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, compose_run, read_metrics, run_experiment
+from simulator.data.embedded import load_digits, load_mnist5k
+from test_data_datasets import cifar_images, idx_bytes, write_pickle
+
+SCENARIOS = sorted(p.stem for p in (ROOT / "scenarios" / "scenario").glob("*.yaml"))
+
+
+def mnist_folder(folder: Path) -> Path:
+    """The 5,000 real MNIST images written as the four standard gzipped idx files."""
+    data = load_mnist5k(0.2, np.random.default_rng(0))
+    pixels = lambda x: np.round(x[:, 0] * 255).astype(np.uint8)  # noqa: E731
+    files = {
+        "train-images-idx3-ubyte": pixels(data.x_train),
+        "train-labels-idx1-ubyte": data.y_train.astype(np.uint8),
+        "t10k-images-idx3-ubyte": pixels(data.x_test),
+        "t10k-labels-idx1-ubyte": data.y_test.astype(np.uint8),
+    }
+    for name, array in files.items():
+        (folder / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array)))
+    return folder
+
+
+def cifar10_folder(folder: Path) -> Path:
+    """A small CIFAR-10 python folder: five training batches and a test batch."""
+    folder = folder / "cifar-10-batches-py"
+    folder.mkdir()
+    labels = lambda n, seed: np.random.default_rng(seed).integers(0, 10, n).tolist()  # noqa: E731
+    for batch in range(1, 6):
+        write_pickle(folder / f"data_batch_{batch}", cifar_images(200, batch), {b"labels": labels(200, batch)})
+    write_pickle(folder / "test_batch", cifar_images(100, 9), {b"labels": labels(100, 9)})
+    return folder
+
+
+def npz_file(folder: Path) -> Path:
+    digits = load_digits(0.2, np.random.default_rng(0))
+    file = folder / "mine.npz"
+    np.savez(file, x=digits.x_train[:, 0], y=digits.y_train, x_test=digits.x_test[:, 0], y_test=digits.y_test)
+    return file
+
+
+DATA_FILES = {"mnist_shards": mnist_folder, "cifar10": cifar10_folder, "npz": npz_file}
+SMALL_DATA = {"cifar10": ["data.partition.min_size=5"]}  # 1,000 images, not 50,000
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario_file_validates_and_says_what_it_simulates(name):
+    run = compose_run([f"scenario={name}"])
+    assert run.scenario == name
+    text = (ROOT / "scenarios" / "scenario" / f"{name}.yaml").read_text()
+    comment = [line for line in text.splitlines()[1:] if line.startswith("#")]
+    assert len(comment) >= 3, f"{name}.yaml needs a comment block saying what it simulates"
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario_runs_two_rounds(tmp_path, name):
+    overrides = [f"scenario={name}", "rounds=2", "engine.backend=local", "client.epochs=1"]
+    if name in DATA_FILES:
+        overrides += [f"data.path={DATA_FILES[name](tmp_path)}", *SMALL_DATA.get(name, [])]
+    summary = run_experiment(tmp_path / "run", overrides)
+    records = read_metrics(tmp_path / "run")
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["train_loss"]) for r in records)
+    assert 0.0 <= summary["final_accuracy"] <= 1.0
+
+
+def test_a_scenario_that_reads_files_says_how_to_give_the_path(tmp_path):
+    with pytest.raises(Exception, match="set data.path="):
+        run_experiment(tmp_path, ["scenario=cifar10", "engine.backend=local"])
