@@ -18,6 +18,8 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from simulator.config import ConfigError
+
 CHECKPOINT_FILE = "last.pkl"
 
 
@@ -42,9 +44,9 @@ def save(directory: Path, checkpoint: Checkpoint) -> None:
 
 
 def load(directory: Path) -> Checkpoint:
-    """Read the checkpoint in ``directory``; FileNotFoundError names the file."""
+    """Read the checkpoint in ``directory``; a ConfigError names the file if there is none."""
     path = directory / CHECKPOINT_FILE
     if not path.exists():
-        raise FileNotFoundError(f"resume=true but there is no checkpoint at {path}")
+        raise ConfigError(f"resume = true: there is no checkpoint at {path}")
     with path.open("rb") as file:
         return pickle.load(file)

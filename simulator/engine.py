@@ -25,7 +25,7 @@ from clients import resolve_method
 from clients.models import build_model
 from simulator import checkpoint
 from simulator.backends import make_backend
-from simulator.config import RunConfig, to_dict
+from simulator.config import ConfigError, RunConfig, to_dict
 from simulator.data import load_dataset, partition
 from simulator.grid import SimulationGrid
 from simulator.keys import ACCURACY, PROXIMAL_MU, TRAIN_LOSS
@@ -50,10 +50,12 @@ class Experiment:
     def run(self) -> dict[str, Any]:
         """Run every round; return the summary written to ``summary.json``."""
         cfg = self.run_cfg
-        started = time.perf_counter()
+        started, wall_offset = time.perf_counter(), 0.0
+        elapsed = lambda: wall_offset + time.perf_counter() - started  # noqa: E731
         logging.getLogger("flwr").setLevel(logging.WARNING)
 
-        # 1. Data: load and split across clients (impossible values fail here, before Ray).
+        # 1. Data: load and split across clients. Like the client method's name,
+        #    values only the data can refute fail here, before Ray starts.
         resolve_method(cfg.client.method)
         dataset = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
         parts = partition(
@@ -71,7 +73,7 @@ class Experiment:
             dataset.input_shape, dataset.num_classes, cfg.model,
             torch_generator(cfg.seed, Purpose.MODEL_INIT),
         )
-        arrays, first_round, wall_offset = ArrayRecord(model.state_dict()), 1, 0.0
+        arrays, first_round = ArrayRecord(model.state_dict()), 1
 
         # 3. Resume from the last finished round, if asked.
         if self.resume:
@@ -108,7 +110,7 @@ class Experiment:
                     record = {
                         "round": server_round,
                         "task": 0,
-                        "wall_s": round(wall_offset + time.perf_counter() - started, 3),
+                        "wall_s": round(elapsed(), 3),
                         "train_loss": _metric(train_metrics, TRAIN_LOSS),
                         "acc_per_task": [accuracy],
                         "acc_seen": accuracy,
@@ -123,14 +125,14 @@ class Experiment:
                 if every and (server_round % every == 0 or server_round == cfg.rounds):
                     checkpoint.save(self.run_dir / "checkpoints", checkpoint.Checkpoint(
                         round=server_round, arrays=arrays, strategy=self.strategy,
-                        wall_s=wall_offset + time.perf_counter() - started, config=to_dict(cfg),
+                        wall_s=elapsed(), config=to_dict(cfg),
                     ))
         finally:
             progress.close()
             backend.close()
 
         # 8. Outputs: accuracy matrix, summary, forgetting plot.
-        summary = outputs.finish(wall_offset + time.perf_counter() - started, cfg.rounds)
+        summary = outputs.finish(elapsed(), cfg.rounds)
         plot_forgetting(outputs.records, self.run_dir / "plots" / "forgetting.png",
                         title=f"{cfg.scenario} / {type(self.strategy).__name__}")
         return summary
@@ -143,11 +145,12 @@ class Experiment:
         return _metric(metrics, ACCURACY)
 
     def _check_same_run(self, saved: dict[str, Any]) -> None:
-        """Refuse to resume a checkpoint written by a different config (rounds may grow)."""
+        """Refuse to resume a checkpoint of a different config; rounds may grow, engines differ."""
         current = to_dict(self.run_cfg)
-        differing = sorted(k for k in current if k != "rounds" and current[k] != saved.get(k))
+        may_differ = {"rounds", "engine"}  # the numbers do not depend on the engine
+        differing = sorted(k for k in current if k not in may_differ and current[k] != saved.get(k))
         if differing:
-            raise ValueError(
+            raise ConfigError(
                 f"resume=true: the checkpoint in {self.run_dir / 'checkpoints'} was written "
                 f"with different {', '.join(differing)}; resume with the same config"
             )

@@ -11,6 +11,7 @@ import ray
 
 from conftest import ROOT, TINY, read_metrics, run_experiment
 from simulator.backends import ClientFailure
+from simulator.config import ConfigError
 
 USER_CODE = ROOT / "tests" / "user_code"
 
@@ -51,10 +52,20 @@ def test_resuming_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):
     assert _curve(tmp_path / "split") == _curve(tmp_path / "whole")
 
 
-def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_config_or_none(tmp_path):
     run_experiment(tmp_path / "run", [*TINY, "rounds=1"])
-    with pytest.raises(ValueError, match="client"):
+    with pytest.raises(ConfigError, match="different client"):
         run_experiment(tmp_path / "run", [*TINY, "rounds=2", "client.lr=0.2"], resume=True)
+    with pytest.raises(ConfigError, match="no checkpoint at"):
+        run_experiment(tmp_path / "elsewhere", TINY, resume=True)
+
+
+@pytest.mark.ray
+def test_a_run_may_resume_on_another_backend_with_the_same_numbers(tmp_path):
+    whole = run_experiment(tmp_path / "whole", ["engine.backend=local", "rounds=3"])
+    run_experiment(tmp_path / "split", ["engine.backend=local", "rounds=2"])
+    resumed = run_experiment(tmp_path / "split", ["engine.backend=ray", "rounds=3"], resume=True)
+    assert _numbers(resumed) == _numbers(whole)
 
 
 @pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
