@@ -54,6 +54,9 @@ class RayBackend(Backend):
 
         self.ray = ray
         engine = run.engine
+        # Opt into Ray's coming default (and out of its warning about it): actors that ask
+        # for no GPU leave CUDA_VISIBLE_DEVICES alone. A worker uses a GPU only if given one.
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         if not ray.is_initialized():
             if engine.ray_address:
                 ray.init(address=engine.ray_address, logging_level=logging.WARNING)
