@@ -24,6 +24,7 @@ class TrainContext:
     client_id: int
     config: dict[str, Any]  # the strategy's ConfigRecord for this client
     generator: torch.Generator  # seeded from (run seed, round, client id)
+    class_mask: torch.Tensor | None = None  # task-incremental: the labels logits may take
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,13 @@ class LocalResult:
 
     num_examples: int
     train_loss: float
+
+
+def masked(logits: torch.Tensor, class_mask: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` with labels outside ``class_mask`` ruled out (task-incremental heads)."""
+    if class_mask is None:
+        return logits
+    return logits.masked_fill(~class_mask, float("-inf"))
 
 
 class ClientMethod:
@@ -69,7 +77,7 @@ class ClientMethod:
             order = torch.randperm(len(y), generator=context.generator)
             for batch in order.split(self.cfg.batch_size):
                 optimizer.zero_grad(set_to_none=True)
-                loss = self.loss_fn(model(x[batch]), y[batch])
+                loss = self.loss_fn(masked(model(x[batch]), context.class_mask), y[batch])
                 loss.backward()
                 self.adjust_gradients(model)
                 optimizer.step()

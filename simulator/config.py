@@ -59,6 +59,36 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """How the data changes over rounds (see ``simulator/streams/``).
+
+    ``kind``: ``static`` (one task), ``class_incremental``, ``permuted`` and
+    ``rotated`` (domain-incremental), ``label_shift``. Task streams last
+    ``num_tasks * rounds_per_task`` rounds unless ``rounds`` is set.
+    """
+
+    kind: str = "static"
+    rounds_per_task: int = 10
+    num_tasks: int = 5  # permuted / rotated (class-incremental: from the classes)
+    # class_incremental
+    tasks: list[list[int]] | None = None  # explicit classes of each task
+    classes_per_task: int = 2  # when tasks is null: consecutive groups of the class order
+    shuffle_classes: bool = False  # a seeded class order instead of 0, 1, 2, ...
+    task_incremental: bool = False  # mask logits to the task's classes (train and test)
+    own_schedule: bool = False  # each client its own task order and pace
+    min_rounds_per_task: int = 5  # own_schedule: each client's pace, drawn per task
+    max_rounds_per_task: int = 15
+    initial_clients: float = 1.0  # share of clients present at task 0; the rest join at boundaries
+    keep_old: float = 0.0  # share of present clients that stay on their old classes at a boundary
+    # rotated
+    max_angle: float = 90.0  # task t rotates by t * max_angle / (num_tasks - 1) degrees
+    # label_shift
+    mode: str = "abrupt"  # abrupt | gradual | swap
+    period: int = 10  # rounds between new (or swapped) label priors
+    alpha: float = 0.5  # Dirichlet concentration of each client's label prior
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """The client population and the cohort the strategy samples each round."""
 
@@ -96,6 +126,7 @@ class EvalConfig:
     batch_size: int = 1024
     federated: bool = False  # also run the strategy's configure/aggregate_evaluate
     client_test_size: int = 100  # a client's local test sample, drawn like its data
+    max_clients: int = 100  # clients scored for the accuracy spread (a seeded sample)
 
 
 @dataclass(frozen=True)
@@ -117,8 +148,9 @@ class RunConfig:
 
     scenario: str
     seed: int
-    rounds: int
+    rounds: int | None  # None: the stream's own length (task streams)
     data: DataConfig
+    stream: StreamConfig
     federation: FederationConfig
     model: ModelConfig
     client: ClientConfig
@@ -134,6 +166,7 @@ class RunConfig:
 
 _SECTIONS: dict[str, type] = {
     "data": DataConfig,
+    "stream": StreamConfig,
     "federation": FederationConfig,
     "model": ModelConfig,
     "client": ClientConfig,
@@ -156,7 +189,7 @@ def load_config(cfg: DictConfig) -> RunConfig:
     run = RunConfig(
         scenario=scenario,
         seed=_typed(int, cfg.get("seed"), "seed", where),
-        rounds=_typed(int, cfg.get("rounds"), "rounds", where),
+        rounds=_typed(int | None, cfg.get("rounds"), "rounds", where),
         strategy=OmegaConf.to_container(strategy, resolve=False),  # type: ignore[arg-type]
         **sections,
     )
@@ -183,9 +216,15 @@ def _build(schema: type, given: Any, path: str, where: str) -> Any:
 def _typed(hint: Any, value: Any, path: str, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path, where)
-    allowed = typing.get_args(hint) or (hint,)
+    allowed = (hint,) if typing.get_origin(hint) is list else typing.get_args(hint) or (hint,)
     if value is None and type(None) in allowed:
         return None
+    lists = [t for t in allowed if typing.get_origin(t) is list]
+    if lists:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {path} = {value!r}: expected a list")
+        (item,) = typing.get_args(lists[0])
+        return [_typed(item, v, f"{path}[{i}]", where) for i, v in enumerate(value)]
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not any(t is not type(None) and isinstance(value, t) for t in allowed) or (
@@ -207,7 +246,7 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
     """Each (key, reason) whose value is impossible; dataset-dependent checks come later."""
     data, part, fed = run.data, run.data.partition, run.federation
     checks = [
-        ("rounds", run.rounds >= 1, "must be at least 1"),
+        ("rounds", run.rounds is None or run.rounds >= 1, "must be at least 1"),
         ("seed", run.seed >= 0, "must be >= 0"),
         ("federation.num_clients", fed.num_clients >= 1, "must be at least 1"),
         ("federation.clients_per_round", fed.clients_per_round >= 1, "must be at least 1"),
@@ -226,6 +265,13 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
         ("data.synthetic.dim", data.synthetic.dim >= 1, "must be >= 1"),
         ("data.synthetic.num_classes", data.synthetic.num_classes >= 2, "must be >= 2"),
         ("data.synthetic.mean_samples", data.synthetic.mean_samples >= 2, "must be >= 2"),
+        ("stream.rounds_per_task", run.stream.rounds_per_task >= 1, "must be at least 1"),
+        ("stream.num_tasks", run.stream.num_tasks >= 1, "must be at least 1"),
+        ("stream.classes_per_task", run.stream.classes_per_task >= 1, "must be at least 1"),
+        ("stream.initial_clients", 0 < run.stream.initial_clients <= 1, "must be in (0, 1]"),
+        ("stream.keep_old", 0 <= run.stream.keep_old < 1, "must be in [0, 1)"),
+        ("stream.period", run.stream.period >= 1, "must be at least 1"),
+        ("stream.alpha", run.stream.alpha > 0, "Dirichlet concentration must be > 0"),
         ("client.lr", run.client.lr > 0, "learning rate must be > 0"),
         ("client.momentum", 0 <= run.client.momentum < 1, "must be in [0, 1)"),
         ("client.weight_decay", run.client.weight_decay >= 0, "must be >= 0"),
@@ -237,6 +283,7 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
         ("eval.every", run.eval.every >= 1, "must be at least 1"),
         ("eval.batch_size", run.eval.batch_size >= 1, "must be at least 1"),
         ("eval.client_test_size", run.eval.client_test_size >= 1, "must be at least 1"),
+        ("eval.max_clients", run.eval.max_clients >= 1, "must be at least 1"),
         ("engine.backend", run.engine.backend in ("ray", "local"), "expected 'ray' or 'local'"),
         ("engine.num_actors", run.engine.num_actors >= 1, "must be at least 1"),
         ("engine.num_cpus_per_actor", run.engine.num_cpus_per_actor > 0, "must be > 0"),

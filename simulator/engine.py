@@ -23,16 +23,18 @@ from tqdm import tqdm
 
 from clients import resolve_method
 from clients.models import build_model
-from simulator import checkpoint
+from simulator import checkpoint, metrics
 from simulator.backends import make_backend
 from simulator.config import ConfigError, RunConfig, to_dict
-from simulator.data import load_dataset, partition
+from simulator.data import load_dataset
+from simulator.evaluation import client_accuracies, seen_accuracy, task_accuracies
 from simulator.grid import SimulationGrid
 from simulator.keys import ACCURACY, PROXIMAL_MU, TRAIN_LOSS
 from simulator.plot import plot_forgetting
 from simulator.run_dir import RunDirectory
-from simulator.seeding import Purpose, derive_seed, rng, seeded_global_state, torch_generator
-from simulator.worker import WorkerData, evaluate
+from simulator.seeding import Purpose, derive_seed, seeded_global_state, torch_generator
+from simulator.streams import Stream, build_stream
+from simulator.worker import WorkerData
 
 SERVER_NODE_ID = 1  # Flower's SuperLink node id: the source of every instruction
 log = logging.getLogger("fedstream")
@@ -54,26 +56,24 @@ class Experiment:
         elapsed = lambda: wall_offset + time.perf_counter() - started  # noqa: E731
         logging.getLogger("flwr").setLevel(logging.WARNING)
 
-        # 1. Data: load and split across clients. Like the client method's name,
-        #    values only the data can refute fail here, before Ray starts.
+        # 1. Data and stream: what each client holds at each round. Values only the
+        #    data can refute (and the client method's name) fail here, before Ray starts.
         resolve_method(cfg.client.method)
         dataset = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
-        parts = partition(
-            dataset.y_train, cfg.federation.num_clients, cfg.data.partition,
-            rng(cfg.seed, Purpose.PARTITION), dataset.groups_train,
-        )
-        data = WorkerData.pack(
-            dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test,
-            dataset.num_classes, parts,
-        )
-        x_test, y_test = torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test)
+        stream = build_stream(cfg, dataset)
+        rounds = cfg.rounds or stream.default_rounds
+        if rounds is None:
+            raise ConfigError(f"rounds = None: stream.kind = {cfg.stream.kind!r} needs rounds set")
+        data = WorkerData(stream.x_train, stream.y_train, stream.x_test, stream.y_test, stream.num_classes)
 
-        # 2. Model: the server's copy, seeded; its weights are the initial global arrays.
+        # 2. Model: the server's copy, seeded; its weights are the initial global arrays,
+        #    and its accuracy on each task is the baseline of forward transfer.
         model = build_model(
             dataset.input_shape, dataset.num_classes, cfg.model,
             torch_generator(cfg.seed, Purpose.MODEL_INIT),
         )
         arrays, first_round = ArrayRecord(model.state_dict()), 1
+        initial = task_accuracies(model, stream, cfg.eval.batch_size)
 
         # 3. Resume from the last finished round, if asked.
         if self.resume:
@@ -86,10 +86,10 @@ class Experiment:
 
         # 4. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface.
         backend = make_backend(cfg, data)
-        grid = SimulationGrid(backend, cfg.federation.num_clients, run_id=cfg.seed)
+        grid = SimulationGrid(backend, stream, cfg.eval.client_test_size, run_id=cfg.seed)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = cfg.seed, SERVER_NODE_ID, 0
         progress = tqdm(
-            range(first_round, cfg.rounds + 1), initial=first_round - 1, total=cfg.rounds,
+            range(first_round, rounds + 1), initial=first_round - 1, total=rounds,
             desc="round", unit="round", dynamic_ncols=True,
         )
         try:
@@ -103,26 +103,22 @@ class Experiment:
                 if new_arrays is not None:
                     arrays = new_arrays
 
-                # 6. Evaluate the global model on every task seen (one task: the test set).
-                if server_round % cfg.eval.every == 0 or server_round == cfg.rounds:
+                # 6. Evaluate the global model on every task, and on the clients' own data,
+                #    every eval.every rounds and at the end of every task.
+                task = stream.task_of_round(server_round)
+                last_of_task = server_round == rounds or stream.task_of_round(server_round + 1) != task
+                if server_round % cfg.eval.every == 0 or last_of_task:
                     model.load_state_dict(arrays.to_torch_state_dict())
-                    _, accuracy = evaluate(model, x_test, y_test, cfg.eval.batch_size)
-                    record = {
-                        "round": server_round,
-                        "task": 0,
-                        "wall_s": round(elapsed(), 3),
-                        "train_loss": _metric(train_metrics, TRAIN_LOSS),
-                        "acc_per_task": [accuracy],
-                        "acc_seen": accuracy,
-                    }
+                    record = self._evaluate(model, stream, server_round, train_metrics)
+                    record["wall_s"] = round(elapsed(), 3)
                     if cfg.eval.federated:
-                        record["client_acc"] = self._federated_evaluation(server_round, arrays, grid)
+                        record["federated_acc"] = self._federated_evaluation(server_round, arrays, grid)
                     outputs.log(record)
-                    progress.set_postfix(loss=record["train_loss"], acc=f"{accuracy:.3f}")
+                    progress.set_postfix(task=task, loss=record["train_loss"], acc=f"{record['acc_seen']:.3f}")
 
                 # 7. Checkpoint, so a crash never loses a finished round.
                 every = cfg.engine.checkpoint_every
-                if every and (server_round % every == 0 or server_round == cfg.rounds):
+                if every and (server_round % every == 0 or server_round == rounds):
                     checkpoint.save(self.run_dir / "checkpoints", checkpoint.Checkpoint(
                         round=server_round, arrays=arrays, strategy=self.strategy,
                         wall_s=elapsed(), config=to_dict(cfg),
@@ -132,10 +128,31 @@ class Experiment:
             backend.close()
 
         # 8. Outputs: accuracy matrix, summary, forgetting plot.
-        summary = outputs.finish(elapsed(), cfg.rounds)
+        summary = outputs.finish(elapsed(), rounds, initial)
         plot_forgetting(outputs.records, self.run_dir / "plots" / "forgetting.png",
                         title=f"{cfg.scenario} / {type(self.strategy).__name__}")
         return summary
+
+    def _evaluate(
+        self, model: torch.nn.Module, stream: Stream, server_round: int, train_metrics: MetricRecord | None
+    ) -> dict[str, Any]:
+        """One metrics.jsonl record: accuracy per task (None where unseen) and across clients."""
+        cfg = self.run_cfg
+        accuracies = task_accuracies(model, stream, cfg.eval.batch_size)
+        seen = stream.seen_tasks(server_round)
+        spread = client_accuracies(
+            model, stream, server_round, cfg.seed, cfg.eval.max_clients,
+            cfg.eval.client_test_size, cfg.eval.batch_size,
+        )
+        return {
+            "round": server_round,
+            "task": stream.task_of_round(server_round),
+            "train_loss": _metric(train_metrics, TRAIN_LOSS),
+            "acc_per_task": [a if s else None for a, s in zip(accuracies, seen)],
+            "acc_seen": seen_accuracy(stream, server_round, accuracies),
+            "acc_all_tasks": accuracies,
+            **metrics.accuracy_spread(spread),
+        }
 
     def _federated_evaluation(self, server_round: int, arrays: ArrayRecord, grid: SimulationGrid) -> float | None:
         """The strategy's own client-side evaluation: sampled clients on their local test samples."""

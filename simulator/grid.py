@@ -1,6 +1,7 @@
 """Flower's ``Grid`` over our backends, so any Flower strategy runs unchanged.
 
-Node ``c`` is client ``c``. :meth:`SimulationGrid.send_and_receive` turns the
+Node ``c`` is client ``c``; the nodes are the clients the stream has present
+this round, and each job carries the samples the stream gives its client. :meth:`SimulationGrid.send_and_receive` turns the
 strategy's messages into client jobs, runs them in one backend call (each
 distinct ArrayRecord is converted once, however many messages share it), and
 wraps the outcomes as Flower reply messages in the order the messages came.
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from simulator.backends import Backend, ClientFailure
+from simulator.streams import Stream
 from simulator.worker import EVALUATE, TRAIN, ClientJob, ClientOutcome
 
 _KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE}
@@ -27,13 +29,14 @@ _KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE}
 class SimulationGrid(Grid):
     """A Grid whose nodes are simulated clients run by a :class:`Backend`."""
 
-    def __init__(self, backend: Backend, num_clients: int, run_id: int) -> None:
+    def __init__(self, backend: Backend, stream: Stream, client_test_size: int, run_id: int) -> None:
         self.backend = backend
-        self.node_ids = list(range(num_clients))
+        self.stream = stream
+        self.client_test_size = client_test_size
         self._run = Run.create_empty(run_id)
         self._ids = itertools.count()
         self._replies: dict[str, Message] = {}
-        self.server_round = 0  # set by the engine; seeds each client's local shuffling
+        self.server_round = 1  # set by the engine before each round
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -59,7 +62,7 @@ class SimulationGrid(Grid):
         )
 
     def get_node_ids(self) -> Iterable[int]:
-        return self.node_ids
+        return self.stream.available_clients(self.server_round)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
@@ -80,23 +83,25 @@ class SimulationGrid(Grid):
         if not messages:
             return []
         records: list[ArrayRecord] = []
+        present = set(self.stream.available_clients(self.server_round))
         jobs = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
-            jobs.append(self._job(message, records))
+            jobs.append(self._job(message, records, present))
         outcomes = self.backend.run(jobs, [record.to_numpy_ndarrays() for record in records])
         return [
             self._reply(message, outcome, list(records[job.weights_index].keys()))
             for message, job, outcome in zip(messages, jobs, outcomes)
         ]
 
-    def _job(self, message: Message, records: list[ArrayRecord]) -> ClientJob:
+    def _job(self, message: Message, records: list[ArrayRecord], present: set[int]) -> ClientJob:
         """The job for ``message``; its ArrayRecord joins ``records`` unless already there."""
         kind = _KINDS.get(message.metadata.message_type)
         if kind is None:
             raise ValueError(f"unsupported message type {message.metadata.message_type!r}")
-        if message.metadata.dst_node_id not in range(len(self.node_ids)):
-            raise ValueError(f"message to unknown node {message.metadata.dst_node_id}")
+        client = message.metadata.dst_node_id
+        if client not in present:
+            raise ValueError(f"message to node {client}, not a client present in round {self.server_round}")
         content = message.content
         (arrays,) = content.array_records.values()
         config: dict[str, Any] = {}
@@ -105,11 +110,17 @@ class SimulationGrid(Grid):
         index = next((i for i, r in enumerate(records) if r is arrays), len(records))
         if index == len(records):
             records.append(arrays)
+        if kind == TRAIN:
+            indices = self.stream.train_indices(self.server_round, client)
+        else:
+            indices = self.stream.client_test_indices(self.server_round, client, self.client_test_size)
         return ClientJob(
-            client_id=message.metadata.dst_node_id,
+            client_id=client,
             kind=kind,
             server_round=self.server_round,
             weights_index=index,
+            indices=indices,
+            class_mask=self.stream.class_mask(self.server_round, client),
             config=config,
         )
 

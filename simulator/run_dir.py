@@ -56,23 +56,25 @@ class RunDirectory:
         self.tensorboard.flush()
 
     def accuracy_matrix(self) -> np.ndarray:
-        """R[i][j]: accuracy on task j at the last evaluation of task i (unseen tasks as NaN)."""
+        """R[i][j]: accuracy on task j at the last evaluation of task i, for every task j."""
         last_of_task: dict[int, dict[str, Any]] = {}
         for record in self.records:
             last_of_task[record["task"]] = record
-        rows = [last_of_task[t]["acc_per_task"] for t in sorted(last_of_task)]
-        return np.array([[np.nan if a is None else a for a in row] for row in rows], dtype=float)
+        return np.array([last_of_task[t]["acc_all_tasks"] for t in sorted(last_of_task)], dtype=float)
 
-    def finish(self, wall_time_s: float, rounds: int) -> dict[str, Any]:
-        """Write accuracy_matrix.csv and summary.json; return the summary."""
+    def finish(self, wall_time_s: float, rounds: int, initial: list[float]) -> dict[str, Any]:
+        """Write accuracy_matrix.csv and summary.json; ``initial``: the untrained model's accuracies."""
         R = self.accuracy_matrix()
+        last = self.records[-1]
         with (self.path / "accuracy_matrix.csv").open("w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow([f"task_{j}" for j in range(R.shape[1])])
             writer.writerows([[f"{a:.6f}" for a in row] for row in R])
         summary: dict[str, Any] = {
-            "final_accuracy": self.records[-1]["acc_seen"],
-            **metrics.summarize(R),
+            "final_accuracy": last["acc_seen"],
+            **metrics.summarize(R, np.array(initial)),
+            **{k: v for k, v in last.items() if k.startswith("client_acc_")},
+            "initial_acc_per_task": initial,
             "rounds": rounds,
             "wall_time_s": round(wall_time_s, 3),
         }

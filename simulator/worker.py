@@ -19,12 +19,11 @@ import numpy as np
 import torch
 
 from clients import resolve_method
-from clients.base import TrainContext
+from clients.base import TrainContext, masked
 from clients.models import build_model
 from simulator.config import RunConfig
-from simulator.data import client_test_indices
 from simulator.keys import ACCURACY, CLIPPING_NORM, EVAL_LOSS, NORM_BIT, NUM_EXAMPLES, TRAIN_LOSS
-from simulator.seeding import Purpose, rng, torch_generator
+from simulator.seeding import Purpose, torch_generator
 
 TRAIN, EVALUATE = "train", "evaluate"
 
@@ -37,6 +36,8 @@ class ClientJob:
     kind: str  # TRAIN | EVALUATE
     server_round: int
     weights_index: int  # into the list of weight sets sent with the call
+    indices: np.ndarray  # into x_train (TRAIN) or x_test (EVALUATE): the stream's choice
+    class_mask: np.ndarray | None = None  # labels the logits are restricted to
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,38 +53,13 @@ class ClientOutcome:
 
 @dataclass(frozen=True)
 class WorkerData:
-    """Training and test arrays plus the partition, packed as flat index arrays.
-
-    ``indices[offsets[c]:offsets[c + 1]]`` are client c's training samples; two
-    arrays instead of a list of thousands keeps the object store transfer cheap.
-    """
+    """The arrays clients index into; put in Ray's object store once per run."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
-    indices: np.ndarray
-    offsets: np.ndarray
-
-    @classmethod
-    def pack(
-        cls, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-        y_test: np.ndarray, num_classes: int, parts: list[np.ndarray],
-    ) -> WorkerData:
-        """Pack a list of per-client index arrays."""
-        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-        np.cumsum([len(p) for p in parts], out=offsets[1:])
-        indices = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-        return cls(x_train, y_train, x_test, y_test, num_classes, indices, offsets)
-
-    def client_indices(self, client_id: int) -> np.ndarray:
-        """Client ``client_id``'s training sample indices."""
-        return self.indices[self.offsets[client_id]: self.offsets[client_id + 1]]
-
-    def client_sizes(self) -> np.ndarray:
-        """Number of training samples of every client."""
-        return np.diff(self.offsets)
 
 
 class ClientWorker:
@@ -123,12 +99,12 @@ class ClientWorker:
     def _weights(self) -> list[np.ndarray]:
         return [t.detach().cpu().numpy().copy() for t in self.model.state_dict().values()]
 
-    def _tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+    def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(array).to(self.device)
 
     def _train(self, job: ClientJob, global_weights: list[np.ndarray]) -> ClientOutcome:
-        idx = self.data.client_indices(job.client_id)
-        x, y = self._tensors(self.data.x_train[idx], self.data.y_train[idx])
+        x = self._tensor(self.data.x_train[job.indices])
+        y = self._tensor(self.data.y_train[job.indices])
         context = TrainContext(
             server_round=job.server_round,
             client_id=job.client_id,
@@ -136,6 +112,7 @@ class ClientWorker:
             generator=torch_generator(
                 self.run_cfg.seed, Purpose.CLIENT_TRAIN, job.server_round, job.client_id
             ),
+            class_mask=self._tensor(job.class_mask),
         )
         result = self.method.train(self.model, x, y, context)
         arrays = self._weights()
@@ -146,17 +123,11 @@ class ClientWorker:
         return ClientOutcome(job.client_id, arrays, metrics)
 
     def _evaluate(self, job: ClientJob) -> ClientOutcome:
-        train_labels = self.data.y_train[self.data.client_indices(job.client_id)]
-        idx = client_test_indices(
-            self.data.y_test,
-            train_labels,
-            self.run_cfg.eval.client_test_size,
-            self.data.num_classes,
-            rng(self.run_cfg.seed, Purpose.CLIENT_EVAL, job.client_id),
-        )
-        x, y = self._tensors(self.data.x_test[idx], self.data.y_test[idx])
-        loss, accuracy = evaluate(self.model, x, y, self.run_cfg.eval.batch_size)
-        metrics = {NUM_EXAMPLES: float(len(idx)), ACCURACY: accuracy, EVAL_LOSS: loss}
+        x = self._tensor(self.data.x_test[job.indices])
+        y = self._tensor(self.data.y_test[job.indices])
+        mask = self._tensor(job.class_mask)
+        loss, accuracy = evaluate(self.model, x, y, self.run_cfg.eval.batch_size, mask)
+        metrics = {NUM_EXAMPLES: float(len(job.indices)), ACCURACY: accuracy, EVAL_LOSS: loss}
         return ClientOutcome(job.client_id, None, metrics)
 
 
@@ -180,13 +151,14 @@ def clip_update(arrays: list[np.ndarray], reference: list[np.ndarray], max_norm:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+    class_mask: torch.Tensor | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``."""
+    """Mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``, logits masked if asked."""
     model.eval()
     loss, correct = 0.0, 0
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        logits = model(xb)
+        logits = masked(model(xb), class_mask)
         loss += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
     return loss / max(len(y), 1), correct / max(len(y), 1)

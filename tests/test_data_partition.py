@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from simulator.config import ConfigError, PartitionConfig
-from simulator.data import PARTITIONERS, client_test_indices, partition
+from simulator.data import PARTITIONERS, sample_by_label, partition
 
 NUM_SAMPLES, NUM_CLASSES, NUM_CLIENTS = 2000, 10, 20
 
@@ -192,11 +192,11 @@ def test_more_clients_than_samples():
         partition(np.zeros(5, dtype=np.int64), 6, PartitionConfig(), np.random.default_rng(0))
 
 
-def test_client_test_indices_follow_the_client_histogram():
+def test_sample_by_label_follow_the_client_histogram():
     test_labels = np.repeat(np.arange(NUM_CLASSES), 50)
-    client_labels = np.array([2] * 300 + [5] * 100)
+    client_counts = np.bincount([2] * 300 + [5] * 100, minlength=NUM_CLASSES)
     rng = np.random.default_rng(0)
-    drawn = client_test_indices(test_labels, client_labels, 4000, NUM_CLASSES, rng)
+    drawn = sample_by_label(test_labels, client_counts, 4000, rng)
     assert set(test_labels[drawn].tolist()) == {2, 5}
     assert np.mean(test_labels[drawn] == 2) == pytest.approx(0.75, abs=0.03)
     # Uniform within a class: every test sample of label 5 turns up among ~1000 draws.
@@ -204,19 +204,19 @@ def test_client_test_indices_follow_the_client_histogram():
     assert set(fives.tolist()) == set(np.flatnonzero(test_labels == 5).tolist())
 
 
-def test_client_test_indices_skip_labels_missing_from_test_set():
+def test_sample_by_label_skip_labels_missing_from_test_set():
     test_labels = np.array([0, 1, 1, 3, 3, 3])
-    client_labels = np.array([1, 2, 2, 2, 2])  # label 2 has no test samples
-    drawn = client_test_indices(test_labels, client_labels, 200, 4, np.random.default_rng(0))
+    client_counts = np.array([0, 1, 4, 0])  # label 2 has no test samples
+    drawn = sample_by_label(test_labels, client_counts, 200, np.random.default_rng(0))
     assert set(test_labels[drawn].tolist()) == {1}
 
 
-def test_client_test_indices_are_seeded_and_fall_back_to_uniform():
+def test_sample_by_label_are_seeded_and_fall_back_to_uniform():
     test_labels = np.array([0, 0, 1, 1])
-    no_data = np.array([], dtype=np.int64)
+    no_data = np.zeros(3)
 
     def draw(seed):
-        return client_test_indices(test_labels, no_data, 50, 3, np.random.default_rng(seed))
+        return sample_by_label(test_labels, no_data, 50, np.random.default_rng(seed))
 
     np.testing.assert_array_equal(draw(1), draw(1))
     assert set(draw(1).tolist()) == {0, 1, 2, 3}

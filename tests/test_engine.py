@@ -114,6 +114,6 @@ def test_all_flower_strategies_have_a_short_name():
 def test_federated_evaluation_asks_the_strategy_and_logs_client_accuracy(tmp_path):
     run_experiment(tmp_path, [*TINY, "eval.federated=true", "eval.client_test_size=40"])
     for record in read_metrics(tmp_path):
-        assert 0.0 <= record["client_acc"] <= 1.0
+        assert 0.0 <= record["federated_acc"] <= 1.0
     # Clients' samples follow their own label mix, so their mean differs from the global one.
-    assert [r["client_acc"] for r in read_metrics(tmp_path)] != [r["acc_seen"] for r in read_metrics(tmp_path)]
+    assert [r["federated_acc"] for r in read_metrics(tmp_path)] != [r["acc_seen"] for r in read_metrics(tmp_path)]

@@ -11,10 +11,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients.models import build_model
 from conftest import compose_run
 from simulator.backends import LocalBackend
-from simulator.data import load_dataset, partition
+from simulator.data import load_dataset
 from simulator.grid import SimulationGrid
 from simulator.keys import ACCURACY, CLIPPING_NORM, NORM_BIT, NUM_EXAMPLES
-from simulator.seeding import Purpose, rng
+from simulator.streams import build_stream
 from simulator.worker import WorkerData
 
 
@@ -30,17 +30,16 @@ class CountingBackend(LocalBackend):
 
 @pytest.fixture(scope="module")
 def grid_and_weights():
-    run = compose_run(["engine.backend=local", "eval.client_test_size=50"])
+    run = compose_run(["engine.backend=local"])
     dataset = load_dataset(run.data, run.federation.num_clients, run.seed)
-    parts = partition(dataset.y_train, run.federation.num_clients, run.data.partition,
-                      rng(run.seed, Purpose.PARTITION))
-    data = WorkerData.pack(dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test,
-                           dataset.num_classes, parts)
+    stream = build_stream(run, dataset)
+    data = WorkerData(stream.x_train, stream.y_train, stream.x_test, stream.y_test, stream.num_classes)
     backend = CountingBackend(run, data)
     backend.calls = []
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
     model = build_model(dataset.input_shape, 10, run.model, torch.Generator().manual_seed(0))
-    return SimulationGrid(backend, run.federation.num_clients, run_id=1), ArrayRecord(model.state_dict()), parts
+    grid = SimulationGrid(backend, stream, client_test_size=50, run_id=1)
+    return grid, ArrayRecord(model.state_dict()), stream.parts
 
 
 def _messages(grid, arrays, nodes, kind=MessageType.TRAIN, config=None):
@@ -92,5 +91,5 @@ def test_evaluate_messages_score_the_sent_weights_on_each_clients_test_sample(gr
 
 def test_a_message_to_an_unknown_node_is_refused(grid_and_weights):
     grid, arrays, _ = grid_and_weights
-    with pytest.raises(ValueError, match="unknown node 20"):
+    with pytest.raises(ValueError, match="node 20, not a client present in round 1"):
         grid.send_and_receive(_messages(grid, arrays, [20]))

@@ -3,7 +3,7 @@
 ``load_dataset`` reads or generates the dataset that ``data.dataset`` names
 (loaders in ``embedded``, ``files`` and ``synthetic``, each returning a
 ``Dataset``); ``partition`` splits its training set over the clients, and
-``client_test_indices`` draws a client's local test sample.
+``sample_by_label`` draws samples with given label weights (a client's test sample, a label-shift draw).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from simulator.config import ConfigError, DataConfig
 from simulator.data.dataset import Dataset
 from simulator.data.embedded import load_digits, load_mnist5k
 from simulator.data.files import load_cifar10, load_cifar100, load_mnist, load_npz
-from simulator.data.partition import PARTITIONERS, client_test_indices, partition
+from simulator.data.partition import PARTITIONERS, sample_by_label, partition
 from simulator.data.synthetic import make_synthetic
 from simulator.seeding import Purpose, rng
 
@@ -24,7 +24,7 @@ __all__ = [
     "DATASETS",
     "PARTITIONERS",
     "Dataset",
-    "client_test_indices",
+    "sample_by_label",
     "load_dataset",
     "partition",
 ]

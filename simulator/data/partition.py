@@ -189,23 +189,21 @@ def partition(
     return PARTITIONERS[cfg.kind](np.asarray(labels, dtype=np.int64), num_clients, cfg, rng, groups)
 
 
-def client_test_indices(
-    test_labels: np.ndarray,
-    client_train_labels: np.ndarray,
-    size: int,
-    num_classes: int,
-    rng: np.random.Generator,
+def sample_by_label(
+    test_labels: np.ndarray, label_weights: np.ndarray, size: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """``size`` test indices, drawn with replacement, following the client's label histogram.
+    """``size`` test indices, drawn with replacement, with label probabilities from ``label_weights``.
 
-    A label is drawn with its share of the client's training labels (labels
-    absent from the test set dropped, the rest renormalized), then a test
-    sample of that label uniformly. A client none of whose labels the test set
-    has (or one with no training data) gets a uniform draw from the whole test set.
+    ``label_weights[c]`` is label c's weight (e.g. a client's label counts or
+    prior); labels absent from the test set are dropped and the rest
+    renormalized, then a test sample of the drawn label is taken uniformly.
+    With no weight left (no data, or none of its labels in the test set) the
+    draw is uniform over the whole test set.
     """
     test_labels = np.asarray(test_labels, dtype=np.int64)
-    in_test = np.bincount(test_labels, minlength=num_classes)
-    weights = np.bincount(client_train_labels, minlength=num_classes) * (in_test > 0)
+    num_classes = len(label_weights)
+    in_test = np.bincount(test_labels, minlength=num_classes)[:num_classes]
+    weights = np.asarray(label_weights, dtype=float) * (in_test > 0)
     if weights.sum() == 0:
         return rng.integers(0, len(test_labels), size)
     drawn = rng.choice(num_classes, size=size, p=weights / weights.sum())

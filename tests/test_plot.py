@@ -1,0 +1,291 @@
+"""simulator.plot: reading and grouping run directories, seed bands, matrices, the command line.
+
+Run directories are written by hand here, so every expected number is known.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from simulator.plot import (
+    Curve,
+    PlotError,
+    Run,
+    find_runs,
+    group_band,
+    group_runs,
+    mean_matrix,
+    metric_curve,
+    plot_forgetting,
+    read_accuracy_matrix,
+    read_run,
+    seed_band,
+    shared_overrides,
+    spread_labels,
+    task_segments,
+)
+
+NAN = math.nan
+
+
+def record(round_: int, task: int, acc_per_task: list[float | None], **more: Any) -> dict[str, Any]:
+    seen = [a for a in acc_per_task if a is not None]
+    return {"round": round_, "task": task, "wall_s": 0.1 * round_, "train_loss": 1.0 / round_,
+            "acc_per_task": acc_per_task, "acc_seen": sum(seen) / len(seen), **more}
+
+
+# Two tasks, three rounds each: task 0 is learnt, then partly forgotten.
+TWO_TASKS = [
+    record(1, 0, [0.5, None]), record(2, 0, [0.7, None]), record(3, 0, [0.8, None]),
+    record(4, 1, [0.6, 0.4]), record(5, 1, [0.5, 0.6]), record(6, 1, [0.4, 0.9]),
+]
+
+
+def write_run(path: Path, records: list[dict[str, Any]], overrides: list[str] | None = None,
+              strategy: str | None = None, matrix: list[list[float]] | None = None) -> Path:
+    """A run directory as the engine and Hydra leave it, holding only what is given."""
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if overrides is not None:
+        (path / ".hydra").mkdir()
+        (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if strategy is not None:
+        (path / ".hydra" / "config.yaml").write_text(
+            "seed: 0\nscenario_name: ${hydra:runtime.choices.scenario}\n"
+            f"strategy:\n  _target_: {strategy}\n  fraction_train: ${{fraction:10,20}}\n")
+    if matrix is not None:
+        header = ",".join(f"task_{j}" for j in range(len(matrix[0])))
+        rows = "".join(",".join(f"{a:.6f}" for a in row) + "\n" for row in matrix)
+        (path / "accuracy_matrix.csv").write_text(header + "\n" + rows)
+    return path
+
+
+def run(name: str, overrides: list[str] | None, strategy: str | None = None) -> Run:
+    """A run of TWO_TASKS at /runs/NAME, as read_run returns it."""
+    return Run(Path("/runs") / name, TWO_TASKS,
+               None if overrides is None else tuple(overrides), strategy)
+
+
+# --- Reading --------------------------------------------------------------------------------
+
+
+def test_a_multirun_directory_lists_its_runs_in_job_order(tmp_path):
+    for name in ["10_seed=10", "2_seed=2", "0_seed=0"]:
+        write_run(tmp_path / name, TWO_TASKS)
+    (tmp_path / "notes").mkdir()  # no metrics.jsonl: not a run
+    (tmp_path / "multirun.yaml").write_text("{}\n")
+
+    assert [p.name for p in find_runs(tmp_path)] == ["0_seed=0", "2_seed=2", "10_seed=10"]
+    assert find_runs(tmp_path / "2_seed=2") == [tmp_path / "2_seed=2"]
+
+
+def test_a_path_without_runs_is_an_error_naming_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for path in [tmp_path / "empty", tmp_path / "missing"]:
+        with pytest.raises(PlotError, match=str(path)):
+            find_runs(path)
+
+
+def test_read_run_takes_the_overrides_and_the_strategy_class_from_hydra_files(tmp_path):
+    path = write_run(tmp_path / "a", TWO_TASKS, ["strategy=fedadam", "seed=3"],
+                     strategy="flwr.serverapp.strategy.FedAdam")
+    bare = write_run(tmp_path / "b", TWO_TASKS)
+
+    a = read_run(path)
+    assert a.records == TWO_TASKS
+    assert a.overrides == ("strategy=fedadam", "seed=3")
+    assert a.strategy == "FedAdam"
+    assert a.setting == ("strategy=fedadam",)
+    assert read_run(bare) == Run(bare, TWO_TASKS, None, None)
+
+
+def test_the_accuracy_matrix_is_read_with_unseen_cells_as_nan(tmp_path):
+    path = write_run(tmp_path / "a", TWO_TASKS, matrix=[[0.8, NAN], [0.4, 0.9]])
+    np.testing.assert_array_equal(read_accuracy_matrix(path), [[0.8, NAN], [0.4, 0.9]])
+    with pytest.raises(PlotError, match="accuracy_matrix.csv"):
+        read_accuracy_matrix(write_run(tmp_path / "unfinished", TWO_TASKS))
+
+
+# --- Grouping ---------------------------------------------------------------------------------
+
+
+def test_runs_that_differ_only_by_seed_form_one_group_named_by_its_strategy():
+    runs = [
+        run("0", ["seed=0", "strategy=fedavg", "rounds=6"], "FedAvg"),
+        run("1", ["seed=0", "strategy=fedadam", "rounds=6"], "FedAdam"),
+        run("2", ["rounds=6", "strategy=fedavg", "+seed=1"], "FedAvg"),  # other order, other seed
+        run("3", ["seed=1", "strategy=fedadam", "rounds=6"], "FedAdam"),
+    ]
+    groups = group_runs(runs)
+
+    assert [g.label for g in groups] == ["FedAvg", "FedAdam"]
+    assert [[r.path.name for r in g.runs] for g in groups] == [["0", "2"], ["1", "3"]]
+    assert shared_overrides(runs) == ["rounds=6"]
+
+
+def test_groups_of_one_strategy_are_named_by_the_overrides_they_do_not_share():
+    runs = [run(str(i), [f"seed={i % 2}", "strategy=fedadam", f"strategy.eta={eta}"], "FedAdam")
+            for i, eta in enumerate([0.1, 0.1, 0.01, 0.01])]
+    groups = group_runs(runs)
+
+    assert [g.label for g in groups] == ["strategy.eta=0.1", "strategy.eta=0.01"]
+    assert [len(g.runs) for g in groups] == [2, 2]
+
+
+def test_a_run_without_overrides_is_its_own_group_named_by_its_directory():
+    runs = [run("baseline", None), run("0_seed=0", ["seed=0", "rounds=6"], "FedAvg"),
+            run("other", None)]
+    groups = group_runs(runs)
+
+    # Strategies differ (None vs FedAvg), and the bare runs share no override.
+    assert [g.label for g in groups] == ["baseline", "FedAvg rounds=6", "other"]
+    assert [len(g.runs) for g in groups] == [1, 1, 1]
+
+
+def test_a_single_run_is_a_group_of_one_named_by_its_strategy():
+    (group,) = group_runs([run("x", ["scenario=split"], "FedAvg")])
+    assert group.label == "FedAvg"
+    assert len(group.runs) == 1
+
+
+# --- Curves and bands -----------------------------------------------------------------------
+
+
+def test_a_metric_curve_skips_null_values():
+    curve = metric_curve(TWO_TASKS, "acc_per_task", task=1)
+    assert curve.rounds.tolist() == [4, 5, 6]
+    assert curve.values.tolist() == [0.4, 0.6, 0.9]
+
+    records = [record(1, 0, [0.5], train_loss=None), record(2, 0, [0.6], train_loss=0.3)]
+    assert metric_curve(records, "train_loss").rounds.tolist() == [2]
+    assert metric_curve(records).values.tolist() == [0.5, 0.6]
+    assert metric_curve(TWO_TASKS, "acc_per_task", task=5).rounds.size == 0
+
+
+def test_an_unknown_or_list_metric_is_an_error_that_lists_the_metrics():
+    with pytest.raises(PlotError, match=r"unknown metric 'acc'; .*acc_seen, .*train_loss"):
+        metric_curve(TWO_TASKS, "acc")
+    with pytest.raises(PlotError, match="--task"):
+        metric_curve(TWO_TASKS, "acc_per_task")
+
+
+def test_the_seed_band_is_the_mean_min_and_max_on_the_rounds_every_seed_has():
+    curves = [
+        Curve(np.array([1, 2, 3, 4]), np.array([0.1, 0.2, 0.3, 0.4])),
+        Curve(np.array([2, 4, 6]), np.array([0.4, 0.6, 0.8])),
+        Curve(np.array([2, 3, 4]), np.array([0.3, 0.5, 0.2])),
+    ]
+    band = seed_band(curves)
+
+    assert band.rounds.tolist() == [2, 4]
+    np.testing.assert_allclose(band.mean, [0.3, 0.4])
+    np.testing.assert_allclose(band.low, [0.2, 0.2])
+    np.testing.assert_allclose(band.high, [0.4, 0.6])
+    with pytest.raises(PlotError, match="no evaluated round in common"):
+        seed_band([Curve(np.array([1]), np.array([0.5])), Curve(np.array([2]), np.array([0.5]))])
+
+
+def test_a_group_band_averages_its_runs_and_errors_name_the_run():
+    other = [dict(r, acc_seen=r["acc_seen"] + 0.2) for r in TWO_TASKS[:4]]  # stopped at round 4
+    (group,) = group_runs([run("a", ["seed=0"]), Run(Path("/runs/b"), other, ("seed=1",))])
+    band = group_band(group)
+
+    assert band.rounds.tolist() == [1, 2, 3, 4]
+    np.testing.assert_allclose(band.mean, [0.6, 0.8, 0.9, 0.6])
+    np.testing.assert_allclose(band.high - band.low, [0.2] * 4)
+    with pytest.raises(PlotError, match=r"/runs/a: .* acc_per_task\[2\]"):
+        group_band(group, "acc_per_task", task=2)
+
+
+# --- Matrices, task boundaries, labels ------------------------------------------------------
+
+
+def test_the_mean_matrix_ignores_nan_and_stays_nan_where_every_seed_is():
+    matrices = [np.array([[0.8, NAN], [0.4, 0.9]]), np.array([[0.6, NAN], [NAN, 0.7]])]
+    np.testing.assert_allclose(mean_matrix(matrices), [[0.7, NAN], [0.4, 0.8]])
+    with pytest.raises(PlotError, match="different shapes"):
+        mean_matrix([np.zeros((1, 1)), np.zeros((2, 2))])
+
+
+def test_task_segments_end_half_a_round_after_each_tasks_last_evaluation():
+    records = [record(r, t, [0.5]) for r, t in [(2, 0), (4, 0), (6, 1), (8, 1), (10, 2)]]
+    assert task_segments(records) == [(0, 1.5, 4.5), (1, 4.5, 8.5), (2, 8.5, 10.5)]
+    assert task_segments(TWO_TASKS[:3]) == [(0, 0.5, 3.5)]
+
+
+def test_end_labels_are_spread_at_least_a_gap_apart_within_bounds():
+    assert spread_labels([0.5, 0.1, 0.9], gap=0.1, low=0.0, high=1.0) == [0.5, 0.1, 0.9]
+    np.testing.assert_allclose(spread_labels([0.52, 0.5, 0.5], gap=0.1, low=0.0, high=1.0),
+                               [0.7, 0.5, 0.6])
+    np.testing.assert_allclose(spread_labels([1.0, 0.98, 0.0], gap=0.1, low=0.05, high=1.0),
+                               [1.0, 0.9, 0.05])
+
+
+# --- Drawing and the command line -----------------------------------------------------------
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height of a PNG, after checking its signature."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 10_000  # lines, labels and text, not an empty canvas
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("records", [TWO_TASKS, TWO_TASKS[:3]], ids=["two tasks", "one task"])
+def test_the_forgetting_plot_is_written(tmp_path, records):
+    out = tmp_path / "plots" / "forgetting.png"
+    plot_forgetting(records, out, title="split / FedAvg")
+    assert png_size(out) == (840, 480)
+
+
+def plot_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "simulator.plot", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """A multirun directory: FedAvg and FedAdam, two seeds each, two tasks."""
+    root = tmp_path / "multirun"
+    for job, (name, target) in enumerate([("fedavg", "FedAvg"), ("fedadam", "FedAdam")] * 2):
+        seed = job // 2
+        shifted = [dict(r, acc_seen=r["acc_seen"] + 0.05 * job) for r in TWO_TASKS]
+        write_run(root / f"{job}_seed={seed},strategy={name}", shifted,
+                  [f"seed={seed}", f"strategy={name}"], f"flwr.serverapp.strategy.{target}",
+                  matrix=[[0.8, NAN], [0.4 + 0.1 * seed, 0.9]])
+    (root / "multirun.yaml").write_text("{}\n")
+    return root
+
+
+def test_the_cli_overlays_groups_and_draws_heatmaps(sweep, tmp_path):
+    modes = [([], "overlay.png"), (["--task", "0"], "task0.png"), (["--heatmap"], "heatmap.png")]
+    for args, name in modes:
+        out = tmp_path / "figures" / name
+        result = plot_cli(str(sweep), "--out", str(out), *args)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == str(out)
+        width, height = png_size(out)
+        assert width >= 600 and height >= 300
+
+
+def test_the_cli_exits_2_naming_a_path_without_runs_or_an_unknown_metric(sweep, tmp_path):
+    missing = tmp_path / "no_such_run"
+    result = plot_cli(str(sweep), str(missing), "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 2
+    assert str(missing) in result.stderr
+
+    result = plot_cli(str(sweep), "--metric", "accuracy", "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 2
+    assert "unknown metric 'accuracy'" in result.stderr and str(sweep) in result.stderr
+    assert not (tmp_path / "x.png").exists()
