@@ -61,16 +61,31 @@ def test_scenario_file_validates_and_says_what_it_simulates(name):
     assert len(comment) >= 3, f"{name}.yaml needs a comment block saying what it simulates"
 
 
+def tiny_budget(name: str) -> tuple[list[str], int]:
+    """Overrides that run every task of ``name``'s stream in a round or two, and the rounds."""
+    kind = compose_run([f"scenario={name}"]).stream.kind
+    if kind == "static":
+        return ["rounds=2"], 2
+    if kind == "label_shift":
+        return ["rounds=3", "stream.period=1"], 3
+    fast = ["stream.rounds_per_task=1", "stream.min_rounds_per_task=1", "stream.max_rounds_per_task=2"]
+    return fast, 5  # five tasks in every shipped task stream
+
+
 @pytest.mark.parametrize("name", SCENARIOS)
-def test_scenario_runs_two_rounds(tmp_path, name):
-    overrides = [f"scenario={name}", "rounds=2", "engine.backend=local", "client.epochs=1"]
+def test_scenario_runs_every_task_on_a_tiny_budget(tmp_path, name):
+    budget, rounds = tiny_budget(name)
+    overrides = [f"scenario={name}", "engine.backend=local", "client.epochs=1", *budget]
     if name in DATA_FILES:
         overrides += [f"data.path={DATA_FILES[name](tmp_path)}", *SMALL_DATA.get(name, [])]
     summary = run_experiment(tmp_path / "run", overrides)
     records = read_metrics(tmp_path / "run")
-    assert [r["round"] for r in records] == [1, 2]
+    assert [r["round"] for r in records] == list(range(1, rounds + 1))
     assert all(np.isfinite(r["train_loss"]) for r in records)
     assert 0.0 <= summary["final_accuracy"] <= 1.0
+    tasks = len(records[-1]["acc_all_tasks"])
+    assert records[-1]["task"] == tasks - 1  # the last task was reached
+    assert (tmp_path / "run" / "accuracy_matrix.csv").read_text().count("\n") == tasks + 1
 
 
 def test_a_scenario_that_reads_files_says_how_to_give_the_path(tmp_path):
