@@ -61,5 +61,5 @@ def test_tensorboard_holds_accuracy_per_round(tiny_run):
     events.Reload()
     accuracy = [e.value for e in events.Scalars("acc_seen")]
     expected = [r["acc_seen"] for r in read_metrics(tiny_run)]
-    assert [round(a, 5) for a in accuracy]  # TensorBoard stores float32 == [round(a, 5) for a in expected]
+    assert [round(a, 5) for a in accuracy] == [round(a, 5) for a in expected]  # stored as float32
     assert [e.step for e in events.Scalars("acc_task/0")] == [1, 2, 3]
