@@ -65,3 +65,15 @@ def test_tensorboard_has_every_task_and_the_summary(class_incremental_run):
     assert {"summary/forgetting", "summary/bwt", "summary/fwt", "summary/forgetting_after_training"} <= tags
     # acc_task/4 starts when task 4 does.
     assert [e.step for e in events.Scalars("acc_task/4")][0] == 41
+
+
+def test_resuming_a_task_stream_across_a_boundary_matches_the_uninterrupted_run(tmp_path):
+    common = ["scenario=digits_async_tasks", "engine.backend=local", "stream.rounds_per_task=2",
+              "stream.min_rounds_per_task=1", "stream.max_rounds_per_task=3", "client.epochs=1"]
+    whole = run_experiment(tmp_path / "whole", common)
+    run_experiment(tmp_path / "split", [*common, "rounds=5"])
+    resumed = run_experiment(tmp_path / "split", [*common, "rounds=10"], resume=True)
+    assert {k: v for k, v in resumed.items() if k != "wall_time_s"} == \
+        {k: v for k, v in whole.items() if k != "wall_time_s"}
+    assert (tmp_path / "split" / "accuracy_matrix.csv").read_text() == \
+        (tmp_path / "whole" / "accuracy_matrix.csv").read_text()
