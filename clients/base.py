@@ -42,6 +42,24 @@ def masked(logits: torch.Tensor, class_mask: torch.Tensor | None) -> torch.Tenso
     return logits.masked_fill(~class_mask, float("-inf"))
 
 
+@torch.no_grad()
+def sgd_step(params: list[torch.Tensor], velocity: list[torch.Tensor], cfg: ClientConfig) -> None:
+    """One step of SGD with momentum and weight decay, as ``torch.optim.SGD`` takes it.
+
+    Written out because constructing a ``torch.optim`` optimizer imports
+    ``torch._dynamo`` on first use: seconds in every fresh actor process.
+    ``velocity`` starts empty and holds the momentum buffers between steps.
+    """
+    for i, param in enumerate(params):
+        step = param.grad if cfg.weight_decay == 0 else param.grad.add(param, alpha=cfg.weight_decay)
+        if cfg.momentum:
+            if len(velocity) <= i:
+                velocity.append(step.clone())
+            else:
+                step = velocity[i].mul_(cfg.momentum).add_(step)
+        param.add_(step, alpha=-cfg.lr)
+
+
 class ClientMethod:
     """Minibatch SGD over ``epochs`` passes; subclasses add to the gradient.
 
@@ -65,22 +83,19 @@ class ClientMethod:
     ) -> LocalResult:
         """Train ``model`` in place on ``(x, y)``; return the example count and mean loss."""
         self.begin(model, context)
-        optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=self.cfg.lr,
-            momentum=self.cfg.momentum,
-            weight_decay=self.cfg.weight_decay,
-        )
+        params = list(model.parameters())
+        velocity: list[torch.Tensor] = []
         model.train()
         total_loss, steps = torch.zeros(()), 0
         for _ in range(self.cfg.epochs):
             order = torch.randperm(len(y), generator=context.generator)
             for batch in order.split(self.cfg.batch_size):
-                optimizer.zero_grad(set_to_none=True)
+                for param in params:
+                    param.grad = None
                 loss = self.loss_fn(masked(model(x[batch]), context.class_mask), y[batch])
                 loss.backward()
                 self.adjust_gradients(model)
-                optimizer.step()
+                sgd_step(params, velocity, self.cfg)
                 total_loss += loss.detach()
                 steps += 1
         return LocalResult(num_examples=len(y), train_loss=float(total_loss) / max(steps, 1))

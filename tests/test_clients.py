@@ -106,3 +106,20 @@ def test_client_methods_resolve_by_short_name_or_dotted_path():
         resolve_method("collections.OrderedDict")
     with pytest.raises(ConfigError, match="cannot import"):
         resolve_method("no_such_pkg.Method")
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.5, 1e-3)])
+def test_local_sgd_steps_match_torch_optim_sgd(momentum, weight_decay):
+    x, y = _data()
+    cfg = ClientConfig(lr=0.1, momentum=momentum, weight_decay=weight_decay, epochs=2, batch_size=8)
+    ours = _model()
+    SGDClient(cfg).train(ours, x, y, _context())
+    reference = _model()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    generator = _context().generator
+    for _ in range(2):
+        for batch in torch.randperm(64, generator=generator).split(8):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(reference(x[batch]), y[batch]).backward()
+            optimizer.step()
+    torch.testing.assert_close(_flat(ours), _flat(reference), rtol=1e-5, atol=1e-6)
