@@ -43,20 +43,23 @@ def masked(logits: torch.Tensor, class_mask: torch.Tensor | None) -> torch.Tenso
 
 
 @torch.no_grad()
-def sgd_step(params: list[torch.Tensor], velocity: list[torch.Tensor], cfg: ClientConfig) -> None:
+def sgd_step(params: list[torch.Tensor], velocity: dict[int, torch.Tensor], cfg: ClientConfig) -> None:
     """One step of SGD with momentum and weight decay, as ``torch.optim.SGD`` takes it.
 
     Written out because constructing a ``torch.optim`` optimizer imports
     ``torch._dynamo`` on first use: seconds in every fresh actor process.
-    ``velocity`` starts empty and holds the momentum buffers between steps.
+    ``velocity`` maps a parameter's position to its momentum buffer; parameters
+    without a gradient (frozen) are skipped.
     """
     for i, param in enumerate(params):
+        if param.grad is None:
+            continue
         step = param.grad if cfg.weight_decay == 0 else param.grad.add(param, alpha=cfg.weight_decay)
         if cfg.momentum:
-            if len(velocity) <= i:
-                velocity.append(step.clone())
-            else:
+            if i in velocity:
                 step = velocity[i].mul_(cfg.momentum).add_(step)
+            else:
+                velocity[i] = step.clone()
         param.add_(step, alpha=-cfg.lr)
 
 
@@ -84,9 +87,9 @@ class ClientMethod:
         """Train ``model`` in place on ``(x, y)``; return the example count and mean loss."""
         self.begin(model, context)
         params = list(model.parameters())
-        velocity: list[torch.Tensor] = []
+        velocity: dict[int, torch.Tensor] = {}
         model.train()
-        total_loss, steps = torch.zeros(()), 0
+        total_loss, steps = torch.zeros((), device=x.device), 0
         for _ in range(self.cfg.epochs):
             order = torch.randperm(len(y), generator=context.generator)
             for batch in order.split(self.cfg.batch_size):

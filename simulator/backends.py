@@ -57,7 +57,8 @@ class RayBackend(Backend):
         # Opt into Ray's coming default (and out of its warning about it): actors that ask
         # for no GPU leave CUDA_VISIBLE_DEVICES alone. A worker uses a GPU only if given one.
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        if not ray.is_initialized():
+        self.owns_ray = not ray.is_initialized()  # shut down only a Ray we started
+        if self.owns_ray:
             if engine.ray_address:
                 ray.init(address=engine.ray_address, logging_level=logging.WARNING)
             else:
@@ -69,7 +70,11 @@ class RayBackend(Backend):
                     logging_level=logging.WARNING,
                     configure_logging=True,
                 )
-        self._check_resources(run)
+        try:
+            self._check_resources(run)
+        except ConfigError:
+            self._shutdown()
+            raise
         data_ref = ray.put(data)
         actor_class = ray.remote(ClientWorker).options(
             num_cpus=engine.num_cpus_per_actor, num_gpus=engine.num_gpus_per_actor
@@ -78,18 +83,18 @@ class RayBackend(Backend):
         self.actors = [actor_class.remote(run, data_ref, gpu) for _ in range(engine.num_actors)]
 
     def _check_resources(self, run: RunConfig) -> None:
-        """Fail now, naming the key, where actors could never be placed (they would wait forever)."""
+        """Fail now, naming the keys, where not every actor can be placed (it would wait forever)."""
         engine = run.engine
-        available = self.ray.cluster_resources()
+        available = self.ray.available_resources()
         for key, per_actor, resource in (
             ("engine.num_cpus_per_actor", engine.num_cpus_per_actor, "CPU"),
             ("engine.num_gpus_per_actor", engine.num_gpus_per_actor, "GPU"),
         ):
-            have = available.get(resource, 0.0)
-            if per_actor > have:
+            needed, have = engine.num_actors * per_actor, available.get(resource, 0.0)
+            if needed > have:
                 raise ConfigError(
-                    f"{key} = {per_actor}: the Ray cluster has {have:g} {resource} in all, "
-                    f"so no actor could start"
+                    f"engine.num_actors = {engine.num_actors} x {key} = {per_actor} needs "
+                    f"{needed:g} {resource}; the Ray cluster has {have:g} free"
                 )
 
     def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
@@ -113,7 +118,11 @@ class RayBackend(Backend):
     def close(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor)
-        self.ray.shutdown()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.owns_ray:
+            self.ray.shutdown()
 
 
 BACKENDS: dict[str, type[Backend]] = {"local": LocalBackend, "ray": RayBackend}

@@ -32,6 +32,7 @@ class Checkpoint:
     strategy: Strategy
     wall_s: float  # run time so far, so resumed timings continue
     config: dict[str, Any]  # the run config, to refuse resuming a different run
+    num_tasks: int  # the stream's tasks: more rounds must not change them (label shift)
 
 
 def save(directory: Path, checkpoint: Checkpoint) -> None:

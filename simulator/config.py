@@ -79,7 +79,7 @@ class StreamConfig:
     min_rounds_per_task: int = 5  # own_schedule: each client's pace, drawn per task
     max_rounds_per_task: int = 15
     initial_clients: float = 1.0  # share of clients present at task 0; the rest join at boundaries
-    keep_old: float = 0.0  # share of present clients that stay on their old classes at a boundary
+    keep_old: float = 0.0  # at each boundary, the share of still-moving clients that stay behind for good
     # rotated
     max_angle: float = 90.0  # task t rotates by t * max_angle / (num_tasks - 1) degrees
     # label_shift
@@ -157,11 +157,6 @@ class RunConfig:
     eval: EvalConfig
     engine: EngineConfig
     strategy: dict[str, Any]  # Hydra node with ``_target_``; instantiated by the engine
-
-    @property
-    def scenario_file(self) -> Path:
-        """The scenario file this config was composed from."""
-        return SCENARIO_DIR / "scenario" / f"{self.scenario}.yaml"
 
 
 _SECTIONS: dict[str, type] = {
@@ -297,6 +292,17 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
 def to_dict(run: RunConfig) -> dict[str, Any]:
     """A plain-dict view of the run config (for logs and checkpoints)."""
     return dataclasses.asdict(run)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config ``run.py`` would compose for ``overrides``, without running it (tests, benchmarks)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=str(SCENARIO_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # for ${hydra:...} interpolations
+    return cfg
 
 
 def register_with_hydra() -> None:

@@ -22,6 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from tqdm import tqdm
 
 from clients import resolve_method
+from clients.fedprox import FedProxClient
 from clients.models import build_model
 from simulator import checkpoint, metrics
 from simulator.backends import make_backend
@@ -35,6 +36,7 @@ from simulator.run_dir import RunDirectory
 from simulator.seeding import Purpose, derive_seed, seeded_global_state, torch_generator
 from simulator.streams import Stream, build_stream
 from simulator.worker import WorkerData
+from strategies import check_node_minimums, strategy_layers
 
 SERVER_NODE_ID = 1  # Flower's SuperLink node id: the source of every instruction
 log = logging.getLogger("fedstream")
@@ -64,6 +66,8 @@ class Experiment:
         rounds = cfg.rounds or stream.default_rounds
         if rounds is None:
             raise ConfigError(f"rounds = None: stream.kind = {cfg.stream.kind!r} needs rounds set")
+        fewest = min(len(stream.available_clients(r)) for r in range(1, rounds + 1))
+        check_node_minimums(self.strategy, fewest, f"the fewest in any round of stream.kind = {cfg.stream.kind!r}")
         data = WorkerData(stream.x_train, stream.y_train, stream.x_test, stream.y_test, stream.num_classes)
 
         # 2. Model: the server's copy, seeded; its weights are the initial global arrays,
@@ -79,6 +83,11 @@ class Experiment:
         if self.resume:
             saved = checkpoint.load(self.run_dir / "checkpoints")
             self._check_same_run(saved.config)
+            if saved.num_tasks != stream.num_tasks:
+                raise ConfigError(
+                    f"rounds = {rounds}: resuming would change the stream from {saved.num_tasks} to "
+                    f"{stream.num_tasks} tasks, so the finished rounds would not be those of this run"
+                )
             arrays, self.strategy = saved.arrays, saved.strategy
             first_round, wall_offset = saved.round + 1, saved.wall_s
         outputs = RunDirectory(self.run_dir, resume_round=first_round - 1)
@@ -121,7 +130,7 @@ class Experiment:
                 if every and (server_round % every == 0 or server_round == rounds):
                     checkpoint.save(self.run_dir / "checkpoints", checkpoint.Checkpoint(
                         round=server_round, arrays=arrays, strategy=self.strategy,
-                        wall_s=elapsed(), config=to_dict(cfg),
+                        wall_s=elapsed(), config=to_dict(cfg), num_tasks=stream.num_tasks,
                     ))
         finally:
             progress.close()
@@ -173,8 +182,8 @@ class Experiment:
             )
 
     def _warn_unused_proximal_term(self) -> None:
-        mu = getattr(self.strategy, "proximal_mu", 0.0)
-        if mu and self.run_cfg.client.method != "fedprox":
+        mu = max(getattr(layer, "proximal_mu", 0.0) for _, layer in strategy_layers(self.strategy))
+        if mu and not issubclass(resolve_method(self.run_cfg.client.method), FedProxClient):
             log.warning(
                 "the strategy sends %s=%s but client.method=%s ignores it; "
                 "set client.method=fedprox to apply the proximal term",

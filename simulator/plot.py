@@ -24,7 +24,8 @@ make the title.
   of the first run of the first group.
 - ``--heatmap``: each group's accuracy matrix (``accuracy_matrix.csv``; a
   group's is the mean over its seeds), one annotated subplot per group: row i is
-  the end of task i, column j the accuracy on task j, unseen cells blank.
+  the end of task i, column j the accuracy on task j (above the diagonal: tasks
+  not trained yet, the basis of forward transfer); NaN cells are left blank.
 
 A path with no runs, an unknown metric or task, or runs that cannot be compared
 exit with status 2 and a message naming the path.
@@ -152,7 +153,7 @@ def _read_yaml(file: Path) -> Any:
 
 
 def read_accuracy_matrix(path: Path) -> np.ndarray:
-    """R[i][j] from a run directory's ``accuracy_matrix.csv`` (``nan`` where unseen)."""
+    """R[i][j] from a run directory's ``accuracy_matrix.csv`` (``nan`` cells kept as NaN)."""
     file = path / "accuracy_matrix.csv"
     if not file.is_file():
         raise PlotError(f"{path}: no accuracy_matrix.csv (it is written when the run finishes)")

@@ -28,15 +28,20 @@ class Purpose(IntEnum):
     CLIENT_EVAL = 6  # a client's local test sample
 
 
+def _sequence(seed: int, purpose: Purpose, keys: tuple[int, ...]) -> np.random.SeedSequence:
+    # The key count is part of the entropy: numpy pads short entropy with zeros,
+    # so without it (r,) and (r, 0) would give the same stream.
+    return np.random.SeedSequence([seed, int(purpose), len(keys), *keys])
+
+
 def derive_seed(seed: int, purpose: Purpose, *keys: int) -> int:
     """Return a 63-bit integer seed for ``purpose`` and ``keys`` under ``seed``."""
-    state = np.random.SeedSequence([seed, int(purpose), *keys]).generate_state(1, np.uint64)
-    return int(state[0]) >> 1
+    return int(_sequence(seed, purpose, keys).generate_state(1, np.uint64)[0]) >> 1
 
 
 def rng(seed: int, purpose: Purpose, *keys: int) -> np.random.Generator:
     """Return a numpy generator for ``purpose`` and ``keys`` under ``seed``."""
-    return np.random.default_rng(np.random.SeedSequence([seed, int(purpose), *keys]))
+    return np.random.default_rng(_sequence(seed, purpose, keys))
 
 
 def torch_generator(seed: int, purpose: Purpose, *keys: int) -> torch.Generator:

@@ -18,6 +18,27 @@ _NODE_MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes"
 
 def build_strategy(node: DictConfig, num_clients: int) -> Strategy:
     """Instantiate ``node`` (a Hydra node with ``_target_``) and check it against the population."""
+    strategy = _instantiate(node)
+    check_node_minimums(strategy, num_clients, f"federation.num_clients = {num_clients}")
+    return strategy
+
+
+def check_node_minimums(strategy: Strategy, present: int, why: str) -> None:
+    """Reject minimums above the ``present`` clients: Flower would wait for them forever.
+
+    ``why`` says where ``present`` comes from, for the message.
+    """
+    for path, layer in strategy_layers(strategy):
+        for attribute in _NODE_MINIMUMS:
+            value = getattr(layer, attribute, 0)
+            if value > present:
+                raise ConfigError(
+                    f"{path}.{attribute} = {value}: only {present} clients are present ({why}); "
+                    "the strategy would wait forever for clients"
+                )
+
+
+def _instantiate(node: DictConfig) -> Strategy:
     target = node.get("_target_")
     try:
         strategy = instantiate(node, _convert_="all")
@@ -28,18 +49,10 @@ def build_strategy(node: DictConfig, num_clients: int) -> Strategy:
             f"strategy._target_ = {target!r}: built a {type(strategy).__name__}, "
             "expected a subclass of flwr.serverapp.strategy.Strategy"
         )
-    for path, layer in _layers(strategy):
-        for attribute in _NODE_MINIMUMS:
-            value = getattr(layer, attribute, 0)
-            if value > num_clients:
-                raise ConfigError(
-                    f"{path}.{attribute} = {value}: more than federation.num_clients = "
-                    f"{num_clients}; the strategy would wait forever for clients"
-                )
     return strategy
 
 
-def _layers(strategy: Any) -> list[tuple[str, Any]]:
+def strategy_layers(strategy: Any) -> list[tuple[str, Any]]:
     """The strategy and the strategies it wraps (DP wrappers keep theirs in ``.strategy``)."""
     layers, path = [], "strategy"
     while strategy is not None:

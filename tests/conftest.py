@@ -7,23 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-
-from simulator.config import RunConfig, load_config
+from simulator.config import RunConfig, compose_config, load_config
 from simulator.engine import Experiment
 from strategies import build_strategy
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["rounds=3", "engine.backend=local"]  # a few seconds on digits
-
-
-def compose_config(overrides: list[str]) -> Any:
-    """The composed Hydra config for ``overrides``, with Hydra's runtime info set."""
-    with initialize_config_dir(config_dir=str(ROOT / "scenarios"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def compose_run(overrides: list[str]) -> RunConfig:

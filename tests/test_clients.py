@@ -123,3 +123,15 @@ def test_local_sgd_steps_match_torch_optim_sgd(momentum, weight_decay):
             torch.nn.functional.cross_entropy(reference(x[batch]), y[batch]).backward()
             optimizer.step()
     torch.testing.assert_close(_flat(ours), _flat(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_parameters_are_left_alone():
+    x, y = _data()
+    model = _model()
+    for param in model.encoder.parameters():
+        param.requires_grad_(False)
+    encoder_before = [p.clone() for p in model.encoder.parameters()]
+    head_before = [p.clone() for p in model.head.parameters()]
+    SGDClient(ClientConfig(lr=0.1, momentum=0.9)).train(model, x, y, _context())
+    assert all(torch.equal(a, b) for a, b in zip(encoder_before, model.encoder.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(head_before, model.head.parameters()))

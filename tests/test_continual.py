@@ -77,3 +77,10 @@ def test_resuming_a_task_stream_across_a_boundary_matches_the_uninterrupted_run(
         {k: v for k, v in whole.items() if k != "wall_time_s"}
     assert (tmp_path / "split" / "accuracy_matrix.csv").read_text() == \
         (tmp_path / "whole" / "accuracy_matrix.csv").read_text()
+
+
+def test_task_incremental_masks_keep_old_tasks_accurate(class_incremental_run, tmp_path):
+    run_experiment(tmp_path, ["scenario=digits_task_incremental", "engine.backend=local"])
+    masked, single_head = read_matrix(tmp_path), read_matrix(class_incremental_run)
+    assert masked[-1, 0] >= 0.8 and single_head[-1, 0] <= 0.1  # same stream, masked logits
+    assert np.all(masked[-1] >= 0.8)  # every task still answered within its own classes

@@ -115,3 +115,37 @@ def test_federated_evaluation_asks_the_strategy_and_logs_client_accuracy(tmp_pat
         assert 0.0 <= record["federated_acc"] <= 1.0
     # Clients' samples follow their own label mix, so their mean differs from the global one.
     assert [r["federated_acc"] for r in read_metrics(tmp_path)] != [r["acc_seen"] for r in read_metrics(tmp_path)]
+
+
+@pytest.mark.ray
+def test_actors_that_cannot_all_be_placed_fail_fast_instead_of_waiting(tmp_path):
+    ray.init(num_cpus=2, include_dashboard=False)  # as a notebook would have started it
+    try:
+        with pytest.raises(ConfigError, match="engine.num_actors = 4 x engine.num_cpus_per_actor = 1.0 needs 4 CPU"):
+            run_experiment(tmp_path, ["rounds=1", "engine.backend=ray", "engine.num_actors=4"])
+        assert ray.is_initialized()  # the user's Ray is theirs to shut down
+    finally:
+        ray.shutdown()
+
+
+def test_strategy_minimums_above_the_clients_present_are_rejected_not_waited_for(tmp_path):
+    overrides = ["scenario=digits_joining_clients", "engine.backend=local", "strategy.min_available_nodes=15"]
+    with pytest.raises(ConfigError, match="min_available_nodes = 15: only 10 clients are present"):
+        run_experiment(tmp_path, overrides)
+
+
+def test_resuming_with_rounds_that_change_the_streams_tasks_is_refused(tmp_path):
+    common = ["scenario=digits_label_shift", "engine.backend=local", "stream.period=2", "client.epochs=1"]
+    run_experiment(tmp_path, [*common, "rounds=3"])
+    with pytest.raises(ConfigError, match="from 2 to 3 tasks"):
+        run_experiment(tmp_path, [*common, "rounds=6"], resume=True)
+
+
+@pytest.mark.ray
+def test_a_continual_stream_gives_the_same_numbers_in_process_and_on_3_actors(tmp_path):
+    common = ["scenario=digits_joining_clients", "stream.task_incremental=true", "strategy=fedadam",
+              "eval.federated=true", "eval.every=3", "stream.rounds_per_task=2", "client.epochs=1"]
+    run_experiment(tmp_path / "local", [*common, "engine.backend=local"])
+    run_experiment(tmp_path / "ray", [*common, "engine.backend=ray", "engine.num_actors=3"])
+    strip = lambda records: [{k: v for k, v in r.items() if k != "wall_s"} for r in records]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "local")) == strip(read_metrics(tmp_path / "ray"))

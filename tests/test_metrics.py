@@ -69,3 +69,4 @@ def test_accuracy_spread_of_clients():
     assert spread["client_acc_mean"] == pytest.approx(accuracies.mean())
     assert spread["client_acc_std"] == pytest.approx(accuracies.std())
     assert spread["client_acc_worst10"] == pytest.approx((0.1 + 0.2) / 2)  # ceil(10% of 11) = 2
+

@@ -11,8 +11,10 @@ on its share of task t. Options, all seeded:
   its own pace (rounds per task drawn in [min, max]), as in asynchronous
   federated continual learning (Shenaj et al. 2023);
 - ``initial_clients`` / ``keep_old``: only a share of the clients is present
-  at task 0, the rest join at task boundaries; at each boundary a share of the
-  clients already present stays on the task it had (keeps only old classes).
+  at task 0, the rest join at task boundaries on the live task; at each
+  boundary each client still moving with the tasks stays behind with
+  probability ``keep_old`` and keeps its old classes from then on, so the
+  share of clients on old classes grows over the tasks (about 1-(1-p)^t).
 """
 
 from __future__ import annotations
