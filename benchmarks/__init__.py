@@ -1,0 +1,1 @@
+"""Benchmarks: FedStream against Flower's simulation and a bare PyTorch loop (see README.md)."""

@@ -1,0 +1,150 @@
+"""Speed benchmark: FedStream (Ray and in-process) against a bare PyTorch loop and Flower.
+
+``python benchmarks/speed.py [--quick] [--workloads A B C]``
+
+Each implementation runs the same workload (``benchmarks/workloads.py``) in a
+process of its own. This parent times it from process start to exit and
+samples the resident memory of its whole process tree (Ray's workers included)
+every 50 ms; the child reports when each round ended, its final accuracy and
+how many samples it trained. The table and, as the last line, one JSON object
+with every figure and ratio go to stdout. Ratios compare implementations
+measured in this same invocation, never numbers from another machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.workloads import parse_report  # noqa: E402
+IMPLEMENTATIONS = {
+    "fedstream_ray": ["benchmarks/run_fedstream.py", "{workload}", "ray"],
+    "fedstream_local": ["benchmarks/run_fedstream.py", "{workload}", "local"],
+    "bare_loop": ["benchmarks/run_bare.py", "{workload}"],
+    "flower": ["benchmarks/run_flower.py", "{workload}"],
+}
+COMPARED = {"A": list(IMPLEMENTATIONS), "B": list(IMPLEMENTATIONS), "quick": list(IMPLEMENTATIONS),
+            "tiny": list(IMPLEMENTATIONS), "C": ["fedstream_ray"], "C1k": ["fedstream_ray"]}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One implementation on one workload."""
+
+    implementation: str
+    workload: str
+    end_to_end_s: float
+    first_round_s: float  # process start to the end of round 1
+    warm_round_s: float  # median of rounds 2..n
+    peak_memory_mb: float
+    accuracy: float
+    samples: int
+
+
+def tree_rss(process: psutil.Process) -> int:
+    """Resident bytes of ``process`` and all its descendants (those still alive)."""
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(implementation: str, workload: str) -> Measurement:
+    """Run one implementation on one workload in a fresh process and measure it."""
+    command = [sys.executable, *(a.format(workload=workload) for a in IMPLEMENTATIONS[implementation])]
+    started = time.time()
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        peak = max(peak, tree_rss(process))
+        time.sleep(0.05)
+    ended = time.time()
+    stdout = child.stdout.read() if child.stdout else ""
+    if child.returncode != 0:
+        raise RuntimeError(f"{implementation} on {workload} exited with {child.returncode}:\n{stdout[-2000:]}")
+    result = parse_report(stdout)
+    ends = result["round_ends"]
+    warm = [b - a for a, b in zip(ends, ends[1:])]
+    return Measurement(
+        implementation, workload, round(ended - started, 3), round(ends[0] - started, 3),
+        round(statistics.median(warm), 4) if warm else float("nan"),
+        round(peak / 2**20, 1), round(result["accuracy"], 4), result["samples"],
+    )
+
+
+def ratios(results: dict[str, dict[str, Measurement]]) -> dict[str, float]:
+    """The issue's target ratios, for every workload where both sides were measured."""
+    out: dict[str, float] = {}
+    for workload, by_impl in results.items():
+        ray, local = by_impl.get("fedstream_ray"), by_impl.get("fedstream_local")
+        bare, flower = by_impl.get("bare_loop"), by_impl.get("flower")
+        if ray and bare:
+            out[f"{workload}.warm_round_ray_over_bare"] = round(ray.warm_round_s / bare.warm_round_s, 3)
+        if ray and flower:
+            out[f"{workload}.end_to_end_flower_over_ray"] = round(flower.end_to_end_s / ray.end_to_end_s, 3)
+            out[f"{workload}.memory_ray_over_flower"] = round(ray.peak_memory_mb / flower.peak_memory_mb, 3)
+        if local and flower:
+            out[f"{workload}.end_to_end_flower_over_local"] = round(flower.end_to_end_s / local.end_to_end_s, 3)
+    big, small = results.get("C", {}).get("fedstream_ray"), results.get("C1k", {}).get("fedstream_ray")
+    if big and small:
+        out["C.warm_round_10k_over_1k"] = round(big.warm_round_s / small.warm_round_s, 3)
+        out["C.peak_memory_10k_mb"] = big.peak_memory_mb
+    return out
+
+
+def same_samples(results: dict[str, dict[str, Measurement]]) -> dict[str, bool]:
+    """Per workload: did every implementation train the same number of samples?"""
+    return {w: len({m.samples for m in by_impl.values()}) == 1 for w, by_impl in results.items()}
+
+
+def table(results: dict[str, dict[str, Measurement]]) -> str:
+    header = f"{'workload':9}{'implementation':17}{'end to end s':>13}{'1st round s':>12}{'warm round s':>13}{'peak MB':>9}{'accuracy':>9}{'samples':>9}"
+    rows = [header, "-" * len(header)]
+    for by_impl in results.values():
+        for m in by_impl.values():
+            rows.append(f"{m.workload:9}{m.implementation:17}{m.end_to_end_s:13.2f}{m.first_round_s:12.2f}"
+                        f"{m.warm_round_s:13.4f}{m.peak_memory_mb:9.0f}{m.accuracy:9.3f}{m.samples:9d}")
+    return "\n".join(rows)
+
+
+def run(workloads: list[str]) -> dict:
+    """Measure every implementation compared on each workload; print the table; return the JSON."""
+    results: dict[str, dict[str, Measurement]] = {}
+    for workload in workloads:
+        results[workload] = {}
+        for implementation in COMPARED[workload]:
+            print(f"running {implementation} on {workload} ...", file=sys.stderr, flush=True)
+            results[workload][implementation] = measure(implementation, workload)
+    print(table(results))
+    return {
+        "results": {w: {i: asdict(m) for i, m in by.items()} for w, by in results.items()},
+        "ratios": ratios(results),
+        "same_samples": same_samples(results),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smaller workload and C: under 3 minutes")
+    parser.add_argument("--workloads", nargs="+", choices=sorted(COMPARED), help="which workloads to run")
+    args = parser.parse_args(argv)
+    workloads = args.workloads or (["quick", "C", "C1k"] if args.quick else ["A", "B", "C", "C1k"])
+    print(json.dumps(run(workloads)))
+
+
+if __name__ == "__main__":
+    main()

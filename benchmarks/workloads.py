@@ -1,0 +1,108 @@
+"""The benchmark workloads and what every implementation shares.
+
+All implementations train the same clients on the same data: FedStream's own
+loader and Dirichlet(0.5) partition, the same seeded cohort each round, the
+same model, local SGD and hyperparameters. Each runs in its own process and
+reports, as its last stdout line, one JSON object (:func:`report`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from simulator.seeding import Purpose, rng
+
+REPORT_PREFIX = "BENCHMARK_REPORT "
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark configuration."""
+
+    name: str
+    dataset: str  # digits | mnist5k | synthetic
+    num_clients: int
+    clients_per_round: int
+    rounds: int
+    model: str  # cnn | mlp
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    seed: int = 0
+
+    def overrides(self) -> list[str]:
+        """FedStream config overrides (run.py / tests.conftest.compose_config) for this workload."""
+        return [
+            f"data.dataset={self.dataset}",
+            "data.partition.kind=dirichlet", "data.partition.alpha=0.5", "data.partition.min_size=0",
+            f"federation.num_clients={self.num_clients}",
+            f"federation.clients_per_round={self.clients_per_round}",
+            f"model.name={self.model}",
+            "client.method=sgd", f"client.lr={self.lr}", "client.momentum=0.0",
+            f"client.epochs={self.epochs}", f"client.batch_size={self.batch_size}",
+            f"rounds={self.rounds}", f"seed={self.seed}",
+            f"eval.every={self.rounds}", "eval.max_clients=10", "engine.checkpoint_every=0",
+        ]
+
+    def cohort(self, server_round: int) -> list[int]:
+        """The clients that train in ``server_round`` (1-based), sorted: the same for every implementation."""
+        draw = rng(self.seed, Purpose.STRATEGY, server_round, 99)
+        return sorted(draw.choice(self.num_clients, self.clients_per_round, replace=False).tolist())
+
+
+WORKLOADS = {
+    "A": Workload("A", "mnist5k", 100, 10, 10, "cnn"),
+    "B": Workload("B", "mnist5k", 500, 50, 5, "cnn"),
+    "C": Workload("C", "synthetic", 10_000, 100, 5, "mlp"),
+    "C1k": Workload("C1k", "synthetic", 1_000, 100, 5, "mlp"),
+    "quick": Workload("quick", "mnist5k", 100, 10, 4, "cnn"),
+    "tiny": Workload("tiny", "digits", 20, 5, 3, "mlp"),
+}
+
+
+class RoundClock:
+    """Wall-clock timestamps (``time.time()``, comparable across processes) at each round's end."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def tick(self) -> None:
+        self.ends.append(time.time())
+
+
+def report(clock: RoundClock, accuracy: float, samples: int, **extra: Any) -> None:
+    """Print the child's result as the last stdout line, for the parent to read."""
+    print(REPORT_PREFIX + json.dumps(
+        {"round_ends": clock.ends, "accuracy": accuracy, "samples": int(samples), **extra}
+    ), flush=True)
+
+
+def parse_report(stdout: str) -> dict[str, Any]:
+    """The JSON object a child printed with :func:`report`."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(REPORT_PREFIX):
+            return json.loads(line[len(REPORT_PREFIX):])
+    raise RuntimeError("the implementation printed no report:\n" + stdout[-3000:])
+
+
+def shared_data(workload: Workload):
+    """(run config, stream) as FedStream builds them: the data and partition every implementation uses."""
+    from simulator.config import compose_config, load_config
+    from simulator.data import load_dataset
+    from simulator.streams import build_stream
+
+    run = load_config(compose_config(workload.overrides()))
+    stream = build_stream(run, load_dataset(run.data, run.federation.num_clients, run.seed))
+    return run, stream
+
+
+def samples_of(stream, workload: Workload) -> int:
+    """Samples trained in the whole run: every cohort's clients' data, every epoch."""
+    return sum(
+        len(stream.train_indices(r, c)) * workload.epochs
+        for r in range(1, workload.rounds + 1)
+        for c in workload.cohort(r)
+    )

@@ -1,0 +1,35 @@
+"""The speed benchmark's harness on a tiny workload: it cannot rot unnoticed. Not timed."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import speed
+from benchmarks.workloads import WORKLOADS, samples_of, shared_data
+
+pytestmark = pytest.mark.ray
+
+
+def test_all_four_implementations_train_the_same_samples_to_a_sane_accuracy():
+    result = speed.run(["tiny"])
+    measured = result["results"]["tiny"]
+    assert set(measured) == set(speed.IMPLEMENTATIONS)
+    _, stream = shared_data(WORKLOADS["tiny"])
+    expected = samples_of(stream, WORKLOADS["tiny"])
+    assert {name: m["samples"] for name, m in measured.items()} == dict.fromkeys(measured, expected)
+    assert result["same_samples"] == {"tiny": True}
+    for name, m in measured.items():
+        assert 0.1 <= m["accuracy"] <= 1.0, name
+        assert 0 < m["first_round_s"] <= m["end_to_end_s"], name
+        assert m["warm_round_s"] > 0 and m["peak_memory_mb"] > 50, name
+    # The same seeded cohorts and local SGD: the framework-free floor and FedStream agree exactly.
+    assert measured["bare_loop"]["accuracy"] == measured["fedstream_local"]["accuracy"]
+    assert set(result["ratios"]) >= {"tiny.warm_round_ray_over_bare", "tiny.end_to_end_flower_over_ray",
+                                     "tiny.memory_ray_over_flower", "tiny.end_to_end_flower_over_local"}
+
+
+def test_cohorts_are_seeded_sorted_and_distinct():
+    workload = WORKLOADS["A"]
+    cohort = workload.cohort(3)
+    assert cohort == sorted(set(cohort)) and len(cohort) == workload.clients_per_round
+    assert cohort == WORKLOADS["A"].cohort(3) and cohort != workload.cohort(4)
