@@ -154,10 +154,14 @@ def test_swap_exchanges_priors_between_clients_and_gradual_interpolates():
 
 def test_label_shift_task_tests_follow_the_periods_mean_prior():
     stream, _ = make_stream(LABEL_SHIFT)
+    drawn, expected = np.zeros(10), np.zeros(10)
     for period in range(stream.num_tasks):
         labels = stream.y_test[stream.task_test_indices(period)]
-        histogram = np.bincount(labels, minlength=10) / len(labels)
-        assert np.abs(histogram - stream.priors[period].mean(axis=0)).sum() < 0.15
+        counts = np.bincount(labels, minlength=10)
+        mean_prior = stream.priors[period].mean(axis=0)
+        assert np.abs(counts / len(labels) - mean_prior).sum() < 0.3  # 360 draws: L1 noise ~0.12
+        drawn, expected = drawn + counts, expected + mean_prior * len(labels)
+    assert np.abs(drawn - expected).sum() / expected.sum() < 0.08  # 1,800 draws in all
 
 
 @pytest.mark.parametrize("scenario", ["digits", "digits_class_incremental", "digits_async_tasks",
