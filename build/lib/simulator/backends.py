@@ -1,0 +1,133 @@
+"""Two ways to run a list of client jobs: in this process, or on a pool of Ray actors.
+
+Both implement :class:`Backend` and host the same :class:`ClientWorker`, so a
+run gives the same numbers on either and with any number of actors: outcomes
+come back in job order, and no client's result depends on where it ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from simulator.config import ConfigError, RunConfig
+from simulator.worker import ClientJob, ClientOutcome, ClientWorker, WorkerData
+
+
+class ClientFailure(RuntimeError):
+    """A client (or the actor hosting it) failed; the run stops with its traceback."""
+
+
+class Backend(ABC):
+    """Runs client jobs and returns their outcomes in job order."""
+
+    @abstractmethod
+    def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
+        """Run ``jobs``; ``job.weights_index`` picks each job's weights from ``weights``."""
+
+    def close(self) -> None:
+        """Release what the backend holds."""
+
+
+class LocalBackend(Backend):
+    """One worker in the driver process: no Ray, same client code."""
+
+    def __init__(self, run: RunConfig, data: WorkerData) -> None:
+        self.worker = ClientWorker(run, data)
+
+    def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
+        return self.worker.run(jobs, weights)
+
+
+class RayBackend(Backend):
+    """A pool of Ray actors, each hosting one worker; one call per actor per round.
+
+    The data goes into the object store once; each round's weights go in once
+    and every actor reads the same reference. Jobs are dealt to actors in turn.
+    """
+
+    def __init__(self, run: RunConfig, data: WorkerData) -> None:
+        import ray  # imported here so the local backend never pays for it
+
+        self.ray = ray
+        engine = run.engine
+        # Opt into Ray's coming default (and out of its warning about it): actors that ask
+        # for no GPU leave CUDA_VISIBLE_DEVICES alone. A worker uses a GPU only if given one.
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        self.owns_ray = not ray.is_initialized()  # shut down only a Ray we started
+        if self.owns_ray:
+            if engine.ray_address:
+                ray.init(address=engine.ray_address, logging_level=logging.WARNING)
+            else:
+                needed = engine.num_actors * engine.num_cpus_per_actor
+                ray.init(
+                    address="local",  # a new instance, even where `ray start` runs one
+                    num_cpus=max(os.cpu_count() or 1, int(np.ceil(needed))),
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    configure_logging=True,
+                )
+        try:
+            self._check_resources(run)
+        except ConfigError:
+            self._shutdown()
+            raise
+        data_ref = ray.put(data)
+        actor_class = ray.remote(ClientWorker).options(
+            num_cpus=engine.num_cpus_per_actor, num_gpus=engine.num_gpus_per_actor
+        )
+        gpu = engine.num_gpus_per_actor > 0
+        self.actors = [actor_class.remote(run, data_ref, gpu) for _ in range(engine.num_actors)]
+
+    def _check_resources(self, run: RunConfig) -> None:
+        """Fail now, naming the keys, where not every actor can be placed (it would wait forever)."""
+        engine = run.engine
+        available = self.ray.available_resources()
+        for key, per_actor, resource in (
+            ("engine.num_cpus_per_actor", engine.num_cpus_per_actor, "CPU"),
+            ("engine.num_gpus_per_actor", engine.num_gpus_per_actor, "GPU"),
+        ):
+            needed, have = engine.num_actors * per_actor, available.get(resource, 0.0)
+            if needed > have:
+                raise ConfigError(
+                    f"engine.num_actors = {engine.num_actors} x {key} = {per_actor} needs "
+                    f"{needed:g} {resource}; the Ray cluster has {have:g} free"
+                )
+
+    def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
+        weights_ref = self.ray.put(weights)
+        shares = [jobs[i:: len(self.actors)] for i in range(len(self.actors))]
+        calls = [
+            (share, actor.run.remote(share, weights_ref))
+            for actor, share in zip(self.actors, shares)
+            if share
+        ]
+        outcomes: dict[int, ClientOutcome] = {}
+        for share, call in calls:
+            try:
+                results = self.ray.get(call)
+            except self.ray.exceptions.RayError as error:
+                clients = [job.client_id for job in share]
+                raise ClientFailure(f"the actor running clients {clients} failed:\n{error}") from error
+            outcomes.update((id(job), result) for job, result in zip(share, results))
+        return [outcomes[id(job)] for job in jobs]
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.owns_ray:
+            self.ray.shutdown()
+
+
+BACKENDS: dict[str, type[Backend]] = {"local": LocalBackend, "ray": RayBackend}
+
+
+def make_backend(run: RunConfig, data: WorkerData) -> Backend:
+    """The backend ``engine.backend`` names (validated in the config)."""
+    return BACKENDS[run.engine.backend](run, data)

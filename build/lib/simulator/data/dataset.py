@@ -1,0 +1,81 @@
+"""The in-memory dataset every loader returns, and the helpers loaders share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator.data.ordering import by_label
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A train/test pair of arrays with integer labels ``0 .. num_classes - 1``.
+
+    Inputs are float32 and C-contiguous, shaped ``(N, C, H, W)`` for images and
+    ``(N, D)`` for vectors; labels are int64 of shape ``(N,)``. ``groups_train``
+    holds the natural client of each training sample where the source has one
+    (synthetic data), for the ``natural`` partition.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    groups_train: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        splits = ((self.x_train, self.y_train, "train"), (self.x_test, self.y_test, "test"))
+        for x, y, split in splits:
+            if x.dtype != np.float32 or not x.flags.c_contiguous:
+                raise ValueError(f"{self.name}: x_{split} must be C-contiguous float32")
+            if y.dtype != np.int64 or y.shape != (len(x),):
+                raise ValueError(f"{self.name}: y_{split} must be int64 of shape ({len(x)},)")
+            if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
+                raise ValueError(f"{self.name}: y_{split} outside 0..{self.num_classes - 1}")
+        if self.x_test.shape[1:] != self.input_shape:
+            raise ValueError(f"{self.name}: test and train inputs differ in shape")
+        if self.groups_train is not None and self.groups_train.shape != self.y_train.shape:
+            raise ValueError(f"{self.name}: groups_train must have one entry per training sample")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input, without the sample axis."""
+        return tuple(self.x_train.shape[1:])
+
+
+def scaled(x: np.ndarray, max_value: float) -> np.ndarray:
+    """``x / max_value`` as a new C-contiguous float32 array (pixel values to [0, 1])."""
+    return np.ascontiguousarray(x, dtype=np.float32) / np.float32(max_value)
+
+
+def split_dataset(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    test_fraction: float,
+    rng: np.random.Generator,
+) -> Dataset:
+    """Hold out ``test_fraction`` of each class, at random, for sources without a test split.
+
+    Each class contributes ``round(count * test_fraction)`` test samples, so
+    both splits keep the source's label proportions. Both splits stay in the
+    source's order.
+    """
+    y = np.asarray(y, dtype=np.int64)
+    order, rank = by_label(y, rng)
+    counts = np.bincount(y, minlength=num_classes)
+    is_test = np.zeros(len(y), dtype=bool)
+    is_test[order] = rank < np.round(counts * test_fraction)[y[order]]
+    return Dataset(
+        name=name,
+        x_train=x[~is_test],
+        y_train=y[~is_test],
+        x_test=x[is_test],
+        y_test=y[is_test],
+        num_classes=num_classes,
+    )

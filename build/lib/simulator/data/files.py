@@ -1,0 +1,202 @@
+"""Datasets read from files the user already has, at ``data.path``; nothing is downloaded.
+
+Every problem with the path or the files is a :class:`ConfigError` that names
+``data.path``, the file and what was wrong with it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import pickle
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from simulator.config import ConfigError
+from simulator.data.dataset import Dataset, scaled, split_dataset
+
+# idx type codes (the third magic byte) and the big-endian dtypes they stand for.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_CIFAR_PIXELS = 3 * 32 * 32
+
+
+def _existing_path(path: str | None, dataset: str, expected: str) -> Path:
+    """``data.path`` as a Path, or a ConfigError saying what ``dataset`` expected there."""
+    if path is None:
+        raise ConfigError(
+            f"data.path = None: data.dataset = {dataset!r} reads {expected}; "
+            "set data.path=... in the scenario file or on the command line"
+        )
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise ConfigError(
+            f"data.path = {path!r}: {resolved.resolve()} does not exist "
+            f"(data.dataset = {dataset!r} reads {expected})"
+        )
+    return resolved
+
+
+def _member(folder: Path, *names: str) -> Path:
+    """The first of ``names`` present in ``folder``; a ConfigError naming the first if none is."""
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    wanted = " or ".join(repr(name) for name in names)
+    raise ConfigError(f"data.path: {folder.resolve()} has no file {wanted}")
+
+
+def _malformed(file: Path, reason: str) -> ConfigError:
+    return ConfigError(f"data.path: malformed file {file}: {reason}")
+
+
+def _labels(y: np.ndarray, file: Path, num_classes: int | None = None) -> np.ndarray:
+    """``y`` as int64, checked to be integers in ``0 .. num_classes - 1`` (or just >= 0)."""
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise _malformed(file, f"labels must be a 1-d integer array, not {y.dtype} {y.shape}")
+    if len(y) and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
+        bound = "" if num_classes is None else f" and < {num_classes}"
+        raise _malformed(file, f"labels must be >= 0{bound}, got {y.min()} .. {y.max()}")
+    return y.astype(np.int64)
+
+
+def read_idx(file: Path) -> np.ndarray:
+    """Parse an idx file (LeCun's MNIST format), gzipped if its name ends in ``.gz``.
+
+    The format is two zero bytes, a type code, the number of dimensions, each
+    dimension as a big-endian uint32, then the values, big-endian, row-major.
+    """
+    try:
+        raw = gzip.decompress(file.read_bytes()) if file.suffix == ".gz" else file.read_bytes()
+    except (gzip.BadGzipFile, EOFError) as error:
+        raise _malformed(file, f"not a valid gzip file ({error})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise _malformed(file, f"bad idx magic number {raw[:4].hex() or '(empty)'}")
+    ndim, header = raw[3], 4 + 4 * raw[3]
+    if len(raw) < header:
+        raise _malformed(file, f"idx header for {ndim} dimensions is cut short")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = header + math.prod(dims) * dtype.itemsize
+    if len(raw) != expected:
+        raise _malformed(file, f"{len(raw)} bytes, but idx shape {dims} needs {expected}")
+    return np.frombuffer(raw, dtype, offset=header).reshape(dims)
+
+
+def _mnist_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    image_file = _member(folder, f"{prefix}-images-idx3-ubyte", f"{prefix}-images-idx3-ubyte.gz")
+    label_file = _member(folder, f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels-idx1-ubyte.gz")
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.ndim != 3:
+        raise _malformed(image_file, f"expected images of shape (N, H, W), got {images.shape}")
+    if len(labels) != len(images):
+        raise _malformed(label_file, f"{len(labels)} labels for {len(images)} images")
+    return scaled(images[:, None], 255.0), _labels(labels, label_file, 10)
+
+
+def load_mnist(path: str | None) -> Dataset:
+    """MNIST (or anything in its layout, e.g. Fashion-MNIST) from the four idx files in a folder."""
+    folder = _existing_path(path, "mnist", "a folder with the four MNIST idx files (or .gz)")
+    x_train, y_train = _mnist_split(folder, "train")
+    x_test, y_test = _mnist_split(folder, "t10k")
+    return Dataset("mnist", x_train, y_train, x_test, y_test, num_classes=10)
+
+
+class _CifarLayout(NamedTuple):
+    folder: str  # the folder's name in the official python version
+    train: list[str]
+    test: str
+    label_key: bytes
+    num_classes: int
+
+
+def _cifar_batches(
+    folder: Path, names: list[str], label_key: bytes, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate CIFAR pickles, each a dict with b"data" (N x 3072 uint8) and ``label_key``.
+
+    The official python version is pickled; like any pickle, load only files you trust.
+    """
+    xs, ys = [], []
+    for name in names:
+        file = _member(folder, name)
+        try:
+            with file.open("rb") as handle:
+                batch = pickle.load(handle, encoding="bytes")
+        except (pickle.UnpicklingError, EOFError, ValueError) as error:
+            raise _malformed(file, f"not a CIFAR pickle ({error})") from None
+        if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+            raise _malformed(file, f"expected a dict with keys b'data' and {label_key!r}")
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
+        if data.ndim != 2 or data.shape[1] != _CIFAR_PIXELS or len(labels) != len(data):
+            got = f"{data.shape} and {len(labels)}"
+            raise _malformed(file, f"expected N x {_CIFAR_PIXELS} pixels and N labels, got {got}")
+        # Each row is the red, then green, then blue 32x32 plane: channel-first as is.
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(_labels(labels, file, num_classes))
+    return scaled(np.concatenate(xs), 255.0), np.concatenate(ys)
+
+
+def _load_cifar(name: str, path: str | None, layout: _CifarLayout) -> Dataset:
+    folder = _existing_path(path, name, f"the {layout.folder!r} folder (CIFAR's python version)")
+    x_train, y_train = _cifar_batches(folder, layout.train, layout.label_key, layout.num_classes)
+    x_test, y_test = _cifar_batches(folder, [layout.test], layout.label_key, layout.num_classes)
+    return Dataset(name, x_train, y_train, x_test, y_test, layout.num_classes)
+
+
+def load_cifar10(path: str | None) -> Dataset:
+    """CIFAR-10 from the ``cifar-10-batches-py`` folder, as (N, 3, 32, 32)."""
+    train = [f"data_batch_{i}" for i in range(1, 6)]
+    layout = _CifarLayout("cifar-10-batches-py", train, "test_batch", b"labels", 10)
+    return _load_cifar("cifar10", path, layout)
+
+
+def load_cifar100(path: str | None) -> Dataset:
+    """CIFAR-100 (fine labels) from the ``cifar-100-python`` folder, as (N, 3, 32, 32)."""
+    layout = _CifarLayout("cifar-100-python", ["train"], "test", b"fine_labels", 100)
+    return _load_cifar("cifar100", path, layout)
+
+
+def _npz_inputs(x: np.ndarray, file: Path) -> np.ndarray:
+    """(N, D) or (N, C, H, W) float32: (N, H, W) gets a channel axis, integers are / 255."""
+    if x.ndim not in (2, 3, 4):
+        raise _malformed(file, f"inputs must be (N, D), (N, H, W) or (N, C, H, W), got {x.shape}")
+    if x.ndim == 3:
+        x = x[:, None]
+    return scaled(x, 255.0 if np.issubdtype(x.dtype, np.integer) else 1.0)
+
+
+def load_npz(path: str | None, test_fraction: float, rng: np.random.Generator) -> Dataset:
+    """Arrays ``x``, ``y`` and optionally ``x_test``, ``y_test`` from a ``.npz`` file.
+
+    Without a test split, ``test_fraction`` of each class is held out.
+    ``num_classes`` is the largest label plus one.
+    """
+    file = _existing_path(path, "npz", "a .npz file with arrays x, y (and maybe x_test, y_test)")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            arrays = dict(archive)
+    except (OSError, ValueError, TypeError) as error:
+        raise _malformed(file, f"not a .npz archive of arrays ({error})") from None
+    has_test = "x_test" in arrays or "y_test" in arrays
+    suffixes = ["", "_test"] if has_test else [""]
+    keys = [xy + suffix for suffix in suffixes for xy in ("x", "y")]
+    missing = [key for key in keys if key not in arrays]
+    if missing:
+        raise _malformed(file, f"missing arrays {missing}; it has {sorted(arrays)}")
+    splits = [
+        (_npz_inputs(arrays[f"x{suffix}"], file), _labels(arrays[f"y{suffix}"], file))
+        for suffix in suffixes
+    ]
+    input_shape = splits[0][0].shape[1:]
+    for x, y in splits:
+        if len(x) != len(y):
+            raise _malformed(file, f"{len(x)} inputs but {len(y)} labels")
+        if x.shape[1:] != input_shape:
+            raise _malformed(file, f"test inputs {x.shape[1:]} differ from train {input_shape}")
+    num_classes = max(int(y.max(initial=0)) for _, y in splits) + 1
+    if not has_test:
+        return split_dataset("npz", *splits[0], num_classes, test_fraction, rng)
+    (x_train, y_train), (x_test, y_test) = splits
+    return Dataset("npz", x_train, y_train, x_test, y_test, num_classes)

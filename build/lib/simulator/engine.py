@@ -1,0 +1,198 @@
+"""The round loop: the one place that owns it.
+
+An :class:`Experiment` drives a Flower strategy's ``configure_*`` / ``aggregate_*``
+methods itself, through our :class:`~simulator.grid.SimulationGrid`, so that it
+can evaluate, log and checkpoint between them. Every strategy call runs under
+global random state seeded from (run seed, round): Flower samples clients with
+``random.sample``, and that makes the cohort a function of the seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore.task_identity import TaskIdentity
+from tqdm import tqdm
+
+from clients import resolve_method
+from clients.fedprox import FedProxClient
+from clients.models import build_model
+from simulator import checkpoint, metrics
+from simulator.backends import make_backend
+from simulator.config import ConfigError, RunConfig, to_dict
+from simulator.data import load_dataset
+from simulator.evaluation import client_accuracies, seen_accuracy, task_accuracies
+from simulator.grid import SimulationGrid
+from simulator.keys import ACCURACY, PROXIMAL_MU, TRAIN_LOSS
+from simulator.plot import plot_forgetting
+from simulator.run_dir import RunDirectory
+from simulator.seeding import Purpose, derive_seed, seeded_global_state, torch_generator
+from simulator.streams import Stream, build_stream
+from simulator.worker import WorkerData
+from strategies import check_node_minimums, strategy_layers
+
+SERVER_NODE_ID = 1  # Flower's SuperLink node id: the source of every instruction
+log = logging.getLogger("fedstream")
+
+
+class Experiment:
+    """One scenario, one strategy, one seed: runs and writes its run directory."""
+
+    def __init__(self, run: RunConfig, strategy: Strategy, run_dir: Path, resume: bool = False) -> None:
+        self.run_cfg = run
+        self.strategy = strategy
+        self.run_dir = run_dir
+        self.resume = resume
+
+    def run(self) -> dict[str, Any]:
+        """Run every round; return the summary written to ``summary.json``."""
+        cfg = self.run_cfg
+        started, wall_offset = time.perf_counter(), 0.0
+        elapsed = lambda: wall_offset + time.perf_counter() - started  # noqa: E731
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+
+        # 1. Data and stream: what each client holds at each round. Values only the
+        #    data can refute (and the client method's name) fail here, before Ray starts.
+        resolve_method(cfg.client.method)
+        dataset = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
+        stream = build_stream(cfg, dataset)
+        rounds = cfg.rounds or stream.default_rounds
+        if rounds is None:
+            raise ConfigError(f"rounds = None: stream.kind = {cfg.stream.kind!r} needs rounds set")
+        fewest = min(len(stream.available_clients(r)) for r in range(1, rounds + 1))
+        check_node_minimums(self.strategy, fewest, f"the fewest in any round of stream.kind = {cfg.stream.kind!r}")
+        data = WorkerData(stream.x_train, stream.y_train, stream.x_test, stream.y_test, stream.num_classes)
+
+        # 2. Model: the server's copy, seeded; its weights are the initial global arrays,
+        #    and its accuracy on each task is the baseline of forward transfer.
+        model = build_model(
+            dataset.input_shape, dataset.num_classes, cfg.model,
+            torch_generator(cfg.seed, Purpose.MODEL_INIT),
+        )
+        arrays, first_round = ArrayRecord(model.state_dict()), 1
+        initial = task_accuracies(model, stream, cfg.eval.batch_size)
+
+        # 3. Resume from the last finished round, if asked.
+        if self.resume:
+            saved = checkpoint.load(self.run_dir / "checkpoints")
+            self._check_same_run(saved.config)
+            if saved.num_tasks != stream.num_tasks:
+                raise ConfigError(
+                    f"rounds = {rounds}: resuming would change the stream from {saved.num_tasks} to "
+                    f"{stream.num_tasks} tasks, so the finished rounds would not be those of this run"
+                )
+            arrays, self.strategy = saved.arrays, saved.strategy
+            first_round, wall_offset = saved.round + 1, saved.wall_s
+        outputs = RunDirectory(self.run_dir, resume_round=first_round - 1)
+        self._warn_unused_proximal_term()
+
+        # 4. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface.
+        backend = make_backend(cfg, data)
+        grid = SimulationGrid(backend, stream, cfg.eval.client_test_size, run_id=cfg.seed)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = cfg.seed, SERVER_NODE_ID, 0
+        progress = tqdm(
+            range(first_round, rounds + 1), initial=first_round - 1, total=rounds,
+            desc="round", unit="round", dynamic_ncols=True,
+        )
+        try:
+            for server_round in progress:
+                # 5. Train: the strategy samples and configures, clients train, it aggregates.
+                grid.server_round = server_round
+                with seeded_global_state(derive_seed(cfg.seed, Purpose.STRATEGY, server_round)):
+                    messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+                    replies = grid.send_and_receive(messages)
+                    new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
+                if new_arrays is not None:
+                    arrays = new_arrays
+
+                # 6. Evaluate the global model on every task, and on the clients' own data,
+                #    every eval.every rounds and at the end of every task.
+                task = stream.task_of_round(server_round)
+                last_of_task = server_round == rounds or stream.task_of_round(server_round + 1) != task
+                if server_round % cfg.eval.every == 0 or last_of_task:
+                    model.load_state_dict(arrays.to_torch_state_dict())
+                    record = self._evaluate(model, stream, server_round, train_metrics)
+                    record["wall_s"] = round(elapsed(), 3)
+                    if cfg.eval.federated:
+                        record["federated_acc"] = self._federated_evaluation(server_round, arrays, grid)
+                    outputs.log(record)
+                    progress.set_postfix(task=task, loss=record["train_loss"], acc=f"{record['acc_seen']:.3f}")
+
+                # 7. Checkpoint, so a crash never loses a finished round.
+                every = cfg.engine.checkpoint_every
+                if every and (server_round % every == 0 or server_round == rounds):
+                    checkpoint.save(self.run_dir / "checkpoints", checkpoint.Checkpoint(
+                        round=server_round, arrays=arrays, strategy=self.strategy,
+                        wall_s=elapsed(), config=to_dict(cfg), num_tasks=stream.num_tasks,
+                    ))
+        finally:
+            progress.close()
+            backend.close()
+
+        # 8. Outputs: accuracy matrix, summary, forgetting plot.
+        summary = outputs.finish(elapsed(), rounds, initial)
+        plot_forgetting(outputs.records, self.run_dir / "plots" / "forgetting.png",
+                        title=f"{cfg.scenario} / {type(self.strategy).__name__}")
+        return summary
+
+    def _evaluate(
+        self, model: torch.nn.Module, stream: Stream, server_round: int, train_metrics: MetricRecord | None
+    ) -> dict[str, Any]:
+        """One metrics.jsonl record: accuracy per task (None where unseen) and across clients."""
+        cfg = self.run_cfg
+        accuracies = task_accuracies(model, stream, cfg.eval.batch_size)
+        seen = stream.seen_tasks(server_round)
+        spread = client_accuracies(
+            model, stream, server_round, cfg.seed, cfg.eval.max_clients,
+            cfg.eval.client_test_size, cfg.eval.batch_size,
+        )
+        return {
+            "round": server_round,
+            "task": stream.task_of_round(server_round),
+            "train_loss": _metric(train_metrics, TRAIN_LOSS),
+            "acc_per_task": [a if s else None for a, s in zip(accuracies, seen)],
+            "acc_seen": seen_accuracy(stream, server_round, accuracies),
+            "acc_all_tasks": accuracies,
+            **metrics.accuracy_spread(spread),
+        }
+
+    def _federated_evaluation(self, server_round: int, arrays: ArrayRecord, grid: SimulationGrid) -> float | None:
+        """The strategy's own client-side evaluation: sampled clients on their local test samples."""
+        with seeded_global_state(derive_seed(self.run_cfg.seed, Purpose.STRATEGY, server_round, 1)):
+            messages = self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+            metrics = self.strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages))
+        return _metric(metrics, ACCURACY)
+
+    def _check_same_run(self, saved: dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint of a different config; rounds may grow, engines differ."""
+        current = to_dict(self.run_cfg)
+        may_differ = {"rounds", "engine"}  # the numbers do not depend on the engine
+        differing = sorted(k for k in current if k not in may_differ and current[k] != saved.get(k))
+        if differing:
+            raise ConfigError(
+                f"resume=true: the checkpoint in {self.run_dir / 'checkpoints'} was written "
+                f"with different {', '.join(differing)}; resume with the same config"
+            )
+
+    def _warn_unused_proximal_term(self) -> None:
+        mu = max(getattr(layer, "proximal_mu", 0.0) for _, layer in strategy_layers(self.strategy))
+        if mu and not issubclass(resolve_method(self.run_cfg.client.method), FedProxClient):
+            log.warning(
+                "the strategy sends %s=%s but client.method=%s ignores it; "
+                "set client.method=fedprox to apply the proximal term",
+                PROXIMAL_MU, mu, self.run_cfg.client.method,
+            )
+
+
+def _metric(record: MetricRecord | None, key: str) -> float | None:
+    """A float from an aggregated MetricRecord, or None where the strategy gave none."""
+    if record is None or key not in record:
+        return None
+    return float(np.asarray(record[key]))

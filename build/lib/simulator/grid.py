@@ -1,0 +1,139 @@
+"""Flower's ``Grid`` over our backends, so any Flower strategy runs unchanged.
+
+Node ``c`` is client ``c``; the nodes are the clients the stream has present
+this round, and each job carries the samples the stream gives its client. :meth:`SimulationGrid.send_and_receive` turns the
+strategy's messages into client jobs, runs them in one backend call (each
+distinct ArrayRecord is converted once, however many messages share it), and
+wraps the outcomes as Flower reply messages in the order the messages came.
+Nothing waits or polls: replies exist as soon as the call returns.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from simulator.backends import Backend, ClientFailure
+from simulator.streams import Stream
+from simulator.worker import EVALUATE, TRAIN, ClientJob, ClientOutcome
+
+_KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE}
+
+
+class SimulationGrid(Grid):
+    """A Grid whose nodes are simulated clients run by a :class:`Backend`."""
+
+    def __init__(self, backend: Backend, stream: Stream, client_test_size: int, run_id: int) -> None:
+        self.backend = backend
+        self.stream = stream
+        self.client_test_size = client_test_size
+        self._run = Run.create_empty(run_id)
+        self._ids = itertools.count()
+        self._replies: dict[str, Message] = {}
+        self.server_round = 1  # set by the engine before each round
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(
+            content=content,
+            message_type=message_type,
+            dst_node_id=dst_node_id,
+            group_id=group_id,
+            ttl=ttl,
+        )
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.stream.available_clients(self.server_round)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        for message, reply in zip(messages, self._execute(messages)):
+            self._replies[message.metadata.message_id] = reply
+        return [message.metadata.message_id for message in messages]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Run every message's client now; ``timeout`` has nothing to wait for."""
+        return self._execute(list(messages))
+
+    def _execute(self, messages: list[Message]) -> list[Message]:
+        if not messages:
+            return []
+        records: list[ArrayRecord] = []
+        present = set(self.stream.available_clients(self.server_round))
+        jobs = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
+            jobs.append(self._job(message, records, present))
+        outcomes = self.backend.run(jobs, [record.to_numpy_ndarrays() for record in records])
+        return [
+            self._reply(message, outcome, list(records[job.weights_index].keys()))
+            for message, job, outcome in zip(messages, jobs, outcomes)
+        ]
+
+    def _job(self, message: Message, records: list[ArrayRecord], present: set[int]) -> ClientJob:
+        """The job for ``message``; its ArrayRecord joins ``records`` unless already there."""
+        kind = _KINDS.get(message.metadata.message_type)
+        if kind is None:
+            raise ValueError(f"unsupported message type {message.metadata.message_type!r}")
+        client = message.metadata.dst_node_id
+        if client not in present:
+            raise ValueError(f"message to node {client}, not a client present in round {self.server_round}")
+        content = message.content
+        (arrays,) = content.array_records.values()
+        config: dict[str, Any] = {}
+        for record in content.config_records.values():
+            config.update(record)
+        index = next((i for i, r in enumerate(records) if r is arrays), len(records))
+        if index == len(records):
+            records.append(arrays)
+        if kind == TRAIN:
+            indices = self.stream.train_indices(self.server_round, client)
+        else:
+            indices = self.stream.client_test_indices(self.server_round, client, self.client_test_size)
+        return ClientJob(
+            client_id=client,
+            kind=kind,
+            server_round=self.server_round,
+            weights_index=index,
+            indices=indices,
+            class_mask=self.stream.class_mask(self.server_round, client),
+            config=config,
+        )
+
+    def _reply(self, message: Message, outcome: ClientOutcome, keys: list[str]) -> Message:
+        if outcome.error is not None:
+            raise ClientFailure(f"client {outcome.client_id} failed:\n{outcome.error}")
+        content = RecordDict({"metrics": MetricRecord(outcome.metrics)})
+        if outcome.arrays is not None:
+            content["arrays"] = ArrayRecord(
+                array_dict=OrderedDict(
+                    (key, Array(a)) for key, a in zip(keys, outcome.arrays, strict=True)
+                )
+            )
+        reply = Message(content, reply_to=message)
+        reply.metadata.__dict__["_message_id"] = f"r{message.metadata.message_id}"
+        return reply

@@ -1,0 +1,460 @@
+"""Plots of run directories: forgetting curves, runs compared over seeds, accuracy matrices.
+
+The engine calls :func:`plot_forgetting` after every run (``plots/forgetting.png``).
+To compare runs afterwards::
+
+    python -m simulator.plot RUN_DIR [RUN_DIR ...] --out FILE.png
+                             [--metric NAME | --task J | --heatmap]
+
+Each RUN_DIR is a run directory (it has ``metrics.jsonl``) or a Hydra multirun
+directory (its subdirectories with ``metrics.jsonl`` are its runs).
+
+Runs whose ``.hydra/overrides.yaml`` differ only by ``seed=`` form one group; a
+run without that file is a group of its own. A group is labelled by what sets it
+apart from the others: its strategy class where the groups' strategies differ,
+then its overrides that not every group shares. The overrides every group shares
+make the title.
+
+- Overlay (the default): one line per group over rounds, the mean over its
+  seeds, aligned on the rounds all of them evaluated, shaded from the lowest to
+  the highest seed (min..max, so every seed's value lies inside the band). The
+  y value is ``--metric NAME``, any numeric key of ``metrics.jsonl`` (default
+  ``acc_seen``; also ``train_loss``, ``wall_s``, ...), or with ``--task J`` the
+  accuracy on task J, ``acc_per_task[J]``. Dashed lines mark the task boundaries
+  of the first run of the first group.
+- ``--heatmap``: each group's accuracy matrix (``accuracy_matrix.csv``; a
+  group's is the mean over its seeds), one annotated subplot per group: row i is
+  the end of task i, column j the accuracy on task j (above the diagonal: tasks
+  not trained yet, the basis of forward transfer); NaN cells are left blank.
+
+A path with no runs, an unknown metric or task, or runs that cannot be compared
+exit with status 2 and a message naming the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import reduce
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import matplotlib
+import numpy as np
+from omegaconf import OmegaConf
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file backend
+
+Records = list[dict[str, Any]]
+STRATEGY_KEYS = ("strategy", "strategy._target_")  # overrides that choose the strategy class
+MARKERS_UP_TO = 40  # evaluations; more than this and markers clutter the line
+LEGEND_CHARS = 110  # characters of legend text that fit across the overlay figure
+
+
+class PlotError(ValueError):
+    """Input the plots cannot use; the message names the path at fault."""
+
+
+class Curve(NamedTuple):
+    """A metric over rounds, rounds ascending."""
+
+    rounds: np.ndarray
+    values: np.ndarray
+
+
+class Band(NamedTuple):
+    """A group's mean over seeds and the lowest and highest seed, on common rounds."""
+
+    rounds: np.ndarray
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory as read back.
+
+    ``overrides`` is None when the run has no ``.hydra/overrides.yaml``;
+    ``strategy`` is the class name of ``strategy._target_`` in ``.hydra/config.yaml``.
+    """
+
+    path: Path
+    records: Records
+    overrides: tuple[str, ...] | None = None
+    strategy: str | None = None
+
+    @property
+    def setting(self) -> tuple[str, ...] | None:
+        """The overrides other than the seed, sorted: equal settings differ only by seed."""
+        if self.overrides is None:
+            return None
+        return tuple(sorted(o for o in self.overrides if _override_key(o) != "seed"))
+
+
+@dataclass(frozen=True)
+class Group:
+    """Runs that differ only by seed, and what tells them from the other groups."""
+
+    label: str
+    runs: tuple[Run, ...]
+
+
+# --- Reading run directories ------------------------------------------------------------
+
+
+def find_runs(path: Path) -> list[Path]:
+    """``path`` itself if it is a run directory, else its subdirectories that are runs.
+
+    Subdirectories come in natural order (``2_seed=2`` before ``10_seed=10``).
+    """
+    if (path / "metrics.jsonl").is_file():
+        return [path]
+    runs = [p for p in path.iterdir() if (p / "metrics.jsonl").is_file()] if path.is_dir() else []
+    if not runs:
+        raise PlotError(f"{path}: no metrics.jsonl there nor in any subdirectory")
+    return sorted(runs, key=_natural_key)
+
+
+def _natural_key(path: Path) -> list[int | str]:
+    """``2_seed=2`` before ``10_seed=10``: digit runs compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def read_run(path: Path) -> Run:
+    """Read a run directory's metrics and, where Hydra wrote them, its overrides and strategy."""
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    try:
+        records = [json.loads(line) for line in lines if line.strip()]
+    except json.JSONDecodeError as error:
+        raise PlotError(f"{path / 'metrics.jsonl'}: not one JSON object a line ({error})") from None
+    if not records:
+        raise PlotError(f"{path}: metrics.jsonl has no evaluations")
+    hydra = path / ".hydra"
+    overrides = None
+    if (hydra / "overrides.yaml").is_file():
+        overrides = tuple(_read_yaml(hydra / "overrides.yaml") or ())
+    strategy = None
+    if (hydra / "config.yaml").is_file():
+        config = _read_yaml(hydra / "config.yaml")
+        target = (config.get("strategy") or {}).get("_target_")
+        strategy = target.rsplit(".", 1)[-1] if target else None
+    return Run(path, records, overrides, strategy)
+
+
+def _read_yaml(file: Path) -> Any:
+    """A YAML file as plain Python, ``${...}`` interpolations left as strings."""
+    return OmegaConf.to_container(OmegaConf.load(file), resolve=False)
+
+
+def read_accuracy_matrix(path: Path) -> np.ndarray:
+    """R[i][j] from a run directory's ``accuracy_matrix.csv`` (``nan`` cells kept as NaN)."""
+    file = path / "accuracy_matrix.csv"
+    if not file.is_file():
+        raise PlotError(f"{path}: no accuracy_matrix.csv (it is written when the run finishes)")
+    return np.loadtxt(file, delimiter=",", skiprows=1, ndmin=2)
+
+
+# --- Grouping and averaging (pure) -------------------------------------------------------
+
+
+def _override_key(override: str) -> str:
+    """``seed`` for ``seed=1``, ``+seed=1`` or ``++seed=1``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def shared_overrides(runs: Sequence[Run]) -> list[str]:
+    """The non-seed overrides every run has (none if a run has no overrides file)."""
+    settings = [set(run.setting or ()) for run in runs]
+    shared = set.intersection(*settings)
+    return [o for o in runs[0].setting or () if o in shared]
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Group runs that differ only by seed, in order of first appearance, and label the groups."""
+    members: dict[Any, list[Run]] = {}
+    for run in runs:
+        members.setdefault(run.setting if run.setting is not None else run.path, []).append(run)
+    firsts = [group[0] for group in members.values()]
+    shared = set(shared_overrides(firsts))
+    name_strategy = len({run.strategy for run in firsts}) > 1
+    return [Group(_label(group[0], shared, name_strategy), tuple(group))
+            for group in members.values()]
+
+
+def _label(run: Run, shared: set[str], name_strategy: bool) -> str:
+    """What sets ``run``'s group apart; its strategy, or its directory, when nothing does."""
+    if run.overrides is None:
+        return run.path.name
+    parts = [
+        o for o in run.setting or ()
+        if o not in shared and not (name_strategy and _override_key(o) in STRATEGY_KEYS)
+    ]
+    if name_strategy and run.strategy:
+        parts.insert(0, run.strategy)
+    return " ".join(parts) or run.strategy or run.path.name
+
+
+def metric_curve(records: Records, metric: str = "acc_seen", task: int | None = None) -> Curve:
+    """The metric over rounds, skipping evaluations where it is null (maybe all of them).
+
+    Parameters
+    ----------
+    records
+        The records of one ``metrics.jsonl``.
+    metric
+        A numeric key of the records, or with ``task`` a list-valued one.
+    task
+        Index into a list-valued metric: ``metric="acc_per_task", task=2`` is the
+        accuracy on task 2 (null before the task is seen).
+    """
+    if not any(metric in r for r in records):
+        numeric = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float))})
+        raise PlotError(f"unknown metric {metric!r}; metrics.jsonl has {', '.join(numeric)} "
+                        "(and --task J for acc_per_task[J])")
+    if task is None:
+        points = [(r["round"], r.get(metric)) for r in records]
+    else:
+        points = [(r["round"], r[metric][task] if 0 <= task < len(r.get(metric) or ()) else None)
+                  for r in records]
+    points = [(x, y) for x, y in points if y is not None]
+    if any(isinstance(y, list) for _, y in points):
+        raise PlotError(f"{metric} is a list per task; choose one with --task J")
+    rounds, values = np.array(points, dtype=float).reshape(-1, 2).T
+    order = np.argsort(rounds, kind="stable")
+    return Curve(rounds[order].astype(int), values[order])
+
+
+def seed_band(curves: Sequence[Curve]) -> Band:
+    """Mean, min and max over curves, on the rounds that every curve has."""
+    common = reduce(np.intersect1d, [c.rounds for c in curves])
+    if common.size == 0:
+        raise PlotError("the runs have no evaluated round in common")
+    values = np.array([c.values[np.searchsorted(c.rounds, common)] for c in curves])
+    return Band(common, values.mean(axis=0), values.min(axis=0), values.max(axis=0))
+
+
+def group_band(group: Group, metric: str = "acc_seen", task: int | None = None) -> Band:
+    """The band of a group's curves; errors name the runs at fault."""
+    curves = []
+    for run in group.runs:
+        try:
+            curves.append(metric_curve(run.records, metric, task))
+        except PlotError as error:
+            raise PlotError(f"{run.path}: {error}") from None
+        if curves[-1].rounds.size == 0:
+            name = metric if task is None else f"{metric}[{task}]"
+            raise PlotError(f"{run.path}: no evaluation has a value for {name}")
+    try:
+        return seed_band(curves)
+    except PlotError as error:
+        raise PlotError(f"{_paths(group)}: {error}") from None
+
+
+def _paths(group: Group) -> str:
+    return ", ".join(str(run.path) for run in group.runs)
+
+
+def mean_matrix(matrices: Sequence[np.ndarray]) -> np.ndarray:
+    """Cell-wise mean over matrices of one shape, ignoring NaN; NaN where every one is NaN."""
+    if len({m.shape for m in matrices}) > 1:
+        raise PlotError(f"accuracy matrices of different shapes: {[m.shape for m in matrices]}")
+    stack = np.stack(matrices)
+    seen = ~np.isnan(stack)
+    counts = seen.sum(axis=0)
+    totals = np.where(seen, stack, 0.0).sum(axis=0)
+    return np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
+
+
+def group_matrix(group: Group) -> np.ndarray:
+    """A group's accuracy matrix: the mean over its seeds."""
+    matrices = [read_accuracy_matrix(run.path) for run in group.runs]
+    try:
+        return mean_matrix(matrices)
+    except PlotError as error:
+        raise PlotError(f"{_paths(group)}: {error}") from None
+
+
+def task_segments(records: Records) -> list[tuple[int, float, float]]:
+    """``(task, start, end)`` for each stretch of one task; a boundary lies half a round
+    after the last evaluation of a task."""
+    segments = []
+    start = records[0]["round"] - 0.5
+    for record, following in zip(records, [*records[1:], None]):
+        if following is None or following["task"] != record["task"]:
+            segments.append((record["task"], start, record["round"] + 0.5))
+            start = record["round"] + 0.5
+    return segments
+
+
+def spread_labels(ys: Sequence[float], gap: float, low: float, high: float) -> list[float]:
+    """Label heights near ``ys``, at least ``gap`` apart and within [low, high] where they fit.
+
+    Pushes labels up from the lowest, then back down from ``high``; returned in
+    the order of ``ys``.
+    """
+    if not ys:
+        return []
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed = [max(ys[i], low) for i in order]
+    for k in range(1, len(placed)):
+        placed[k] = max(placed[k], placed[k - 1] + gap)
+    placed[-1] = min(placed[-1], high)
+    for k in range(len(placed) - 2, -1, -1):
+        placed[k] = min(placed[k], placed[k + 1] - gap)
+    result = [0.0] * len(ys)
+    for i, y in zip(order, placed):
+        result[i] = y
+    return result
+
+
+# --- Drawing ------------------------------------------------------------------------------
+
+
+def _mark_tasks(ax: plt.Axes, records: Records) -> None:
+    """Dashed lines at task boundaries, and each stretch's task named above the axes."""
+    segments = task_segments(records)
+    if len(segments) < 2:
+        return
+    for _, _, end in segments[:-1]:
+        ax.axvline(end, color="grey", linestyle="--", linewidth=0.8)
+    top = ax.secondary_xaxis("top")
+    compact = len(segments) > 8  # "task 11" would not fit above a narrow stretch
+    names = [str(t) if compact else f"task {t}" for t, _, _ in segments]
+    centres = [(start + end) / 2 for _, start, end in segments]
+    top.set_xticks(centres, names, fontsize=8, color="dimgrey")
+    top.tick_params(length=0)
+    if compact:
+        top.set_xlabel("task", fontsize=8, color="dimgrey")
+
+
+def _save(fig: plt.Figure, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_forgetting(records: Records, out: Path, title: str = "") -> None:
+    """Accuracy on each task over rounds, each line named at its end, task boundaries marked."""
+    rounds = [r["round"] for r in records]
+    num_tasks = max(len(r["acc_per_task"]) for r in records)
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    ends = []
+    for task in range(num_tasks):
+        curve = metric_curve(records, "acc_per_task", task)
+        if curve.rounds.size == 0:
+            continue
+        marker = "." if len(records) <= MARKERS_UP_TO else None
+        line, = ax.plot(curve.rounds, curve.values, marker=marker)
+        ends.append((task, curve.rounds[-1], curve.values[-1], line.get_color()))
+    heights = spread_labels([y for _, _, y, _ in ends], gap=0.045, low=0.02, high=1.0)
+    for (task, x, _, color), y in zip(ends, heights):
+        ax.annotate(f"task {task}", (x, y), color=color, xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    _mark_tasks(ax, records)
+    ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1.02), title=title)
+    ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5 + 0.1 * (max(rounds) - min(rounds) + 1))
+    ax.grid(alpha=0.3)
+    _save(fig, out)
+
+
+def plot_overlay(groups: Sequence[Group], out: Path, metric: str = "acc_seen",
+                 task: int | None = None) -> None:
+    """One line per group over rounds: the mean over its seeds, shaded min..max."""
+    bands = [group_band(group, metric, task) for group in groups]
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    markers = "." if max(len(b.rounds) for b in bands) <= MARKERS_UP_TO else None
+    for group, band in zip(groups, bands):
+        seeds = len(group.runs)
+        label = group.label + (f"  ({seeds} seeds)" if seeds > 1 else "")
+        line, = ax.plot(band.rounds, band.mean, marker=markers, label=label)
+        if seeds > 1:
+            ax.fill_between(band.rounds, band.low, band.high, color=line.get_color(),
+                            alpha=0.2, linewidth=0)
+    _mark_tasks(ax, groups[0].runs[0].records)
+    ax.set(xlabel="round", ylabel=metric if task is None else f"{metric}[{task}]",
+           title=" ".join(shared_overrides([g.runs[0] for g in groups])))
+    ax.grid(alpha=0.3)
+    several = any(len(g.runs) > 1 for g in groups)
+    labels = ax.get_legend_handles_labels()[1]
+    columns = max(1, min(len(labels), 3, LEGEND_CHARS // (max(map(len, labels)) + 6)))
+    fig.legend(loc="outside lower center", ncols=columns, fontsize=9,
+               title="mean over seeds, shaded min..max" if several else None, title_fontsize=8)
+    _save(fig, out)
+
+
+def plot_heatmaps(groups: Sequence[Group], out: Path) -> None:
+    """Each group's accuracy matrix as an annotated heatmap, one subplot per group."""
+    matrices = [group_matrix(group) for group in groups]
+    cols = min(len(groups), 3)
+    rows = math.ceil(len(groups) / cols)
+    side = max(3.0, 0.6 * max(m.shape[1] for m in matrices) + 1.5)
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols + 1, side * rows + 0.6),
+                             layout="constrained", squeeze=False)
+    for ax, group, R in zip(axes.flat, groups, matrices):
+        image = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+        for (i, j), value in np.ndenumerate(R):
+            if not np.isnan(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if value < 0.6 else "black")
+        seeds = len(group.runs)
+        ax.set_title(group.label + (f"\nmean of {seeds} seeds" if seeds > 1 else ""), fontsize=9)
+        ax.set(xticks=range(R.shape[1]), yticks=range(R.shape[0]),
+               xlabel="accuracy on task j", ylabel="after task i")
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    fig.suptitle(" ".join(shared_overrides([g.runs[0] for g in groups])), fontsize=10)
+    fig.colorbar(image, ax=axes, label="test accuracy", shrink=0.8)
+    _save(fig, out)
+
+
+# --- Command line -------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulator.plot",
+        description="Compare run directories: a metric over rounds per group of seeds "
+                    "(mean, shaded min..max), or their accuracy matrices.",
+        epilog="Runs whose .hydra/overrides.yaml differ only by seed= are one group.",
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="a run directory (has metrics.jsonl) or a multirun directory of them")
+    parser.add_argument("--out", type=Path, required=True, help="the image to write, e.g. runs.png")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--metric", default="acc_seen",
+                      help="a numeric key of metrics.jsonl: acc_seen (default), train_loss, "
+                           "wall_s, ...")
+    what.add_argument("--task", type=int, metavar="J",
+                      help="plot acc_per_task[J], the accuracy on task J")
+    what.add_argument("--heatmap", action="store_true",
+                      help="draw each group's accuracy matrix instead (mean over seeds)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; errors exit with status 2 through argparse."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        paths = dict.fromkeys(run.resolve() for path in args.run_dirs for run in find_runs(path))
+        groups = group_runs([read_run(path) for path in paths])
+        if args.heatmap:
+            plot_heatmaps(groups, args.out)
+        elif args.task is not None:
+            plot_overlay(groups, args.out, "acc_per_task", args.task)
+        else:
+            plot_overlay(groups, args.out, args.metric)
+    except PlotError as error:
+        parser.error(str(error))
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Writes the run directory contract of DESIGN.md: metrics, matrix, summary, TensorBoard.
+
+``metrics.jsonl`` gets one line per evaluation as it happens (flushed, so a
+crash keeps every finished round); the accuracy matrix and summary are written
+at the end from the evaluations of each task's last round.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulator import metrics
+
+
+class RunDirectory:
+    """The files of one run under ``path``."""
+
+    def __init__(self, path: Path, resume_round: int = 0) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # slow import; only when writing
+
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = path / "metrics.jsonl"
+        self.records = self._kept_records(resume_round)
+        self._rewrite_metrics()
+        self.tensorboard = SummaryWriter(str(path / "tb"), purge_step=resume_round + 1)
+
+    def _kept_records(self, resume_round: int) -> list[dict[str, Any]]:
+        """Records of rounds up to ``resume_round`` (those a checkpoint covers)."""
+        if resume_round == 0 or not self.metrics_path.exists():
+            return []
+        lines = self.metrics_path.read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["round"] <= resume_round]
+
+    def _rewrite_metrics(self) -> None:
+        with self.metrics_path.open("w") as file:
+            file.writelines(json.dumps(record) + "\n" for record in self.records)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one evaluation to metrics.jsonl and TensorBoard."""
+        self.records.append(record)
+        with self.metrics_path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+        step = record["round"]
+        for key, value in record.items():
+            if isinstance(value, float):
+                self.tensorboard.add_scalar(key, value, step)
+        for task, accuracy in enumerate(record["acc_per_task"]):
+            if accuracy is not None:
+                self.tensorboard.add_scalar(f"acc_task/{task}", accuracy, step)
+        self.tensorboard.flush()
+
+    def accuracy_matrix(self) -> np.ndarray:
+        """R[i][j]: accuracy on task j at the last evaluation of task i, for every task j."""
+        last_of_task: dict[int, dict[str, Any]] = {}
+        for record in self.records:
+            last_of_task[record["task"]] = record
+        return np.array([last_of_task[t]["acc_all_tasks"] for t in sorted(last_of_task)], dtype=float)
+
+    def finish(self, wall_time_s: float, rounds: int, initial: list[float]) -> dict[str, Any]:
+        """Write accuracy_matrix.csv and summary.json; ``initial``: the untrained model's accuracies."""
+        R = self.accuracy_matrix()
+        last = self.records[-1]
+        with (self.path / "accuracy_matrix.csv").open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow([f"task_{j}" for j in range(R.shape[1])])
+            writer.writerows([[f"{a:.6f}" for a in row] for row in R])
+        summary: dict[str, Any] = {
+            "final_accuracy": last["acc_seen"],
+            **metrics.summarize(R, np.array(initial)),
+            **{k: v for k, v in last.items() if k.startswith("client_acc_")},
+            "initial_acc_per_task": initial,
+            "rounds": rounds,
+            "wall_time_s": round(wall_time_s, 3),
+        }
+        for key, value in summary.items():
+            if isinstance(value, float) and key != "wall_time_s":
+                self.tensorboard.add_scalar(f"summary/{key}", value, rounds)
+        self.tensorboard.close()
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary

@@ -1,0 +1,67 @@
+"""Seeded random generators derived from the run seed.
+
+Every random draw in a run comes from a generator built here from the run seed
+and a purpose (plus round and client id where they matter), never from global
+state or from which actor ran a client. That is what makes a run a function of
+its config and seed, whatever the number of actors or the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+
+class Purpose(IntEnum):
+    """What a generator is for; each purpose gets an independent stream."""
+
+    DATA = 1  # test split, synthetic generation
+    PARTITION = 2
+    MODEL_INIT = 3
+    STRATEGY = 4  # Flower's client sampling and DP noise
+    CLIENT_TRAIN = 5  # local shuffling
+    CLIENT_EVAL = 6  # a client's local test sample
+
+
+def _sequence(seed: int, purpose: Purpose, keys: tuple[int, ...]) -> np.random.SeedSequence:
+    # The key count is part of the entropy: numpy pads short entropy with zeros,
+    # so without it (r,) and (r, 0) would give the same stream.
+    return np.random.SeedSequence([seed, int(purpose), len(keys), *keys])
+
+
+def derive_seed(seed: int, purpose: Purpose, *keys: int) -> int:
+    """Return a 63-bit integer seed for ``purpose`` and ``keys`` under ``seed``."""
+    return int(_sequence(seed, purpose, keys).generate_state(1, np.uint64)[0]) >> 1
+
+
+def rng(seed: int, purpose: Purpose, *keys: int) -> np.random.Generator:
+    """Return a numpy generator for ``purpose`` and ``keys`` under ``seed``."""
+    return np.random.default_rng(_sequence(seed, purpose, keys))
+
+
+def torch_generator(seed: int, purpose: Purpose, *keys: int) -> torch.Generator:
+    """Return a CPU torch generator for ``purpose`` and ``keys`` under ``seed``."""
+    return torch.Generator().manual_seed(derive_seed(seed, purpose, *keys))
+
+
+@contextlib.contextmanager
+def seeded_global_state(seed: int) -> Iterator[None]:
+    """Seed Python's and numpy's global generators, restoring them afterwards.
+
+    Flower's strategies draw client samples with ``random.sample`` and DP noise
+    with ``np.random``. We run them unchanged, so the engine wraps each strategy
+    call in this, with a seed derived from the run seed and the round.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)

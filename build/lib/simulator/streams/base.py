@@ -1,0 +1,95 @@
+"""What a stream is: per round and client, which samples a client trains on; per task, a test set.
+
+A stream never loops over rounds: the engine asks it about round r and client c,
+and the answer is a function of (seed, r, c), so asking twice gives the same
+answer. Indices point into the stream's ``x_train`` / ``x_test``, which a
+domain-incremental stream stores once per domain.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from simulator.config import RunConfig
+from simulator.data import Dataset, sample_by_label, partition
+from simulator.seeding import Purpose, rng
+
+
+class Stream(ABC):
+    """A sequence of tasks over ``num_clients`` clients."""
+
+    num_tasks: int = 1
+
+    def __init__(self, run: RunConfig, dataset: Dataset) -> None:
+        self.run_cfg = run
+        self.cfg = run.stream
+        self.seed = run.seed
+        self.num_clients = run.federation.num_clients
+        self.num_classes = dataset.num_classes
+        self.x_train, self.y_train = dataset.x_train, dataset.y_train
+        self.x_test, self.y_test = dataset.x_test, dataset.y_test
+
+    def split(self, labels: np.ndarray, groups: np.ndarray | None = None, *keys: int) -> list[np.ndarray]:
+        """``data.partition`` applied to ``labels``; ``keys`` tell apart several splits of one run."""
+        generator = rng(self.seed, Purpose.PARTITION, *keys)
+        return partition(labels, self.num_clients, self.run_cfg.data.partition, generator, groups)
+
+    @property
+    def default_rounds(self) -> int | None:
+        """Rounds the stream lasts when the config leaves ``rounds`` unset (None: no default)."""
+        return self.num_tasks * self.cfg.rounds_per_task if self.num_tasks > 1 else None
+
+    def task_of_round(self, server_round: int) -> int:
+        """The live task at ``server_round`` (1-based); the last task lasts past its rounds."""
+        return min((server_round - 1) // self.cfg.rounds_per_task, self.num_tasks - 1)
+
+    def seen_tasks(self, server_round: int) -> np.ndarray:
+        """Boolean mask over tasks: which some client has trained on by ``server_round``."""
+        return np.arange(self.num_tasks) <= self.task_of_round(server_round)
+
+    def client_task(self, server_round: int, client: int) -> int:
+        """The task client ``client`` trains on at ``server_round``."""
+        return self.task_of_round(server_round)
+
+    def available_clients(self, server_round: int) -> list[int]:
+        """The clients present at ``server_round``: the strategy samples among them."""
+        return list(range(self.num_clients))
+
+    @abstractmethod
+    def train_indices(self, server_round: int, client: int) -> np.ndarray:
+        """Indices into ``x_train`` that ``client`` trains on at ``server_round``."""
+
+    @abstractmethod
+    def task_test_indices(self, task: int) -> np.ndarray:
+        """Indices into ``x_test`` of task ``task``'s test set."""
+
+    def task_classes(self, task: int) -> np.ndarray | None:
+        """The labels of ``task`` where predictions are restricted to them (task-incremental)."""
+        return None
+
+    def task_mask(self, task: int) -> np.ndarray | None:
+        """Boolean mask over labels that predictions for ``task`` are restricted to, or None."""
+        classes = self.task_classes(task)
+        if classes is None:
+            return None
+        mask = np.zeros(self.num_classes, dtype=bool)
+        mask[classes] = True
+        return mask
+
+    def class_mask(self, server_round: int, client: int) -> np.ndarray | None:
+        """The mask of the task ``client`` trains on at ``server_round``."""
+        return self.task_mask(self.client_task(server_round, client))
+
+    def client_label_distribution(self, server_round: int, client: int) -> np.ndarray:
+        """The label distribution of what ``client`` trains on at ``server_round``."""
+        counts = np.bincount(self.y_train[self.train_indices(server_round, client)], minlength=self.num_classes)
+        return counts / max(counts.sum(), 1)
+
+    def client_test_indices(self, server_round: int, client: int, size: int) -> np.ndarray:
+        """A test sample of ``size`` drawn like ``client``'s data: its task's test set, its label mix."""
+        pool = self.task_test_indices(self.client_task(server_round, client))
+        weights = self.client_label_distribution(server_round, client)
+        generator = rng(self.seed, Purpose.CLIENT_EVAL, server_round, client)
+        return pool[sample_by_label(self.y_test[pool], weights, size, generator)]

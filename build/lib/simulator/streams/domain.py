@@ -1,0 +1,77 @@
+"""Domain-incremental streams: same labels, a new input domain per task.
+
+Task t applies a fixed transform to every input: a pixel permutation
+(Permuted MNIST, Goodfellow et al. 2013; Kirkpatrick et al. 2017) or a rotation
+(Rotated MNIST, Lopez-Paz & Ranzato 2017). Task 0 is the original data. The
+transformed copies are built once, stacked, and indexed like any other data:
+task t's sample i is row ``t * N + i``. Each client keeps its ``data.partition``
+share across tasks, seeing it in the live task's domain.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from simulator.config import ConfigError, RunConfig
+from simulator.data import Dataset
+from simulator.seeding import Purpose, rng
+from simulator.streams.base import Stream
+
+
+class DomainStream(Stream):
+    """Subclasses say how task t transforms a batch of inputs; the rest is shared."""
+
+    def __init__(self, run: RunConfig, dataset: Dataset) -> None:
+        super().__init__(run, dataset)
+        self.num_tasks = self.cfg.num_tasks
+        self.parts = self.split(self.y_train, dataset.groups_train)
+        self.x_train = np.concatenate([self.transform(dataset.x_train, t) for t in range(self.num_tasks)])
+        self.x_test = np.concatenate([self.transform(dataset.x_test, t) for t in range(self.num_tasks)])
+        self.y_train = np.tile(dataset.y_train, self.num_tasks)
+        self.y_test = np.tile(dataset.y_test, self.num_tasks)
+        self.train_size, self.test_size = len(dataset.y_train), len(dataset.y_test)
+
+    @abstractmethod
+    def transform(self, x: np.ndarray, task: int) -> np.ndarray:
+        """``x`` as seen in task ``task``'s domain."""
+
+    def train_indices(self, server_round: int, client: int) -> np.ndarray:
+        return self.parts[client] + self.client_task(server_round, client) * self.train_size
+
+    def task_test_indices(self, task: int) -> np.ndarray:
+        return np.arange(self.test_size) + task * self.test_size
+
+
+class PermutedStream(DomainStream):
+    """Task t shuffles the input features with its own seeded permutation."""
+
+    def transform(self, x: np.ndarray, task: int) -> np.ndarray:
+        if task == 0:
+            return x
+        flat = x.reshape(len(x), -1)
+        permutation = rng(self.seed, Purpose.DATA, 1000 + task).permutation(flat.shape[1])
+        return np.ascontiguousarray(flat[:, permutation]).reshape(x.shape)
+
+
+class RotatedStream(DomainStream):
+    """Task t rotates images by ``t * max_angle / (num_tasks - 1)`` degrees (bilinear)."""
+
+    def transform(self, x: np.ndarray, task: int) -> np.ndarray:
+        if x.ndim != 4:
+            raise ConfigError(
+                f"stream.kind = 'rotated' needs images; data.dataset = "
+                f"{self.run_cfg.data.dataset!r} gives inputs of shape {x.shape[1:]}"
+            )
+        if task == 0:
+            return x
+        angle = math.radians(task * self.cfg.max_angle / max(self.num_tasks - 1, 1))
+        cos, sin = math.cos(angle), math.sin(angle)
+        theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float32)
+        images = torch.from_numpy(x)
+        grid = F.affine_grid(theta.expand(len(x), 2, 3), list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, align_corners=False).numpy()

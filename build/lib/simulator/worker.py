@@ -1,0 +1,164 @@
+"""What runs clients: one reused model, the data, and a list of client jobs per call.
+
+A :class:`ClientWorker` lives in a Ray actor (ray backend) or in the driver
+(local backend); both call the same :meth:`ClientWorker.run`, so both give the
+same numbers. Per the speed rules: the model is built once and weights are
+loaded into it in place; the data arrives once (zero-copy numpy from Ray's
+object store) and each client is a slice of it by index; a call carries the
+whole share of a cohort an actor trains, and the global weights once.
+"""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from clients import resolve_method
+from clients.base import TrainContext, masked
+from clients.models import build_model
+from simulator.config import RunConfig
+from simulator.keys import ACCURACY, CLIPPING_NORM, EVAL_LOSS, NORM_BIT, NUM_EXAMPLES, TRAIN_LOSS
+from simulator.seeding import Purpose, torch_generator
+
+TRAIN, EVALUATE = "train", "evaluate"
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One client's work in a call: train or evaluate, on which of the call's weights."""
+
+    client_id: int
+    kind: str  # TRAIN | EVALUATE
+    server_round: int
+    weights_index: int  # into the list of weight sets sent with the call
+    indices: np.ndarray  # into x_train (TRAIN) or x_test (EVALUATE): the stream's choice
+    class_mask: np.ndarray | None = None  # labels the logits are restricted to
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientOutcome:
+    """A client's reply: new weights (train), metrics, or the traceback of its failure."""
+
+    client_id: int
+    arrays: list[np.ndarray] | None
+    metrics: dict[str, float]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerData:
+    """The arrays clients index into; put in Ray's object store once per run."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+
+class ClientWorker:
+    """Trains and evaluates clients on one reused model."""
+
+    def __init__(self, run: RunConfig, data: WorkerData, gpu: bool = False) -> None:
+        torch.set_num_threads(run.engine.torch_threads)
+        self.run_cfg = run
+        self.data = data
+        self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+        generator = torch_generator(run.seed, Purpose.MODEL_INIT)
+        self.model = build_model(
+            data.x_train.shape[1:], data.num_classes, run.model, generator
+        ).to(self.device)
+        self.method = resolve_method(run.client.method)(run.client)
+
+    def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
+        """Run ``jobs`` back to back; a failing client becomes an outcome with its traceback."""
+        return [self._run_one(job, weights[job.weights_index]) for job in jobs]
+
+    def _run_one(self, job: ClientJob, weights: list[np.ndarray]) -> ClientOutcome:
+        try:
+            self._load(weights)
+            if job.kind == TRAIN:
+                return self._train(job, weights)
+            return self._evaluate(job)
+        except Exception:  # noqa: BLE001 - reported with the client id, fails the run
+            return ClientOutcome(job.client_id, None, {}, error=traceback.format_exc())
+
+    def _load(self, weights: list[np.ndarray]) -> None:
+        # Weights from Ray's object store are read-only views; copy_ only reads them.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for tensor, array in zip(self.model.state_dict().values(), weights, strict=True):
+                tensor.copy_(torch.from_numpy(array))
+
+    def _weights(self) -> list[np.ndarray]:
+        return [t.detach().cpu().numpy().copy() for t in self.model.state_dict().values()]
+
+    def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(array).to(self.device)
+
+    def _train(self, job: ClientJob, global_weights: list[np.ndarray]) -> ClientOutcome:
+        x = self._tensor(self.data.x_train[job.indices])
+        y = self._tensor(self.data.y_train[job.indices])
+        context = TrainContext(
+            server_round=job.server_round,
+            client_id=job.client_id,
+            config=job.config,
+            generator=torch_generator(
+                self.run_cfg.seed, Purpose.CLIENT_TRAIN, job.server_round, job.client_id
+            ),
+            class_mask=self._tensor(job.class_mask),
+        )
+        result = self.method.train(self.model, x, y, context)
+        arrays = self._weights()
+        metrics = {NUM_EXAMPLES: float(result.num_examples), TRAIN_LOSS: result.train_loss}
+        if CLIPPING_NORM in job.config:
+            within = clip_update(arrays, global_weights, float(job.config[CLIPPING_NORM]))
+            metrics[NORM_BIT] = float(within)
+        return ClientOutcome(job.client_id, arrays, metrics)
+
+    def _evaluate(self, job: ClientJob) -> ClientOutcome:
+        x = self._tensor(self.data.x_test[job.indices])
+        y = self._tensor(self.data.y_test[job.indices])
+        mask = self._tensor(job.class_mask)
+        loss, accuracy = evaluate(self.model, x, y, self.run_cfg.eval.batch_size, mask)
+        metrics = {NUM_EXAMPLES: float(len(job.indices)), ACCURACY: accuracy, EVAL_LOSS: loss}
+        return ClientOutcome(job.client_id, None, metrics)
+
+
+def clip_update(arrays: list[np.ndarray], reference: list[np.ndarray], max_norm: float) -> bool:
+    """Scale ``arrays - reference`` in place to L2 norm at most ``max_norm``.
+
+    Client-side differential privacy (Flower's DifferentialPrivacyClientSide*
+    wrappers expect the client to clip). Returns whether the update was within
+    the norm already, which the adaptive wrapper aggregates.
+    """
+    norm = float(np.sqrt(sum(float(np.sum((a - r) ** 2)) for a, r in zip(arrays, reference))))
+    if norm <= max_norm:
+        return True
+    scale = max_norm / norm
+    for array, ref in zip(arrays, reference):
+        array -= ref
+        array *= scale
+        array += ref
+    return False
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+    class_mask: torch.Tensor | None = None,
+) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``, logits masked if asked."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        logits = masked(model(xb), class_mask)
+        loss += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return loss / max(len(y), 1), correct / max(len(y), 1)

@@ -1,0 +1,10 @@
+"""Server side: building the Flower strategy a scenario names.
+
+Flower's own strategies are chosen by short name through the config group
+``scenarios/strategy/`` (one YAML file each); any ``flwr.serverapp.strategy.Strategy``
+subclass, a user's own included, by ``strategy._target_=pkg.Class``.
+"""
+
+from strategies.factory import build_strategy, check_node_minimums, strategy_layers
+
+__all__ = ["build_strategy", "check_node_minimums", "strategy_layers"]

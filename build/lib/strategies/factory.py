@@ -1,0 +1,68 @@
+"""Instantiate the configured strategy and reject settings that could never run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from simulator.config import ConfigError
+
+# FedAvg-family attributes that make Flower's sample_nodes wait (forever, in a
+# simulation) when they exceed the number of clients.
+_NODE_MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
+
+
+def build_strategy(node: DictConfig, num_clients: int) -> Strategy:
+    """Instantiate ``node`` (a Hydra node with ``_target_``) and check it against the population."""
+    strategy = _instantiate(node)
+    check_node_minimums(strategy, num_clients, f"federation.num_clients = {num_clients}")
+    return strategy
+
+
+def check_node_minimums(strategy: Strategy, present: int, why: str) -> None:
+    """Reject minimums above the ``present`` clients: Flower would wait for them forever.
+
+    ``why`` says where ``present`` comes from, for the message.
+    """
+    for path, layer in strategy_layers(strategy):
+        for attribute in _NODE_MINIMUMS:
+            value = getattr(layer, attribute, 0)
+            if value > present:
+                raise ConfigError(
+                    f"{path}.{attribute} = {value}: only {present} clients are present ({why}); "
+                    "the strategy would wait forever for clients"
+                )
+
+
+def _instantiate(node: DictConfig) -> Strategy:
+    target = node.get("_target_")
+    try:
+        strategy = instantiate(node, _convert_="all")
+    except InstantiationException as error:
+        raise ConfigError(f"strategy._target_ = {target!r}: {_first_line(error)}") from None
+    if not isinstance(strategy, Strategy):
+        raise ConfigError(
+            f"strategy._target_ = {target!r}: built a {type(strategy).__name__}, "
+            "expected a subclass of flwr.serverapp.strategy.Strategy"
+        )
+    return strategy
+
+
+def strategy_layers(strategy: Any) -> list[tuple[str, Any]]:
+    """The strategy and the strategies it wraps (DP wrappers keep theirs in ``.strategy``)."""
+    layers, path = [], "strategy"
+    while strategy is not None:
+        layers.append((path, strategy))
+        strategy, path = getattr(strategy, "strategy", None), f"{path}.strategy"
+    return layers
+
+
+def _first_line(error: Exception) -> str:
+    """Hydra nests the cause; the innermost message says what was wrong."""
+    while error.__cause__ is not None:
+        error = error.__cause__  # type: ignore[assignment]
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
