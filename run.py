@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run = load_config(cfg)
-        strategy = build_strategy(cfg.strategy, run.federation.num_clients)
+        strategy = build_strategy(cfg.strategy)
         summary = Experiment(run, strategy, run_dir, resume=bool(cfg.resume)).run()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -158,7 +158,7 @@ class Experiment:
             "task": stream.task_of_round(server_round),
             "train_loss": _metric(train_metrics, TRAIN_LOSS),
             "acc_per_task": [a if s else None for a, s in zip(accuracies, seen)],
-            "acc_seen": seen_accuracy(stream, server_round, accuracies),
+            "acc_seen": seen_accuracy(stream, seen, accuracies),
             "acc_all_tasks": accuracies,
             **metrics.accuracy_spread(spread),
         }

@@ -27,9 +27,9 @@ def task_accuracies(model: torch.nn.Module, stream: Stream, batch_size: int) -> 
     return accuracies
 
 
-def seen_accuracy(stream: Stream, server_round: int, accuracies: list[float]) -> float:
+def seen_accuracy(stream: Stream, seen_tasks: np.ndarray, accuracies: list[float]) -> float:
     """Accuracy on the union of the seen tasks' test sets (each task weighted by its size)."""
-    seen = np.flatnonzero(stream.seen_tasks(server_round))
+    seen = np.flatnonzero(seen_tasks)
     sizes = np.array([len(stream.task_test_indices(t)) for t in seen], dtype=float)
     return float(np.dot(np.array(accuracies)[seen], sizes) / sizes.sum())
 

@@ -16,13 +16,6 @@ from simulator.config import ConfigError
 _NODE_MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
 
 
-def build_strategy(node: DictConfig, num_clients: int) -> Strategy:
-    """Instantiate ``node`` (a Hydra node with ``_target_``) and check it against the population."""
-    strategy = _instantiate(node)
-    check_node_minimums(strategy, num_clients, f"federation.num_clients = {num_clients}")
-    return strategy
-
-
 def check_node_minimums(strategy: Strategy, present: int, why: str) -> None:
     """Reject minimums above the ``present`` clients: Flower would wait for them forever.
 
@@ -38,7 +31,8 @@ def check_node_minimums(strategy: Strategy, present: int, why: str) -> None:
                 )
 
 
-def _instantiate(node: DictConfig) -> Strategy:
+def build_strategy(node: DictConfig) -> Strategy:
+    """Instantiate ``node`` (a Hydra node with ``_target_``); the engine checks it against the stream."""
     target = node.get("_target_")
     try:
         strategy = instantiate(node, _convert_="all")

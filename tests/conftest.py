@@ -24,7 +24,7 @@ def run_experiment(run_dir: Path, overrides: list[str], resume: bool = False) ->
     """Run a scenario in this process (the backend is whatever the overrides say)."""
     cfg = compose_config(overrides)
     run = load_config(cfg)
-    strategy = build_strategy(cfg.strategy, run.federation.num_clients)
+    strategy = build_strategy(cfg.strategy)
     return Experiment(run, strategy, run_dir, resume=resume).run()
 
 
