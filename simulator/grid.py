@@ -11,15 +11,15 @@ Nothing waits or polls: replies exist as soon as the call returns.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from simulator.backends import Backend, ClientFailure
+from simulator.held_array import held_array_record
 from simulator.streams import Stream
 from simulator.worker import EVALUATE, TRAIN, ClientJob, ClientOutcome
 
@@ -129,11 +129,7 @@ class SimulationGrid(Grid):
             raise ClientFailure(f"client {outcome.client_id} failed:\n{outcome.error}")
         content = RecordDict({"metrics": MetricRecord(outcome.metrics)})
         if outcome.arrays is not None:
-            content["arrays"] = ArrayRecord(
-                array_dict=OrderedDict(
-                    (key, Array(a)) for key, a in zip(keys, outcome.arrays, strict=True)
-                )
-            )
+            content["arrays"] = held_array_record(keys, outcome.arrays)
         reply = Message(content, reply_to=message)
         reply.metadata.__dict__["_message_id"] = f"r{message.metadata.message_id}"
         return reply
