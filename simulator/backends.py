@@ -25,6 +25,8 @@ class ClientFailure(RuntimeError):
 class Backend(ABC):
     """Runs client jobs and returns their outcomes in job order."""
 
+    data: WorkerData  # the arrays as this backend holds them, for the driver to read too
+
     @abstractmethod
     def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
         """Run ``jobs``; ``job.weights_index`` picks each job's weights from ``weights``."""
@@ -37,6 +39,7 @@ class LocalBackend(Backend):
     """One worker in the driver process: no Ray, same client code."""
 
     def __init__(self, run: RunConfig, data: WorkerData) -> None:
+        self.data = data
         self.worker = ClientWorker(run, data)
 
     def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
@@ -78,6 +81,7 @@ class RayBackend(Backend):
             self._shutdown()
             raise
         data_ref = ray.put(data)
+        self.data = ray.get(data_ref)  # read-only views of the object store's copy
         actor_class = ray.remote(ClientWorker).options(
             num_cpus=engine.num_cpus_per_actor, num_gpus=engine.num_gpus_per_actor
         )

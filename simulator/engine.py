@@ -61,19 +61,17 @@ class Experiment:
         # 1. Data and stream: what each client holds at each round. Values only the
         #    data can refute (and the client method's name) fail here, before Ray starts.
         resolve_method(cfg.client.method)
-        dataset = load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed)
-        stream = build_stream(cfg, dataset)
+        stream = build_stream(cfg, load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed))
         rounds = cfg.rounds or stream.default_rounds
         if rounds is None:
             raise ConfigError(f"rounds = None: stream.kind = {cfg.stream.kind!r} needs rounds set")
         fewest = min(len(stream.available_clients(r)) for r in range(1, rounds + 1))
         check_node_minimums(self.strategy, fewest, f"the fewest in any round of stream.kind = {cfg.stream.kind!r}")
-        data = WorkerData(stream.x_train, stream.y_train, stream.x_test, stream.y_test, stream.num_classes)
 
         # 2. Model: the server's copy, seeded; its weights are the initial global arrays,
         #    and its accuracy on each task is the baseline of forward transfer.
         model = build_model(
-            dataset.input_shape, dataset.num_classes, cfg.model,
+            stream.x_train.shape[1:], stream.num_classes, cfg.model,
             torch_generator(cfg.seed, Purpose.MODEL_INIT),
         )
         arrays, first_round = ArrayRecord(model.state_dict()), 1
@@ -94,7 +92,10 @@ class Experiment:
         self._warn_unused_proximal_term()
 
         # 4. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface.
-        backend = make_backend(cfg, data)
+        backend = make_backend(
+            cfg, WorkerData(stream.x_train, stream.y_train, stream.x_test, stream.y_test, stream.num_classes)
+        )
+        stream.use_arrays(backend.data)  # with Ray, the object store's copy: the driver's own is freed
         grid = SimulationGrid(backend, stream, cfg.eval.client_test_size, run_id=cfg.seed)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = cfg.seed, SERVER_NODE_ID, 0
         progress = tqdm(

@@ -23,10 +23,8 @@ class HeldArray(Array):
     """An ``Array`` holding its ndarray; ``data`` (the ``.npy`` bytes) is made on first use."""
 
     def __init__(self, ndarray: np.ndarray) -> None:  # noqa: D107 - Array.__init__ would serialize
-        self.__dict__["_ndarray"] = ndarray
-        self.dtype = str(ndarray.dtype)
-        self.shape = tuple(ndarray.shape)
-        self.stype = SType.NUMPY
+        # Straight into __dict__: Array.__setattr__ would redo its dirty-state work per field.
+        self.__dict__.update(_ndarray=ndarray, dtype=str(ndarray.dtype), shape=tuple(ndarray.shape), stype=SType.NUMPY)
 
     @property
     def data(self) -> bytes:  # type: ignore[override]

@@ -9,12 +9,16 @@ domain-incremental stream stores once per domain.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from simulator.config import RunConfig
 from simulator.data import Dataset, sample_by_label, partition
 from simulator.seeding import Purpose, rng
+
+if TYPE_CHECKING:
+    from simulator.worker import WorkerData
 
 
 class Stream(ABC):
@@ -30,6 +34,15 @@ class Stream(ABC):
         self.num_classes = dataset.num_classes
         self.x_train, self.y_train = dataset.x_train, dataset.y_train
         self.x_test, self.y_test = dataset.x_test, dataset.y_test
+
+    def use_arrays(self, data: WorkerData) -> None:
+        """Read the samples from ``data`` from now on: the same values in another place.
+
+        The Ray backend copies the arrays into its object store; reading that
+        copy (zero-copy, read-only) lets the driver's own copy go.
+        """
+        self.x_train, self.y_train = data.x_train, data.y_train
+        self.x_test, self.y_test = data.x_test, data.y_test
 
     def split(self, labels: np.ndarray, groups: np.ndarray | None = None, *keys: int) -> list[np.ndarray]:
         """``data.partition`` applied to ``labels``; ``keys`` tell apart several splits of one run."""
