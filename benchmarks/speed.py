@@ -18,6 +18,7 @@ import json
 import statistics
 import itertools
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -54,6 +55,7 @@ class Measurement:
     peak_rss_mb: float  # summed RSS: shared pages counted once per process
     accuracy: float
     samples: int
+    steal_percent: float  # CPU time the hypervisor gave to other guests meanwhile: a noisy neighbour
 
 
 def tree_memory(process: psutil.Process, proportional: bool) -> int:
@@ -77,8 +79,9 @@ def tree_memory(process: psutil.Process, proportional: bool) -> int:
 def measure(implementation: str, workload: str) -> Measurement:
     """Run one implementation on one workload in a fresh process and measure it."""
     command = [sys.executable, *(a.format(workload=workload) for a in IMPLEMENTATIONS[implementation])]
-    started = time.time()
-    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    output = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty child never blocks on it
+    started, steal_before = time.time(), psutil.cpu_times().steal
+    child = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.DEVNULL, text=True)
     process, peak_rss, peak_pss = psutil.Process(child.pid), 0, 0
     for sample in itertools.count():
         if child.poll() is not None:
@@ -87,8 +90,9 @@ def measure(implementation: str, workload: str) -> Measurement:
         if sample % PSS_EVERY == 0:  # less often: reading it takes CPU from the run
             peak_pss = max(peak_pss, tree_memory(process, proportional=True))
         time.sleep(SAMPLE_S)
-    ended = time.time()
-    stdout = child.stdout.read() if child.stdout else ""
+    ended, stolen = time.time(), psutil.cpu_times().steal - steal_before
+    output.seek(0)
+    stdout = output.read()
     if child.returncode != 0:
         raise RuntimeError(f"{implementation} on {workload} exited with {child.returncode}:\n{stdout[-2000:]}")
     result = parse_report(stdout)
@@ -98,6 +102,7 @@ def measure(implementation: str, workload: str) -> Measurement:
         implementation, workload, round(ended - started, 3), round(ends[0] - started, 3),
         round(statistics.median(warm), 4) if warm else float("nan"),
         round(peak_pss / 2**20, 1), round(peak_rss / 2**20, 1), round(result["accuracy"], 4), result["samples"],
+        round(100 * stolen / ((ended - started) * (psutil.cpu_count() or 1)), 1),
     )
 
 
@@ -128,12 +133,12 @@ def same_samples(results: dict[str, dict[str, Measurement]]) -> dict[str, bool]:
 
 def table(results: dict[str, dict[str, Measurement]]) -> str:
     header = (f"{'workload':9}{'implementation':17}{'end to end s':>13}{'1st round s':>12}{'warm round s':>13}"
-              f"{'PSS MB':>8}{'RSS MB':>8}{'accuracy':>9}{'samples':>9}")
+              f"{'PSS MB':>8}{'RSS MB':>8}{'accuracy':>9}{'samples':>9}{'steal %':>8}")
     rows = [header, "-" * len(header)]
     for by_impl in results.values():
         for m in by_impl.values():
             rows.append(f"{m.workload:9}{m.implementation:17}{m.end_to_end_s:13.2f}{m.first_round_s:12.2f}"
-                        f"{m.warm_round_s:13.4f}{m.peak_memory_mb:8.0f}{m.peak_rss_mb:8.0f}{m.accuracy:9.3f}{m.samples:9d}")
+                        f"{m.warm_round_s:13.4f}{m.peak_memory_mb:8.0f}{m.peak_rss_mb:8.0f}{m.accuracy:9.3f}{m.samples:9d}{m.steal_percent:8.1f}")
     return "\n".join(rows)
 
 
