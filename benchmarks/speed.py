@@ -1,15 +1,16 @@
 """Speed benchmark: FedStream (Ray and in-process) against a bare PyTorch loop and Flower.
 
-``python benchmarks/speed.py [--quick] [--workloads A B C]``
+``python benchmarks/speed.py [--quick] [--workloads A B C] [--repeat N]``
 
 Each implementation runs the same workload (``benchmarks/workloads.py``) in a
-process of its own. This parent times it from process start to exit and
-samples the memory of its whole process tree, Ray's workers included (RSS
-every 50 ms, PSS every 0.5 s: :func:`tree_memory`); the child reports when each round ended, its final accuracy and
-how many samples it trained. The table and, as the last line, one JSON object
-with every figure and ratio go to stdout. Ratios compare implementations
-measured in this same invocation, never numbers from another machine.
-"""
+process of its own, twice by default (``--quick``: once), in an order that
+cancels drift (:func:`run`). This parent times each process from start to
+exit and samples the memory of its whole process tree, Ray's workers included
+(RSS every 50 ms, PSS every 0.5 s: :func:`tree_memory`); the child reports when
+each round ended, its final accuracy and how many samples it trained. The
+table and, as the last line, one JSON object with every figure and ratio go
+to stdout. Ratios compare implementations measured in this same invocation,
+never numbers from another machine."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ COMPARED = {"A": list(IMPLEMENTATIONS), "B": list(IMPLEMENTATIONS), "quick": lis
 
 @dataclass(frozen=True)
 class Measurement:
-    """One implementation on one workload."""
+    """One implementation on one workload: over its repeats, the median times and the highest peaks."""
 
     implementation: str
     workload: str
@@ -56,6 +57,21 @@ class Measurement:
     accuracy: float
     samples: int
     steal_percent: float  # CPU time the hypervisor gave to other guests meanwhile: a noisy neighbour
+    runs: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one process of one implementation measured."""
+
+    end_to_end_s: float
+    first_round_s: float
+    warm_rounds_s: list[float]
+    peak_pss: int
+    peak_rss: int
+    accuracy: float
+    samples: int
+    steal_percent: float
 
 
 def tree_memory(process: psutil.Process, proportional: bool) -> int:
@@ -76,7 +92,7 @@ def tree_memory(process: psutil.Process, proportional: bool) -> int:
     return total
 
 
-def measure(implementation: str, workload: str) -> Measurement:
+def measure(implementation: str, workload: str) -> Run:
     """Run one implementation on one workload in a fresh process and measure it."""
     command = [sys.executable, *(a.format(workload=workload) for a in IMPLEMENTATIONS[implementation])]
     output = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty child never blocks on it
@@ -97,12 +113,28 @@ def measure(implementation: str, workload: str) -> Measurement:
         raise RuntimeError(f"{implementation} on {workload} exited with {child.returncode}:\n{stdout[-2000:]}")
     result = parse_report(stdout)
     ends = result["round_ends"]
-    warm = [b - a for a, b in zip(ends, ends[1:])]
+    return Run(
+        ended - started, ends[0] - started, [b - a for a, b in zip(ends, ends[1:])], peak_pss, peak_rss,
+        result["accuracy"], result["samples"], 100 * stolen / ((ended - started) * (psutil.cpu_count() or 1)),
+    )
+
+
+def combine(implementation: str, workload: str, runs: list[Run]) -> Measurement:
+    """One row from an implementation's repeats: median times (warm rounds pooled), highest peaks.
+
+    Every repeat is the same seeded work, so accuracy and samples must agree.
+    """
+    if len({(r.accuracy, r.samples) for r in runs}) != 1:
+        raise RuntimeError(f"{implementation} on {workload}: repeats disagree: {runs}")
+    warm = [w for r in runs for w in r.warm_rounds_s]
     return Measurement(
-        implementation, workload, round(ended - started, 3), round(ends[0] - started, 3),
+        implementation, workload,
+        round(statistics.median(r.end_to_end_s for r in runs), 3),
+        round(statistics.median(r.first_round_s for r in runs), 3),
         round(statistics.median(warm), 4) if warm else float("nan"),
-        round(peak_pss / 2**20, 1), round(peak_rss / 2**20, 1), round(result["accuracy"], 4), result["samples"],
-        round(100 * stolen / ((ended - started) * (psutil.cpu_count() or 1)), 1),
+        round(max(r.peak_pss for r in runs) / 2**20, 1), round(max(r.peak_rss for r in runs) / 2**20, 1),
+        round(runs[0].accuracy, 4), runs[0].samples,
+        round(statistics.mean(r.steal_percent for r in runs), 1), len(runs),
     )
 
 
@@ -134,7 +166,7 @@ def same_samples(results: dict[str, dict[str, Measurement]]) -> dict[str, bool]:
 def table(results: dict[str, dict[str, Measurement]]) -> str:
     header = (f"{'workload':9}{'implementation':17}{'end to end s':>13}{'1st round s':>12}{'warm round s':>13}"
               f"{'PSS MB':>8}{'RSS MB':>8}{'accuracy':>9}{'samples':>9}{'steal %':>8}")
-    rows = [header, "-" * len(header)]
+    rows = [header, "-" * len(header)]  # one row per implementation, over its repeats
     for by_impl in results.values():
         for m in by_impl.values():
             rows.append(f"{m.workload:9}{m.implementation:17}{m.end_to_end_s:13.2f}{m.first_round_s:12.2f}"
@@ -142,14 +174,20 @@ def table(results: dict[str, dict[str, Measurement]]) -> str:
     return "\n".join(rows)
 
 
-def run(workloads: list[str]) -> dict:
-    """Measure every implementation compared on each workload; print the table; return the JSON."""
-    results: dict[str, dict[str, Measurement]] = {}
-    for workload in workloads:
-        results[workload] = {}
-        for implementation in COMPARED[workload]:
-            print(f"running {implementation} on {workload} ...", file=sys.stderr, flush=True)
-            results[workload][implementation] = measure(implementation, workload)
+def run(workloads: list[str], repeat: int = 1) -> dict:
+    """Measure every implementation compared on each workload; print the table; return the JSON.
+
+    With ``repeat`` > 1 the whole plan runs again, in reverse order every other
+    time (A B C, C B A, ...), so that the host getting faster or slower during the
+    benchmark weighs on every implementation alike.
+    """
+    plan = [(w, i) for w in workloads for i in COMPARED[w]]
+    runs: dict[tuple[str, str], list[Run]] = {step: [] for step in plan}
+    for repetition in range(repeat):
+        for workload, implementation in plan if repetition % 2 == 0 else reversed(plan):
+            print(f"running {implementation} on {workload} ({repetition + 1}/{repeat}) ...", file=sys.stderr, flush=True)
+            runs[workload, implementation].append(measure(implementation, workload))
+    results = {w: {i: combine(i, w, runs[w, i]) for i in COMPARED[w]} for w in workloads}
     print(table(results))
     return {
         "results": {w: {i: asdict(m) for i, m in by.items()} for w, by in results.items()},
@@ -162,9 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller workload and C: under 3 minutes")
     parser.add_argument("--workloads", nargs="+", choices=sorted(COMPARED), help="which workloads to run")
+    parser.add_argument("--repeat", type=int, help="runs of each implementation (default: 2, --quick: 1)")
     args = parser.parse_args(argv)
     workloads = args.workloads or (["quick", "C", "C1k"] if args.quick else ["A", "B", "C", "C1k"])
-    print(json.dumps(run(workloads)))
+    repeat = args.repeat or (1 if args.quick else 2)
+    if repeat < 1:
+        parser.error(f"--repeat {repeat}: must be at least 1")
+    print(json.dumps(run(workloads, repeat)))
 
 
 if __name__ == "__main__":

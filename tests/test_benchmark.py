@@ -33,3 +33,15 @@ def test_cohorts_are_seeded_sorted_and_distinct():
     cohort = workload.cohort(3)
     assert cohort == sorted(set(cohort)) and len(cohort) == workload.clients_per_round
     assert cohort == WORKLOADS["A"].cohort(3) and cohort != workload.cohort(4)
+
+
+def _run(warm, peak_pss, accuracy=0.5, end_to_end=10.0):
+    return speed.Run(end_to_end, 2.0, warm, peak_pss, 2 * peak_pss, accuracy, 100, 1.0)
+
+
+def test_repeats_combine_into_pooled_median_rounds_and_the_highest_peak():
+    row = speed.combine("x", "A", [_run([1.0, 5.0, 6.0], 2**20 * 100, end_to_end=10.0),
+                                   _run([2.0, 3.0], 2**20 * 300, end_to_end=14.0)])
+    assert (row.warm_round_s, row.peak_memory_mb, row.peak_rss_mb, row.end_to_end_s, row.runs) == (3.0, 300.0, 600.0, 12.0, 2)
+    with pytest.raises(RuntimeError, match="repeats disagree"):
+        speed.combine("x", "A", [_run([1.0], 1), _run([1.0], 1, accuracy=0.6)])
