@@ -75,9 +75,6 @@ class ClientWorker:
             data.x_train.shape[1:], data.num_classes, run.model, generator
         ).to(self.device)
         self.method = resolve_method(run.client.method)(run.client)
-        # The model's weights in state_dict order, as tensors sharing its storage: every
-        # client's weights are loaded into and read from these, with no state_dict() walk.
-        self.tensors = list(self.model.state_dict().values())
 
     def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
         """Run ``jobs`` back to back; a failing client becomes an outcome with its traceback."""
@@ -96,11 +93,11 @@ class ClientWorker:
         # Weights from Ray's object store are read-only views; copy_ only reads them.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            for tensor, array in zip(self.tensors, weights, strict=True):
+            for tensor, array in zip(self.model.state_dict().values(), weights, strict=True):
                 tensor.copy_(torch.from_numpy(array))
 
     def _weights(self) -> list[np.ndarray]:
-        return [t.detach().cpu().numpy().copy() for t in self.tensors]
+        return [t.detach().cpu().numpy().copy() for t in self.model.state_dict().values()]
 
     def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
         return None if array is None else torch.from_numpy(array).to(self.device)
