@@ -95,23 +95,25 @@ def tree_memory(process: psutil.Process, proportional: bool) -> int:
 def measure(implementation: str, workload: str) -> Run:
     """Run one implementation on one workload in a fresh process and measure it."""
     command = [sys.executable, *(a.format(workload=workload) for a in IMPLEMENTATIONS[implementation])]
-    output = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty child never blocks on it
-    started, steal_before = time.time(), psutil.cpu_times().steal
-    child = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.DEVNULL, text=True)
-    process, peak_rss, peak_pss = psutil.Process(child.pid), 0, 0
-    for sample in itertools.count():
-        if child.poll() is not None:
-            break
-        peak_rss = max(peak_rss, tree_memory(process, proportional=False))
-        if sample % PSS_EVERY == 0:  # less often: reading it takes CPU from the run
-            peak_pss = max(peak_pss, tree_memory(process, proportional=True))
-        time.sleep(SAMPLE_S)
-    ended, stolen = time.time(), psutil.cpu_times().steal - steal_before
-    output.seek(0)
-    stdout = output.read()
+    # Files, not pipes: a chatty child never blocks on a full pipe.
+    with tempfile.TemporaryFile(mode="w+") as stdout, tempfile.TemporaryFile(mode="w+") as stderr:
+        started, steal_before = time.time(), psutil.cpu_times().steal
+        child = subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr, text=True)
+        process, peak_rss, peak_pss = psutil.Process(child.pid), 0, 0
+        for sample in itertools.count():
+            if child.poll() is not None:
+                break
+            peak_rss = max(peak_rss, tree_memory(process, proportional=False))
+            if sample % PSS_EVERY == 0:  # less often: reading it takes CPU from the run
+                peak_pss = max(peak_pss, tree_memory(process, proportional=True))
+            time.sleep(SAMPLE_S)
+        ended, stolen = time.time(), psutil.cpu_times().steal - steal_before
+        stdout.seek(0)
+        stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
     if child.returncode != 0:
-        raise RuntimeError(f"{implementation} on {workload} exited with {child.returncode}:\n{stdout[-2000:]}")
-    result = parse_report(stdout)
+        raise RuntimeError(f"{implementation} on {workload} exited with {child.returncode}:\n{err[-3000:]}")
+    result = parse_report(out)
     ends = result["round_ends"]
     return Run(
         ended - started, ends[0] - started, [b - a for a, b in zip(ends, ends[1:])], peak_pss, peak_rss,
@@ -122,10 +124,11 @@ def measure(implementation: str, workload: str) -> Run:
 def combine(implementation: str, workload: str, runs: list[Run]) -> Measurement:
     """One row from an implementation's repeats: median times (warm rounds pooled), highest peaks.
 
-    Every repeat is the same seeded work, so accuracy and samples must agree.
+    Every repeat trains the same samples. Accuracy is the median: Flower's
+    simulation aggregates replies in arrival order, so its last bits may differ.
     """
-    if len({(r.accuracy, r.samples) for r in runs}) != 1:
-        raise RuntimeError(f"{implementation} on {workload}: repeats disagree: {runs}")
+    if len({r.samples for r in runs}) != 1:
+        raise RuntimeError(f"{implementation} on {workload}: repeats trained different samples: {runs}")
     warm = [w for r in runs for w in r.warm_rounds_s]
     return Measurement(
         implementation, workload,
@@ -133,7 +136,7 @@ def combine(implementation: str, workload: str, runs: list[Run]) -> Measurement:
         round(statistics.median(r.first_round_s for r in runs), 3),
         round(statistics.median(warm), 4) if warm else float("nan"),
         round(max(r.peak_pss for r in runs) / 2**20, 1), round(max(r.peak_rss for r in runs) / 2**20, 1),
-        round(runs[0].accuracy, 4), runs[0].samples,
+        round(statistics.median(r.accuracy for r in runs), 4), runs[0].samples,
         round(statistics.mean(r.steal_percent for r in runs), 1), len(runs),
     )
 

@@ -43,5 +43,6 @@ def test_repeats_combine_into_pooled_median_rounds_and_the_highest_peak():
     row = speed.combine("x", "A", [_run([1.0, 5.0, 6.0], 2**20 * 100, end_to_end=10.0),
                                    _run([2.0, 3.0], 2**20 * 300, end_to_end=14.0)])
     assert (row.warm_round_s, row.peak_memory_mb, row.peak_rss_mb, row.end_to_end_s, row.runs) == (3.0, 300.0, 600.0, 12.0, 2)
-    with pytest.raises(RuntimeError, match="repeats disagree"):
-        speed.combine("x", "A", [_run([1.0], 1), _run([1.0], 1, accuracy=0.6)])
+    assert speed.combine("x", "A", [_run([1.0], 1, accuracy=a) for a in (0.5, 0.7, 0.6)]).accuracy == 0.6
+    with pytest.raises(RuntimeError, match="different samples"):
+        speed.combine("x", "A", [_run([1.0], 1), speed.Run(1.0, 1.0, [1.0], 1, 1, 0.5, 99, 0.0)])
