@@ -11,6 +11,7 @@ Flower would have stored, made the first time something reads them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from io import BytesIO
 
@@ -24,7 +25,9 @@ class HeldArray(Array):
 
     def __init__(self, ndarray: np.ndarray) -> None:  # noqa: D107 - Array.__init__ would serialize
         # Straight into __dict__: Array.__setattr__ would redo its dirty-state work per field.
-        self.__dict__.update(_ndarray=ndarray, dtype=str(ndarray.dtype), shape=tuple(ndarray.shape), stype=SType.NUMPY)
+        self.__dict__.update(
+            _ndarray=ndarray, dtype=_dtype_name(ndarray.dtype), shape=tuple(ndarray.shape), stype=SType.NUMPY
+        )
 
     @property
     def data(self) -> bytes:  # type: ignore[override]
@@ -46,6 +49,12 @@ class HeldArray(Array):
     def deflate(self) -> bytes:
         """Deflated as the plain ``Array`` it stands for, so Flower can inflate it (same object id)."""
         return Array(dtype=self.dtype, shape=self.shape, stype=self.stype, data=self.data).deflate()
+
+
+@functools.cache
+def _dtype_name(dtype: np.dtype) -> str:
+    """``str(dtype)``, which numpy computes in Python (~6 us, 8 times per reply of a small CNN)."""
+    return str(dtype)
 
 
 def held_array_record(keys: Iterable[str], arrays: Iterable[np.ndarray]) -> ArrayRecord:
