@@ -3,8 +3,8 @@
 ``python benchmarks/speed.py [--quick] [--workloads A B C] [--repeat N]``
 
 Each implementation runs the same workload (``benchmarks/workloads.py``) in a
-process of its own, twice by default (``--quick``: once), in an order that
-cancels drift (:func:`run`). This parent times each process from start to
+process of its own, three times by default (``--quick``: once), in an order
+that spreads drift over all of them (:func:`run`). This parent times each process from start to
 exit and samples the memory of its whole process tree, Ray's workers included
 (RSS every 50 ms, PSS every 0.5 s: :func:`tree_memory`); the child reports when
 each round ended, its final accuracy and how many samples it trained. The
@@ -181,8 +181,10 @@ def run(workloads: list[str], repeat: int = 1) -> dict:
     """Measure every implementation compared on each workload; print the table; return the JSON.
 
     With ``repeat`` > 1 the whole plan runs again, in reverse order every other
-    time (A B C, C B A, ...), so that the host getting faster or slower during the
-    benchmark weighs on every implementation alike.
+    time (A B C, C B A, A B C, ...), so that the host getting faster or slower
+    during the benchmark weighs on every implementation alike. Whole runs differ
+    too (the same C run measured 0.23 s and 0.30 s per round): with three, one
+    slow run cannot decide a row's median.
     """
     plan = [(w, i) for w in workloads for i in COMPARED[w]]
     runs: dict[tuple[str, str], list[Run]] = {step: [] for step in plan}
@@ -203,10 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller workload and C: under 3 minutes")
     parser.add_argument("--workloads", nargs="+", choices=sorted(COMPARED), help="which workloads to run")
-    parser.add_argument("--repeat", type=int, help="runs of each implementation (default: 2, --quick: 1)")
+    parser.add_argument("--repeat", type=int, help="runs of each implementation (default: 3, --quick: 1)")
     args = parser.parse_args(argv)
     workloads = args.workloads or (["quick", "C", "C1k"] if args.quick else ["A", "B", "C", "C1k"])
-    repeat = args.repeat or (1 if args.quick else 2)
+    repeat = args.repeat or (1 if args.quick else 3)
     if repeat < 1:
         parser.error(f"--repeat {repeat}: must be at least 1")
     print(json.dumps(run(workloads, repeat)))
