@@ -4,23 +4,24 @@
 
 Each implementation runs the same workload (``benchmarks/workloads.py``) in a
 process of its own, three times by default (``--quick``: once), in an order
-that spreads drift over all of them (:func:`run`). This parent times each process from start to
-exit and samples the memory of its whole process tree, Ray's workers included
-(RSS every 50 ms, PSS every 0.5 s: :func:`tree_memory`); the child reports when
-each round ended, its final accuracy and how many samples it trained. The
-table and, as the last line, one JSON object with every figure and ratio go
-to stdout. Ratios compare implementations measured in this same invocation,
-never numbers from another machine."""
+that spreads drift over all of them (:func:`run`). This parent times each
+process from start to exit and samples the memory of its whole process tree,
+Ray's workers included (RSS every 50 ms, PSS every 0.5 s: :func:`tree_memory`);
+the child reports when each round ended, its final accuracy and how many
+samples it trained. The table and, as the last line, one JSON object with every
+figure and ratio go to stdout. Ratios compare implementations measured in this
+same invocation, never numbers from another machine.
+"""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
-import itertools
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -173,7 +174,8 @@ def table(results: dict[str, dict[str, Measurement]]) -> str:
     for by_impl in results.values():
         for m in by_impl.values():
             rows.append(f"{m.workload:9}{m.implementation:17}{m.end_to_end_s:13.2f}{m.first_round_s:12.2f}"
-                        f"{m.warm_round_s:13.4f}{m.peak_memory_mb:8.0f}{m.peak_rss_mb:8.0f}{m.accuracy:9.3f}{m.samples:9d}{m.steal_percent:8.1f}")
+                        f"{m.warm_round_s:13.4f}{m.peak_memory_mb:8.0f}{m.peak_rss_mb:8.0f}"
+                        f"{m.accuracy:9.3f}{m.samples:9d}{m.steal_percent:8.1f}")
     return "\n".join(rows)
 
 
@@ -190,7 +192,8 @@ def run(workloads: list[str], repeat: int = 1) -> dict:
     runs: dict[tuple[str, str], list[Run]] = {step: [] for step in plan}
     for repetition in range(repeat):
         for workload, implementation in plan if repetition % 2 == 0 else reversed(plan):
-            print(f"running {implementation} on {workload} ({repetition + 1}/{repeat}) ...", file=sys.stderr, flush=True)
+            print(f"running {implementation} on {workload} ({repetition + 1}/{repeat}) ...",
+                  file=sys.stderr, flush=True)
             runs[workload, implementation].append(measure(implementation, workload))
     results = {w: {i: combine(i, w, runs[w, i]) for i in COMPARED[w]} for w in workloads}
     print(table(results))
