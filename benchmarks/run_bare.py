@@ -41,7 +41,7 @@ def main(name: str) -> None:
             idx = stream.train_indices(server_round, client)
             x, y = torch.from_numpy(stream.x_train[idx]), torch.from_numpy(stream.y_train[idx])
             generator = torch_generator(run.seed, Purpose.CLIENT_TRAIN, server_round, client)
-            result = method.train(model, x, y, TrainContext(server_round, client, {}, generator))
+            result = method.train(model, x, y, TrainContext(server_round, client, {}, generator, run.client.lr))
             with torch.no_grad():
                 for accumulated, tensor in zip(total, state.values()):
                     accumulated.add_(tensor, alpha=result.num_examples)

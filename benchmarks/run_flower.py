@@ -104,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
     x, y = torch.from_numpy(stream.x_train[indices]), torch.from_numpy(stream.y_train[indices])
     generator = torch_generator(run.seed, Purpose.CLIENT_TRAIN, server_round, client)
     result = SGDClient(run.client).train(
-        model, x, y, TrainContext(server_round, client, dict(config), generator)
+        model, x, y, TrainContext(server_round, client, dict(config), generator, run.client.lr)
     )
     metrics = MetricRecord({NUM_EXAMPLES: result.num_examples, TRAIN_LOSS: result.train_loss})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)

@@ -2,19 +2,32 @@
 
 A client method is a small class with the :class:`~clients.base.ClientMethod`
 interface; ``client.method`` names one in ``METHODS`` or gives the dotted path
-of a user's own subclass. A new method is one new file plus one line here.
+of a user's own subclass, and its settings come from ``client.<section>``.
+A new method is one new file plus one line here.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+from typing import Any
 
-from clients.base import ClientMethod, LocalResult, TrainContext
+from clients.base import Batch, ClientMethod, ClientState, LocalResult, PreviousTask, TrainContext
+from clients.ewc import EWCClient
 from clients.fedprox import FedProxClient
+from clients.lwf import LwFClient
+from clients.replay import ReplayClient
 from clients.sgd import SGDClient
-from simulator.config import ConfigError
+from simulator.config import ConfigError, build_section
 
-METHODS: dict[str, type[ClientMethod]] = {"sgd": SGDClient, "fedprox": FedProxClient}
+METHODS: dict[str, type[ClientMethod]] = {
+    "sgd": SGDClient,
+    "fedprox": FedProxClient,
+    "replay": ReplayClient,
+    "ewc": EWCClient,
+    "lwf": LwFClient,
+}
+log = logging.getLogger("fedstream")
 
 
 def resolve_method(name: str) -> type[ClientMethod]:
@@ -36,4 +49,33 @@ def resolve_method(name: str) -> type[ClientMethod]:
     return method
 
 
-__all__ = ["METHODS", "ClientMethod", "LocalResult", "TrainContext", "resolve_method"]
+def method_settings(method_name: str, sections: dict[str, Any], where: str) -> Any:
+    """The settings of ``method_name`` from the ``client.<section>`` sections given.
+
+    Every shipped method's section is checked (a typo in one fails a sweep
+    before any of its jobs runs); a section that belongs to no known method
+    is reported and ignored, since a sweep over several users' methods gives
+    each job the others' sections too.
+    """
+    chosen = resolve_method(method_name)
+    known = {m.section_name(): m for m in (*METHODS.values(), chosen)}
+    settings = {name: _settings(m, sections.get(name, {}), where) for name, m in known.items()}
+    for name in sections.keys() - known.keys():
+        log.warning("%s: client.%s belongs to no known client method (%s); ignored",
+                    where, name, ", ".join(sorted(known)))
+    return settings[chosen.section_name()]
+
+
+def _settings(method: type[ClientMethod], given: Any, where: str) -> Any:
+    path = f"client.{method.section_name()}"
+    settings = build_section(method.Settings, given, path, where)
+    problems = getattr(settings, "problems", lambda: [])()
+    for key, reason in problems:
+        raise ConfigError(f"{where}: {path}.{key} = {getattr(settings, key)!r}: {reason}")
+    return settings
+
+
+__all__ = [
+    "METHODS", "Batch", "ClientMethod", "ClientState", "LocalResult", "PreviousTask", "TrainContext",
+    "method_settings", "resolve_method",
+]

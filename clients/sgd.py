@@ -5,3 +5,5 @@ from clients.base import ClientMethod
 
 class SGDClient(ClientMethod):
     """Minibatch SGD on the client's data, nothing added."""
+
+    section = "sgd"

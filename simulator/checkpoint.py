@@ -1,9 +1,10 @@
 """Checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint holds the global weights, the strategy object itself (adaptive
-optimizers and DP accountants keep state between rounds) and the round. Every
-other random draw is derived from the seed and the round, so nothing more is
-needed for a resumed run to match an uninterrupted one. Writes are atomic: a
+optimizers and DP accountants keep state between rounds), the client states
+(the store's in-memory states and the names of its spill files) and the round.
+Every other random draw is derived from the seed and the round, so nothing
+more is needed for a resumed run to match an uninterrupted one. Writes are atomic: a
 crash while saving leaves the previous checkpoint intact.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from simulator.client_state import StoreSnapshot
 from simulator.config import ConfigError
 
 CHECKPOINT_FILE = "last.pkl"
@@ -30,6 +32,7 @@ class Checkpoint:
     round: int
     arrays: ArrayRecord
     strategy: Strategy
+    client_states: StoreSnapshot
     wall_s: float  # run time so far, so resumed timings continue
     config: dict[str, Any]  # the run config, to refuse resuming a different run
     num_tasks: int  # the stream's tasks: more rounds must not change them (label shift)

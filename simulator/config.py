@@ -107,15 +107,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """Local training on each client."""
+    """Local training on each client; the method's own settings come from ``client.<its section>``."""
 
-    method: str = "sgd"  # sgd | fedprox
-    lr: float = 0.05
+    method: str = "sgd"  # sgd | fedprox | replay | ewc | lwf | pkg.module.Class
+    lr: float = 0.05  # a strategy may send its own per round (ConfigRecord key "lr")
     momentum: float = 0.0
     weight_decay: float = 0.0
     epochs: int = 1
     batch_size: int = 32
-    proximal_mu: float = 0.0  # fedprox client's mu when the strategy sends none
+    # The method's Settings dataclass, built by load_config from client.<section>, not a key itself.
+    settings: Any = field(default=None, metadata={"derived": True})
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class EngineConfig:
     ray_address: str | None = None  # join this cluster instead of starting one
     torch_threads: int = 1  # intra-op threads per actor (and the local backend)
     checkpoint_every: int = 1  # rounds between checkpoints; 0 turns them off
+    client_state_memory_mb: float = 1024.0  # client states past this spill to files in the run directory
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def load_config(cfg: DictConfig) -> RunConfig:
     sections = {}
     for key, schema in _SECTIONS.items():
         given = OmegaConf.to_container(cfg.get(key) or {}, resolve=True)
-        sections[key] = _build(schema, given, key, where)
+        sections[key] = _client(given, where) if key == "client" else build_section(schema, given, key, where)
     strategy = cfg.get("strategy")
     if not isinstance(strategy, DictConfig) or "_target_" not in strategy:
         raise ConfigError(f"{where}: 'strategy' must be a node with a '_target_' class path")
@@ -194,12 +196,24 @@ def load_config(cfg: DictConfig) -> RunConfig:
     return run
 
 
-def _build(schema: type, given: Any, path: str, where: str) -> Any:
+def _client(given: Any, where: str) -> ClientConfig:
+    """The client section: its own keys, plus the chosen method's settings from its sub-section."""
+    from clients import method_settings  # clients build on this module
+
+    if not isinstance(given, dict):
+        raise ConfigError(f"{where}: client = {given!r}: expected a section of keys")
+    method_sections = {k: v for k, v in given.items() if isinstance(v, dict)}
+    own = {k: v for k, v in given.items() if k not in method_sections}
+    client = build_section(ClientConfig, own, "client", where)
+    return dataclasses.replace(client, settings=method_settings(client.method, method_sections, where))
+
+
+def build_section(schema: type, given: Any, path: str, where: str) -> Any:
     """``schema(**given)`` with every key and type checked, nested sections included."""
     if not isinstance(given, dict):
         raise ConfigError(f"{where}: {path} = {given!r}: expected a section of keys")
     hints = typing.get_type_hints(schema)
-    valid = [f.name for f in dataclasses.fields(schema)]
+    valid = [f.name for f in dataclasses.fields(schema) if not f.metadata.get("derived")]
     values = {}
     for key, value in given.items():
         if key not in valid:
@@ -210,7 +224,7 @@ def _build(schema: type, given: Any, path: str, where: str) -> Any:
 
 def _typed(hint: Any, value: Any, path: str, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path, where)
+        return build_section(hint, value, path, where)
     allowed = (hint,) if typing.get_origin(hint) is list else typing.get_args(hint) or (hint,)
     if value is None and type(None) in allowed:
         return None
@@ -272,7 +286,6 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
         ("client.weight_decay", run.client.weight_decay >= 0, "must be >= 0"),
         ("client.epochs", run.client.epochs >= 1, "must be at least 1"),
         ("client.batch_size", run.client.batch_size >= 1, "must be at least 1"),
-        ("client.proximal_mu", run.client.proximal_mu >= 0, "must be >= 0"),
         ("model.hidden", run.model.hidden >= 1, "must be at least 1"),
         ("model.feature_dim", run.model.feature_dim >= 1, "must be at least 1"),
         ("eval.every", run.eval.every >= 1, "must be at least 1"),
@@ -285,6 +298,7 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
         ("engine.num_gpus_per_actor", run.engine.num_gpus_per_actor >= 0, "must be >= 0"),
         ("engine.torch_threads", run.engine.torch_threads >= 1, "must be at least 1"),
         ("engine.checkpoint_every", run.engine.checkpoint_every >= 0, "must be >= 0"),
+        ("engine.client_state_memory_mb", run.engine.client_state_memory_mb >= 0, "must be >= 0"),
     ]
     return [(key, reason) for key, ok, reason in checks if not ok]
 
@@ -313,7 +327,12 @@ def register_with_hydra() -> None:
     ``key=value`` overrides any of them, whether the scenario sets it or not.
     """
     defaults = {key: dataclasses.asdict(schema()) for key, schema in _SECTIONS.items()}
-    ConfigStore.instance().store(name="fedstream_defaults", node=defaults)
+    del defaults["client"]["settings"]  # built from the method's own section, client.<section>
+    node = OmegaConf.create(defaults)
+    # Open: client.<section>.<key>=... sets a method's settings without a "+", a user's
+    # method's too, and a misspelt key reaches load_config's error, which lists the valid ones.
+    OmegaConf.set_struct(node.client, False)
+    ConfigStore.instance().store(name="fedstream_defaults", node=node)
     # ``${fraction:a,b}`` in the strategy files: the share of clients sampled per round.
     OmegaConf.register_new_resolver("fraction", lambda part, whole: part / whole, replace=True)
 

@@ -26,11 +26,12 @@ from clients.fedprox import FedProxClient
 from clients.models import build_model
 from simulator import checkpoint, metrics
 from simulator.backends import make_backend
+from simulator.client_state import ClientStates
 from simulator.config import ConfigError, RunConfig, to_dict
 from simulator.data import load_dataset
 from simulator.evaluation import client_accuracies, seen_accuracy, task_accuracies
 from simulator.grid import SimulationGrid
-from simulator.keys import ACCURACY, PROXIMAL_MU, TRAIN_LOSS
+from simulator.keys import ACCURACY, NUM_EXAMPLES, PROXIMAL_MU, TRAIN_LOSS
 from simulator.plot import plot_forgetting
 from simulator.run_dir import RunDirectory
 from simulator.seeding import Purpose, derive_seed, seeded_global_state, torch_generator
@@ -74,10 +75,10 @@ class Experiment:
             stream.x_train.shape[1:], stream.num_classes, cfg.model,
             torch_generator(cfg.seed, Purpose.MODEL_INIT),
         )
-        arrays, first_round = ArrayRecord(model.state_dict()), 1
+        arrays, first_round, saved_states = ArrayRecord(model.state_dict()), 1, None
         initial = task_accuracies(model, stream, cfg.eval.batch_size)
 
-        # 3. Resume from the last finished round, if asked.
+        # 3. Resume from the last finished round, if asked: weights, strategy, client states.
         if self.resume:
             saved = checkpoint.load(self.run_dir / "checkpoints")
             self._check_same_run(saved.config)
@@ -86,17 +87,18 @@ class Experiment:
                     f"rounds = {rounds}: resuming would change the stream from {saved.num_tasks} to "
                     f"{stream.num_tasks} tasks, so the finished rounds would not be those of this run"
                 )
-            arrays, self.strategy = saved.arrays, saved.strategy
+            arrays, self.strategy, saved_states = saved.arrays, saved.strategy, saved.client_states
             first_round, wall_offset = saved.round + 1, saved.wall_s
         outputs = RunDirectory(self.run_dir, resume_round=first_round - 1)
+        states = ClientStates(
+            self.run_dir / "client_state", int(cfg.engine.client_state_memory_mb * 2**20), saved_states
+        )
         self._warn_unused_proximal_term()
 
         # 4. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface.
-        backend = make_backend(
-            cfg, WorkerData(stream.x_train, stream.y_train, stream.x_test, stream.y_test, stream.num_classes)
-        )
+        backend = make_backend(cfg, WorkerData.of(stream))
         stream.use_arrays(backend.data)  # with Ray, the object store's copy: the driver's own is freed
-        grid = SimulationGrid(backend, stream, cfg.eval.client_test_size, run_id=cfg.seed)
+        grid = SimulationGrid(backend, stream, states, cfg.eval.client_test_size, run_id=cfg.seed)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = cfg.seed, SERVER_NODE_ID, 0
         progress = tqdm(
             range(first_round, rounds + 1), initial=first_round - 1, total=rounds,
@@ -120,19 +122,25 @@ class Experiment:
                 if server_round % cfg.eval.every == 0 or last_of_task:
                     model.load_state_dict(arrays.to_torch_state_dict())
                     record = self._evaluate(model, stream, server_round, train_metrics)
+                    record["client_state_mb"] = round(states.total_bytes / 2**20, 6)
+                    record["client_state_spilled_mb"] = round(states.spilled_bytes / 2**20, 6)
                     record["wall_s"] = round(elapsed(), 3)
                     if cfg.eval.federated:
                         record["federated_acc"] = self._federated_evaluation(server_round, arrays, grid)
                     outputs.log(record)
                     progress.set_postfix(task=task, loss=record["train_loss"], acc=f"{record['acc_seen']:.3f}")
 
-                # 7. Checkpoint, so a crash never loses a finished round.
+                # 7. Checkpoint, so a crash never loses a finished round; then the client
+                #    states' spill files that no checkpoint names can go.
                 every = cfg.engine.checkpoint_every
                 if every and (server_round % every == 0 or server_round == rounds):
                     checkpoint.save(self.run_dir / "checkpoints", checkpoint.Checkpoint(
                         round=server_round, arrays=arrays, strategy=self.strategy,
-                        wall_s=elapsed(), config=to_dict(cfg), num_tasks=stream.num_tasks,
+                        client_states=states.snapshot(), wall_s=elapsed(), config=to_dict(cfg),
+                        num_tasks=stream.num_tasks,
                     ))
+                if not every or server_round % every == 0 or server_round == rounds:
+                    states.collect()
         finally:
             progress.close()
             backend.close()
@@ -162,6 +170,7 @@ class Experiment:
             "acc_seen": seen_accuracy(stream, seen, accuracies),
             "acc_all_tasks": accuracies,
             **metrics.accuracy_spread(spread),
+            **_client_metrics(train_metrics),
         }
 
     def _federated_evaluation(self, server_round: int, arrays: ArrayRecord, grid: SimulationGrid) -> float | None:
@@ -190,6 +199,16 @@ class Experiment:
                 "set client.method=fedprox to apply the proximal term",
                 PROXIMAL_MU, mu, self.run_cfg.client.method,
             )
+
+
+def _client_metrics(record: MetricRecord | None) -> dict[str, float]:
+    """The strategy's aggregate of what the clients' method reported, as ``train/<name>``."""
+    if record is None:
+        return {}
+    return {
+        f"train/{key}": float(value) for key, value in record.items()
+        if key not in (NUM_EXAMPLES, TRAIN_LOSS) and isinstance(value, (int, float))
+    }
 
 
 def _metric(record: MetricRecord | None, key: str) -> float | None:

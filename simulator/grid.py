@@ -1,11 +1,14 @@
 """Flower's ``Grid`` over our backends, so any Flower strategy runs unchanged.
 
 Node ``c`` is client ``c``; the nodes are the clients the stream has present
-this round, and each job carries the samples the stream gives its client. :meth:`SimulationGrid.send_and_receive` turns the
+this round, and each job carries the samples the stream gives its client, its
+live task and its state from the driver's store (with, on its first round of a
+new task, the task it left). :meth:`SimulationGrid.send_and_receive` turns the
 strategy's messages into client jobs, runs them in one backend call (each
-distinct ArrayRecord is converted once, however many messages share it), and
-wraps the outcomes as Flower reply messages in the order the messages came.
-Nothing waits or polls: replies exist as soon as the call returns.
+distinct ArrayRecord is converted once, however many messages share it), keeps
+the states the trained clients return, and wraps the outcomes as Flower reply
+messages in the order the messages came. Nothing waits or polls: replies exist
+as soon as the call returns.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from clients.base import PreviousTask
 from simulator.backends import Backend, ClientFailure
+from simulator.client_state import ClientStates
 from simulator.held_array import held_array_record
 from simulator.streams import Stream
 from simulator.worker import EVALUATE, TRAIN, ClientJob, ClientOutcome
@@ -29,9 +34,12 @@ _KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE}
 class SimulationGrid(Grid):
     """A Grid whose nodes are simulated clients run by a :class:`Backend`."""
 
-    def __init__(self, backend: Backend, stream: Stream, client_test_size: int, run_id: int) -> None:
+    def __init__(
+        self, backend: Backend, stream: Stream, states: ClientStates, client_test_size: int, run_id: int
+    ) -> None:
         self.backend = backend
         self.stream = stream
+        self.states = states
         self.client_test_size = client_test_size
         self._run = Run.create_empty(run_id)
         self._ids = itertools.count()
@@ -89,6 +97,9 @@ class SimulationGrid(Grid):
             message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
             jobs.append(self._job(message, records, present))
         outcomes = self.backend.run(jobs, [record.to_numpy_ndarrays() for record in records])
+        for job, outcome in zip(jobs, outcomes):
+            if outcome.state is not None and outcome.error is None:
+                self.states.put(job.client_id, job.server_round, outcome.state)
         return [
             self._reply(message, outcome, list(records[job.weights_index].keys()))
             for message, job, outcome in zip(messages, jobs, outcomes)
@@ -110,8 +121,11 @@ class SimulationGrid(Grid):
         index = next((i for i, r in enumerate(records) if r is arrays), len(records))
         if index == len(records):
             records.append(arrays)
+        task = self.stream.client_task(self.server_round, client)
+        new_task, previous = False, None
         if kind == TRAIN:
             indices = self.stream.train_indices(self.server_round, client)
+            new_task, previous = self._task_change(client, task)
         else:
             indices = self.stream.client_test_indices(self.server_round, client, self.client_test_size)
         return ClientJob(
@@ -120,9 +134,28 @@ class SimulationGrid(Grid):
             server_round=self.server_round,
             weights_index=index,
             indices=indices,
+            task=task,
             class_mask=self.stream.class_mask(self.server_round, client),
             config=config,
+            state=self.states.get(client),
+            new_task=new_task,
+            previous=previous,
         )
+
+    def _task_change(self, client: int, task: int) -> tuple[bool, PreviousTask | None]:
+        """Whether ``client`` trains on ``task`` for the first time, and the task it left, if any.
+
+        The task it left is that of the last round it trained in, and its data
+        is what it trained on in that round: all of a class-incremental or
+        domain task's share, the last draw of a label-shift period.
+        """
+        last = self.states.last_round(client)
+        if last is None:
+            return True, None
+        left = self.stream.client_task(last, client)
+        if left == task:
+            return False, None
+        return True, PreviousTask(left, self.stream.train_indices(last, client))
 
     def _reply(self, message: Message, outcome: ClientOutcome, keys: list[str]) -> Message:
         if outcome.error is not None:

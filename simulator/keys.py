@@ -12,3 +12,4 @@ NORM_BIT = "norm_bit"  # client-side adaptive DP: was the update within the norm
 TRAIN_LOSS = "train_loss"  # mean local training loss (QFedAvg reads it)
 ACCURACY = "accuracy"
 EVAL_LOSS = "eval_loss"
+LEARNING_RATE = "lr"  # a strategy's per-round client learning rate (Flower's convention)

@@ -19,10 +19,13 @@ import numpy as np
 import torch
 
 from clients import resolve_method
-from clients.base import TrainContext, masked
+from clients.base import Batch, PreviousTask, TrainContext, masked
 from clients.models import build_model
+from simulator.client_state import check_state
 from simulator.config import RunConfig
-from simulator.keys import ACCURACY, CLIPPING_NORM, EVAL_LOSS, NORM_BIT, NUM_EXAMPLES, TRAIN_LOSS
+from simulator.keys import (
+    ACCURACY, CLIPPING_NORM, EVAL_LOSS, LEARNING_RATE, NORM_BIT, NUM_EXAMPLES, TRAIN_LOSS,
+)
 from simulator.seeding import Purpose, torch_generator
 
 TRAIN, EVALUATE = "train", "evaluate"
@@ -37,18 +40,23 @@ class ClientJob:
     server_round: int
     weights_index: int  # into the list of weight sets sent with the call
     indices: np.ndarray  # into x_train (TRAIN) or x_test (EVALUATE): the stream's choice
+    task: int = 0  # the client's live task
     class_mask: np.ndarray | None = None  # labels the logits are restricted to
     config: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)  # the client's state, from the driver's store
+    new_task: bool = False  # TRAIN: the client's first round on ``task``
+    previous: PreviousTask | None = None  # with new_task: the task it left
 
 
 @dataclass(frozen=True)
 class ClientOutcome:
-    """A client's reply: new weights (train), metrics, or the traceback of its failure."""
+    """A client's reply: new weights and state (train), metrics, or the traceback of its failure."""
 
     client_id: int
     arrays: list[np.ndarray] | None
     metrics: dict[str, float]
     error: str | None = None
+    state: dict[str, Any] | None = None  # TRAIN: the state to keep for the client's next round
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,14 @@ class WorkerData:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    task_masks: np.ndarray | None = None  # (tasks, labels): what each task's logits may take, if restricted
+
+    @classmethod
+    def of(cls, stream: Any) -> WorkerData:
+        """The arrays and task masks of ``stream`` (a :class:`~simulator.streams.Stream`)."""
+        masks = [stream.task_mask(t) for t in range(stream.num_tasks)]
+        task_masks = None if masks[0] is None else np.stack(masks)
+        return cls(stream.x_train, stream.y_train, stream.x_test, stream.y_test, stream.num_classes, task_masks)
 
 
 class ClientWorker:
@@ -102,25 +118,39 @@ class ClientWorker:
     def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
         return None if array is None else torch.from_numpy(array).to(self.device)
 
+    def _samples(self, indices: np.ndarray, task: np.ndarray | int) -> Batch:
+        """Training samples by index, masked as their task(s) are (methods fetch replayed data so)."""
+        masks = self.data.task_masks
+        return Batch(
+            self._tensor(self.data.x_train[indices]), self._tensor(self.data.y_train[indices]),
+            None if masks is None else self._tensor(masks[task]),
+        )
+
     def _train(self, job: ClientJob, global_weights: list[np.ndarray]) -> ClientOutcome:
         x = self._tensor(self.data.x_train[job.indices])
         y = self._tensor(self.data.y_train[job.indices])
         context = TrainContext(
             server_round=job.server_round,
             client_id=job.client_id,
+            task=job.task,
             config=job.config,
             generator=torch_generator(
                 self.run_cfg.seed, Purpose.CLIENT_TRAIN, job.server_round, job.client_id
             ),
+            lr=float(job.config.get(LEARNING_RATE, self.run_cfg.client.lr)),
+            state=dict(job.state),
+            samples=self._samples,
+            new_task=job.new_task,
+            previous=job.previous,
             class_mask=self._tensor(job.class_mask),
         )
         result = self.method.train(self.model, x, y, context)
         arrays = self._weights()
-        metrics = {NUM_EXAMPLES: float(result.num_examples), TRAIN_LOSS: result.train_loss}
+        metrics = {**result.metrics, NUM_EXAMPLES: float(result.num_examples), TRAIN_LOSS: result.train_loss}
         if CLIPPING_NORM in job.config:
             within = clip_update(arrays, global_weights, float(job.config[CLIPPING_NORM]))
             metrics[NORM_BIT] = float(within)
-        return ClientOutcome(job.client_id, arrays, metrics)
+        return ClientOutcome(job.client_id, arrays, metrics, state=check_state(context.state))
 
     def _evaluate(self, job: ClientJob) -> ClientOutcome:
         x = self._tensor(self.data.x_test[job.indices])

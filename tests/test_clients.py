@@ -26,9 +26,9 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
 
 
-def _context(config: dict | None = None) -> TrainContext:
+def _context(config: dict | None = None, lr: float = 0.1) -> TrainContext:
     return TrainContext(server_round=1, client_id=0, config=config or {},
-                        generator=torch.Generator().manual_seed(5))
+                        generator=torch.Generator().manual_seed(5), lr=lr)
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:
@@ -37,13 +37,13 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
 
 def test_fedprox_adds_mu_times_the_distance_to_the_global_weights_to_each_gradient():
     model = _model()
-    client = FedProxClient(ClientConfig())
+    client = FedProxClient(ClientConfig(settings=FedProxClient.Settings()))
     client.begin(model, _context({PROXIMAL_MU: 0.5}))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # now w - w_global = 1 everywhere
             p.grad = torch.full_like(p, 2.0)
-    client.adjust_gradients(model)
+    client.adjust_gradients(model, _context())
     for p in model.parameters():
         torch.testing.assert_close(p.grad, torch.full_like(p, 2.0 + 0.5 * 1.0))
 
@@ -55,15 +55,15 @@ def test_fedprox_with_mu_zero_is_exactly_sgd_and_with_mu_stays_closer_to_the_glo
     for name, method, mu in [("sgd", SGDClient, 0.0), ("prox0", FedProxClient, 0.0),
                              ("prox", FedProxClient, 5.0)]:
         model = _model()
-        method(ClientConfig(lr=0.1, epochs=3, batch_size=8)).train(model, x, y, _context({PROXIMAL_MU: mu}))
+        method(ClientConfig(lr=0.1, epochs=3, batch_size=8, settings=method.Settings())).train(model, x, y, _context({PROXIMAL_MU: mu}))
         trained[name] = _flat(model)
     assert torch.equal(trained["sgd"], trained["prox0"])
     assert (trained["prox"] - start).norm() < 0.8 * (trained["sgd"] - start).norm()
 
 
-def test_fedprox_uses_client_proximal_mu_when_the_strategy_sends_none():
+def test_fedprox_uses_client_fedprox_proximal_mu_when_the_strategy_sends_none():
     model = _model()
-    client = FedProxClient(ClientConfig(proximal_mu=0.25))
+    client = FedProxClient(ClientConfig(settings=FedProxClient.Settings(proximal_mu=0.25)))
     client.begin(model, _context())
     assert client.mu == 0.25
 

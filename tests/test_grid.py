@@ -11,6 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients.models import build_model
 from conftest import compose_run
 from simulator.backends import LocalBackend
+from simulator.client_state import ClientStates
 from simulator.data import load_dataset
 from simulator.grid import SimulationGrid
 from simulator.keys import ACCURACY, CLIPPING_NORM, NORM_BIT, NUM_EXAMPLES
@@ -29,16 +30,16 @@ class CountingBackend(LocalBackend):
 
 
 @pytest.fixture(scope="module")
-def grid_and_weights():
+def grid_and_weights(tmp_path_factory):
     run = compose_run(["engine.backend=local"])
     dataset = load_dataset(run.data, run.federation.num_clients, run.seed)
     stream = build_stream(run, dataset)
-    data = WorkerData(stream.x_train, stream.y_train, stream.x_test, stream.y_test, stream.num_classes)
-    backend = CountingBackend(run, data)
+    backend = CountingBackend(run, WorkerData.of(stream))
     backend.calls = []
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
     model = build_model(dataset.input_shape, 10, run.model, torch.Generator().manual_seed(0))
-    grid = SimulationGrid(backend, stream, client_test_size=50, run_id=1)
+    grid = SimulationGrid(backend, stream, ClientStates(tmp_path_factory.mktemp("states"), 0),
+                          client_test_size=50, run_id=1)
     return grid, ArrayRecord(model.state_dict()), stream.parts
 
 

@@ -1,0 +1,154 @@
+"""The driver's store of client states, by client id (DESIGN.md, "Client state").
+
+A client method's memory of a client (a replay buffer, a Fisher diagonal, a
+teacher) belongs to the client, not to the actor or the method object that
+trained it: the store holds it between rounds, a job carries it in, the
+outcome carries it back (as pfl-research's user state and FedJAX's client
+inputs do). With it, per client, the store keeps the last round the client
+trained, from which the engine knows when the client starts a new task.
+
+States live in memory up to a budget; past it, the least recently used spill
+to ``.npz`` files (no pickle) and come back with the same values. A spilled
+state's file is named by its client and round and never rewritten, so a
+checkpoint that names it stays valid until a later checkpoint supersedes it:
+:meth:`ClientStates.collect` deletes the files no checkpoint needs any more.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCALARS = (bool, int, float, str, type(None))
+_SCALARS_KEY = "__scalars__"  # in a spill file: the state's scalars, as JSON bytes
+
+
+class ClientStateError(TypeError):
+    """A client method left a value in its state that the store cannot keep."""
+
+
+def check_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` if every value is a numpy array (not of objects) or a scalar; else a clear error."""
+    for key, value in state.items():
+        if not isinstance(key, str) or key == _SCALARS_KEY:
+            raise ClientStateError(f"client state key {key!r}: keys must be strings other than {_SCALARS_KEY!r}")
+        if isinstance(value, np.ndarray) and value.dtype != object or isinstance(value, SCALARS):
+            continue
+        raise ClientStateError(
+            f"client state[{key!r}] is a {type(value).__name__}; a state holds numpy arrays and "
+            "Python scalars or strings (convert tensors with .cpu().numpy())"
+        )
+    return state
+
+
+def state_bytes(state: dict[str, Any]) -> int:
+    """Bytes a state holds: its arrays' data, 8 per scalar, a string's length."""
+    return sum(v.nbytes if isinstance(v, np.ndarray) else len(v) if isinstance(v, str) else 8 for v in state.values())
+
+
+@dataclass
+class StoreSnapshot:
+    """What a checkpoint keeps of the store: in-memory states, spill file names, last rounds, sizes."""
+
+    in_memory: dict[int, dict[str, Any]] = field(default_factory=dict)
+    spilled: dict[int, str] = field(default_factory=dict)
+    last_round: dict[int, int] = field(default_factory=dict)
+    sizes: dict[int, int] = field(default_factory=dict)  # state_bytes of every state, wherever it is
+
+
+class ClientStates:
+    """Client states by id, in memory up to ``memory_budget`` bytes, spilled to ``spill_dir`` past it."""
+
+    def __init__(self, spill_dir: Path, memory_budget: int, snapshot: StoreSnapshot | None = None) -> None:
+        self.spill_dir = spill_dir
+        self.memory_budget = memory_budget
+        snapshot = snapshot or StoreSnapshot()
+        self._memory: OrderedDict[int, dict[str, Any]] = OrderedDict(snapshot.in_memory)  # least recent first
+        self._spilled = dict(snapshot.spilled)
+        self._last_round = dict(snapshot.last_round)
+        self._bytes = dict(snapshot.sizes)
+        self.total_bytes = sum(self._bytes.values())  # every state's state_bytes, in memory or spilled
+        self.memory_bytes = sum(self._bytes[c] for c in self._memory)
+        for state in self._memory.values():
+            _freeze(state)
+        self.collect()  # files written after the snapshot (a run killed mid-round) are not its
+
+    def get(self, client: int) -> dict[str, Any]:
+        """Client ``client``'s state (empty before it first trains); its arrays are read-only."""
+        if client in self._memory:
+            self._memory.move_to_end(client)
+            return self._memory[client]
+        if client in self._spilled:
+            return _read(self.spill_dir / self._spilled[client])
+        return {}
+
+    def last_round(self, client: int) -> int | None:
+        """The last round ``client`` trained in, or None if it never did."""
+        return self._last_round.get(client)
+
+    def put(self, client: int, server_round: int, state: dict[str, Any]) -> None:
+        """Keep ``state`` as ``client``'s after training in ``server_round``; spill others past the budget."""
+        self._last_round[client] = server_round
+        size = state_bytes(state)
+        self.total_bytes += size - self._bytes.get(client, 0)
+        if client in self._memory:
+            self.memory_bytes -= self._bytes[client]
+        self._spilled.pop(client, None)  # its file stays until collect(): a checkpoint may name it
+        self._bytes[client] = size
+        self.memory_bytes += size
+        self._memory[client] = _freeze(dict(state))
+        self._memory.move_to_end(client)
+        while self._memory and self.memory_bytes > self.memory_budget:
+            self._spill(next(iter(self._memory)))
+
+    def _spill(self, client: int) -> None:
+        state = self._memory.pop(client)
+        self.memory_bytes -= self._bytes[client]
+        name = f"client{client}_round{self._last_round[client]}.npz"
+        path = self.spill_dir / name
+        if not path.exists():  # the same client and round: the same state, written before
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+            arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+            temporary = path.with_suffix(".tmp.npz")
+            np.savez(temporary, **arrays, **{_SCALARS_KEY: np.frombuffer(json.dumps(scalars).encode(), np.uint8)})
+            temporary.replace(path)
+        self._spilled[client] = name
+
+    def snapshot(self) -> StoreSnapshot:
+        """The store as a checkpoint keeps it (spilled states stay in their files)."""
+        return StoreSnapshot(dict(self._memory), dict(self._spilled), dict(self._last_round), dict(self._bytes))
+
+    def collect(self) -> None:
+        """Delete spill files that no state names any more; call once a checkpoint has the store."""
+        if not self.spill_dir.exists():
+            return
+        named = set(self._spilled.values())
+        for path in self.spill_dir.iterdir():
+            if path.name not in named:
+                path.unlink()
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes of the states that live in spill files (as :func:`state_bytes` counts them)."""
+        return self.total_bytes - self.memory_bytes
+
+
+def _freeze(state: dict[str, Any]) -> dict[str, Any]:
+    """Make ``state``'s arrays read-only, as they arrive from Ray's object store: methods replace, never mutate."""
+    for value in state.values():
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False
+    return state
+
+
+def _read(path: Path) -> dict[str, Any]:
+    with np.load(path, allow_pickle=False) as file:
+        state = {k: file[k] for k in file.files if k != _SCALARS_KEY}
+        state.update(json.loads(file[_SCALARS_KEY].tobytes().decode()))
+    return _freeze(state)
