@@ -1,0 +1,155 @@
+"""Replay, EWC and LwF on their own: each hook against a hand-computed expectation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from clients.base import Batch, PreviousTask, TrainContext, flat_parameters
+from clients.ewc import EWCClient
+from clients.lwf import LwFClient
+from clients.models import build_model
+from clients.replay import ReplayClient
+from clients.sgd import SGDClient
+from simulator.config import ClientConfig, ModelConfig
+
+X = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+Y = torch.arange(40) % 10
+TASK_MASKS = torch.tensor([[c < 5 for c in range(10)], [c >= 5 for c in range(10)]])
+
+
+def _samples(indices, task):
+    return Batch(X[indices], Y[indices], TASK_MASKS[task])
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    return build_model((1, 8, 8), 10, ModelConfig(hidden=16, feature_dim=8), torch.Generator().manual_seed(seed))
+
+
+def _context(state=None, previous=None, new_task=False, lr=0.1, round_=2, config=None) -> TrainContext:
+    return TrainContext(server_round=round_, client_id=0, config=config or {},
+                        generator=torch.Generator().manual_seed(5), lr=lr, task=1, state={} if state is None else state,
+                        samples=_samples, new_task=new_task, previous=previous)
+
+
+def _method(cls, epochs=1, **settings):
+    return cls(ClientConfig(lr=0.1, epochs=epochs, batch_size=8, settings=cls.Settings(**settings)))
+
+
+def test_replay_keeps_a_reservoir_of_the_tasks_it_left_and_never_more_than_its_size():
+    replay = _method(ReplayClient, buffer_size=6)
+    state: dict = {}
+    replay.begin_task(_model(), _context(state, PreviousTask(0, np.arange(4)), True))
+    assert state["indices"].tolist() == [0, 1, 2, 3] and state["tasks"].tolist() == [0] * 4
+    assert state["seen"] == 4
+    replay.begin_task(_model(), _context(state, PreviousTask(1, np.arange(10, 30)), True))
+    assert len(state["indices"]) == 6 and state["seen"] == 24
+    assert set(state["indices"].tolist()) <= set(range(4)) | set(range(10, 30))
+    kept = {i: t for i, t in zip(state["indices"].tolist(), state["tasks"].tolist())}
+    assert all(t == (0 if i < 4 else 1) for i, t in kept.items())  # each index keeps its own task
+
+
+def test_reservoir_sampling_keeps_each_sample_with_equal_probability():
+    # Algorithm R: after n samples every one is in a buffer of k with probability k/n.
+    replay = _method(ReplayClient, buffer_size=5)
+    counts = np.zeros(20)
+    for seed in range(400):
+        state: dict = {}
+        context = TrainContext(1, 0, {}, torch.Generator().manual_seed(seed), 0.1, state=state)
+        replay.begin_task(_model(), TrainContext(**{**context.__dict__, "previous": PreviousTask(0, np.arange(20)),
+                                                    "new_task": True}))
+        counts[state["indices"]] += 1
+    assert np.all(np.abs(counts / 400 - 0.25) < 0.08), counts / 400
+
+
+def test_replay_joins_each_batch_with_as_many_samples_from_memory_masked_by_their_task():
+    replay = _method(ReplayClient, buffer_size=10)
+    state = {"indices": np.array([0, 1, 2, 3]), "tasks": np.array([0, 0, 0, 0]), "seen": 4}
+    batch = Batch(X[10:18], Y[10:18], TASK_MASKS[1])
+    joined = replay.prepare_batch(batch, _context(state))
+    assert len(joined.y) == 16 and torch.equal(joined.x[:8], batch.x)
+    assert set(joined.y[8:].tolist()) <= {0, 1, 2, 3}
+    assert torch.equal(joined.mask[:8], TASK_MASKS[1].expand(8, -1))
+    assert torch.equal(joined.mask[8:], TASK_MASKS[0].expand(8, -1))
+    assert replay.prepare_batch(batch, _context({})) is batch  # nothing remembered yet
+
+
+def test_ewc_fisher_is_the_mean_squared_per_sample_gradient_and_the_anchor_the_weights_held():
+    model, ewc = _model(), _method(EWCClient, fisher_samples=100)
+    state: dict = {}
+    ewc.begin_task(model, _context(state, PreviousTask(0, np.arange(6)), True))
+    expected = torch.zeros_like(torch.from_numpy(state["fisher"]))
+    for i in range(6):
+        model.zero_grad()
+        logits = model(X[i : i + 1]).masked_fill(~TASK_MASKS[0], float("-inf"))
+        F.cross_entropy(logits, Y[i : i + 1]).backward()
+        expected += torch.cat([p.grad.flatten() for p in model.parameters()]) ** 2
+    torch.testing.assert_close(torch.from_numpy(state["fisher"]), expected / 6)
+    assert np.array_equal(state["anchor"], flat_parameters(model))
+    ewc_decayed = _method(EWCClient, fisher_samples=100, gamma=0.5)
+    ewc_decayed.begin_task(model, _context(state, PreviousTask(0, np.arange(6)), True))
+    torch.testing.assert_close(torch.from_numpy(state["fisher"]), 1.5 * expected / 6)
+
+
+def test_ewc_gradient_adds_the_penalty_and_takes_it_implicitly():
+    model, ewc = _model(), _method(EWCClient, strength=10.0)
+    n = sum(p.numel() for p in model.parameters())
+    state = {"fisher": np.full(n, 2.0, np.float32), "anchor": flat_parameters(model) - 1.0}
+    context = _context(state, lr=0.1)
+    ewc.begin(model, context)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    ewc.adjust_gradients(model, context)
+    # (g + strength * F * (w - anchor)) / (1 + lr * strength * F) = (3 + 10 * 2 * 1) / (1 + 0.1 * 10 * 2)
+    for p in model.parameters():
+        torch.testing.assert_close(p.grad, torch.full_like(p, 23.0 / 3.0))
+    assert ewc.end(model, context) == pytest.approx({"ewc_penalty": 0.5 * 10.0 * 2.0 * n}, rel=1e-5)
+
+
+def test_ewc_holds_weights_that_mattered_closer_to_its_anchor_than_sgd():
+    start = _model()
+    state: dict = {}
+    _method(EWCClient, strength=1000.0).begin_task(start, _context(state, PreviousTask(0, np.arange(20)), True))
+    moved = {}
+    for name, cls in [("sgd", SGDClient), ("ewc", EWCClient)]:
+        model = _model()
+        _method(cls, epochs=3).train(model, X[20:], Y[20:], _context(dict(state)))
+        moved[name] = float((torch.from_numpy(state["fisher"]) * (torch.from_numpy(flat_parameters(model))
+                                                                  - torch.from_numpy(state["anchor"])) ** 2).sum())
+    assert moved["ewc"] < 0.2 * moved["sgd"], moved
+
+
+def test_lwf_takes_the_weights_held_at_the_boundary_as_teacher_and_distills_old_classes():
+    model, lwf = _model(), _method(LwFClient)
+    state: dict = {}
+    lwf.begin_task(model, _context(state, PreviousTask(0, np.arange(5)), True))  # labels 0..4
+    assert np.array_equal(state["teacher"], flat_parameters(model))
+    assert np.flatnonzero(state["old_classes"]).tolist() == [0, 1, 2, 3, 4]
+    context = _context(state)
+    lwf.begin(model, context)
+    batch = Batch(X[5:10], Y[5:10])
+    # The student is the teacher: nothing to distill yet, the loss is the cross-entropy.
+    torch.testing.assert_close(lwf.loss(model, batch, context), F.cross_entropy(model(batch.x), batch.y))
+    with torch.no_grad():
+        model.head.bias[0] += 3.0  # the student now favours old class 0 more than its teacher
+    assert lwf.loss(model, batch, context) > F.cross_entropy(model(batch.x), batch.y) + 1e-3
+
+
+def test_methods_report_their_own_metrics():
+    model = _model()
+    state = {"indices": np.array([0, 1]), "tasks": np.array([0, 0]), "seen": 2}
+    result = _method(ReplayClient).train(model, X[20:28], Y[20:28], _context(state))
+    assert result.metrics == {"replay_memory": 2.0}
+    assert _method(SGDClient).train(model, X[20:28], Y[20:28], _context({})).metrics == {}
+
+
+def test_the_learning_rate_in_the_context_sets_the_step():
+    moved = {}
+    for lr in (0.0, 0.1, 0.2):
+        model = _model()
+        _method(SGDClient).train(model, X[:8], Y[:8], _context(lr=lr))  # one batch: one step
+        moved[lr] = flat_parameters(model) - flat_parameters(_model())
+    assert not moved[0.0].any()
+    np.testing.assert_allclose(moved[0.2], 2 * moved[0.1], rtol=1e-4, atol=1e-7)

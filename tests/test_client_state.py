@@ -1,0 +1,75 @@
+"""The driver's client-state store: by client id, spilled past a budget with the same values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from simulator.client_state import ClientStateError, ClientStates, check_state, state_bytes
+
+
+def _state(client: int) -> dict:
+    return {"fisher": np.full(100, client, np.float32), "seen": client * 3, "decay": 0.1 * client,
+            "name": f"c{client}", "done": client % 2 == 0, "none": None}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        np.array_equal(a[k], b[k]) and np.asarray(a[k]).dtype == np.asarray(b[k]).dtype
+        if isinstance(a[k], np.ndarray) else (a[k] == b[k] and type(a[k]) is type(b[k])) for k in a
+    )
+
+
+def test_states_spill_past_the_budget_and_come_back_with_the_same_values_and_types(tmp_path):
+    size = state_bytes(_state(0))
+    assert size == 100 * 4 + 8 + 8 + 2 + 8 + 8
+    store = ClientStates(tmp_path, memory_budget=2 * size)
+    for client in range(5):
+        store.put(client, server_round=1, state=_state(client))
+    assert store.memory_bytes == 2 * size and store.total_bytes == 5 * size
+    assert store.spilled_bytes == 3 * size
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"client{c}_round1.npz" for c in range(3)]
+    for client in range(5):
+        assert _same(store.get(client), _state(client)), client
+        assert store.last_round(client) == 1
+    assert store.get(7) == {} and store.last_round(7) is None
+
+
+def test_state_arrays_are_read_only_as_they_arrive_from_rays_object_store(tmp_path):
+    store = ClientStates(tmp_path, memory_budget=0)  # every state spills
+    store.put(3, 2, {"a": np.zeros(4)})
+    with pytest.raises(ValueError, match="read-only"):
+        store.get(3)["a"][0] = 1.0
+    in_memory = ClientStates(tmp_path / "m", memory_budget=10**6)
+    in_memory.put(3, 2, {"a": np.zeros(4)})
+    with pytest.raises(ValueError, match="read-only"):
+        in_memory.get(3)["a"][0] = 1.0
+
+
+def test_a_snapshot_restores_the_store_and_collect_deletes_only_unnamed_spill_files(tmp_path):
+    store = ClientStates(tmp_path, memory_budget=state_bytes(_state(0)))
+    for client in range(3):
+        store.put(client, 1, _state(client))
+    snapshot = store.snapshot()  # as a checkpoint after round 1 keeps it
+    store.put(0, 2, _state(10))  # round 2 replaces client 0 and spills others: a run killed now ...
+    store.put(1, 2, _state(11))
+    files_after_round_2 = {p.name for p in tmp_path.iterdir()}
+    assert "client0_round2.npz" in files_after_round_2 and "client0_round1.npz" in files_after_round_2
+
+    resumed = ClientStates(tmp_path, memory_budget=state_bytes(_state(0)), snapshot=snapshot)
+    for client in range(3):  # ... resumes with round 1's states, whatever round 2 wrote
+        assert _same(resumed.get(client), _state(client))
+        assert resumed.last_round(client) == 1
+    assert {p.name for p in tmp_path.iterdir()} == set(snapshot.spilled.values())
+    assert resumed.total_bytes == 3 * state_bytes(_state(0))
+
+
+def test_a_state_is_checked_for_values_the_store_can_keep():
+    assert check_state({"a": np.zeros(2), "n": 1, "s": "x"})
+    with pytest.raises(ClientStateError, match=r"client state\['fisher'\] is a Tensor.*\.cpu\(\)\.numpy\(\)"):
+        check_state({"fisher": torch.zeros(2)})
+    with pytest.raises(ClientStateError, match="'objects'"):
+        check_state({"objects": np.array([object()])})
+    with pytest.raises(ClientStateError, match="keys must be strings"):
+        check_state({3: 1})

@@ -1,0 +1,165 @@
+"""Stateful client methods in whole runs: any actor, any backend, spilled, killed and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from conftest import ROOT, compose_run, read_metrics, run_experiment
+from simulator import checkpoint
+from simulator.config import ConfigError
+from simulator.data import load_dataset
+from simulator.streams import build_stream
+
+USER_CODE = ROOT / "tests" / "user_code"
+# Class-incremental digits in 10 rounds: a boundary every 2 rounds, 10 of 20 clients a round,
+# so clients come back after missed rounds, some after a whole missed task.
+SHORT_TASKS = ["scenario=digits_class_incremental", "stream.rounds_per_task=2", "client.epochs=1"]
+STATEFUL = ["replay", "ewc", "lwf"]
+
+
+def _without_wall_time(run_dir: Path) -> tuple[list[dict], dict]:
+    records = [{k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(run_dir)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.pop("wall_time_s")
+    return records, summary
+
+
+@pytest.fixture(scope="module")
+def ray_with_three_cpus():
+    """One Ray for the module's runs (each run still starts its own actors)."""
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as the Ray backend sets it
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("method", STATEFUL)
+def test_a_stateful_method_gives_the_same_numbers_in_process_and_on_1_2_and_3_actors(
+    tmp_path, ray_with_three_cpus, method
+):
+    common = [*SHORT_TASKS, f"client.method={method}"]
+    run_experiment(tmp_path / "local", [*common, "engine.backend=local"])
+    expected = _without_wall_time(tmp_path / "local")
+    assert expected[0][-1]["client_state_mb"] > 0
+    for actors in (1, 2, 3):
+        run_experiment(tmp_path / f"ray{actors}", [*common, "engine.backend=ray", f"engine.num_actors={actors}"])
+        assert _without_wall_time(tmp_path / f"ray{actors}") == expected, f"{method} on {actors} actors"
+
+
+@pytest.mark.parametrize("method", STATEFUL)
+def test_spilling_every_client_state_to_files_gives_the_same_numbers(tmp_path, method):
+    common = [*SHORT_TASKS, "engine.backend=local", f"client.method={method}"]
+    run_experiment(tmp_path / "memory", common)
+    run_experiment(tmp_path / "spilled", [*common, "engine.client_state_memory_mb=0"])
+    kept, spilled = _without_wall_time(tmp_path / "memory"), _without_wall_time(tmp_path / "spilled")
+    assert all(r["client_state_spilled_mb"] == 0 for r in kept[0])
+    assert spilled[0][-1]["client_state_spilled_mb"] == spilled[0][-1]["client_state_mb"] > 0
+    strip = lambda records: [{k: v for k, v in r.items() if k != "client_state_spilled_mb"} for r in records]  # noqa: E731
+    assert strip(spilled[0]) == strip(kept[0]) and spilled[1] == kept[1]
+    files = list((tmp_path / "spilled" / "client_state").glob("*.npz"))
+    assert len(files) == 20  # one per client: superseded versions are deleted once checkpointed
+    assert not (tmp_path / "memory" / "client_state").exists()
+
+
+def _run_py(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "run.py", f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_uninterrupted_numbers(tmp_path):
+    # EWC: two model-sized arrays per client; a small budget makes some of them spill, so the
+    # kill may also land between a spill file's write and the checkpoint that names it.
+    overrides = ["scenario=digits_class_incremental", "stream.rounds_per_task=6", "client.epochs=1",
+                 "client.method=ewc", "engine.backend=local", "engine.client_state_memory_mb=1"]
+    whole = _run_py(tmp_path / "whole", overrides)
+    assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()[-2000:]
+
+    killed, metrics = _run_py(tmp_path / "killed", overrides), tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 9):  # round 9: mid task 1
+        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+        time.sleep(0.01)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    done = len(metrics.read_text().splitlines())
+    assert not (tmp_path / "killed" / "summary.json").exists() and done < 30, done
+    assert checkpoint.load(tmp_path / "killed" / "checkpoints").client_states.last_round  # states were saved
+
+    resumed = _run_py(tmp_path / "killed", [*overrides, "resume=true"])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    assert _without_wall_time(tmp_path / "killed") == _without_wall_time(tmp_path / "whole")
+
+
+def test_a_clients_own_task_schedule_drives_begin_task_with_the_task_and_data_it_left(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(USER_CODE))
+    overrides = ["scenario=digits_async_tasks", "stream.min_rounds_per_task=1", "stream.max_rounds_per_task=3",
+                 "rounds=12", "client.epochs=1", "engine.backend=local",
+                 "client.method=task_recorder.RecordsTasks", "client.recorder.label=async"]
+    run_experiment(tmp_path, overrides)
+    stream = build_stream(run := compose_run(overrides), load_dataset(run.data, 20, run.seed))
+    states = checkpoint.load(tmp_path / "checkpoints").client_states.in_memory
+    assert len(states) >= 15
+    changes_seen = 0
+    for client, state in states.items():
+        rounds, tasks = state["rounds"].tolist(), state["tasks"].tolist()
+        assert tasks == [stream.client_task(r, client) for r in rounds]
+        expected = [(rounds[0], -1)] + [
+            (r, t_left) for r, t, r_left, t_left in zip(rounds[1:], tasks[1:], rounds, tasks) if t != t_left
+        ]
+        assert state["changes"].reshape(-1, 2).tolist() == [list(c) for c in expected], client
+        for (r, _), r_left in zip(expected[1:], [rounds[rounds.index(r) - 1] for r, _ in expected[1:]]):
+            assert np.array_equal(state[f"left_at_{r}"], stream.train_indices(r_left, client))
+            changes_seen += 1
+        assert state["label"] == "async"
+    assert changes_seen >= 10
+    assert read_metrics(tmp_path)[-1]["train/recorded_rounds"] > 1  # the method's own metric, aggregated
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("client.replay.bufer_size=5", r"client\.replay\.bufer_size: unknown key; valid keys: buffer_size, batch_size"),
+    ("client.ewc.strength=strong", r"client\.ewc\.strength = 'strong': expected float"),
+    ("client.replay.buffer_size=0", r"client\.replay\.buffer_size = 0: must be at least 1"),
+    ("client.lwf.temperature=0", r"client\.lwf\.temperature = 0\.0: must be > 0"),
+    ("client.fedprox.proximal_mu=-1", r"client\.fedprox\.proximal_mu = -1\.0: must be >= 0"),
+    ("client.recorder.repeat=0", r"client\.recorder\.repeat = 0: must be at least 1"),
+    ("client.recorder.lable=x", r"client\.recorder\.lable: unknown key; valid keys: label, repeat"),
+    ("client.lr_typo=0.1", r"client\.lr_typo: unknown key; valid keys: method, lr"),
+])
+def test_a_methods_settings_are_checked_with_the_key_before_any_work(monkeypatch, override, message):
+    monkeypatch.syspath_prepend(str(USER_CODE))
+    with pytest.raises(ConfigError, match=message):
+        compose_run(["client.method=task_recorder.RecordsTasks", override])
+
+
+def test_settings_reach_the_method_and_proximal_mu_lives_under_fedprox():
+    run = compose_run(["client.method=replay", "client.replay.buffer_size=50"])
+    assert run.client.settings.buffer_size == 50 and run.client.settings.batch_size is None
+    assert compose_run(["client.method=fedprox", "client.fedprox.proximal_mu=0.3"]).client.settings.proximal_mu == 0.3
+    with pytest.raises(ConfigError, match="client.proximal_mu: unknown key"):
+        compose_run(["+client.proximal_mu=0.3"])
+
+
+def test_a_learning_rate_the_strategy_sends_overrides_client_lr_for_the_round(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(USER_CODE))
+    common = ["rounds=2", "engine.backend=local", "client.lr=0.05"]
+    sending = ["strategy._target_=lr_strategy.SendsLearningRate"]
+    plain = run_experiment(tmp_path / "plain", common)
+    same = run_experiment(tmp_path / "same", [*common, *sending, "+strategy.client_lr=0.05"])
+    frozen = run_experiment(tmp_path / "frozen", [*common, *sending, "+strategy.client_lr=0.0"])
+    faster = run_experiment(tmp_path / "faster", [*common, *sending, "+strategy.client_lr=0.2"])
+    numbers = lambda s: {k: v for k, v in s.items() if k != "wall_time_s"}  # noqa: E731
+    assert numbers(same) == numbers(plain)
+    assert frozen["final_accuracy"] == frozen["initial_acc_per_task"][0]  # lr 0: the initial model
+    assert faster["final_accuracy"] != plain["final_accuracy"]
