@@ -1,25 +1,72 @@
 """The floor: one process, one model reused, no framework: ``python benchmarks/run_bare.py WORKLOAD``.
 
-The same data, partition, cohorts, initial weights and local SGD as the other
-implementations, with FedAvg written as a running weighted sum. One torch
-thread, like one client actor with one CPU.
+The same data, partition, cohorts, initial weights and client method as the
+other implementations, with FedAvg written as a running weighted sum. Client
+states live in plain dicts by client id and go through the task lifecycle the
+engine applies (:class:`ClientMemory`). One torch thread, like one client
+actor with one CPU.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.workloads import WORKLOADS, RoundClock, report, shared_data  # noqa: E402
-from clients.base import TrainContext  # noqa: E402
+from clients import resolve_method  # noqa: E402
+from clients.base import Batch, ClientState, TrainContext  # noqa: E402
 from clients.models import build_model  # noqa: E402
-from clients.sgd import SGDClient  # noqa: E402
+from simulator.config import RunConfig  # noqa: E402
 from simulator.seeding import Purpose, torch_generator  # noqa: E402
-from simulator.worker import evaluate  # noqa: E402
+from simulator.streams import Stream  # noqa: E402
+from simulator.task_change import task_change  # noqa: E402
+from simulator.worker import WorkerData, evaluate  # noqa: E402
+
+
+def as_tensor(array: np.ndarray | None) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(array)
+
+
+@dataclass
+class ClientMemory:
+    """What the engine keeps per client, in plain dicts: its state and the last round it trained in."""
+
+    run: RunConfig
+    stream: Stream
+    states: dict[int, ClientState] = field(default_factory=dict)
+    last_round: dict[int, int] = field(default_factory=dict)
+    task_masks: np.ndarray | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.task_masks = WorkerData.of(self.stream).task_masks
+
+    def samples(self, indices: np.ndarray, task: np.ndarray | int) -> Batch:
+        """Stored training samples by index, masked as their task(s) are: ``ClientWorker._samples``."""
+        masks = self.task_masks
+        return Batch(as_tensor(self.stream.x_train[indices]), as_tensor(self.stream.y_train[indices]),
+                     None if masks is None else as_tensor(masks[task]))
+
+    def context(self, server_round: int, client: int) -> TrainContext:
+        """The context the engine's worker would build for ``client`` in ``server_round``."""
+        task = self.stream.client_task(server_round, client)
+        new_task, previous = task_change(self.stream, client, task, self.last_round.get(client))
+        return TrainContext(
+            server_round, client, {}, torch_generator(self.run.seed, Purpose.CLIENT_TRAIN, server_round, client),
+            self.run.client.lr, task=task, state=dict(self.states.get(client, {})), samples=self.samples,
+            new_task=new_task, previous=previous,
+            class_mask=as_tensor(self.stream.class_mask(server_round, client)),
+        )
+
+    def keep(self, context: TrainContext) -> None:
+        """Store the state the client left in ``context`` after training."""
+        self.states[context.client_id] = context.state
+        self.last_round[context.client_id] = context.server_round
 
 
 def main(name: str) -> None:
@@ -30,7 +77,8 @@ def main(name: str) -> None:
                         torch_generator(run.seed, Purpose.MODEL_INIT))
     state = model.state_dict()
     global_weights = [t.clone() for t in state.values()]
-    method, clock, samples = SGDClient(run.client), RoundClock(), 0
+    method, clock, samples = resolve_method(run.client.method)(run.client), RoundClock(), 0
+    memory = ClientMemory(run, stream)
     for server_round in range(1, workload.rounds + 1):
         total = [torch.zeros_like(t) for t in global_weights]
         examples = 0
@@ -40,8 +88,9 @@ def main(name: str) -> None:
                     tensor.copy_(weights)
             idx = stream.train_indices(server_round, client)
             x, y = torch.from_numpy(stream.x_train[idx]), torch.from_numpy(stream.y_train[idx])
-            generator = torch_generator(run.seed, Purpose.CLIENT_TRAIN, server_round, client)
-            result = method.train(model, x, y, TrainContext(server_round, client, {}, generator, run.client.lr))
+            context = memory.context(server_round, client)
+            result = method.train(model, x, y, context)
+            memory.keep(context)
             with torch.no_grad():
                 for accumulated, tensor in zip(total, state.values()):
                     accumulated.add_(tensor, alpha=result.num_examples)

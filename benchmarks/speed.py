@@ -40,8 +40,13 @@ IMPLEMENTATIONS = {
 }
 SAMPLE_S = 0.05  # memory sampling period
 PSS_EVERY = 10  # PSS on every 10th sample
+# Stateful methods: Flower's baseline trains plain SGD and keeps no client state, so it is left out.
+STATEFUL = ["fedstream_ray", "fedstream_local", "bare_loop"]
 COMPARED = {"A": list(IMPLEMENTATIONS), "B": list(IMPLEMENTATIONS), "quick": list(IMPLEMENTATIONS),
-            "tiny": list(IMPLEMENTATIONS), "C": ["fedstream_ray"], "C1k": ["fedstream_ray"]}
+            "tiny": list(IMPLEMENTATIONS), "C": ["fedstream_ray"], "C1k": ["fedstream_ray"],
+            "A_ewc": STATEFUL, "tiny_ewc": STATEFUL}
+FULL = ["A", "B", "A_ewc", "C", "C1k"]
+QUICK = ["quick", "A_ewc", "C", "C1k"]  # A_ewc whole: a run is mostly start-up, its ten rounds ~3 s
 
 
 @dataclass(frozen=True)
@@ -206,11 +211,11 @@ def run(workloads: list[str], repeat: int = 1) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smaller workload and C: under 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="a smaller workload, A_ewc and C, once each")
     parser.add_argument("--workloads", nargs="+", choices=sorted(COMPARED), help="which workloads to run")
     parser.add_argument("--repeat", type=int, help="runs of each implementation (default: 3, --quick: 1)")
     args = parser.parse_args(argv)
-    workloads = args.workloads or (["quick", "C", "C1k"] if args.quick else ["A", "B", "C", "C1k"])
+    workloads = args.workloads or (QUICK if args.quick else FULL)
     repeat = args.repeat or (1 if args.quick else 3)
     if repeat < 1:
         parser.error(f"--repeat {repeat}: must be at least 1")

@@ -2,15 +2,16 @@
 
 All implementations train the same clients on the same data: FedStream's own
 loader and Dirichlet(0.5) partition, the same seeded cohort each round, the
-same model, local SGD and hyperparameters. Each runs in its own process and
-reports, as its last stdout line, one JSON object (:func:`report`).
+same model, client method (local SGD; EWC on the ``_ewc`` workloads) and
+hyperparameters. Each runs in its own process and reports, as its last stdout
+line, one JSON object (:func:`report`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from simulator.seeding import Purpose, rng
@@ -32,6 +33,8 @@ class Workload:
     batch_size: int = 32
     lr: float = 0.05
     seed: int = 0
+    method: str = "sgd"  # client.method
+    extra: tuple[str, ...] = ()  # further config overrides (the stream)
 
     def overrides(self) -> list[str]:
         """FedStream config overrides (run.py / tests.conftest.compose_config) for this workload."""
@@ -41,10 +44,11 @@ class Workload:
             f"federation.num_clients={self.num_clients}",
             f"federation.clients_per_round={self.clients_per_round}",
             f"model.name={self.model}",
-            "client.method=sgd", f"client.lr={self.lr}", "client.momentum=0.0",
+            f"client.method={self.method}", f"client.lr={self.lr}", "client.momentum=0.0",
             f"client.epochs={self.epochs}", f"client.batch_size={self.batch_size}",
             f"rounds={self.rounds}", f"seed={self.seed}",
             f"eval.every={self.rounds}", "eval.max_clients=10", "engine.checkpoint_every=0",
+            *self.extra,
         ]
 
     def cohort(self, server_round: int) -> list[int]:
@@ -53,13 +57,31 @@ class Workload:
         return sorted(draw.choice(self.num_clients, self.clients_per_round, replace=False).tolist())
 
 
+def with_ewc(base: Workload, name: str, rounds_per_task: int) -> Workload:
+    """``base`` with online EWC clients on a class-incremental stream: 5 tasks of 2 classes.
+
+    On a static stream a client never reaches a task boundary, so EWC would
+    train exactly as SGD does. Here a client that trains again on a later task
+    first estimates the Fisher of the task it left, and from then on its job
+    carries its state (Fisher and anchor: two model-sized float32 vectors).
+    """
+    tasks = 5  # the 10 digit classes, 2 per task
+    stream = ("stream.kind=class_incremental", "stream.classes_per_task=2",
+              f"stream.rounds_per_task={rounds_per_task}")
+    return replace(base, name=name, rounds=tasks * rounds_per_task, method="ewc", extra=stream)
+
+
+A = Workload("A", "mnist5k", 100, 10, 10, "cnn")
+TINY = Workload("tiny", "digits", 20, 5, 3, "mlp")
 WORKLOADS = {
-    "A": Workload("A", "mnist5k", 100, 10, 10, "cnn"),
+    "A": A,
     "B": Workload("B", "mnist5k", 500, 50, 5, "cnn"),
     "C": Workload("C", "synthetic", 10_000, 100, 5, "mlp"),
     "C1k": Workload("C1k", "synthetic", 1_000, 100, 5, "mlp"),
     "quick": Workload("quick", "mnist5k", 100, 10, 4, "cnn"),
-    "tiny": Workload("tiny", "digits", 20, 5, 3, "mlp"),
+    "tiny": TINY,
+    "A_ewc": with_ewc(A, "A_ewc", rounds_per_task=2),
+    "tiny_ewc": with_ewc(TINY, "tiny_ewc", rounds_per_task=1),
 }
 
 

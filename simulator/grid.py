@@ -21,11 +21,11 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from clients.base import PreviousTask
 from simulator.backends import Backend, ClientFailure
 from simulator.client_state import ClientStates
 from simulator.held_array import held_array_record
 from simulator.streams import Stream
+from simulator.task_change import task_change
 from simulator.worker import EVALUATE, TRAIN, ClientJob, ClientOutcome
 
 _KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE}
@@ -125,7 +125,7 @@ class SimulationGrid(Grid):
         new_task, previous = False, None
         if kind == TRAIN:
             indices = self.stream.train_indices(self.server_round, client)
-            new_task, previous = self._task_change(client, task)
+            new_task, previous = task_change(self.stream, client, task, self.states.last_round(client))
         else:
             indices = self.stream.client_test_indices(self.server_round, client, self.client_test_size)
         return ClientJob(
@@ -141,21 +141,6 @@ class SimulationGrid(Grid):
             new_task=new_task,
             previous=previous,
         )
-
-    def _task_change(self, client: int, task: int) -> tuple[bool, PreviousTask | None]:
-        """Whether ``client`` trains on ``task`` for the first time, and the task it left, if any.
-
-        The task it left is that of the last round it trained in, and its data
-        is what it trained on in that round: all of a class-incremental or
-        domain task's share, the last draw of a label-shift period.
-        """
-        last = self.states.last_round(client)
-        if last is None:
-            return True, None
-        left = self.stream.client_task(last, client)
-        if left == task:
-            return False, None
-        return True, PreviousTask(left, self.stream.train_indices(last, client))
 
     def _reply(self, message: Message, outcome: ClientOutcome, keys: list[str]) -> Message:
         if outcome.error is not None:

@@ -6,26 +6,47 @@ import pytest
 
 from benchmarks import speed
 from benchmarks.workloads import WORKLOADS, samples_of, shared_data
+from simulator.task_change import task_change
 
 pytestmark = pytest.mark.ray
 
 
-def test_all_four_implementations_train_the_same_samples_to_a_sane_accuracy():
-    result = speed.run(["tiny"])
-    measured = result["results"]["tiny"]
-    assert set(measured) == set(speed.IMPLEMENTATIONS)
-    _, stream = shared_data(WORKLOADS["tiny"])
-    expected = samples_of(stream, WORKLOADS["tiny"])
-    assert {name: m["samples"] for name, m in measured.items()} == dict.fromkeys(measured, expected)
-    assert result["same_samples"] == {"tiny": True}
-    for name, m in measured.items():
-        assert 0.1 <= m["accuracy"] <= 1.0, name
-        assert 0 < m["first_round_s"] <= m["end_to_end_s"], name
-        assert m["warm_round_s"] > 0 and m["peak_memory_mb"] > 50, name
-    # The same seeded cohorts and local SGD: the framework-free floor and FedStream agree exactly.
+def _measured(name: str) -> dict:
+    """``speed.run`` on workload ``name``, checked: the same samples, a sane accuracy, the floor exact."""
+    result = speed.run([name])
+    measured = result["results"][name]
+    assert set(measured) == set(speed.COMPARED[name])
+    _, stream = shared_data(WORKLOADS[name])
+    expected = samples_of(stream, WORKLOADS[name])
+    assert {impl: m["samples"] for impl, m in measured.items()} == dict.fromkeys(measured, expected)
+    assert result["same_samples"] == {name: True}
+    for impl, m in measured.items():
+        assert 0.1 <= m["accuracy"] <= 1.0, impl
+        assert 0 < m["first_round_s"] <= m["end_to_end_s"], impl
+        assert m["warm_round_s"] > 0 and m["peak_memory_mb"] > 50, impl
+    # The same seeded cohorts and client method: the framework-free floor and FedStream agree exactly.
     assert measured["bare_loop"]["accuracy"] == measured["fedstream_local"]["accuracy"]
+    return result
+
+
+def test_all_four_implementations_train_the_same_samples_to_a_sane_accuracy():
+    result = _measured("tiny")
     assert set(result["ratios"]) >= {"tiny.warm_round_ray_over_bare", "tiny.end_to_end_flower_over_ray",
                                      "tiny.memory_ray_over_flower", "tiny.end_to_end_flower_over_local"}
+
+
+def test_ewc_crosses_task_boundaries_and_the_bare_loop_matches_fedstream():
+    workload = WORKLOADS["tiny_ewc"]
+    _, stream = shared_data(workload)
+    last: dict[int, int] = {}
+    left = 0  # jobs whose client left an earlier task: EWC estimates a Fisher, then carries it
+    for server_round in range(1, workload.rounds + 1):
+        for client in workload.cohort(server_round):
+            task = stream.client_task(server_round, client)
+            left += task_change(stream, client, task, last.get(client))[1] is not None
+            last[client] = server_round
+    assert left >= 5
+    assert "tiny_ewc.warm_round_ray_over_bare" in _measured("tiny_ewc")["ratios"]
 
 
 def test_cohorts_are_seeded_sorted_and_distinct():
