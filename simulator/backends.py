@@ -137,14 +137,17 @@ def balanced_shares(jobs: list[ClientJob], num_actors: int) -> list[list[int]]:
     A round ends when its slowest actor does, and client datasets differ in size
     by 10x and more (Dirichlet, lognormal), so dealing in turn left one actor with
     most of the work. Largest job first, each to the actor with the fewest samples
-    so far (LPT scheduling). Where a job runs never changes its result.
+    so far (LPT scheduling). A job that starts a new task counts the samples of
+    the task it left too: methods work on them there (EWC's Fisher, replay's
+    reservoir). Where a job runs never changes its result.
     """
+    sizes = [len(job.indices) + (len(job.previous.indices) if job.previous else 0) + 1 for job in jobs]
     loads = [(0, actor) for actor in range(num_actors)]
     shares: list[list[int]] = [[] for _ in range(num_actors)]
-    for position in sorted(range(len(jobs)), key=lambda i: -len(jobs[i].indices)):
+    for position in sorted(range(len(jobs)), key=lambda i: -sizes[i]):
         load, actor = heapq.heappop(loads)
         shares[actor].append(position)
-        heapq.heappush(loads, (load + len(jobs[position].indices) + 1, actor))
+        heapq.heappush(loads, (load + sizes[position], actor))
     return [sorted(share) for share in shares]
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from clients.base import PreviousTask
 from simulator.backends import balanced_shares
 from simulator.worker import TRAIN, ClientJob
 
@@ -32,3 +35,11 @@ def test_one_big_client_gets_an_actor_to_itself():
 def test_dealing_depends_only_on_the_jobs():
     jobs = _jobs([5, 9, 9, 3, 9, 1])
     assert balanced_shares(jobs, 3) == balanced_shares(list(jobs), 3) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_a_job_that_starts_a_new_task_counts_the_samples_of_the_task_it_left():
+    # Four equal jobs; the first also works on 30 samples of its previous task (EWC's Fisher).
+    jobs = _jobs([10, 10, 10, 10])
+    jobs[0] = replace(jobs[0], new_task=True, previous=PreviousTask(0, np.arange(30)))
+    assert balanced_shares(jobs, 2) == [[0], [1, 2, 3]]
+    assert balanced_shares(_jobs([10, 10, 10, 10]), 2) == [[0, 2], [1, 3]]
