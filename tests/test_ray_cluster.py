@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,17 @@ pytestmark = pytest.mark.ray
 RAY = str(Path(sys.executable).parent / "ray")
 USER_CODE = ROOT / "tests" / "user_code"
 PROBE = ["rounds=2", "engine.backend=ray", "client.method=cluster_probe_client.OnlyInTheTestCluster"]
+
+
+def _cluster_status(address: str) -> subprocess.CompletedProcess:
+    """``ray status``, asked again while it says the cluster's status is not ready yet (a loaded host)."""
+    deadline = time.monotonic() + 60
+    while True:
+        status = subprocess.run([RAY, "status", f"--address={address}"], capture_output=True, text=True, timeout=60)
+        if "CPU" in status.stdout or time.monotonic() > deadline:
+            assert "CPU" in status.stdout, status.stdout + status.stderr
+            return status
+        time.sleep(1)
 
 
 def _free_port() -> int:
@@ -53,10 +65,7 @@ def test_a_run_with_ray_address_trains_in_the_running_cluster_and_leaves_it_up(
     summary = run_experiment(tmp_path / "joined", [*PROBE, f"engine.ray_address={running_cluster}"])
     assert summary["rounds"] == 2 and len(read_metrics(tmp_path / "joined")) == 2
     assert not ray.is_initialized()  # the driver disconnected...
-    status = subprocess.run(
-        [RAY, "status", f"--address={running_cluster}"], capture_output=True, text=True, timeout=60
-    )
-    assert status.returncode == 0 and "CPU" in status.stdout  # ...and the cluster is still up
+    assert _cluster_status(running_cluster).returncode == 0  # ...and the cluster is still up
     # Without the address the run starts its own Ray, where the probe client fails.
     with pytest.raises(ClientFailure, match="outside the test cluster"):
         run_experiment(tmp_path / "own", PROBE)
