@@ -8,6 +8,7 @@ A new method is one new file plus one line here.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 from typing import Any
@@ -54,13 +55,17 @@ def method_settings(method_name: str, sections: dict[str, Any], where: str) -> A
 
     Every shipped method's section is checked (a typo in one fails a sweep
     before any of its jobs runs); a section that belongs to no known method
-    is reported and ignored, since a sweep over several users' methods gives
-    each job the others' sections too.
+    is an error when its name is close to a known one (a typo), and otherwise
+    reported and ignored, since a sweep over several users' methods gives each
+    job the others' sections too.
     """
     chosen = resolve_method(method_name)
     known = {m.section_name(): m for m in (*METHODS.values(), chosen)}
     settings = {name: _settings(m, sections.get(name, {}), where) for name, m in known.items()}
-    for name in sections.keys() - known.keys():
+    for name in sorted(sections.keys() - known.keys()):
+        if close := difflib.get_close_matches(name, known, n=1, cutoff=0.75):
+            raise ConfigError(f"{where}: client.{name}: no client method has this section; "
+                              f"did you mean client.{close[0]}?")
         log.warning("%s: client.%s belongs to no known client method (%s); ignored",
                     where, name, ", ".join(sorted(known)))
     return settings[chosen.section_name()]
@@ -70,7 +75,8 @@ def _settings(method: type[ClientMethod], given: Any, where: str) -> Any:
     path = f"client.{method.section_name()}"
     settings = build_section(method.Settings, given, path, where)
     problems = getattr(settings, "problems", lambda: [])()
-    for key, reason in problems:
+    if problems:
+        key, reason = problems[0]
         raise ConfigError(f"{where}: {path}.{key} = {getattr(settings, key)!r}: {reason}")
     return settings
 

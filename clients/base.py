@@ -133,7 +133,7 @@ class ClientMethod:
 
     def __init__(self, cfg: ClientConfig) -> None:
         self.cfg = cfg
-        self.settings = cfg.settings
+        self.settings = self.Settings() if cfg.settings is None else cfg.settings
 
     @classmethod
     def section_name(cls) -> str:

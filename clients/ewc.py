@@ -7,6 +7,11 @@ each sample's log-likelihood, at the global weights it now holds), adds it to
 its running Fisher decayed by ``gamma``, and anchors at those weights. Its
 training then minimises the loss plus ``strength / 2 * sum F (w - anchor)^2``.
 
+The anchor and the Fisher are taken at the global model of the client's first
+round on the new task (the weights it then holds), not at the last round of
+the old one: a client that skipped rounds comes back to a model that has
+already moved on.
+
 The penalty is stiff: its explicit gradient step diverges once
 ``lr * strength * F > 2`` for some weight (at lr 0.05 and the Fisher of a few
 digits tasks, from strength 10). So each gradient becomes
@@ -19,6 +24,7 @@ the client's state: two copies of the model's parameters.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +42,7 @@ class EWCSettings:
     fisher_samples: int = 200  # samples of the task just left used to estimate its Fisher
 
     def problems(self) -> list[tuple[str, str]]:
-        checks = [("strength", self.strength >= 0, "must be >= 0"),
+        checks = [("strength", 0 <= self.strength < math.inf, "must be finite and >= 0"),
                   ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
                   ("fisher_samples", self.fisher_samples >= 1, "must be at least 1")]
         return [(key, reason) for key, ok, reason in checks if not ok]

@@ -1,12 +1,18 @@
 """Learning without Forgetting: Li & Hoiem 2017, "Learning without Forgetting" (TPAMI).
 
-When a client moves to a new task, the model it then holds (the global weights
-at its task boundary) becomes its teacher, and the labels of its earlier tasks
-become its old classes. On the new task, each minibatch's loss adds
-``alpha * T^2 * KL(teacher || model)`` over the old classes' logits softened
-by temperature ``T``: the model keeps answering on old classes as the teacher
-did, from new data alone. The teacher's weights and the old-class mask are the
-client's state.
+When a client moves to a new task, the model it then holds becomes its
+teacher, and the labels of its earlier tasks become its old classes. On the
+new task, each minibatch's loss adds ``alpha * T^2 * KL(teacher || model)``
+over the old classes' logits softened by temperature ``T``: the model keeps
+answering on old classes as the teacher did, from new data alone. In
+task-incremental streams (masked logits) each old task is a head of its own
+and is distilled on its own softmax, as in the paper; otherwise the old
+classes share one. The teacher's weights and each class's old head (-1: not
+old) are the client's state.
+
+The teacher is the global model at the client's first round on the new task
+(the weights it then holds), not at the last round of the old one: a client
+that skipped rounds comes back to a model that has already moved on.
 """
 
 from __future__ import annotations
@@ -38,26 +44,30 @@ class LwFClient(ClientMethod):
     Settings = LwFSettings
     section = "lwf"
     teacher: nn.Module | None = None  # the worker's one teacher model, weights loaded per client
+    old_classes: list[torch.Tensor] | None = None  # per old head, its classes: scratch for this client
 
     def begin_task(self, model: nn.Module, context: TrainContext) -> None:
         if context.previous is None:
             return
         labels = context.samples(context.previous.indices, context.previous.task).y.cpu().numpy()
-        old = np.array(context.state.get("old_classes", np.zeros(0, bool)))
-        old = np.pad(old, (0, max(int(labels.max()) + 1 - len(old), 0)))
-        old[labels] = True
-        context.state.update(teacher=flat_parameters(model), old_classes=old)
+        heads = np.array(context.state.get("old_heads", np.zeros(0, np.int64)))
+        heads = np.pad(heads, (0, max(int(labels.max(initial=-1)) + 1 - len(heads), 0)), constant_values=-1)
+        heads[labels] = context.previous.task if context.class_mask is not None else 0
+        context.state.update(teacher=flat_parameters(model), old_heads=heads)
 
     def begin(self, model: nn.Module, context: TrainContext) -> None:
         self.old_classes = None
-        if "teacher" not in context.state:
+        if "teacher" not in context.state or not (context.state["old_heads"] >= 0).any():
             return
         if self.teacher is None:
             self.teacher = copy.deepcopy(model).eval()
         device = next(model.parameters()).device
         weights = torch.tensor(np.asarray(context.state["teacher"]), device=device)
         torch.nn.utils.vector_to_parameters(weights, self.teacher.parameters())
-        self.old_classes = torch.from_numpy(np.flatnonzero(context.state["old_classes"])).to(device)
+        heads = context.state["old_heads"]
+        self.old_classes = [
+            torch.from_numpy(np.flatnonzero(heads == head)).to(device) for head in np.unique(heads[heads >= 0])
+        ]
         self.distillation, self.batches = torch.zeros((), device=device), 0
 
     def loss(self, model: nn.Module, batch: Batch, context: TrainContext) -> torch.Tensor:
@@ -66,12 +76,17 @@ class LwFClient(ClientMethod):
         logits = model(batch.x)
         new_task = F.cross_entropy(masked(logits, batch.mask), batch.y)
         with torch.no_grad():
-            target = F.softmax(self.teacher(batch.x)[:, self.old_classes] / self.settings.temperature, dim=1)
-        log_student = F.log_softmax(logits[:, self.old_classes] / self.settings.temperature, dim=1)
-        distillation = F.kl_div(log_student, target, reduction="batchmean") * self.settings.temperature**2
+            teacher_logits = self.teacher(batch.x)
+        distillation = sum(self._distillation(logits[:, head], teacher_logits[:, head]) for head in self.old_classes)
         self.distillation = self.distillation + distillation.detach()
         self.batches += 1
         return new_task + self.settings.alpha * distillation
+
+    def _distillation(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch."""
+        temperature = self.settings.temperature
+        target = F.softmax(teacher / temperature, dim=1)
+        return F.kl_div(F.log_softmax(student / temperature, dim=1), target, reduction="batchmean") * temperature**2
 
     def end(self, model: nn.Module, context: TrainContext) -> dict[str, float]:
         if self.old_classes is None:

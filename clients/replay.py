@@ -24,7 +24,7 @@ class ReplaySettings:
     batch_size: int | None = None  # replayed samples per minibatch; null: client.batch_size
 
     def problems(self) -> list[tuple[str, str]]:
-        checks = [("buffer_size", self.buffer_size >= 1), ("batch_size", (self.batch_size or 1) >= 1)]
+        checks = [("buffer_size", self.buffer_size >= 1), ("batch_size", self.batch_size is None or self.batch_size >= 1)]
         return [(key, "must be at least 1") for key, ok in checks if not ok]
 
 
@@ -54,7 +54,7 @@ class ReplayClient(ClientMethod):
         memory = context.state.get("indices")
         if memory is None:
             return batch
-        count = self.settings.batch_size or self.cfg.batch_size
+        count = self.cfg.batch_size if self.settings.batch_size is None else self.settings.batch_size
         picks = torch.randint(len(memory), (count,), generator=context.generator).numpy()
         replayed = context.samples(memory[picks], context.state["tasks"][picks])
         return Batch(torch.cat([batch.x, replayed.x]), torch.cat([batch.y, replayed.y]),
@@ -69,6 +69,7 @@ def _joined_masks(first: Batch, second: Batch) -> torch.Tensor | None:
     if first.mask is None and second.mask is None:
         return None
     labels = (first.mask if first.mask is not None else second.mask).shape[-1]
-    rows = [torch.ones(len(b.y), labels, dtype=torch.bool) if b.mask is None else b.mask.expand(len(b.y), -1)
+    rows = [torch.ones(len(b.y), labels, dtype=torch.bool, device=b.y.device) if b.mask is None
+            else b.mask.expand(len(b.y), -1)
             for b in (first, second)]
     return torch.cat(rows)

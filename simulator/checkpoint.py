@@ -2,7 +2,7 @@
 
 A checkpoint holds the global weights, the strategy object itself (adaptive
 optimizers and DP accountants keep state between rounds), the client states
-(the store's in-memory states and the names of its spill files) and the round.
+(the names of their files, written at each checkpoint) and the round.
 Every other random draw is derived from the seed and the round, so nothing
 more is needed for a resumed run to match an uninterrupted one. Writes are atomic: a
 crash while saving leaves the previous checkpoint intact.

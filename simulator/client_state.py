@@ -7,10 +7,12 @@ outcome carries it back (as pfl-research's user state and FedJAX's client
 inputs do). With it, per client, the store keeps the last round the client
 trained, from which the engine knows when the client starts a new task.
 
-States live in memory up to a budget; past it, the least recently used spill
-to ``.npz`` files (no pickle) and come back with the same values. A spilled
-state's file is named by its client and round and never rewritten, so a
-checkpoint that names it stays valid until a later checkpoint supersedes it:
+Each version of a state can be written once, to ``.npz`` (no pickle) named by
+its client and round, and is never rewritten. States live in memory up to a
+budget; past it, the least recently used leave memory, written first if they
+have no file yet. A checkpoint writes the states that changed since the last
+one and keeps only the file names, so it costs the cohort's states, not all of
+them; a named file stays valid until a later checkpoint supersedes it, and
 :meth:`ClientStates.collect` deletes the files no checkpoint needs any more.
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 SCALARS = (bool, int, float, str, type(None))
-_SCALARS_KEY = "__scalars__"  # in a spill file: the state's scalars, as JSON bytes
+_SCALARS_KEY = "__scalars__"  # in a state file: the state's scalars, as JSON bytes
 
 
 class ClientStateError(TypeError):
@@ -53,29 +55,26 @@ def state_bytes(state: dict[str, Any]) -> int:
 
 @dataclass
 class StoreSnapshot:
-    """What a checkpoint keeps of the store: in-memory states, spill file names, last rounds, sizes."""
+    """What a checkpoint keeps of the store: each state's file, last round and size."""
 
-    in_memory: dict[int, dict[str, Any]] = field(default_factory=dict)
-    spilled: dict[int, str] = field(default_factory=dict)
+    files: dict[int, str] = field(default_factory=dict)
     last_round: dict[int, int] = field(default_factory=dict)
-    sizes: dict[int, int] = field(default_factory=dict)  # state_bytes of every state, wherever it is
+    sizes: dict[int, int] = field(default_factory=dict)  # state_bytes of every state
 
 
 class ClientStates:
-    """Client states by id, in memory up to ``memory_budget`` bytes, spilled to ``spill_dir`` past it."""
+    """Client states by id, in memory up to ``memory_budget`` bytes, in files under ``directory``."""
 
-    def __init__(self, spill_dir: Path, memory_budget: int, snapshot: StoreSnapshot | None = None) -> None:
-        self.spill_dir = spill_dir
+    def __init__(self, directory: Path, memory_budget: int, snapshot: StoreSnapshot | None = None) -> None:
+        self.directory = directory
         self.memory_budget = memory_budget
         snapshot = snapshot or StoreSnapshot()
-        self._memory: OrderedDict[int, dict[str, Any]] = OrderedDict(snapshot.in_memory)  # least recent first
-        self._spilled = dict(snapshot.spilled)
+        self._memory: OrderedDict[int, dict[str, Any]] = OrderedDict()  # least recently used first
+        self._files = dict(snapshot.files)  # the file of each state's current version, where written
         self._last_round = dict(snapshot.last_round)
         self._bytes = dict(snapshot.sizes)
-        self.total_bytes = sum(self._bytes.values())  # every state's state_bytes, in memory or spilled
-        self.memory_bytes = sum(self._bytes[c] for c in self._memory)
-        for state in self._memory.values():
-            _freeze(state)
+        self.total_bytes = sum(self._bytes.values())  # every state's state_bytes, in memory or not
+        self.memory_bytes = 0
         self.collect()  # files written after the snapshot (a run killed mid-round) are not its
 
     def get(self, client: int) -> dict[str, Any]:
@@ -83,8 +82,8 @@ class ClientStates:
         if client in self._memory:
             self._memory.move_to_end(client)
             return self._memory[client]
-        if client in self._spilled:
-            return _read(self.spill_dir / self._spilled[client])
+        if client in self._files:
+            return _read(self.directory / self._files[client])
         return {}
 
     def last_round(self, client: int) -> int | None:
@@ -92,50 +91,61 @@ class ClientStates:
         return self._last_round.get(client)
 
     def put(self, client: int, server_round: int, state: dict[str, Any]) -> None:
-        """Keep ``state`` as ``client``'s after training in ``server_round``; spill others past the budget."""
+        """Keep a copy of ``state`` as ``client``'s after ``server_round``; evict others past the budget.
+
+        A copy: the caller's arrays may be views of a live model (in-process) or
+        of a whole Ray reply, which the store must neither follow nor keep alive.
+        """
         self._last_round[client] = server_round
-        size = state_bytes(state)
-        self.total_bytes += size - self._bytes.get(client, 0)
+        self._files.pop(client, None)  # the old version's file stays until collect(): a checkpoint may name it
         if client in self._memory:
             self.memory_bytes -= self._bytes[client]
-        self._spilled.pop(client, None)  # its file stays until collect(): a checkpoint may name it
-        self._bytes[client] = size
+        size = state_bytes(state)
+        self.total_bytes += size - self._bytes.get(client, 0)
         self.memory_bytes += size
-        self._memory[client] = _freeze(dict(state))
+        self._bytes[client] = size
+        self._memory[client] = _freeze({k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in state.items()})
         self._memory.move_to_end(client)
         while self._memory and self.memory_bytes > self.memory_budget:
-            self._spill(next(iter(self._memory)))
+            self._evict(next(iter(self._memory)))
 
-    def _spill(self, client: int) -> None:
-        state = self._memory.pop(client)
+    def _evict(self, client: int) -> None:
+        self._write(client)
+        del self._memory[client]
         self.memory_bytes -= self._bytes[client]
+
+    def _write(self, client: int) -> None:
+        """Write ``client``'s in-memory state to its version's file, unless it has one."""
+        if client in self._files:
+            return
         name = f"client{client}_round{self._last_round[client]}.npz"
-        path = self.spill_dir / name
-        if not path.exists():  # the same client and round: the same state, written before
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
-            arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
-            temporary = path.with_suffix(".tmp.npz")
-            np.savez(temporary, **arrays, **{_SCALARS_KEY: np.frombuffer(json.dumps(scalars).encode(), np.uint8)})
-            temporary.replace(path)
-        self._spilled[client] = name
+        state = self._memory[client]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+        arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+        temporary = self.directory / f".{name}.tmp.npz"
+        np.savez(temporary, **arrays, **{_SCALARS_KEY: np.frombuffer(json.dumps(scalars).encode(), np.uint8)})
+        temporary.replace(self.directory / name)
+        self._files[client] = name
 
     def snapshot(self) -> StoreSnapshot:
-        """The store as a checkpoint keeps it (spilled states stay in their files)."""
-        return StoreSnapshot(dict(self._memory), dict(self._spilled), dict(self._last_round), dict(self._bytes))
+        """Write the states changed since the last snapshot; return what a checkpoint keeps."""
+        for client in self._memory:
+            self._write(client)
+        return StoreSnapshot(dict(self._files), dict(self._last_round), dict(self._bytes))
 
     def collect(self) -> None:
-        """Delete spill files that no state names any more; call once a checkpoint has the store."""
-        if not self.spill_dir.exists():
+        """Delete state files that name no current state; call once a checkpoint has the store."""
+        if not self.directory.exists():
             return
-        named = set(self._spilled.values())
-        for path in self.spill_dir.iterdir():
+        named = set(self._files.values())
+        for path in self.directory.iterdir():
             if path.name not in named:
                 path.unlink()
 
     @property
     def spilled_bytes(self) -> int:
-        """Bytes of the states that live in spill files (as :func:`state_bytes` counts them)."""
+        """Bytes of the states that are not in memory (as :func:`state_bytes` counts them)."""
         return self.total_bytes - self.memory_bytes
 
 

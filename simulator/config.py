@@ -202,8 +202,15 @@ def _client(given: Any, where: str) -> ClientConfig:
 
     if not isinstance(given, dict):
         raise ConfigError(f"{where}: client = {given!r}: expected a section of keys")
-    method_sections = {k: v for k, v in given.items() if isinstance(v, dict)}
-    own = {k: v for k, v in given.items() if k not in method_sections}
+    fields = [f.name for f in dataclasses.fields(ClientConfig) if not f.metadata.get("derived")]
+    own = {k: v for k, v in given.items() if k in fields}
+    method_sections = {k: v for k, v in given.items() if k not in fields}
+    for key, value in method_sections.items():
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{where}: client.{key} = {value!r}: unknown key; valid keys: {', '.join(fields)}, "
+                "or a client method's section of settings (client.<method>.<key>)"
+            )
     client = build_section(ClientConfig, own, "client", where)
     return dataclasses.replace(client, settings=method_settings(client.method, method_sections, where))
 
@@ -217,7 +224,7 @@ def build_section(schema: type, given: Any, path: str, where: str) -> Any:
     values = {}
     for key, value in given.items():
         if key not in valid:
-            raise ConfigError(f"{where}: {path}.{key}: unknown key; valid keys: {', '.join(valid)}")
+            raise ConfigError(f"{where}: {path}.{key}: unknown key; valid keys: {', '.join(valid) or '(none)'}")
         values[key] = _typed(hints[key], value, f"{path}.{key}", where)
     return schema(**values)
 

@@ -10,6 +10,7 @@ global random state seeded from (run seed, round): Flower samples clients with
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,10 @@ class Experiment:
             progress.close()
             backend.close()
 
-        # 8. Outputs: accuracy matrix, summary, forgetting plot.
+        # 8. Outputs: accuracy matrix, summary, forgetting plot. Without checkpoints no run
+        #    can continue this one, so its client states' files go.
+        if not cfg.engine.checkpoint_every:
+            shutil.rmtree(states.directory, ignore_errors=True)
         summary = outputs.finish(elapsed(), rounds, initial)
         plot_forgetting(outputs.records, self.run_dir / "plots" / "forgetting.png",
                         title=f"{cfg.scenario} / {type(self.strategy).__name__}")

@@ -137,7 +137,7 @@ class SimulationGrid(Grid):
             task=task,
             class_mask=self.stream.class_mask(self.server_round, client),
             config=config,
-            state=self.states.get(client),
+            state=self.states.get(client) if kind == TRAIN else {},  # only the cohort's states travel
             new_task=new_task,
             previous=previous,
         )

@@ -121,20 +121,46 @@ def test_ewc_holds_weights_that_mattered_closer_to_its_anchor_than_sgd():
     assert moved["ewc"] < 0.2 * moved["sgd"], moved
 
 
-def test_lwf_takes_the_weights_held_at_the_boundary_as_teacher_and_distills_old_classes():
-    model, lwf = _model(), _method(LwFClient)
+def test_lwf_takes_the_weights_held_at_the_boundary_as_teacher_and_distills_old_classes_only():
+    model, lwf = _model(), _method(LwFClient, temperature=2.0, alpha=1.0)
     state: dict = {}
     lwf.begin_task(model, _context(state, PreviousTask(0, np.arange(5)), True))  # labels 0..4
     assert np.array_equal(state["teacher"], flat_parameters(model))
-    assert np.flatnonzero(state["old_classes"]).tolist() == [0, 1, 2, 3, 4]
+    assert state["old_heads"].tolist() == [0, 0, 0, 0, 0]  # class-IL: one head over the old classes
     context = _context(state)
     lwf.begin(model, context)
     batch = Batch(X[5:10], Y[5:10])
-    # The student is the teacher: nothing to distill yet, the loss is the cross-entropy.
+    # The student is the teacher: nothing to distill, the loss is the cross-entropy.
     torch.testing.assert_close(lwf.loss(model, batch, context), F.cross_entropy(model(batch.x), batch.y))
     with torch.no_grad():
-        model.head.bias[0] += 3.0  # the student now favours old class 0 more than its teacher
-    assert lwf.loss(model, batch, context) > F.cross_entropy(model(batch.x), batch.y) + 1e-3
+        model.head.bias[7] += 3.0  # a new class's logit: not distilled
+    torch.testing.assert_close(lwf.loss(model, batch, context), F.cross_entropy(model(batch.x), batch.y))
+    with torch.no_grad():
+        model.head.bias[0] += 3.0  # an old class's logit, 3 above its teacher's
+    teacher = _model().head.bias.detach()[:5].expand(5, -1) + _model().encoder(batch.x) @ _model().head.weight[:5].T
+    student = teacher + torch.tensor([3.0, 0, 0, 0, 0])
+    kl = F.kl_div(F.log_softmax(student / 2, 1), F.softmax(teacher / 2, 1), reduction="batchmean") * 4
+    torch.testing.assert_close(lwf.loss(model, batch, context), F.cross_entropy(model(batch.x), batch.y) + kl)
+
+
+def test_lwf_in_task_incremental_streams_distills_each_old_head_on_its_own():
+    model, lwf = _model(), _method(LwFClient)
+    state: dict = {}
+    masked_context = lambda **kw: TrainContext(**{**_context(state).__dict__, "class_mask": TASK_MASKS[1], **kw})  # noqa: E731
+    lwf.begin_task(model, masked_context(previous=PreviousTask(0, np.array([0, 1])), new_task=True))
+    lwf.begin_task(model, masked_context(previous=PreviousTask(1, np.array([2, 3])), new_task=True))
+    assert state["old_heads"].tolist() == [0, 0, 1, 1]
+    lwf.begin(model, masked_context())
+    assert [h.tolist() for h in lwf.old_classes] == [[0, 1], [2, 3]]
+
+
+def test_lwf_keeps_its_old_classes_when_the_task_it_left_had_no_samples():
+    model, lwf = _model(), _method(LwFClient)
+    state: dict = {}
+    lwf.begin_task(model, _context(state, PreviousTask(0, np.zeros(0, np.int64)), True))
+    assert state["old_heads"].tolist() == []
+    lwf.begin(model, _context(state))
+    assert lwf.old_classes is None  # nothing to distill: plain cross-entropy
 
 
 def test_methods_report_their_own_metrics():

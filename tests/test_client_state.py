@@ -30,6 +30,7 @@ def test_states_spill_past_the_budget_and_come_back_with_the_same_values_and_typ
     assert store.memory_bytes == 2 * size and store.total_bytes == 5 * size
     assert store.spilled_bytes == 3 * size
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"client{c}_round1.npz" for c in range(3)]
+    assert store.snapshot().files.keys() == set(range(5))  # a checkpoint writes the other two
     for client in range(5):
         assert _same(store.get(client), _state(client)), client
         assert store.last_round(client) == 1
@@ -47,22 +48,32 @@ def test_state_arrays_are_read_only_as_they_arrive_from_rays_object_store(tmp_pa
         in_memory.get(3)["a"][0] = 1.0
 
 
-def test_a_snapshot_restores_the_store_and_collect_deletes_only_unnamed_spill_files(tmp_path):
-    store = ClientStates(tmp_path, memory_budget=state_bytes(_state(0)))
+def test_a_snapshot_writes_changed_states_once_and_restores_the_store_as_it_was(tmp_path):
+    store = ClientStates(tmp_path, memory_budget=10**6)
     for client in range(3):
         store.put(client, 1, _state(client))
-    snapshot = store.snapshot()  # as a checkpoint after round 1 keeps it
-    store.put(0, 2, _state(10))  # round 2 replaces client 0 and spills others: a run killed now ...
-    store.put(1, 2, _state(11))
-    files_after_round_2 = {p.name for p in tmp_path.iterdir()}
-    assert "client0_round2.npz" in files_after_round_2 and "client0_round1.npz" in files_after_round_2
+    snapshot = store.snapshot()  # as the checkpoint after round 1 keeps it: names, no states
+    assert snapshot.files == {c: f"client{c}_round1.npz" for c in range(3)}
+    written = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    store.put(0, 2, _state(10))  # round 2 replaces client 0: a run killed now ...
+    assert store.snapshot().files[0] == "client0_round2.npz"
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name in written} == written  # unchanged
 
-    resumed = ClientStates(tmp_path, memory_budget=state_bytes(_state(0)), snapshot=snapshot)
+    resumed = ClientStates(tmp_path, memory_budget=10**6, snapshot=snapshot)
     for client in range(3):  # ... resumes with round 1's states, whatever round 2 wrote
         assert _same(resumed.get(client), _state(client))
         assert resumed.last_round(client) == 1
-    assert {p.name for p in tmp_path.iterdir()} == set(snapshot.spilled.values())
-    assert resumed.total_bytes == 3 * state_bytes(_state(0))
+    assert {p.name for p in tmp_path.iterdir()} == set(snapshot.files.values())
+    assert resumed.total_bytes == 3 * state_bytes(_state(0)) and resumed.memory_bytes == 0
+
+
+def test_the_store_keeps_a_copy_not_the_callers_array(tmp_path):
+    live = np.zeros(3)  # e.g. a view of the worker's model, which the next client trains
+    store = ClientStates(tmp_path, memory_budget=10**6)
+    store.put(1, 1, {"bias": live})
+    live += 1.0
+    assert store.get(1)["bias"].tolist() == [0.0, 0.0, 0.0]
+    assert live.flags.writeable  # the caller's array is left as it was
 
 
 def test_a_state_is_checked_for_values_the_store_can_keep():

@@ -16,6 +16,7 @@ import ray
 
 from conftest import ROOT, compose_run, read_metrics, run_experiment
 from simulator import checkpoint
+from simulator.client_state import ClientStates
 from simulator.config import ConfigError
 from simulator.data import load_dataset
 from simulator.streams import build_stream
@@ -25,6 +26,19 @@ USER_CODE = ROOT / "tests" / "user_code"
 # so clients come back after missed rounds, some after a whole missed task.
 SHORT_TASKS = ["scenario=digits_class_incremental", "stream.rounds_per_task=2", "client.epochs=1"]
 STATEFUL = ["replay", "ewc", "lwf"]
+
+
+def _final_states(run_dir: Path) -> dict[int, dict]:
+    """Every client's state as the run's last checkpoint left it."""
+    snapshot = checkpoint.load(run_dir / "checkpoints").client_states
+    store = ClientStates(run_dir / "client_state", 0, snapshot)
+    return {client: store.get(client) for client in snapshot.files}
+
+
+def _same_states(a: dict[int, dict], b: dict[int, dict]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[c].keys() == b[c].keys() and all(np.array_equal(a[c][k], b[c][k]) for k in a[c]) for c in a
+    )
 
 
 def _without_wall_time(run_dir: Path) -> tuple[list[dict], dict]:
@@ -69,7 +83,14 @@ def test_spilling_every_client_state_to_files_gives_the_same_numbers(tmp_path, m
     assert strip(spilled[0]) == strip(kept[0]) and spilled[1] == kept[1]
     files = list((tmp_path / "spilled" / "client_state").glob("*.npz"))
     assert len(files) == 20  # one per client: superseded versions are deleted once checkpointed
-    assert not (tmp_path / "memory" / "client_state").exists()
+    assert _same_states(_final_states(tmp_path / "spilled"), _final_states(tmp_path / "memory"))
+
+
+def test_without_checkpoints_the_state_files_go_at_the_end(tmp_path):
+    run_experiment(tmp_path, [*SHORT_TASKS, "engine.backend=local", "client.method=ewc",
+                              "engine.client_state_memory_mb=0", "engine.checkpoint_every=0"])
+    assert read_metrics(tmp_path)[-1]["client_state_spilled_mb"] > 0
+    assert not (tmp_path / "client_state").exists()
 
 
 def _run_py(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
@@ -79,10 +100,12 @@ def _run_py(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
 
 
 def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_uninterrupted_numbers(tmp_path):
-    # EWC: two model-sized arrays per client; a small budget makes some of them spill, so the
-    # kill may also land between a spill file's write and the checkpoint that names it.
+    # EWC: two model-sized arrays per client; a small budget makes some of them leave memory, and
+    # checkpoints every 2 rounds, so the kill may land between a state file's write and the
+    # checkpoint that names it, and resume goes back past rounds whose files exist.
     overrides = ["scenario=digits_class_incremental", "stream.rounds_per_task=6", "client.epochs=1",
-                 "client.method=ewc", "engine.backend=local", "engine.client_state_memory_mb=1"]
+                 "client.method=ewc", "engine.backend=local", "engine.client_state_memory_mb=1",
+                 "engine.checkpoint_every=2"]
     whole = _run_py(tmp_path / "whole", overrides)
     assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()[-2000:]
 
@@ -95,11 +118,12 @@ def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_uninterrupted_numbers
     killed.wait(timeout=30)
     done = len(metrics.read_text().splitlines())
     assert not (tmp_path / "killed" / "summary.json").exists() and done < 30, done
-    assert checkpoint.load(tmp_path / "killed" / "checkpoints").client_states.last_round  # states were saved
+    assert checkpoint.load(tmp_path / "killed" / "checkpoints").client_states.files  # states were saved
 
     resumed = _run_py(tmp_path / "killed", [*overrides, "resume=true"])
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
     assert _without_wall_time(tmp_path / "killed") == _without_wall_time(tmp_path / "whole")
+    assert _same_states(_final_states(tmp_path / "killed"), _final_states(tmp_path / "whole"))
 
 
 def test_a_clients_own_task_schedule_drives_begin_task_with_the_task_and_data_it_left(tmp_path, monkeypatch):
@@ -109,7 +133,7 @@ def test_a_clients_own_task_schedule_drives_begin_task_with_the_task_and_data_it
                  "client.method=task_recorder.RecordsTasks", "client.recorder.label=async"]
     run_experiment(tmp_path, overrides)
     stream = build_stream(run := compose_run(overrides), load_dataset(run.data, 20, run.seed))
-    states = checkpoint.load(tmp_path / "checkpoints").client_states.in_memory
+    states = _final_states(tmp_path)
     assert len(states) >= 15
     changes_seen = 0
     for client, state in states.items():
@@ -135,7 +159,11 @@ def test_a_clients_own_task_schedule_drives_begin_task_with_the_task_and_data_it
     ("client.fedprox.proximal_mu=-1", r"client\.fedprox\.proximal_mu = -1\.0: must be >= 0"),
     ("client.recorder.repeat=0", r"client\.recorder\.repeat = 0: must be at least 1"),
     ("client.recorder.lable=x", r"client\.recorder\.lable: unknown key; valid keys: label, repeat"),
-    ("client.lr_typo=0.1", r"client\.lr_typo: unknown key; valid keys: method, lr"),
+    ("client.lr_typo=0.1", r"client\.lr_typo = 0\.1: unknown key; valid keys: method, lr"),
+    ("client.replay.batch_size=0", r"client\.replay\.batch_size = 0: must be at least 1"),
+    ("client.ewc.strength=inf", r"client\.ewc\.strength = inf: must be finite"),
+    ("client.replya.buffer_size=5", r"client\.replya: no client method has this section; did you mean client\.replay\?"),
+    ("client.replay=5", r"client\.replay = 5: unknown key; .* or a client method's section"),
 ])
 def test_a_methods_settings_are_checked_with_the_key_before_any_work(monkeypatch, override, message):
     monkeypatch.syspath_prepend(str(USER_CODE))
@@ -147,7 +175,7 @@ def test_settings_reach_the_method_and_proximal_mu_lives_under_fedprox():
     run = compose_run(["client.method=replay", "client.replay.buffer_size=50"])
     assert run.client.settings.buffer_size == 50 and run.client.settings.batch_size is None
     assert compose_run(["client.method=fedprox", "client.fedprox.proximal_mu=0.3"]).client.settings.proximal_mu == 0.3
-    with pytest.raises(ConfigError, match="client.proximal_mu: unknown key"):
+    with pytest.raises(ConfigError, match="client.proximal_mu = 0.3: unknown key"):
         compose_run(["+client.proximal_mu=0.3"])
 
 
