@@ -2,27 +2,66 @@
 
 A checkpoint holds the global weights, the strategy object itself (adaptive
 optimizers and DP accountants keep state between rounds), the client states
-(the names of their files, written at each checkpoint) and the round.
+(the names of their files, written at each checkpoint), the round and the
+evaluations so far (the accuracy matrix and summary are built from them).
 Every other random draw is derived from the seed and the round, so nothing
-more is needed for a resumed run to match an uninterrupted one. Writes are atomic: a
-crash while saving leaves the previous checkpoint intact.
+more is needed for a resumed run to match an uninterrupted one.
+
+Each checkpoint is a folder ``checkpoints/round-NNNNNN/``; the newest two are kept:
+
+- ``arrays.npz``: the global arrays, in order (numpy, read without pickle);
+- ``strategy.pkl``: the strategy, read back by an unpickler that resolves only
+  classes and functions of Flower, numpy's arrays and scalars, ``strategies``
+  and the configured strategy's own modules, so a crafted file runs no code;
+- ``state.json``: round, run time, config, number of tasks, the client-state
+  snapshot and the evaluation records;
+- ``manifest.json``: the sha256 of each file above and of each client-state
+  file the snapshot names, and of itself; checked before anything is read.
+
+A folder is written under a temporary name and renamed whole, so a crash while
+saving leaves the earlier checkpoints intact. Any damage is a ConfigError naming
+the file; the previous checkpoint is kept, so the run can go back one checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import os
 import pickle
+import re
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from simulator.client_state import StoreSnapshot
 from simulator.config import ConfigError
 
-CHECKPOINT_FILE = "last.pkl"
+CLIENT_STATE_DIR = "client_state"  # beside checkpoints/ in the run directory
+ARRAYS, STRATEGY, STATE, MANIFEST = "arrays.npz", "strategy.pkl", "state.json", "manifest.json"
+KEPT = 2  # checkpoints kept: the last, and the previous in case the last is damaged
+_FOLDER = re.compile(r"round-(\d+)")
+
+# What a strategy's pickle may name: whole packages (their classes and functions), and
+# from numpy only what arrays, scalars and dtypes need (np.load or np.memmap write files).
+_TRUSTED_PACKAGES = ("flwr.app", "flwr.common", "flwr.serverapp", "strategies")
+_TRUSTED_GLOBALS = {
+    ("builtins", name) for name in ("complex", "set", "frozenset", "bytearray", "slice", "range", "object")
+} | {("collections", name) for name in ("OrderedDict", "defaultdict", "deque", "Counter")} | {
+    ("copyreg", "_reconstructor"), ("_codecs", "encode"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+}
 
 
 @dataclass(frozen=True)
@@ -36,21 +75,184 @@ class Checkpoint:
     wall_s: float  # run time so far, so resumed timings continue
     config: dict[str, Any]  # the run config, to refuse resuming a different run
     num_tasks: int  # the stream's tasks: more rounds must not change them (label shift)
+    records: list[dict[str, Any]]  # metrics.jsonl's records so far: resume rebuilds it from them
 
 
 def save(directory: Path, checkpoint: Checkpoint) -> None:
-    """Write ``checkpoint`` to ``directory/last.pkl`` atomically."""
+    """Write ``checkpoint`` as ``directory/round-N/`` atomically; keep only the newest two."""
     directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / f".{CHECKPOINT_FILE}.tmp"
-    with temporary.open("wb") as file:
-        pickle.dump(checkpoint, file, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(temporary, directory / CHECKPOINT_FILE)
+    for leftover in directory.glob(".round-*.tmp"):  # a save killed midway
+        shutil.rmtree(leftover)
+    temporary = directory / f".{_folder_name(checkpoint.round)}.tmp"
+    temporary.mkdir()
+    np.savez(temporary / ARRAYS, **{key: array.numpy() for key, array in checkpoint.arrays.items()})
+    with (temporary / STRATEGY).open("wb") as file:
+        pickle.dump(checkpoint.strategy, file, protocol=pickle.HIGHEST_PROTOCOL)
+    (temporary / STATE).write_text(json.dumps(_plain(checkpoint)))
+    # A client-state file is written once and never changed, so its hash carries over.
+    known = _known_state_hashes(directory)
+    state_directory = directory.parent / CLIENT_STATE_DIR
+    manifest = {
+        "files": {name: _sha256(temporary / name) for name in (ARRAYS, STRATEGY, STATE)},
+        "client_state": {
+            name: known.get(name) or _sha256(state_directory / name) for name in checkpoint.client_states.files.values()
+        },
+    }
+    (temporary / MANIFEST).write_text(json.dumps({**manifest, "sha256": _digest(manifest)}, sort_keys=True))
+    final = directory / _folder_name(checkpoint.round)
+    shutil.rmtree(final, ignore_errors=True)  # a damaged one, left when the run resumed from an earlier one
+    os.replace(temporary, final)
+    for old in _checkpoints(directory)[:-KEPT]:
+        shutil.rmtree(old)
 
 
-def load(directory: Path) -> Checkpoint:
-    """Read the checkpoint in ``directory``; a ConfigError names the file if there is none."""
-    path = directory / CHECKPOINT_FILE
+def load(directory: Path, strategy_modules: Iterable[str] = ()) -> Checkpoint:
+    """Read the newest checkpoint in ``directory``, checked; ``strategy_modules`` may be unpickled too.
+
+    Any damage is a ConfigError naming the file and what failed, and how to go
+    back to the previous checkpoint where one is kept.
+    """
+    found = _checkpoints(directory)
+    if not found:
+        raise ConfigError(f"resume = true: there is no checkpoint at {directory}")
+    try:
+        return _read(found[-1], (*_TRUSTED_PACKAGES, *strategy_modules))
+    except ConfigError as error:
+        if len(found) == 1:
+            raise ConfigError(f"resume = true: {error}; no earlier checkpoint is kept") from None
+        raise ConfigError(
+            f"resume = true: {error}. The previous checkpoint ({found[-2].name}) is kept: remove or "
+            f"rename {found[-1]} and resume again to continue from it"
+        ) from None
+
+
+def _read(folder: Path, trusted: tuple[str, ...]) -> Checkpoint:
+    manifest = _read_manifest(folder)
+    for name in (ARRAYS, STRATEGY, STATE):
+        _verify(folder / name, manifest["files"].get(name))
+    for name, digest in manifest["client_state"].items():
+        _verify(folder.parent.parent / CLIENT_STATE_DIR / name, digest)
+    with _reading(folder / ARRAYS), np.load(folder / ARRAYS, allow_pickle=False) as file:
+        arrays = ArrayRecord(array_dict=OrderedDict((key, Array(file[key])) for key in file.files))
+    with _reading(folder / STRATEGY), (folder / STRATEGY).open("rb") as file:
+        strategy = _TrustedUnpickler(file, trusted).load()
+    with _reading(folder / STATE):
+        state = json.loads((folder / STATE).read_text())
+        snapshot = StoreSnapshot(**{
+            field: {int(client): value for client, value in state["client_states"][field].items()}
+            for field in ("files", "last_round", "sizes")
+        })
+        return Checkpoint(
+            round=state["round"], arrays=arrays, strategy=strategy, client_states=snapshot,
+            wall_s=state["wall_s"], config=state["config"], num_tasks=state["num_tasks"],
+            records=state["records"],
+        )
+
+
+def _plain(checkpoint: Checkpoint) -> dict[str, Any]:
+    """``state.json``'s content: everything but the arrays and the strategy."""
+    snapshot = checkpoint.client_states
+    return {
+        "round": checkpoint.round, "wall_s": checkpoint.wall_s, "config": checkpoint.config,
+        "num_tasks": checkpoint.num_tasks, "records": checkpoint.records,
+        "client_states": {"files": snapshot.files, "last_round": snapshot.last_round, "sizes": snapshot.sizes},
+    }
+
+
+class _TrustedUnpickler(pickle.Unpickler):
+    """Resolves only trusted globals, so unpickling cannot call anything else (os.system, np.load, ...)."""
+
+    def __init__(self, file: Any, trusted: tuple[str, ...]) -> None:
+        super().__init__(file)
+        self.trusted = trusted
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _TRUSTED_GLOBALS:
+            return super().find_class(module, name)
+        if self._trusted_module(module):
+            found = super().find_class(module, name)
+            # The object itself must be a class or function of a trusted module: a dotted
+            # name or an import ("strategies.factory", "instantiate") may lead elsewhere.
+            if (isinstance(found, type) or inspect.isfunction(found)) and self._trusted_module(found.__module__):
+                return found
+        if module.split(".")[0] == "numpy" and self._numpy_value_type(super().find_class(module, name)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refused global {module}.{name}: a checkpoint's strategy may only name classes and functions "
+            f"of {', '.join(self.trusted)}, and numpy arrays and scalars"
+        )
+
+    def _trusted_module(self, module: str) -> bool:
+        return any(module == trusted or module.startswith(f"{trusted}.") for trusted in self.trusted)
+
+    @staticmethod
+    def _numpy_value_type(found: Any) -> bool:
+        """ndarray itself (not memmap, which opens files), dtypes and scalar types."""
+        return found is np.ndarray or isinstance(found, type) and issubclass(found, (np.dtype, np.generic))
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest, checked against its own hash."""
+    path = folder / MANIFEST
     if not path.exists():
-        raise ConfigError(f"resume = true: there is no checkpoint at {path}")
+        raise ConfigError(f"checkpoint file {path} is missing")
+    with _reading(path):
+        manifest = json.loads(path.read_bytes())
+        content = {"files": dict(manifest["files"]), "client_state": dict(manifest["client_state"])}
+        intact = manifest["sha256"] == _digest(content)
+    if not intact:
+        raise ConfigError(f"checkpoint file {path} is damaged: its sha256 does not match its content")
+    return content
+
+
+def _verify(path: Path, digest: str | None) -> None:
+    if not path.exists():
+        raise ConfigError(f"checkpoint file {path} is missing")
+    if digest is None:
+        raise ConfigError(f"checkpoint file {path}: the manifest has no sha256 for it")
+    if _sha256(path) != digest:
+        raise ConfigError(f"checkpoint file {path} is damaged: its sha256 does not match the manifest")
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn any error while parsing ``path`` into a ConfigError naming it."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as error:  # a crafted file that passed its hash may fail anywhere
+        raise ConfigError(f"checkpoint file {path} cannot be read: {type(error).__name__}: {error}") from None
+
+
+def _known_state_hashes(directory: Path) -> dict[str, str]:
+    """The client-state hashes of the newest checkpoint, or none if it is unreadable."""
+    found = _checkpoints(directory)
+    try:
+        return _read_manifest(found[-1])["client_state"] if found else {}
+    except ConfigError:
+        return {}
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    """The checkpoint folders in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    folders = [path for path in directory.iterdir() if _FOLDER.fullmatch(path.name) and path.is_dir()]
+    return sorted(folders, key=lambda path: int(path.name.split("-")[1]))
+
+
+def _folder_name(server_round: int) -> str:
+    return f"round-{server_round:06d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with path.open("rb") as file:
-        return pickle.load(file)
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _digest(content: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,11 +135,14 @@ class ClientStates:
             self._write(client)
         return StoreSnapshot(dict(self._files), dict(self._last_round), dict(self._bytes))
 
-    def collect(self) -> None:
-        """Delete state files that name no current state; call once a checkpoint has the store."""
+    def collect(self, keep: Iterable[str] = ()) -> None:
+        """Delete state files that name no current state; call once a checkpoint has the store.
+
+        ``keep``: the files an older checkpoint still kept names (it is the fallback if the newest is damaged).
+        """
         if not self.directory.exists():
             return
-        named = set(self._files.values())
+        named = {*self._files.values(), *keep}
         for path in self.directory.iterdir():
             if path.name not in named:
                 path.unlink()

@@ -80,19 +80,29 @@ class Experiment:
         initial = task_accuracies(model, stream, cfg.eval.batch_size)
 
         # 3. Resume from the last finished round, if asked: weights, strategy, client states.
+        #    The checkpoint is read before Ray starts, and its strategy only through an allow-list.
+        records: list[dict[str, Any]] = []
+        previous_files: list[str] = []  # the client-state files the previous kept checkpoint names
         if self.resume:
-            saved = checkpoint.load(self.run_dir / "checkpoints")
+            strategy_modules = {type(layer).__module__ for _, layer in strategy_layers(self.strategy)}
+            saved = checkpoint.load(self.run_dir / "checkpoints", strategy_modules)
             self._check_same_run(saved.config)
+            if rounds < saved.round:
+                raise ConfigError(
+                    f"rounds = {rounds}: the checkpoint in {self.run_dir / 'checkpoints'} has finished "
+                    f"round {saved.round}; resume with rounds >= {saved.round}"
+                )
             if saved.num_tasks != stream.num_tasks:
                 raise ConfigError(
                     f"rounds = {rounds}: resuming would change the stream from {saved.num_tasks} to "
                     f"{stream.num_tasks} tasks, so the finished rounds would not be those of this run"
                 )
             arrays, self.strategy, saved_states = saved.arrays, saved.strategy, saved.client_states
-            first_round, wall_offset = saved.round + 1, saved.wall_s
-        outputs = RunDirectory(self.run_dir, resume_round=first_round - 1)
+            first_round, wall_offset, records = saved.round + 1, saved.wall_s, saved.records
+            previous_files = list(saved_states.files.values())
+        outputs = RunDirectory(self.run_dir, records)
         states = ClientStates(
-            self.run_dir / "client_state", int(cfg.engine.client_state_memory_mb * 2**20), saved_states
+            self.run_dir / checkpoint.CLIENT_STATE_DIR, int(cfg.engine.client_state_memory_mb * 2**20), saved_states
         )
         self._warn_unused_proximal_term()
 
@@ -132,15 +142,18 @@ class Experiment:
                     progress.set_postfix(task=task, loss=record["train_loss"], acc=f"{record['acc_seen']:.3f}")
 
                 # 7. Checkpoint, so a crash never loses a finished round; then the client
-                #    states' spill files that no checkpoint names can go.
+                #    states' spill files that neither kept checkpoint names can go.
                 every = cfg.engine.checkpoint_every
                 if every and (server_round % every == 0 or server_round == rounds):
+                    snapshot = states.snapshot()
                     checkpoint.save(self.run_dir / "checkpoints", checkpoint.Checkpoint(
                         round=server_round, arrays=arrays, strategy=self.strategy,
-                        client_states=states.snapshot(), wall_s=elapsed(), config=to_dict(cfg),
-                        num_tasks=stream.num_tasks,
+                        client_states=snapshot, wall_s=elapsed(), config=to_dict(cfg),
+                        num_tasks=stream.num_tasks, records=outputs.records,
                     ))
-                if not every or server_round % every == 0 or server_round == rounds:
+                    states.collect(keep=previous_files)
+                    previous_files = list(snapshot.files.values())
+                elif not every:
                     states.collect()
         finally:
             progress.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +21,28 @@ from simulator import metrics
 class RunDirectory:
     """The files of one run under ``path``."""
 
-    def __init__(self, path: Path, resume_round: int = 0) -> None:
+    def __init__(self, path: Path, records: list[dict[str, Any]] | None = None) -> None:
+        """``records``: a resumed run's evaluations, from its checkpoint; metrics.jsonl is rewritten from them.
+
+        From the checkpoint, not from metrics.jsonl: a crash may have cut its last
+        line or left rounds past the checkpoint in it.
+        """
         from torch.utils.tensorboard import SummaryWriter  # slow import; only when writing
 
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = path / "metrics.jsonl"
-        self.records = self._kept_records(resume_round)
+        self.records = list(records or [])
         self._rewrite_metrics()
-        self.tensorboard = SummaryWriter(str(path / "tb"), purge_step=resume_round + 1)
-
-    def _kept_records(self, resume_round: int) -> list[dict[str, Any]]:
-        """Records of rounds up to ``resume_round`` (those a checkpoint covers)."""
-        if resume_round == 0 or not self.metrics_path.exists():
-            return []
-        lines = self.metrics_path.read_text().splitlines()
-        return [r for r in map(json.loads, lines) if r["round"] <= resume_round]
+        resumed_round = self.records[-1]["round"] if self.records else 0
+        self.tensorboard = SummaryWriter(str(path / "tb"), purge_step=resumed_round + 1)
 
     def _rewrite_metrics(self) -> None:
-        with self.metrics_path.open("w") as file:
+        """Replace metrics.jsonl by the records so far, atomically: a crash leaves the old or the new."""
+        temporary = self.path / f".{self.metrics_path.name}.tmp"
+        with temporary.open("w") as file:
             file.writelines(json.dumps(record) + "\n" for record in self.records)
+        os.replace(temporary, self.metrics_path)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one evaluation to metrics.jsonl and TensorBoard."""

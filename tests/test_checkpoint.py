@@ -1,0 +1,175 @@
+"""Checkpoints run no code, detect damage, keep the previous one, and carry what resume needs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+
+from conftest import read_metrics, run_experiment
+from simulator import checkpoint
+from simulator.config import ConfigError
+
+# EWC keeps two model-sized arrays per client; with no memory budget every state is a file.
+EWC = ["scenario=digits_class_incremental", "stream.rounds_per_task=2", "client.epochs=1",
+       "engine.backend=local", "client.method=ewc", "engine.client_state_memory_mb=0"]
+
+
+@pytest.fixture(scope="module")
+def ewc_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 10-round EWC run with a checkpoint every round (rounds 9 and 10 kept)."""
+    run_dir = tmp_path_factory.mktemp("ewc")
+    run_experiment(run_dir, EWC)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(ewc_run: Path, tmp_path: Path) -> Path:
+    """A copy of ``ewc_run`` to damage."""
+    return Path(shutil.copytree(ewc_run, tmp_path / "run"))
+
+
+def _numbers(run_dir: Path) -> tuple[list[dict], dict]:
+    """metrics.jsonl and summary.json, without their wall times."""
+    records = [{k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(run_dir)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.pop("wall_time_s")
+    return records, summary
+
+
+def _last(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "round-000010"
+
+
+def _reseal(folder: Path) -> None:
+    """Rewrite the manifest to match the files, as an attacker would: only the unpickler stands."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in manifest["files"]}
+    content = {"files": manifest["files"], "client_state": manifest["client_state"]}
+    manifest["sha256"] = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _crafted_pickle(module: str, name: str, marker: Path) -> bytes:
+    """A pickle that calls ``module.name("touch marker")``: GLOBAL, a one-string tuple, REDUCE."""
+    return b"\x80\x04c" + f"{module}\n{name}\n".encode() + f"(Vtouch {marker}\ntR.".encode()
+
+
+@pytest.mark.parametrize(("module", "name"), [
+    ("os", "system"),
+    ("posix", "system"),
+    ("simulator.checkpoint", "os.system"),  # a trusted module's import, by dotted name
+    ("strategies.factory", "instantiate"),  # Hydra's, imported into a trusted module
+    ("numpy", "load"),  # numpy reads pickles and writes files: only its arrays are trusted
+    ("builtins", "eval"),
+])
+def test_a_crafted_strategy_pickle_runs_nothing_and_names_the_file_and_the_global(run_copy, module, name):
+    marker = run_copy / "marker"
+    (_last(run_copy) / "strategy.pkl").write_bytes(_crafted_pickle(module, name, marker))
+    _reseal(_last(run_copy))
+    with pytest.raises(ConfigError) as error:
+        run_experiment(run_copy, EWC, resume=True)
+    assert not marker.exists()
+    assert str(_last(run_copy) / "strategy.pkl") in str(error.value)
+    assert "refused global" in str(error.value) and name in str(error.value)
+
+
+@pytest.mark.ray
+def test_a_crafted_checkpoint_is_refused_before_ray_starts(run_copy):
+    marker = run_copy / "marker"
+    (_last(run_copy) / "strategy.pkl").write_bytes(_crafted_pickle("os", "system", marker))
+    _reseal(_last(run_copy))
+    with pytest.raises(ConfigError, match="refused global os.system"):
+        run_experiment(run_copy, [*EWC, "engine.backend=ray"], resume=True)
+    assert not marker.exists() and not ray.is_initialized()
+
+
+def _damaged_files(run_dir: Path) -> list[Path]:
+    folder = _last(run_dir)
+    state_file = next(iter(json.loads((folder / "manifest.json").read_text())["client_state"]))
+    names = ["arrays.npz", "strategy.pkl", "state.json", "manifest.json"]
+    return [*(folder / name for name in names), run_dir / "client_state" / state_file]
+
+
+@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("where", [0.0, 0.5, 1.0])
+def test_one_flipped_byte_in_any_checkpoint_file_is_an_error_naming_it(run_copy, index, where):
+    path = _damaged_files(run_copy)[index]
+    data = bytearray(path.read_bytes())
+    data[min(int(where * len(data)), len(data) - 1)] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="damaged|cannot be read") as error:
+        checkpoint.load(run_copy / "checkpoints")
+    assert str(path) in str(error.value)
+
+
+def test_every_flipped_byte_of_the_manifest_is_caught(run_copy):
+    path = _last(run_copy) / "manifest.json"
+    original = path.read_bytes()
+    for offset in range(len(original)):
+        data = bytearray(original)
+        data[offset] ^= 0x01  # the smallest change: a digit or a letter's neighbour
+        path.write_bytes(bytes(data))
+        with pytest.raises(ConfigError, match=str(path)):
+            checkpoint.load(run_copy / "checkpoints")
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_a_truncated_or_missing_checkpoint_file_is_an_error_naming_it(run_copy, index):
+    path = _damaged_files(run_copy)[index]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ConfigError, match="damaged|cannot be read") as error:
+        checkpoint.load(run_copy / "checkpoints")
+    assert str(path) in str(error.value)
+    path.unlink()
+    with pytest.raises(ConfigError, match=f"{path} is missing"):
+        checkpoint.load(run_copy / "checkpoints")
+
+
+def test_a_damaged_last_checkpoint_names_the_previous_which_resumes_to_the_same_numbers(ewc_run, run_copy):
+    arrays = _last(run_copy) / "arrays.npz"
+    arrays.write_bytes(arrays.read_bytes()[:-64])
+    with pytest.raises(ConfigError, match=r"previous checkpoint \(round-000009\) is kept: remove or rename"):
+        run_experiment(run_copy, EWC, resume=True)
+    _last(run_copy).rename(run_copy / "checkpoints" / "round-000010.damaged")
+    run_experiment(run_copy, EWC, resume=True)  # round 10 again, from round 9's states
+    assert _numbers(run_copy) == _numbers(ewc_run)
+    assert _numbers(ewc_run)[1]["forgetting"] > 0
+    assert checkpoint.load(run_copy / "checkpoints").round == 10
+
+
+@pytest.mark.parametrize("damage", ["emptied", "cut"])
+def test_an_emptied_or_cut_metrics_file_does_not_change_the_resumed_run(ewc_run, run_copy, damage):
+    metrics = run_copy / "metrics.jsonl"
+    text = metrics.read_text()
+    metrics.write_text("" if damage == "emptied" else text[: len(text) // 2])
+    shutil.rmtree(_last(run_copy))  # resume from round 9: one round to run, then the summary
+    run_experiment(run_copy, EWC, resume=True)
+    assert _numbers(run_copy) == _numbers(ewc_run)
+    assert not list(run_copy.glob(".metrics.jsonl*"))  # rewritten through a temporary file
+
+
+def test_resuming_a_finished_run_rewrites_its_outputs_from_the_checkpoint(ewc_run, run_copy):
+    (run_copy / "metrics.jsonl").write_text("")
+    (run_copy / "summary.json").unlink()
+    run_experiment(run_copy, EWC, resume=True)
+    assert _numbers(run_copy) == _numbers(ewc_run)
+
+
+def test_resuming_with_fewer_rounds_than_finished_is_refused(ewc_run, run_copy):
+    with pytest.raises(ConfigError, match="rounds = 8: .* has finished round 10; resume with rounds >= 10"):
+        run_experiment(run_copy, [*EWC, "rounds=8"], resume=True)
+    assert _numbers(run_copy) == _numbers(ewc_run)  # nothing rewritten
+
+
+def test_only_the_last_two_checkpoints_are_kept_with_the_state_files_they_name(ewc_run):
+    folders = sorted(p.name for p in (ewc_run / "checkpoints").iterdir())
+    assert folders == ["round-000009", "round-000010"]
+    named = set()
+    for folder in folders:
+        named |= set(json.loads((ewc_run / "checkpoints" / folder / "manifest.json").read_text())["client_state"])
+    assert {p.name for p in (ewc_run / "client_state").iterdir()} == named
