@@ -19,6 +19,7 @@ them; a named file stays valid until a later checkpoint supersedes it, and
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ class ClientStates:
         self._bytes = dict(snapshot.sizes)
         self.total_bytes = sum(self._bytes.values())  # every state's state_bytes, in memory or not
         self.memory_bytes = 0
-        self.collect()  # files written after the snapshot (a run killed mid-round) are not its
+        self._discard_newer_than(max(self._last_round.values(), default=0))
 
     def get(self, client: int) -> dict[str, Any]:
         """Client ``client``'s state (empty before it first trains); its arrays are read-only."""
@@ -145,6 +146,19 @@ class ClientStates:
         named = {*self._files.values(), *keep}
         for path in self.directory.iterdir():
             if path.name not in named:
+                path.unlink()
+
+    def _discard_newer_than(self, last_round: int) -> None:
+        """Delete state files of rounds after ``last_round``: a run killed after its last checkpoint wrote them.
+
+        Older files stay: the previous kept checkpoint may name them, until the
+        next :meth:`collect` knows which it does.
+        """
+        if not self.directory.exists():
+            return
+        for path in self.directory.iterdir():
+            written = re.fullmatch(r"client\d+_round(\d+)\.npz", path.name)
+            if written is None or int(written.group(1)) > last_round:
                 path.unlink()
 
     @property

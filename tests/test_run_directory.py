@@ -2,9 +2,9 @@
 
 import csv
 import json
-import pickle
 
 from conftest import read_metrics
+from simulator import checkpoint
 
 METRIC_KEYS = {"round", "task", "wall_s", "train_loss", "acc_per_task", "acc_seen"}
 SUMMARY_KEYS = {
@@ -50,8 +50,7 @@ def test_tensorboard_events_plot_and_checkpoint_are_written(tiny_run):
     assert events and events[0].stat().st_size > 200
     png = (tiny_run / "plots" / "forgetting.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5_000
-    with (tiny_run / "checkpoints" / "last.pkl").open("rb") as file:
-        assert pickle.load(file).round == 3
+    assert checkpoint.load(tiny_run / "checkpoints").round == 3
 
 
 def test_tensorboard_holds_accuracy_per_round(tiny_run):
