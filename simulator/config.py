@@ -10,6 +10,7 @@ starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,8 @@ class EngineConfig:
     torch_threads: int = 1  # intra-op threads per actor (and the local backend)
     checkpoint_every: int = 1  # rounds between checkpoints; 0 turns them off
     client_state_memory_mb: float = 1024.0  # client states past this spill to files in the run directory
+    client_timeout_s: float | None = 1800.0  # a client training longer fails the run; null: no limit
+    on_nonfinite: str = "fail"  # a client's NaN/inf loss or weights: fail the run | drop its reply
 
 
 @dataclass(frozen=True)
@@ -172,10 +175,17 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+_TOP_LEVEL = ("seed", "rounds", "resume", "strategy", "scenario_name", "hydra")  # besides the sections
+
+
 def load_config(cfg: DictConfig) -> RunConfig:
     """Type-check and value-check a composed config; raise ConfigError on the first problem."""
     scenario = str(cfg.get("scenario_name", "?"))
     where = f"scenarios/scenario/{scenario}.yaml (or the command line)"
+    known = [*_SECTIONS, *_TOP_LEVEL]
+    for key in cfg:
+        if key not in known:
+            raise ConfigError(f"{where}: {key}: unknown key; valid keys: {', '.join(known)}")
     sections = {}
     for key, schema in _SECTIONS.items():
         given = OmegaConf.to_container(cfg.get(key) or {}, resolve=True)
@@ -248,6 +258,8 @@ def _typed(hint: Any, value: Any, path: str, where: str) -> Any:
     ):
         names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
         raise ConfigError(f"{where}: {path} = {value!r}: expected {names}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {path} = {value!r}: expected a finite number")
     return value
 
 
@@ -306,6 +318,8 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
         ("engine.torch_threads", run.engine.torch_threads >= 1, "must be at least 1"),
         ("engine.checkpoint_every", run.engine.checkpoint_every >= 0, "must be >= 0"),
         ("engine.client_state_memory_mb", run.engine.client_state_memory_mb >= 0, "must be >= 0"),
+        ("engine.client_timeout_s", run.engine.client_timeout_s is None or run.engine.client_timeout_s > 0, "must be > 0 (null: no limit)"),
+        ("engine.on_nonfinite", run.engine.on_nonfinite in ("fail", "drop"), "expected 'fail' or 'drop'"),
     ]
     return [(key, reason) for key, ok, reason in checks if not ok]
 

@@ -5,6 +5,6 @@ Flower's own strategies are chosen by short name through the config group
 subclass, a user's own included, by ``strategy._target_=pkg.Class``.
 """
 
-from strategies.factory import build_strategy, check_node_minimums, strategy_layers
+from strategies.factory import build_strategy, check_sampling, strategy_layers
 
-__all__ = ["build_strategy", "check_node_minimums", "strategy_layers"]
+__all__ = ["build_strategy", "check_sampling", "strategy_layers"]

@@ -16,11 +16,19 @@ from simulator.config import ConfigError
 _NODE_MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
 
 
-def check_node_minimums(strategy: Strategy, present: int, why: str) -> None:
-    """Reject minimums above the ``present`` clients: Flower would wait for them forever.
+def check_sampling(strategy: Strategy, present: int, why: str, federated_evaluation: bool) -> None:
+    """Reject sampling Flower would wait on forever, or that samples no client.
 
-    ``why`` says where ``present`` comes from, for the message.
+    ``present`` is the fewest clients present in any round and ``why`` says
+    where it comes from, for the message. Flower samples ``max(int(n *
+    fraction), minimum)`` of the ``n`` clients and waits until that many
+    exist: a fraction above 1 or a minimum above ``present`` never comes true.
+    The evaluation fraction matters only where the engine runs the strategy's
+    evaluation (``eval.federated``); 0 there means none.
     """
+    fractions = [("fraction_train", "min_train_nodes", False)]
+    if federated_evaluation:
+        fractions.append(("fraction_evaluate", "min_evaluate_nodes", True))
     for path, layer in strategy_layers(strategy):
         for attribute in _NODE_MINIMUMS:
             value = getattr(layer, attribute, 0)
@@ -28,6 +36,19 @@ def check_node_minimums(strategy: Strategy, present: int, why: str) -> None:
                 raise ConfigError(
                     f"{path}.{attribute} = {value}: only {present} clients are present ({why}); "
                     "the strategy would wait forever for clients"
+                )
+        for attribute, minimum, zero_allowed in fractions:
+            if not hasattr(layer, attribute):
+                continue
+            fraction, least = getattr(layer, attribute), getattr(layer, minimum, 0)
+            if not (0 <= fraction <= 1 if zero_allowed else 0 < fraction <= 1):
+                interval = "[0, 1]" if zero_allowed else "(0, 1]"
+                consequence = "; Flower would wait forever for more clients than exist" if fraction > 1 else ""
+                raise ConfigError(f"{path}.{attribute} = {fraction}: must be in {interval}{consequence}")
+            if not zero_allowed and max(int(present * fraction), least) < 1:
+                raise ConfigError(
+                    f"{path}.{attribute} = {fraction} with {path}.{minimum} = {least} samples no client of "
+                    f"the {present} present ({why}); raise either"
                 )
 
 
