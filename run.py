@@ -15,6 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from simulator.backends import ClientFailure
 from simulator.config import ConfigError, load_config
 from simulator.engine import Experiment
 from strategies import build_strategy
@@ -31,6 +32,9 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except ClientFailure as error:  # the client's own traceback is in the message
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     print(f"run directory: {run_dir}")
     print(json.dumps(summary, indent=2))
     return summary["final_accuracy"]

@@ -24,7 +24,6 @@ the client's state: two copies of the model's parameters.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +41,7 @@ class EWCSettings:
     fisher_samples: int = 200  # samples of the task just left used to estimate its Fisher
 
     def problems(self) -> list[tuple[str, str]]:
-        checks = [("strength", 0 <= self.strength < math.inf, "must be finite and >= 0"),
+        checks = [("strength", self.strength >= 0, "must be >= 0"),
                   ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
                   ("fisher_samples", self.fisher_samples >= 1, "must be at least 1")]
         return [(key, reason) for key, ok, reason in checks if not ok]

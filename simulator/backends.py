@@ -18,6 +18,9 @@ from simulator.config import ConfigError, RunConfig
 from simulator.worker import ClientJob, ClientOutcome, ClientWorker, WorkerData
 
 
+CALL_GRACE_S = 30.0  # on top of the clients' time limits: what an actor call may take beyond them
+
+
 class ClientFailure(RuntimeError):
     """A client (or the actor hosting it) failed; the run stops with its traceback."""
 
@@ -59,6 +62,7 @@ class RayBackend(Backend):
 
         self.ray = ray
         engine = run.engine
+        self.client_timeout_s = engine.client_timeout_s
         # Opt into Ray's coming default (and out of its warning about it): actors that ask
         # for no GPU leave CUDA_VISIBLE_DEVICES alone. A worker uses a GPU only if given one.
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -113,13 +117,24 @@ class RayBackend(Backend):
         ]
         outcomes: dict[int, ClientOutcome] = {}
         for share, call in calls:
+            clients = [job.client_id for job in share]
             try:
-                results = self.ray.get(call)
+                results = self.ray.get(call, timeout=self._call_timeout(len(share)))
+            except self.ray.exceptions.GetTimeoutError as error:
+                raise ClientFailure(
+                    f"the actor running clients {clients} in round {share[0].server_round} ran past "
+                    f"engine.client_timeout_s = {self.client_timeout_s} s per client"
+                ) from error
             except self.ray.exceptions.RayError as error:
-                clients = [job.client_id for job in share]
                 raise ClientFailure(f"the actor running clients {clients} failed:\n{error}") from error
             outcomes.update((id(job), result) for job, result in zip(share, results))
         return [outcomes[id(job)] for job in jobs]
+
+    def _call_timeout(self, clients: int) -> float | None:
+        """The wait for one actor call: backstop to the worker's per-client timer (C code it cannot interrupt)."""
+        if self.client_timeout_s is None:
+            return None
+        return self.client_timeout_s * clients + CALL_GRACE_S
 
     def close(self) -> None:
         for actor in self.actors:

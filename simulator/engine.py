@@ -26,7 +26,7 @@ from clients import resolve_method
 from clients.fedprox import FedProxClient
 from clients.models import build_model
 from simulator import checkpoint, metrics
-from simulator.backends import make_backend
+from simulator.backends import ClientFailure, make_backend
 from simulator.client_state import ClientStates
 from simulator.config import ConfigError, RunConfig, to_dict
 from simulator.data import load_dataset
@@ -38,7 +38,7 @@ from simulator.run_dir import RunDirectory
 from simulator.seeding import Purpose, derive_seed, seeded_global_state, torch_generator
 from simulator.streams import Stream, build_stream
 from simulator.worker import WorkerData
-from strategies import check_node_minimums, strategy_layers
+from strategies import check_sampling, strategy_layers
 
 SERVER_NODE_ID = 1  # Flower's SuperLink node id: the source of every instruction
 log = logging.getLogger("fedstream")
@@ -68,7 +68,8 @@ class Experiment:
         if rounds is None:
             raise ConfigError(f"rounds = None: stream.kind = {cfg.stream.kind!r} needs rounds set")
         fewest = min(len(stream.available_clients(r)) for r in range(1, rounds + 1))
-        check_node_minimums(self.strategy, fewest, f"the fewest in any round of stream.kind = {cfg.stream.kind!r}")
+        check_sampling(self.strategy, fewest, f"the fewest in any round of stream.kind = {cfg.stream.kind!r}",
+                       federated_evaluation=cfg.eval.federated)
 
         # 2. Model: the server's copy, seeded; its weights are the initial global arrays,
         #    and its accuracy on each task is the baseline of forward transfer.
@@ -109,7 +110,8 @@ class Experiment:
         # 4. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface.
         backend = make_backend(cfg, WorkerData.of(stream))
         stream.use_arrays(backend.data)  # with Ray, the object store's copy: the driver's own is freed
-        grid = SimulationGrid(backend, stream, states, cfg.eval.client_test_size, run_id=cfg.seed)
+        grid = SimulationGrid(backend, stream, states, cfg.eval.client_test_size, run_id=cfg.seed,
+                              on_nonfinite=cfg.engine.on_nonfinite)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = cfg.seed, SERVER_NODE_ID, 0
         progress = tqdm(
             range(first_round, rounds + 1), initial=first_round - 1, total=rounds,
@@ -124,6 +126,7 @@ class Experiment:
                     replies = grid.send_and_receive(messages)
                     new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
                 if new_arrays is not None:
+                    _check_finite(new_arrays, server_round, self.strategy)
                     arrays = new_arrays
 
                 # 6. Evaluate the global model on every task, and on the clients' own data,
@@ -133,6 +136,7 @@ class Experiment:
                 if server_round % cfg.eval.every == 0 or last_of_task:
                     model.load_state_dict(arrays.to_torch_state_dict())
                     record = self._evaluate(model, stream, server_round, train_metrics)
+                    record["nonfinite_dropped"] = grid.nonfinite_dropped
                     record["client_state_mb"] = round(states.total_bytes / 2**20, 6)
                     record["client_state_spilled_mb"] = round(states.spilled_bytes / 2**20, 6)
                     record["wall_s"] = round(elapsed(), 3)
@@ -216,6 +220,15 @@ class Experiment:
                 "set client.method=fedprox to apply the proximal term",
                 PROXIMAL_MU, mu, self.run_cfg.client.method,
             )
+
+
+def _check_finite(arrays: ArrayRecord, server_round: int, strategy: Strategy) -> None:
+    """Stop where the global model stops being numbers, naming the round and the strategy."""
+    if not all(np.isfinite(a).all() for a in arrays.to_numpy_ndarrays()):
+        raise ClientFailure(
+            f"round {server_round}: {type(strategy).__name__} aggregated non-finite global weights "
+            "(training diverged)"
+        )
 
 
 def _client_metrics(record: MetricRecord | None) -> dict[str, float]:

@@ -35,11 +35,14 @@ class SimulationGrid(Grid):
     """A Grid whose nodes are simulated clients run by a :class:`Backend`."""
 
     def __init__(
-        self, backend: Backend, stream: Stream, states: ClientStates, client_test_size: int, run_id: int
+        self, backend: Backend, stream: Stream, states: ClientStates, client_test_size: int, run_id: int,
+        on_nonfinite: str = "fail",
     ) -> None:
         self.backend = backend
         self.stream = stream
         self.states = states
+        self.on_nonfinite = on_nonfinite  # fail | drop: what a client's NaN/inf loss or weights do
+        self.nonfinite_dropped = 0  # replies left out so far (on_nonfinite = drop)
         self.client_test_size = client_test_size
         self._run = Run.create_empty(run_id)
         self._ids = itertools.count()
@@ -75,7 +78,8 @@ class SimulationGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         for message, reply in zip(messages, self._execute(messages)):
-            self._replies[message.metadata.message_id] = reply
+            if reply is not None:
+                self._replies[message.metadata.message_id] = reply
         return [message.metadata.message_id for message in messages]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -85,9 +89,10 @@ class SimulationGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Run every message's client now; ``timeout`` has nothing to wait for."""
-        return self._execute(list(messages))
+        return [reply for reply in self._execute(list(messages)) if reply is not None]
 
-    def _execute(self, messages: list[Message]) -> list[Message]:
+    def _execute(self, messages: list[Message]) -> list[Message | None]:
+        """The replies in message order; None for a reply left out as non-finite."""
         if not messages:
             return []
         records: list[ArrayRecord] = []
@@ -97,11 +102,21 @@ class SimulationGrid(Grid):
             message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
             jobs.append(self._job(message, records, present))
         outcomes = self.backend.run(jobs, [record.to_numpy_ndarrays() for record in records])
+        failed = next((o for o in outcomes if o.error is not None), None)
+        if failed is not None:
+            raise ClientFailure(f"client {failed.client_id} failed in round {self.server_round}:\n{failed.error}")
+        diverged = [o.client_id for o in outcomes if not o.finite]
+        if diverged and self.on_nonfinite == "fail":
+            raise ClientFailure(
+                f"round {self.server_round}: clients {diverged} returned a non-finite loss or weights "
+                "(training diverged); engine.on_nonfinite=drop leaves such replies out of aggregation"
+            )
+        self.nonfinite_dropped += len(diverged)
         for job, outcome in zip(jobs, outcomes):
-            if outcome.state is not None and outcome.error is None:
+            if outcome.state is not None and outcome.finite:
                 self.states.put(job.client_id, job.server_round, outcome.state)
         return [
-            self._reply(message, outcome, list(records[job.weights_index].keys()))
+            self._reply(message, outcome, list(records[job.weights_index].keys())) if outcome.finite else None
             for message, job, outcome in zip(messages, jobs, outcomes)
         ]
 
@@ -143,8 +158,6 @@ class SimulationGrid(Grid):
         )
 
     def _reply(self, message: Message, outcome: ClientOutcome, keys: list[str]) -> Message:
-        if outcome.error is not None:
-            raise ClientFailure(f"client {outcome.client_id} failed:\n{outcome.error}")
         content = RecordDict({"metrics": MetricRecord(outcome.metrics)})
         if outcome.arrays is not None:
             content["arrays"] = held_array_record(keys, outcome.arrays)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,10 @@ class RunDirectory:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one evaluation to metrics.jsonl and TensorBoard."""
+        record = finite_or_null(record)
         self.records.append(record)
         with self.metrics_path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
+            file.write(json.dumps(record, allow_nan=False) + "\n")
         step = record["round"]
         for key, value in record.items():
             if isinstance(value, float):
@@ -81,9 +83,21 @@ class RunDirectory:
             "rounds": rounds,
             "wall_time_s": round(wall_time_s, 3),
         }
+        summary = finite_or_null(summary)
         for key, value in summary.items():
             if isinstance(value, float) and key != "wall_time_s":
                 self.tensorboard.add_scalar(f"summary/{key}", value, rounds)
         self.tensorboard.close()
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         return summary
+
+
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinity, however nested, as None: strict JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(v) for v in value]
+    return value

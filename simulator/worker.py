@@ -10,6 +10,7 @@ whole share of a cohort an actor trains, and the global weights once.
 
 from __future__ import annotations
 
+import math
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from clients.base import Batch, PreviousTask, TrainContext, masked
 from clients.models import build_model
 from simulator.client_state import check_state
 from simulator.config import RunConfig
+from simulator.deadline import deadline
 from simulator.keys import (
     ACCURACY, CLIPPING_NORM, EVAL_LOSS, LEARNING_RATE, NORM_BIT, NUM_EXAMPLES, TRAIN_LOSS,
 )
@@ -57,6 +59,7 @@ class ClientOutcome:
     metrics: dict[str, float]
     error: str | None = None
     state: dict[str, Any] | None = None  # TRAIN: the state to keep for the client's next round
+    finite: bool = True  # TRAIN: its loss and weights are finite numbers
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,17 @@ class ClientWorker:
         return [self._run_one(job, weights[job.weights_index]) for job in jobs]
 
     def _run_one(self, job: ClientJob, weights: list[np.ndarray]) -> ClientOutcome:
+        limit = self.run_cfg.engine.client_timeout_s
+        late = f"client {job.client_id} ran longer than engine.client_timeout_s = {limit} s in round {job.server_round}"
         try:
-            self._load(weights)
-            if job.kind == TRAIN:
-                return self._train(job, weights)
-            return self._evaluate(job)
-        except Exception:  # noqa: BLE001 - reported with the client id, fails the run
+            with deadline(limit, late):
+                self._load(weights)
+                if job.kind == TRAIN:
+                    return self._train(job, weights)
+                return self._evaluate(job)
+        # Reported with the client id, failing the run; SystemExit too: a client's sys.exit(0)
+        # must not end the run as a success.
+        except (Exception, SystemExit):  # noqa: BLE001
             return ClientOutcome(job.client_id, None, {}, error=traceback.format_exc())
 
     def _load(self, weights: list[np.ndarray]) -> None:
@@ -150,7 +158,8 @@ class ClientWorker:
         if CLIPPING_NORM in job.config:
             within = clip_update(arrays, global_weights, float(job.config[CLIPPING_NORM]))
             metrics[NORM_BIT] = float(within)
-        return ClientOutcome(job.client_id, arrays, metrics, state=check_state(context.state))
+        finite = math.isfinite(result.train_loss) and all(np.isfinite(a).all() for a in arrays)
+        return ClientOutcome(job.client_id, arrays, metrics, state=check_state(context.state), finite=finite)
 
     def _evaluate(self, job: ClientJob) -> ClientOutcome:
         x = self._tensor(self.data.x_test[job.indices])

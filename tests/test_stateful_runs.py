@@ -162,7 +162,7 @@ def test_a_clients_own_task_schedule_drives_begin_task_with_the_task_and_data_it
     ("client.recorder.lable=x", r"client\.recorder\.lable: unknown key; valid keys: label, repeat"),
     ("client.lr_typo=0.1", r"client\.lr_typo = 0\.1: unknown key; valid keys: method, lr"),
     ("client.replay.batch_size=0", r"client\.replay\.batch_size = 0: must be at least 1"),
-    ("client.ewc.strength=inf", r"client\.ewc\.strength = inf: must be finite"),
+    ("client.ewc.strength=inf", r"client\.ewc\.strength = inf: expected a finite number"),
     ("client.replya.buffer_size=5", r"client\.replya: no client method has this section; did you mean client\.replay\?"),
     ("client.replay=5", r"client\.replay = 5: unknown key; .* or a client method's section"),
 ])

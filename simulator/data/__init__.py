@@ -53,4 +53,11 @@ def load_dataset(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
         raise ConfigError(
             f"data.dataset = {cfg.dataset!r}: unknown dataset; valid: {sorted(DATASETS)}"
         )
-    return DATASETS[cfg.dataset](cfg, num_clients, rng(seed, Purpose.DATA))
+    dataset = DATASETS[cfg.dataset](cfg, num_clients, rng(seed, Purpose.DATA))
+    for name in ("x_train", "x_test"):
+        inputs = getattr(dataset, name)
+        if not np.isfinite(inputs).all():
+            bad = int(np.count_nonzero(~np.isfinite(inputs).reshape(len(inputs), -1).all(axis=1)))
+            where = f"data.path = {cfg.path!r}" if cfg.path else f"data.dataset = {cfg.dataset!r}"
+            raise ConfigError(f"{where}: {bad} samples of {name} hold NaN or infinite values")
+    return dataset

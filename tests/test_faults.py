@@ -1,0 +1,123 @@
+"""Faults end the run loudly, naming what failed: hangs, divergence, a client's exit, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from conftest import ROOT, TINY, compose_run, read_metrics, run_experiment
+from simulator.backends import ClientFailure
+from simulator.config import ConfigError
+
+USER_CODE = ROOT / "tests" / "user_code"
+EVERY_CLIENT = ["federation.clients_per_round=20", "strategy.min_available_nodes=20"]
+
+
+@pytest.fixture
+def user_code(monkeypatch):
+    monkeypatch.syspath_prepend(str(USER_CODE))
+    monkeypatch.setenv("PYTHONPATH", f"{USER_CODE}:{ROOT}")  # Ray workers import it too
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["strategy.fraction_train=2.0"], r"strategy\.fraction_train = 2\.0: must be in \(0, 1\]; Flower would wait"),
+    (["strategy.fraction_evaluate=2.0", "eval.federated=true"], r"strategy\.fraction_evaluate = 2\.0: must be in \[0, 1\]"),
+    (["strategy.fraction_train=0", "strategy.min_train_nodes=0"], r"strategy\.fraction_train = 0: must be in \(0, 1\]"),
+    (["strategy.fraction_train=0.01", "strategy.min_train_nodes=0"], r"fraction_train = 0\.01 with strategy\.min_train_nodes = 0 samples no client"),
+    (["strategy.min_train_nodes=21"], r"strategy\.min_train_nodes = 21: only 20 clients are present"),
+])
+def test_sampling_flower_would_wait_on_forever_or_that_trains_nobody_is_rejected(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(tmp_path, [*TINY, *overrides])
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_a_blocking_client_fails_the_run_within_its_timeout_naming_client_and_round(
+    tmp_path, user_code, backend
+):
+    overrides = ["rounds=3", f"engine.backend={backend}", *EVERY_CLIENT, "engine.client_timeout_s=2",
+                 "client.method=faulty_clients.BlocksOnClientThree"]
+    started = time.monotonic()
+    with pytest.raises(ClientFailure, match=r"client 3 ran longer than engine.client_timeout_s = 2\.0 s in round 2"):
+        run_experiment(tmp_path, overrides)
+    assert time.monotonic() - started < 60
+    assert [r["round"] for r in read_metrics(tmp_path)] == [1]  # round 1 finished and was kept
+    assert not ray.is_initialized()  # the actors and Ray are cleaned up
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_a_client_that_exits_fails_the_run_instead_of_ending_it_as_a_success(tmp_path, user_code, backend):
+    overrides = ["rounds=2", f"engine.backend={backend}", *EVERY_CLIENT,
+                 "client.method=faulty_clients.ExitsOnClientThree"]
+    with pytest.raises(ClientFailure, match=r"client 3 failed in round 1|clients \[.*\b3\b.*\] failed"):
+        run_experiment(tmp_path, overrides)
+
+
+def test_a_client_exit_gives_a_nonzero_exit_code_from_the_command_line(tmp_path):
+    command = [sys.executable, "run.py", f"hydra.run.dir={tmp_path}", *TINY, *EVERY_CLIENT,
+               "client.method=faulty_clients.ExitsOnClientThree"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": f"{USER_CODE}:{ROOT}"})
+    assert done.returncode == 1 and "error: client 3 failed in round 1" in done.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_nan_client_stops_the_run_naming_round_and_client(tmp_path, user_code):
+    overrides = [*TINY, *EVERY_CLIENT, "client.method=faulty_clients.NaNOnClientThree"]
+    with pytest.raises(ClientFailure, match=r"round 2: clients \[3\] returned a non-finite loss or weights"):
+        run_experiment(tmp_path, overrides)
+
+
+def test_with_on_nonfinite_drop_a_nan_client_is_left_out_and_counted(tmp_path, user_code):
+    overrides = [*TINY, *EVERY_CLIENT, "client.method=faulty_clients.NaNOnClientThree",
+                 "engine.on_nonfinite=drop"]
+    summary = run_experiment(tmp_path, overrides)
+    assert [r["nonfinite_dropped"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+    assert summary["final_accuracy"] > 0.5  # the global model stayed numbers and learned
+
+
+def test_a_learning_rate_that_diverges_ends_the_run_with_the_round(tmp_path):
+    with pytest.raises(ClientFailure, match=r"round 1: clients \[.*\] returned a non-finite"):
+        run_experiment(tmp_path, [*TINY, "client.lr=1e6"])
+
+
+def test_metrics_are_strict_json_with_null_for_undefined_numbers(tmp_path):
+    run_experiment(tmp_path, [*TINY, "rounds=1"])  # one task: forgetting and bwt are undefined
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON number {constant}")
+
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["forgetting"] is None
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["client.lr=inf"], r"client\.lr = inf: expected a finite number"),
+    (["stream.max_angle=nan"], r"stream\.max_angle = nan: expected a finite number"),
+    (["+foo=1"], r"foo: unknown key; valid keys: data, stream"),
+    (["+round=20"], r"round: unknown key"),
+    (["engine.client_timeout_s=0"], r"engine\.client_timeout_s = 0\.0: must be > 0"),
+    (["engine.on_nonfinite=ignore"], r"engine\.on_nonfinite = 'ignore': expected 'fail' or 'drop'"),
+])
+def test_non_finite_values_and_unknown_keys_are_rejected_with_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_run(overrides)
+
+
+def test_an_npz_with_nan_inputs_is_rejected_before_training(tmp_path):
+    x = np.random.default_rng(0).random((50, 4)).astype(np.float32)
+    x[7, 2] = np.nan
+    np.savez(tmp_path / "bad.npz", x=x, y=np.arange(50) % 2)
+    with pytest.raises(ConfigError, match=r"data.path = '.*bad.npz': 1 samples of x_train hold NaN"):
+        run_experiment(tmp_path / "run", ["scenario=npz", f"data.path={tmp_path / 'bad.npz'}",
+                                          "engine.backend=local", "rounds=1", "federation.num_clients=4",
+                                          "federation.clients_per_round=2"])
