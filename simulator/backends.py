@@ -86,8 +86,11 @@ class RayBackend(Backend):
             raise
         data_ref = ray.put(data)
         self.data = ray.get(data_ref)  # read-only views of the object store's copy
+        # A dead actor comes back (same init: same model, same data) and Ray reruns its call:
+        # where and how often a share runs never changes its outcomes.
         actor_class = ray.remote(ClientWorker).options(
-            num_cpus=engine.num_cpus_per_actor, num_gpus=engine.num_gpus_per_actor
+            num_cpus=engine.num_cpus_per_actor, num_gpus=engine.num_gpus_per_actor,
+            max_restarts=engine.max_actor_restarts, max_task_retries=engine.max_actor_restarts,
         )
         gpu = engine.num_gpus_per_actor > 0
         self.actors = [actor_class.remote(run, data_ref, gpu) for _ in range(engine.num_actors)]

@@ -145,6 +145,7 @@ class EngineConfig:
     client_state_memory_mb: float = 1024.0  # client states past this spill to files in the run directory
     client_timeout_s: float | None = 1800.0  # a client training longer fails the run; null: no limit
     on_nonfinite: str = "fail"  # a client's NaN/inf loss or weights: fail the run | drop its reply
+    max_actor_restarts: int = 2  # a dead actor is restarted and its share of the round rerun, this often
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,9 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
         ("engine.torch_threads", run.engine.torch_threads >= 1, "must be at least 1"),
         ("engine.checkpoint_every", run.engine.checkpoint_every >= 0, "must be >= 0"),
         ("engine.client_state_memory_mb", run.engine.client_state_memory_mb >= 0, "must be >= 0"),
-        ("engine.client_timeout_s", run.engine.client_timeout_s is None or run.engine.client_timeout_s > 0, "must be > 0 (null: no limit)"),
+        ("engine.client_timeout_s", run.engine.client_timeout_s is None or run.engine.client_timeout_s > 0,
+         "must be > 0 (null: no limit)"),
+        ("engine.max_actor_restarts", run.engine.max_actor_restarts >= 0, "must be >= 0"),
         ("engine.on_nonfinite", run.engine.on_nonfinite in ("fail", "drop"), "expected 'fail' or 'drop'"),
     ]
     return [(key, reason) for key, ok, reason in checks if not ok]
