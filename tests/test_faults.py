@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 import ray
 
@@ -121,3 +122,33 @@ def test_an_npz_with_nan_inputs_is_rejected_before_training(tmp_path):
         run_experiment(tmp_path / "run", ["scenario=npz", f"data.path={tmp_path / 'bad.npz'}",
                                           "engine.backend=local", "rounds=1", "federation.num_clients=4",
                                           "federation.clients_per_round=2"])
+
+
+@pytest.mark.ray
+def test_a_killed_actor_is_restarted_and_the_run_ends_with_the_uninterrupted_numbers(tmp_path):
+    common = ["rounds=12", "seed=4"]
+    run_experiment(tmp_path / "whole", [*common, "engine.backend=local"])
+    command = [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'killed'}", *common,
+               "engine.backend=ray", "engine.num_actors=2"]
+    run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "killed" / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before an actor was killed"
+        time.sleep(0.01)
+    actors = [p for p in psutil.process_iter(["cmdline"]) if "ray::ClientWorker" in " ".join(p.info["cmdline"] or [])]
+    assert actors, "no actor process found"
+    actors[0].kill()
+    killed_after = len(metrics.read_text().splitlines())
+    assert run.wait(timeout=300) == 0, run.stderr.read()[-3000:]
+    assert killed_after < 12
+    strip = lambda records: [{k: v for k, v in r.items() if k != "wall_s"} for r in records]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "killed")) == strip(read_metrics(tmp_path / "whole"))
+
+
+@pytest.mark.ray
+def test_an_actor_that_keeps_dying_fails_the_run_naming_its_clients_after_the_restarts(tmp_path, user_code):
+    overrides = ["rounds=2", "engine.backend=ray", *EVERY_CLIENT, "engine.max_actor_restarts=1",
+                 "client.method=faulty_clients.KillsItsProcessOnClientThree"]
+    with pytest.raises(ClientFailure, match=r"the actor running clients \[[\d, ]*\b3\b[\d, ]*\] failed"):
+        run_experiment(tmp_path, overrides)
+    assert not ray.is_initialized()

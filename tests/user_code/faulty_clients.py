@@ -1,5 +1,6 @@
 """Users' client methods that misbehave on one client: each must fail the run, naming it."""
 
+import os
 import sys
 import time
 
@@ -32,3 +33,11 @@ class NaNOnClientThree(SGDClient):
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
         return {}
+
+
+class KillsItsProcessOnClientThree(SGDClient):
+    """Plain SGD, except client 3 ends the process hosting it (an actor, on Ray)."""
+
+    def begin(self, model, context):
+        if context.client_id == 3:
+            os._exit(1)
