@@ -51,9 +51,17 @@ ARRAYS, STRATEGY, STATE, MANIFEST = "arrays.npz", "strategy.pkl", "state.json", 
 KEPT = 2  # checkpoints kept: the last, and the previous in case the last is damaged
 _FOLDER = re.compile(r"round-(\d+)")
 
-# What a strategy's pickle may name: whole packages (their classes and functions), and
-# from numpy only what arrays, scalars and dtypes need (np.load or np.memmap write files).
-_TRUSTED_PACKAGES = ("flwr.app", "flwr.common", "flwr.serverapp", "strategies")
+# What a strategy's pickle may name: the classes of Flower's record and strategy packages
+# and of the configured strategy's modules; functions only from that list or these modules
+# (a function is a gadget: one that builds objects from a dict can call anything); from
+# numpy only what arrays, scalars and dtypes need (np.load or np.memmap touch files).
+_TRUSTED_PACKAGES = ("flwr.app", "flwr.common", "flwr.serverapp")
+_TRUSTED_FUNCTIONS = {
+    ("flwr.serverapp.strategy.strategy_utils", "aggregate_metricrecords"),  # FedAvg's metric defaults
+    ("flwr.serverapp.strategy.multikrum", "select_multikrum"),
+    *((f"flwr.app.message.{record}", check) for record in ("arrayrecord", "metricrecord", "configrecord")
+      for check in ("_check_key", "_check_value")),
+}
 _TRUSTED_GLOBALS = {
     ("builtins", name) for name in ("complex", "set", "frozenset", "bytearray", "slice", "range", "object")
 } | {("collections", name) for name in ("OrderedDict", "defaultdict", "deque", "Counter")} | {
@@ -76,6 +84,7 @@ class Checkpoint:
     config: dict[str, Any]  # the run config, to refuse resuming a different run
     num_tasks: int  # the stream's tasks: more rounds must not change them (label shift)
     records: list[dict[str, Any]]  # metrics.jsonl's records so far: resume rebuilds it from them
+    nonfinite_dropped: int  # replies left out as non-finite so far (engine.on_nonfinite = drop)
 
 
 def save(directory: Path, checkpoint: Checkpoint) -> None:
@@ -116,17 +125,21 @@ def load(directory: Path, strategy_modules: Iterable[str] = ()) -> Checkpoint:
     if not found:
         raise ConfigError(f"resume = true: there is no checkpoint at {directory}")
     try:
-        return _read(found[-1], (*_TRUSTED_PACKAGES, *strategy_modules))
+        return _read(found[-1], tuple(strategy_modules))
     except ConfigError as error:
         if len(found) == 1:
             raise ConfigError(f"resume = true: {error}; no earlier checkpoint is kept") from None
+        try:
+            _read(found[-2], tuple(strategy_modules))
+        except ConfigError as earlier:  # a client-state file both name, say
+            raise ConfigError(f"resume = true: {error}; the previous checkpoint is damaged too: {earlier}") from None
         raise ConfigError(
-            f"resume = true: {error}. The previous checkpoint ({found[-2].name}) is kept: remove or "
+            f"resume = true: {error}. The previous checkpoint ({found[-2].name}) is intact: remove or "
             f"rename {found[-1]} and resume again to continue from it"
         ) from None
 
 
-def _read(folder: Path, trusted: tuple[str, ...]) -> Checkpoint:
+def _read(folder: Path, strategy_modules: tuple[str, ...]) -> Checkpoint:
     manifest = _read_manifest(folder)
     for name in (ARRAYS, STRATEGY, STATE):
         _verify(folder / name, manifest["files"].get(name))
@@ -135,7 +148,7 @@ def _read(folder: Path, trusted: tuple[str, ...]) -> Checkpoint:
     with _reading(folder / ARRAYS), np.load(folder / ARRAYS, allow_pickle=False) as file:
         arrays = ArrayRecord(array_dict=OrderedDict((key, Array(file[key])) for key in file.files))
     with _reading(folder / STRATEGY), (folder / STRATEGY).open("rb") as file:
-        strategy = _TrustedUnpickler(file, trusted).load()
+        strategy = _TrustedUnpickler(file, strategy_modules).load()
     with _reading(folder / STATE):
         state = json.loads((folder / STATE).read_text())
         snapshot = StoreSnapshot(**{
@@ -145,7 +158,7 @@ def _read(folder: Path, trusted: tuple[str, ...]) -> Checkpoint:
         return Checkpoint(
             round=state["round"], arrays=arrays, strategy=strategy, client_states=snapshot,
             wall_s=state["wall_s"], config=state["config"], num_tasks=state["num_tasks"],
-            records=state["records"],
+            records=state["records"], nonfinite_dropped=state["nonfinite_dropped"],
         )
 
 
@@ -155,6 +168,7 @@ def _plain(checkpoint: Checkpoint) -> dict[str, Any]:
     return {
         "round": checkpoint.round, "wall_s": checkpoint.wall_s, "config": checkpoint.config,
         "num_tasks": checkpoint.num_tasks, "records": checkpoint.records,
+        "nonfinite_dropped": checkpoint.nonfinite_dropped,
         "client_states": {"files": snapshot.files, "last_round": snapshot.last_round, "sizes": snapshot.sizes},
     }
 
@@ -162,28 +176,35 @@ def _plain(checkpoint: Checkpoint) -> dict[str, Any]:
 class _TrustedUnpickler(pickle.Unpickler):
     """Resolves only trusted globals, so unpickling cannot call anything else (os.system, np.load, ...)."""
 
-    def __init__(self, file: Any, trusted: tuple[str, ...]) -> None:
+    def __init__(self, file: Any, strategy_modules: tuple[str, ...]) -> None:
         super().__init__(file)
-        self.trusted = trusted
+        self.strategy_modules = strategy_modules  # the configured strategy's: imported already
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _TRUSTED_GLOBALS:
+        # Every check on the names comes before the import: importing a module runs it.
+        if (module, name) in _TRUSTED_GLOBALS | _TRUSTED_FUNCTIONS:
             return super().find_class(module, name)
         if self._trusted_module(module):
             found = super().find_class(module, name)
-            # The object itself must be a class or function of a trusted module: a dotted
-            # name or an import ("strategies.factory", "instantiate") may lead elsewhere.
-            if (isinstance(found, type) or inspect.isfunction(found)) and self._trusted_module(found.__module__):
+            # The object itself must be of a trusted module too: a dotted name or an import
+            # may lead elsewhere; and a class, or a function of the strategy's own modules.
+            own = getattr(found, "__module__", None)
+            if isinstance(found, type) and self._trusted_module(own) or (
+                inspect.isfunction(found) and own in self.strategy_modules
+            ):
                 return found
         if module.split(".")[0] == "numpy" and self._numpy_value_type(super().find_class(module, name)):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
-            f"refused global {module}.{name}: a checkpoint's strategy may only name classes and functions "
-            f"of {', '.join(self.trusted)}, and numpy arrays and scalars"
+            f"refused global {module}.{name}: a checkpoint's strategy may only name classes of "
+            f"{', '.join((*_TRUSTED_PACKAGES, *self.strategy_modules))}, functions of the last, "
+            "and numpy arrays and scalars"
         )
 
-    def _trusted_module(self, module: str) -> bool:
-        return any(module == trusted or module.startswith(f"{trusted}.") for trusted in self.trusted)
+    def _trusted_module(self, module: str | None) -> bool:
+        return module is not None and (module in self.strategy_modules or any(
+            module == trusted or module.startswith(f"{trusted}.") for trusted in _TRUSTED_PACKAGES
+        ))
 
     @staticmethod
     def _numpy_value_type(found: Any) -> bool:

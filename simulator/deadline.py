@@ -16,14 +16,26 @@ import threading
 from collections.abc import Iterator
 
 
-class ClientTimeout(Exception):
-    """A client ran past ``engine.client_timeout_s``."""
+class ClientTimeout(BaseException):
+    """A client ran past ``engine.client_timeout_s``.
+
+    A BaseException, so a client's own ``except Exception`` cannot swallow it;
+    the timer also fires again every second until the client gives up.
+    """
 
 
 @contextlib.contextmanager
 def deadline(seconds: float | None, message: str) -> Iterator[None]:
-    """Raise :class:`ClientTimeout` with ``message`` if the block runs longer than ``seconds``."""
-    if seconds is None or threading.current_thread() is not threading.main_thread():
+    """Raise :class:`ClientTimeout` with ``message`` if the block runs longer than ``seconds``.
+
+    Where a timer is already set (an outer watchdog, pytest-timeout), it is
+    left alone and the block runs without a limit of its own.
+    """
+    if (
+        seconds is None
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getitimer(signal.ITIMER_REAL)[0] > 0
+    ):
         yield
         return
 
@@ -31,9 +43,11 @@ def deadline(seconds: float | None, message: str) -> Iterator[None]:
         raise ClientTimeout(message)
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
+        signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, previous)

@@ -83,6 +83,7 @@ class Experiment:
         # 3. Resume from the last finished round, if asked: weights, strategy, client states.
         #    The checkpoint is read before Ray starts, and its strategy only through an allow-list.
         records: list[dict[str, Any]] = []
+        nonfinite_dropped = 0
         previous_files: list[str] = []  # the client-state files the previous kept checkpoint names
         if self.resume:
             strategy_modules = {type(layer).__module__ for _, layer in strategy_layers(self.strategy)}
@@ -98,8 +99,10 @@ class Experiment:
                     f"rounds = {rounds}: resuming would change the stream from {saved.num_tasks} to "
                     f"{stream.num_tasks} tasks, so the finished rounds would not be those of this run"
                 )
+            self._check_saved_strategy(saved.strategy, saved.arrays, fewest)
             arrays, self.strategy, saved_states = saved.arrays, saved.strategy, saved.client_states
             first_round, wall_offset, records = saved.round + 1, saved.wall_s, saved.records
+            nonfinite_dropped = saved.nonfinite_dropped
             previous_files = list(saved_states.files.values())
         outputs = RunDirectory(self.run_dir, records)
         states = ClientStates(
@@ -111,7 +114,7 @@ class Experiment:
         backend = make_backend(cfg, WorkerData.of(stream))
         stream.use_arrays(backend.data)  # with Ray, the object store's copy: the driver's own is freed
         grid = SimulationGrid(backend, stream, states, cfg.eval.client_test_size, run_id=cfg.seed,
-                              on_nonfinite=cfg.engine.on_nonfinite)
+                              on_nonfinite=cfg.engine.on_nonfinite, nonfinite_dropped=nonfinite_dropped)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = cfg.seed, SERVER_NODE_ID, 0
         progress = tqdm(
             range(first_round, rounds + 1), initial=first_round - 1, total=rounds,
@@ -154,6 +157,7 @@ class Experiment:
                         round=server_round, arrays=arrays, strategy=self.strategy,
                         client_states=snapshot, wall_s=elapsed(), config=to_dict(cfg),
                         num_tasks=stream.num_tasks, records=outputs.records,
+                        nonfinite_dropped=grid.nonfinite_dropped,
                     ))
                     states.collect(keep=previous_files)
                     previous_files = list(snapshot.files.values())
@@ -200,6 +204,20 @@ class Experiment:
             messages = self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
             metrics = self.strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages))
         return _metric(metrics, ACCURACY)
+
+    def _check_saved_strategy(self, saved: Strategy, arrays: ArrayRecord, fewest: int) -> None:
+        """Refuse a checkpoint whose strategy is not the configured one, or would hang or poison the run."""
+        where = self.run_dir / "checkpoints"
+        configured = [type(layer) for _, layer in strategy_layers(self.strategy)]
+        found = [type(layer) for _, layer in strategy_layers(saved)]
+        if found != configured:
+            raise ConfigError(
+                f"resume = true: the checkpoint in {where} holds a {' around '.join(t.__name__ for t in found)} "
+                f"strategy; the config builds {' around '.join(t.__name__ for t in configured)}"
+            )
+        check_sampling(saved, fewest, f"the checkpoint in {where}", self.run_cfg.eval.federated)
+        if not all(np.isfinite(a).all() for a in arrays.to_numpy_ndarrays()):
+            raise ConfigError(f"resume = true: the checkpoint in {where} holds non-finite global weights")
 
     def _check_same_run(self, saved: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint of a different config; rounds may grow, engines differ."""

@@ -36,13 +36,13 @@ class SimulationGrid(Grid):
 
     def __init__(
         self, backend: Backend, stream: Stream, states: ClientStates, client_test_size: int, run_id: int,
-        on_nonfinite: str = "fail",
+        on_nonfinite: str = "fail", nonfinite_dropped: int = 0,
     ) -> None:
         self.backend = backend
         self.stream = stream
         self.states = states
         self.on_nonfinite = on_nonfinite  # fail | drop: what a client's NaN/inf loss or weights do
-        self.nonfinite_dropped = 0  # replies left out so far (on_nonfinite = drop)
+        self.nonfinite_dropped = nonfinite_dropped  # replies left out so far (on_nonfinite = drop)
         self.client_test_size = client_test_size
         self._run = Run.create_empty(run_id)
         self._ids = itertools.count()
@@ -110,6 +110,11 @@ class SimulationGrid(Grid):
             raise ClientFailure(
                 f"round {self.server_round}: clients {diverged} returned a non-finite loss or weights "
                 "(training diverged); engine.on_nonfinite=drop leaves such replies out of aggregation"
+            )
+        if len(diverged) == len(outcomes) and jobs[0].kind == TRAIN:
+            raise ClientFailure(
+                f"round {self.server_round}: every client ({diverged}) returned a non-finite loss or weights; "
+                "nothing is left to aggregate"
             )
         self.nonfinite_dropped += len(diverged)
         for job, outcome in zip(jobs, outcomes):

@@ -24,7 +24,7 @@ from clients.base import Batch, PreviousTask, TrainContext, masked
 from clients.models import build_model
 from simulator.client_state import check_state
 from simulator.config import RunConfig
-from simulator.deadline import deadline
+from simulator.deadline import ClientTimeout, deadline
 from simulator.keys import (
     ACCURACY, CLIPPING_NORM, EVAL_LOSS, LEARNING_RATE, NORM_BIT, NUM_EXAMPLES, TRAIN_LOSS,
 )
@@ -110,7 +110,7 @@ class ClientWorker:
                 return self._evaluate(job)
         # Reported with the client id, failing the run; SystemExit too: a client's sys.exit(0)
         # must not end the run as a success.
-        except (Exception, SystemExit):  # noqa: BLE001
+        except (Exception, SystemExit, ClientTimeout):  # noqa: BLE001
             return ClientOutcome(job.client_id, None, {}, error=traceback.format_exc())
 
     def _load(self, weights: list[np.ndarray]) -> None:

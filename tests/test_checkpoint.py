@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import ray
+from flwr.serverapp.strategy import FedAdam
 
 from conftest import read_metrics, run_experiment
 from simulator import checkpoint
@@ -66,6 +68,9 @@ def _crafted_pickle(module: str, name: str, marker: Path) -> bytes:
     ("strategies.factory", "instantiate"),  # Hydra's, imported into a trusted module
     ("numpy", "load"),  # numpy reads pickles and writes files: only its arrays are trusted
     ("builtins", "eval"),
+    ("strategies.factory", "build_strategy"),  # builds any _target_ from a dict: a gadget
+    ("flwr.common.args", "_try_obtain_flwr_app_token_from_stdin"),  # a Flower function, not a class
+    ("pathlib", "Path"),
 ])
 def test_a_crafted_strategy_pickle_runs_nothing_and_names_the_file_and_the_global(run_copy, module, name):
     marker = run_copy / "marker"
@@ -133,7 +138,7 @@ def test_a_truncated_or_missing_checkpoint_file_is_an_error_naming_it(run_copy, 
 def test_a_damaged_last_checkpoint_names_the_previous_which_resumes_to_the_same_numbers(ewc_run, run_copy):
     arrays = _last(run_copy) / "arrays.npz"
     arrays.write_bytes(arrays.read_bytes()[:-64])
-    with pytest.raises(ConfigError, match=r"previous checkpoint \(round-000009\) is kept: remove or rename"):
+    with pytest.raises(ConfigError, match=r"previous checkpoint \(round-000009\) is intact: remove or rename"):
         run_experiment(run_copy, EWC, resume=True)
     _last(run_copy).rename(run_copy / "checkpoints" / "round-000010.damaged")
     run_experiment(run_copy, EWC, resume=True)  # round 10 again, from round 9's states
@@ -173,3 +178,23 @@ def test_only_the_last_two_checkpoints_are_kept_with_the_state_files_they_name(e
     for folder in folders:
         named |= set(json.loads((ewc_run / "checkpoints" / folder / "manifest.json").read_text())["client_state"])
     assert {p.name for p in (ewc_run / "client_state").iterdir()} == named
+
+
+def test_a_damaged_state_file_both_kept_checkpoints_name_is_reported_as_such(run_copy):
+    named = [set(json.loads((run_copy / "checkpoints" / f / "manifest.json").read_text())["client_state"])
+             for f in ("round-000009", "round-000010")]
+    shared = sorted(named[0] & named[1])[0]
+    path = run_copy / "client_state" / shared
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="the previous checkpoint is damaged too") as error:
+        checkpoint.load(run_copy / "checkpoints")
+    assert shared in str(error.value)
+
+
+def test_a_checkpoint_holding_another_strategy_than_the_config_builds_is_refused(run_copy):
+    (_last(run_copy) / "strategy.pkl").write_bytes(pickle.dumps(FedAdam()))
+    _reseal(_last(run_copy))
+    with pytest.raises(ConfigError, match="holds a FedAdam strategy; the config builds FedAvg"):
+        run_experiment(run_copy, EWC, resume=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -39,16 +40,20 @@ def test_sampling_flower_would_wait_on_forever_or_that_trains_nobody_is_rejected
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.mark.parametrize(("backend", "method"), [
+    ("local", "BlocksOnClientThree"),
+    ("local", "SwallowsErrorsAndBlocksOnClientThree"),
+    pytest.param("ray", "BlocksOnClientThree", marks=pytest.mark.ray),
+])
 def test_a_blocking_client_fails_the_run_within_its_timeout_naming_client_and_round(
-    tmp_path, user_code, backend
+    tmp_path, user_code, backend, method
 ):
     overrides = ["rounds=3", f"engine.backend={backend}", *EVERY_CLIENT, "engine.client_timeout_s=2",
-                 "client.method=faulty_clients.BlocksOnClientThree"]
+                 f"client.method=faulty_clients.{method}"]
     started = time.monotonic()
     with pytest.raises(ClientFailure, match=r"client 3 ran longer than engine.client_timeout_s = 2\.0 s in round 2"):
         run_experiment(tmp_path, overrides)
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 30
     assert [r["round"] for r in read_metrics(tmp_path)] == [1]  # round 1 finished and was kept
     assert not ray.is_initialized()  # the actors and Ray are cleaned up
 
@@ -57,7 +62,7 @@ def test_a_blocking_client_fails_the_run_within_its_timeout_naming_client_and_ro
 def test_a_client_that_exits_fails_the_run_instead_of_ending_it_as_a_success(tmp_path, user_code, backend):
     overrides = ["rounds=2", f"engine.backend={backend}", *EVERY_CLIENT,
                  "client.method=faulty_clients.ExitsOnClientThree"]
-    with pytest.raises(ClientFailure, match=r"client 3 failed in round 1|clients \[.*\b3\b.*\] failed"):
+    with pytest.raises(ClientFailure, match=r"client 3 failed in round 1"):
         run_experiment(tmp_path, overrides)
 
 
@@ -65,7 +70,7 @@ def test_a_client_exit_gives_a_nonzero_exit_code_from_the_command_line(tmp_path)
     command = [sys.executable, "run.py", f"hydra.run.dir={tmp_path}", *TINY, *EVERY_CLIENT,
                "client.method=faulty_clients.ExitsOnClientThree"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": f"{USER_CODE}:{ROOT}"})
+                          env={**os.environ, "PYTHONPATH": f"{USER_CODE}:{ROOT}"})
     assert done.returncode == 1 and "error: client 3 failed in round 1" in done.stderr
     assert not (tmp_path / "summary.json").exists()
 
@@ -82,23 +87,15 @@ def test_with_on_nonfinite_drop_a_nan_client_is_left_out_and_counted(tmp_path, u
     summary = run_experiment(tmp_path, overrides)
     assert [r["nonfinite_dropped"] for r in read_metrics(tmp_path)] == [0, 1, 2]
     assert summary["final_accuracy"] > 0.5  # the global model stayed numbers and learned
+    run_experiment(tmp_path / "split", [*overrides, "rounds=2"])
+    resumed = run_experiment(tmp_path / "split", overrides, resume=True)
+    assert [r["nonfinite_dropped"] for r in read_metrics(tmp_path / "split")] == [0, 1, 2]
+    assert resumed["final_accuracy"] == summary["final_accuracy"]
 
 
-def test_a_learning_rate_that_diverges_ends_the_run_with_the_round(tmp_path):
-    with pytest.raises(ClientFailure, match=r"round 1: clients \[.*\] returned a non-finite"):
-        run_experiment(tmp_path, [*TINY, "client.lr=1e6"])
-
-
-def test_metrics_are_strict_json_with_null_for_undefined_numbers(tmp_path):
-    run_experiment(tmp_path, [*TINY, "rounds=1"])  # one task: forgetting and bwt are undefined
-
-    def refuse(constant):
-        raise ValueError(f"non-standard JSON number {constant}")
-
-    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
-        json.loads(line, parse_constant=refuse)
-    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
-    assert summary["forgetting"] is None
+def test_a_round_where_every_reply_is_dropped_fails_instead_of_carrying_on(tmp_path):
+    with pytest.raises(ClientFailure, match=r"round 1: every client .* nothing is left to aggregate"):
+        run_experiment(tmp_path, [*TINY, "client.lr=1e6", "engine.on_nonfinite=drop"])
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -135,7 +132,8 @@ def test_a_killed_actor_is_restarted_and_the_run_ends_with_the_uninterrupted_num
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert run.poll() is None and time.monotonic() < deadline, "the run ended before an actor was killed"
         time.sleep(0.01)
-    actors = [p for p in psutil.process_iter(["cmdline"]) if "ray::ClientWorker" in " ".join(p.info["cmdline"] or [])]
+    tree = psutil.Process(run.pid).children(recursive=True)  # this run's Ray only
+    actors = [p for p in tree if "ray::ClientWorker" in " ".join(p.cmdline())]
     assert actors, "no actor process found"
     actors[0].kill()
     killed_after = len(metrics.read_text().splitlines())
@@ -152,3 +150,16 @@ def test_an_actor_that_keeps_dying_fails_the_run_naming_its_clients_after_the_re
     with pytest.raises(ClientFailure, match=r"the actor running clients \[[\d, ]*\b3\b[\d, ]*\] failed"):
         run_experiment(tmp_path, overrides)
     assert not ray.is_initialized()
+
+
+@pytest.mark.ray
+def test_an_actor_that_dies_mid_call_reruns_its_share_with_the_same_numbers(tmp_path, user_code, monkeypatch):
+    monkeypatch.setenv("FEDSTREAM_TEST_SENTINEL", str(tmp_path / "died"))
+    common = ["rounds=2", *EVERY_CLIENT, "client.method=faulty_clients.DiesOnceOnClientThree"]
+    (tmp_path / "died").touch()  # the reference run: client 3 never dies
+    run_experiment(tmp_path / "whole", [*common, "engine.backend=local"])
+    (tmp_path / "died").unlink()
+    run_experiment(tmp_path / "rerun", [*common, "engine.backend=ray", "engine.num_actors=2"])
+    assert (tmp_path / "died").exists()  # it did die once, mid-call
+    strip = lambda records: [{k: v for k, v in r.items() if k != "wall_s"} for r in records]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "rerun")) == strip(read_metrics(tmp_path / "whole"))

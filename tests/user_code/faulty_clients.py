@@ -41,3 +41,27 @@ class KillsItsProcessOnClientThree(SGDClient):
     def begin(self, model, context):
         if context.client_id == 3:
             os._exit(1)
+
+
+class SwallowsErrorsAndBlocksOnClientThree(SGDClient):
+    """Plain SGD, except client 3 blocks in round 2 and swallows every Exception meanwhile."""
+
+    def begin(self, model, context):
+        while context.client_id == 3 and context.server_round == 2:
+            try:
+                time.sleep(0.05)
+            except Exception:  # noqa: BLE001 - the point: a client that hides errors
+                pass
+
+
+class DiesOnceOnClientThree(SGDClient):
+    """Plain SGD, except the first time client 3 trains, it ends the process hosting it.
+
+    The file named by FEDSTREAM_TEST_SENTINEL records that it happened.
+    """
+
+    def begin(self, model, context):
+        sentinel = os.environ["FEDSTREAM_TEST_SENTINEL"]
+        if context.client_id == 3 and not os.path.exists(sentinel):
+            open(sentinel, "w").close()
+            os._exit(1)
