@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 SCALARS = (bool, int, float, str, type(None))
+STATE_FILE = "client{client}_round{round}.npz"  # one version of a client's state, never rewritten
+_STATE_FILE_PATTERN = re.compile(STATE_FILE.format(client=r"\d+", round=r"(\d+)").replace(".", r"\."))
 _SCALARS_KEY = "__scalars__"  # in a state file: the state's scalars, as JSON bytes
 
 
@@ -120,7 +122,7 @@ class ClientStates:
         """Write ``client``'s in-memory state to its version's file, unless it has one."""
         if client in self._files:
             return
-        name = f"client{client}_round{self._last_round[client]}.npz"
+        name = STATE_FILE.format(client=client, round=self._last_round[client])
         state = self._memory[client]
         self.directory.mkdir(parents=True, exist_ok=True)
         scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
@@ -157,7 +159,7 @@ class ClientStates:
         if not self.directory.exists():
             return
         for path in self.directory.iterdir():
-            written = re.fullmatch(r"client\d+_round(\d+)\.npz", path.name)
+            written = _STATE_FILE_PATTERN.fullmatch(path.name)
             if written is None or int(written.group(1)) > last_round:
                 path.unlink()
 
