@@ -3,42 +3,138 @@
 Hydra composes ``scenarios/config.yaml`` with the chosen scenario and strategy
 files; the run directory (``hydra.run.dir``) receives metrics, the accuracy
 matrix, the summary, TensorBoard logs, checkpoints and plots.
+
+Exit codes: 0 done; 2 bad input (a config value, an override, a scenario file,
+the data, a checkpoint to resume), with one ``error: ...`` paragraph naming the
+key or file; 1 a client failed (its traceback in the message).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import hydra
+import hydra._internal.utils as hydra_utils
+import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from simulator.backends import ClientFailure
-from simulator.config import ConfigError, load_config
+from simulator.config import SCENARIO_DIR, ConfigError, load_config, valid_keys
 from simulator.engine import Experiment
 from strategies import build_strategy
 
+_task_started = False  # whether composition got as far as our task function
 
-@hydra.main(config_path="scenarios", config_name="config", version_base="1.3")
+
+@hydra.main(config_path=str(SCENARIO_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Validate, build the strategy, run, print the run directory and summary."""
+    global _task_started
+    _task_started = True
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run = load_config(cfg)
         strategy = build_strategy(cfg.strategy)
         summary = Experiment(run, strategy, run_dir, resume=bool(cfg.resume)).run()
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(error), 2)
     except ClientFailure as error:  # the client's own traceback is in the message
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(error), 1)
     print(f"run directory: {run_dir}")
     print(json.dumps(summary, indent=2))
     return summary["final_accuracy"]
 
 
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def composition_error(error: BaseException) -> str | None:
+    """One paragraph naming the file or key for an error Hydra raised composing the config; None if not one."""
+    if isinstance(error, yaml.YAMLError):
+        mark = getattr(error, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a config file"
+        what = "; ".join(str(p) for p in (getattr(error, "context", None), getattr(error, "problem", None)) if p)
+        return f"{where}: YAML syntax error: {what or error}"
+    if isinstance(error, MissingConfigException):
+        missing = error.missing_cfg_file or ""
+        group, _, name = missing.rpartition("/")
+        if group and error.options:
+            return (f"{group}={name}: no {group} file {missing}.yaml in the config search path; "
+                    f"available: {', '.join(error.options)}")
+        return _paragraph(str(error))
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse the override {error.override!r}: {_paragraph(error.message)}"
+    if isinstance(error, HydraException):
+        text = str(error)
+        unknown = re.match(r"Could not override '([^']+)'", text)
+        if unknown and "not in struct" in str(error.__cause__ or ""):
+            key = unknown.group(1)
+            parent = getattr(error.__cause__, "parent_node", None)
+            keys = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
+            keys = keys or valid_keys(key.rpartition(".")[0])
+            return f"{key}: unknown key; valid keys: {', '.join(keys) or '(none)'}"
+        cause = f" ({_paragraph(str(error.__cause__))})" if error.__cause__ else ""
+        return _paragraph(text) + cause
+    if isinstance(error, OmegaConfBaseException):
+        return _paragraph(str(error))
+    return None
+
+
+def _paragraph(text: str) -> str:
+    """Hydra's multi-line message as one paragraph, without its hint to set HYDRA_FULL_ERROR."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+    return "; ".join(lines)
+
+
+def _reporting(original: Callable[[Callable[[], Any]], Any]) -> Callable[[Callable[[], Any]], Any]:
+    """Hydra's run_and_report, but a composition error is one ``error:`` paragraph and exit code 2."""
+
+    def run_and_report(func: Callable[[], Any]) -> Any:
+        try:
+            return func()
+        except Exception as error:  # noqa: BLE001 - what is not a composition error goes to Hydra's report
+            message = None if _task_started else composition_error(error)
+            if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                return original(lambda: _raise(error))
+            _fail(message, 2)
+
+    return run_and_report
+
+
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+def main_cli(argv: Sequence[str]) -> int:
+    """``python run.py *argv``, in this process: the exit code (messages as the command prints them)."""
+    global _task_started
+    _task_started = False
+    original, saved_argv = hydra_utils.run_and_report, sys.argv
+    hydra_utils.run_and_report = _reporting(original)
+    sys.argv = [str(Path(__file__).resolve()), *argv]
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)
+        return 1
+    finally:
+        hydra_utils.run_and_report, sys.argv = original, saved_argv
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main_cli(sys.argv[1:]))

@@ -18,6 +18,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 
@@ -179,18 +180,64 @@ _SECTIONS: dict[str, type] = {
 _TOP_LEVEL = ("seed", "rounds", "resume", "strategy", "scenario_name", "hydra")  # besides the sections
 
 
+def valid_keys(section: str) -> list[str]:
+    """The keys a section takes (``""``: the top level, ``"data.partition"``: a nested one); [] if unknown."""
+    if not section:
+        return [*_SECTIONS, *_TOP_LEVEL]
+    first, *rest = section.split(".")
+    schema: Any = _SECTIONS.get(first)
+    for part in rest:
+        hint = typing.get_type_hints(schema).get(part) if schema else None
+        schema = hint if dataclasses.is_dataclass(hint) else None
+    if schema is None:
+        return []
+    return [f.name for f in dataclasses.fields(schema) if not f.metadata.get("derived")]
+
+
 def load_config(cfg: DictConfig) -> RunConfig:
     """Type-check and value-check a composed config; raise ConfigError on the first problem."""
+    try:
+        return _load_config(cfg)
+    except OmegaConfBaseException as error:  # e.g. an interpolation ${...} that names no key
+        key = error.full_key or next((k for k in cfg if _fails_to_resolve(cfg, k)), "?")
+        reason = (error.msg or str(error)).splitlines()[0]
+        raise ConfigError(f"{key}: {reason}") from None
+
+
+def _scenario_file(scenario: str) -> str:
+    """Where the scenario file came from: the repo's scenarios/, or a folder in hydra.searchpath."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and not (SCENARIO_DIR / "scenario" / f"{scenario}.yaml").is_file():
+        for source in HydraConfig.get().runtime.config_sources:
+            file = Path(str(source.path)) / "scenario" / f"{scenario}.yaml"
+            if source.schema == "file" and file.is_file():
+                return str(file)
+    return f"scenarios/scenario/{scenario}.yaml"
+
+
+def _fails_to_resolve(cfg: DictConfig, key: Any) -> bool:
+    try:
+        cfg.get(key)
+    except OmegaConfBaseException:
+        return True
+    return False
+
+
+def _load_config(cfg: DictConfig) -> RunConfig:
     scenario = str(cfg.get("scenario_name", "?"))
-    where = f"scenarios/scenario/{scenario}.yaml (or the command line)"
+    where = f"{_scenario_file(scenario)} (or the command line)"
     known = [*_SECTIONS, *_TOP_LEVEL]
     for key in cfg:
         if key not in known:
             raise ConfigError(f"{where}: {key}: unknown key; valid keys: {', '.join(known)}")
     sections = {}
     for key, schema in _SECTIONS.items():
-        given = OmegaConf.to_container(cfg.get(key) or {}, resolve=True)
+        node = cfg.get(key)
+        given = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        given = {} if given is None else given
         sections[key] = _client(given, where) if key == "client" else build_section(schema, given, key, where)
+    _typed(bool, cfg.get("resume", False), "resume", where)  # run.py reads it; "maybe" is no yes
     strategy = cfg.get("strategy")
     if not isinstance(strategy, DictConfig) or "_target_" not in strategy:
         raise ConfigError(f"{where}: 'strategy' must be a node with a '_target_' class path")

@@ -80,8 +80,8 @@ def test_an_impossible_value_exits_with_the_key_and_reason_before_any_work(tmp_p
 
 def test_an_unknown_scenario_lists_the_valid_names():
     result = run_cli(["scenario=no_such_scenario"])
-    assert result.returncode != 0
-    assert "Could not find 'scenario/no_such_scenario'" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: scenario=no_such_scenario: no scenario file" in result.stderr
     assert "digits" in result.stderr
 
 
