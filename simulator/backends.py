@@ -10,6 +10,8 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import re
+import socket
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -18,6 +20,7 @@ from simulator.config import ConfigError, RunConfig
 from simulator.worker import ClientJob, ClientOutcome, ClientWorker, WorkerData
 
 
+ADDRESS_TIMEOUT_S = 3.0  # how long engine.ray_address may take to accept a connection
 CALL_GRACE_S = 30.0  # on top of the clients' time limits: what an actor call may take beyond them
 
 
@@ -69,8 +72,10 @@ class RayBackend(Backend):
         self.owns_ray = not ray.is_initialized()  # shut down only a Ray we started
         if self.owns_ray:
             if engine.ray_address:
+                check_reachable(engine.ray_address)
                 ray.init(address=engine.ray_address, logging_level=logging.WARNING)
             else:
+                check_local_gpus(engine.num_actors, engine.num_gpus_per_actor)
                 needed = engine.num_actors * engine.num_cpus_per_actor
                 ray.init(
                     address="local",  # a new instance, even where `ray start` runs one
@@ -147,6 +152,81 @@ class RayBackend(Backend):
     def _shutdown(self) -> None:
         if self.owns_ray:
             self.ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """A ConfigError naming ``engine.ray_address`` unless something listens there.
+
+    ``ray.init`` retries an address with nothing behind it for half a minute,
+    with warnings and then a traceback; a TCP connection to the GCS (or Ray
+    client) port answers in ``timeout_s``. ``auto`` and ``local`` are left to Ray.
+    """
+    if address in ("auto", "local"):
+        return
+    match = re.fullmatch(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d{1,5})", address)
+    if match is None:
+        raise ConfigError(
+            f"engine.ray_address = {address!r}: expected host:port, ray://host:port, auto or null "
+            "(start a new Ray instance)"
+        )
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        if not address.startswith("ray://"):  # Ray client's port speaks another protocol
+            _ask_gcs(f"{host}:{port}", timeout_s)
+    except (OSError, RuntimeError) as error:
+        reason = "no answer" if isinstance(error, TimeoutError) else getattr(error, "strerror", None) or str(error)
+        raise ConfigError(
+            f"engine.ray_address = {address!r}: cannot reach a Ray cluster at {host}:{port} "
+            f"within {timeout_s:g} s ({reason}); start one with `ray start --head`, or set "
+            "engine.ray_address=null to start a new instance"
+        ) from None
+
+
+def _ask_gcs(address: str, timeout_s: float) -> None:
+    """Raise RuntimeError unless a Ray GCS answers at ``address`` (some other server may listen there)."""
+    import threading
+
+    from ray._raylet import GcsClient
+
+    failure: list[str] = []
+
+    def ask() -> None:
+        try:
+            GcsClient(address=address).cluster_id  # noqa: B018 - the call that needs an answer
+        except Exception as error:  # noqa: BLE001 - any failure means no GCS there
+            failure.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+    saved = os.dup(2)  # Ray's C++ client logs each failed try to fd 2: the ConfigError says it once
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            thread = threading.Thread(target=ask, daemon=True)
+            thread.start()
+            thread.join(timeout_s)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    if thread.is_alive():
+        raise TimeoutError("no answer")
+    if failure:
+        raise RuntimeError(f"something listens there, but not a Ray GCS: {failure[0]}")
+
+
+def check_local_gpus(num_actors: int, per_actor: float) -> None:
+    """A ConfigError naming ``engine.num_gpus_per_actor`` where this machine has too few GPUs for a Ray we start."""
+    needed = num_actors * per_actor
+    if needed <= 0:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.version.cuda else 0
+    if needed > have:
+        why = "this torch build has no CUDA" if torch.version.cuda is None else f"torch sees {have} CUDA devices"
+        raise ConfigError(
+            f"engine.num_actors = {num_actors} x engine.num_gpus_per_actor = {per_actor:g} needs "
+            f"{needed:g} GPUs; {why}; lower engine.num_gpus_per_actor or set it to 0"
+        )
 
 
 def balanced_shares(jobs: list[ClientJob], num_actors: int) -> list[list[int]]:
