@@ -162,6 +162,8 @@ def _npz_inputs(x: np.ndarray, file: Path) -> np.ndarray:
     """(N, D) or (N, C, H, W) float32: (N, H, W) gets a channel axis, integers are / 255."""
     if x.ndim not in (2, 3, 4):
         raise _malformed(file, f"inputs must be (N, D), (N, H, W) or (N, C, H, W), got {x.shape}")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise _malformed(file, f"inputs must be integers or floats, not {x.dtype}")
     if x.ndim == 3:
         x = x[:, None]
     return scaled(x, 255.0 if np.issubdtype(x.dtype, np.integer) else 1.0)
@@ -195,7 +197,11 @@ def load_npz(path: str | None, test_fraction: float, rng: np.random.Generator) -
             raise _malformed(file, f"{len(x)} inputs but {len(y)} labels")
         if x.shape[1:] != input_shape:
             raise _malformed(file, f"test inputs {x.shape[1:]} differ from train {input_shape}")
+    if len(splits[0][1]) == 0:
+        raise _malformed(file, "x and y hold no samples")
     num_classes = max(int(y.max(initial=0)) for _, y in splits) + 1
+    if num_classes < 2:
+        raise _malformed(file, f"labels hold {num_classes} class; a classifier needs at least 2 classes")
     if not has_test:
         return split_dataset("npz", *splits[0], num_classes, test_fraction, rng)
     (x_train, y_train), (x_test, y_test) = splits
