@@ -89,7 +89,8 @@ class RayBackend(Backend):
         except ConfigError:
             self._shutdown()
             raise
-        data_ref = ray.put(data)
+        # Held for the backend's life: a restarted actor is built again from this reference.
+        self.data_ref = data_ref = ray.put(data)
         self.data = ray.get(data_ref)  # read-only views of the object store's copy
         # A dead actor comes back (same init: same model, same data) and Ray reruns its call:
         # where and how often a share runs never changes its outcomes.
