@@ -241,6 +241,7 @@ def _load_config(cfg: DictConfig) -> RunConfig:
     strategy = cfg.get("strategy")
     if not isinstance(strategy, DictConfig) or "_target_" not in strategy:
         raise ConfigError(f"{where}: 'strategy' must be a node with a '_target_' class path")
+    _check_finite_numbers(OmegaConf.to_container(strategy, resolve=True), "strategy", where)
     run = RunConfig(
         scenario=scenario,
         seed=_typed(int, cfg.get("seed"), "seed", where),
@@ -309,6 +310,18 @@ def _typed(hint: Any, value: Any, path: str, where: str) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: {path} = {value!r}: expected a finite number")
     return value
+
+
+def _check_finite_numbers(node: Any, path: str, where: str) -> None:
+    """Reject NaN and infinities anywhere in ``node`` (the strategy's arguments, which have no schema)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite_numbers(value, f"{path}.{key}", where)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_finite_numbers(value, f"{path}[{i}]", where)
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{where}: {path} = {node!r}: expected a finite number")
 
 
 def _lookup(run: RunConfig, dotted: str) -> Any:

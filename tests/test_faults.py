@@ -103,6 +103,8 @@ def test_a_round_where_every_reply_is_dropped_fails_instead_of_carrying_on(tmp_p
     (["stream.max_angle=nan"], r"stream\.max_angle = nan: expected a finite number"),
     (["+foo=1"], r"foo: unknown key; valid keys: data, stream"),
     (["+round=20"], r"round: unknown key"),
+    (["strategy=fedadam", "strategy.eta=nan"], r"strategy\.eta = nan: expected a finite number"),
+    (["strategy=fedprox", "strategy.proximal_mu=inf"], r"strategy\.proximal_mu = inf: expected a finite number"),
     (["engine.client_timeout_s=0"], r"engine\.client_timeout_s = 0\.0: must be > 0"),
     (["engine.on_nonfinite=ignore"], r"engine\.on_nonfinite = 'ignore': expected 'fail' or 'drop'"),
 ])
