@@ -241,7 +241,6 @@ def _load_config(cfg: DictConfig) -> RunConfig:
     strategy = cfg.get("strategy")
     if not isinstance(strategy, DictConfig) or "_target_" not in strategy:
         raise ConfigError(f"{where}: 'strategy' must be a node with a '_target_' class path")
-    _check_finite_numbers(OmegaConf.to_container(strategy, resolve=True), "strategy", where)
     run = RunConfig(
         scenario=scenario,
         seed=_typed(int, cfg.get("seed"), "seed", where),
@@ -252,6 +251,8 @@ def _load_config(cfg: DictConfig) -> RunConfig:
     for key, reason in _value_problems(run):
         value = _lookup(run, key)
         raise ConfigError(f"{where}: {key} = {value!r}: {reason}")
+    # After the values: the strategy's arguments interpolate them (a share of num_clients).
+    _check_finite_numbers(OmegaConf.to_container(strategy, resolve=True), "strategy", where)
     return run
 
 

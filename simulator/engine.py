@@ -104,7 +104,6 @@ class Experiment:
             first_round, wall_offset, records = saved.round + 1, saved.wall_s, saved.records
             nonfinite_dropped = saved.nonfinite_dropped
             previous_files = list(saved_states.files.values())
-        outputs = RunDirectory(self.run_dir, records)
         states = ClientStates(
             self.run_dir / checkpoint.CLIENT_STATE_DIR, int(cfg.engine.client_state_memory_mb * 2**20), saved_states
         )
@@ -113,6 +112,7 @@ class Experiment:
         # 4. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface.
         backend = make_backend(cfg, WorkerData.of(stream))
         stream.use_arrays(backend.data)  # with Ray, the object store's copy: the driver's own is freed
+        outputs = RunDirectory(self.run_dir, records)  # after every check: a refused run writes nothing
         grid = SimulationGrid(backend, stream, states, cfg.eval.client_test_size, run_id=cfg.seed,
                               on_nonfinite=cfg.engine.on_nonfinite, nonfinite_dropped=nonfinite_dropped)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = cfg.seed, SERVER_NODE_ID, 0
