@@ -37,7 +37,7 @@ from simulator.plot import plot_forgetting
 from simulator.run_dir import RunDirectory
 from simulator.seeding import Purpose, derive_seed, seeded_global_state, torch_generator
 from simulator.streams import Stream, build_stream
-from simulator.worker import WorkerData
+from simulator.worker import WorkerData, all_finite
 from strategies import check_sampling, strategy_layers
 
 SERVER_NODE_ID = 1  # Flower's SuperLink node id: the source of every instruction
@@ -216,7 +216,7 @@ class Experiment:
                 f"strategy; the config builds {' around '.join(t.__name__ for t in configured)}"
             )
         check_sampling(saved, fewest, f"the checkpoint in {where}", self.run_cfg.eval.federated)
-        if not all(np.isfinite(a).all() for a in arrays.to_numpy_ndarrays()):
+        if not all_finite(arrays.to_numpy_ndarrays()):
             raise ConfigError(f"resume = true: the checkpoint in {where} holds non-finite global weights")
 
     def _check_same_run(self, saved: dict[str, Any]) -> None:
@@ -242,7 +242,7 @@ class Experiment:
 
 def _check_finite(arrays: ArrayRecord, server_round: int, strategy: Strategy) -> None:
     """Stop where the global model stops being numbers, naming the round and the strategy."""
-    if not all(np.isfinite(a).all() for a in arrays.to_numpy_ndarrays()):
+    if not all_finite(arrays.to_numpy_ndarrays()):
         raise ClientFailure(
             f"round {server_round}: {type(strategy).__name__} aggregated non-finite global weights "
             "(training diverged)"

@@ -158,7 +158,7 @@ class ClientWorker:
         if CLIPPING_NORM in job.config:
             within = clip_update(arrays, global_weights, float(job.config[CLIPPING_NORM]))
             metrics[NORM_BIT] = float(within)
-        finite = math.isfinite(result.train_loss) and all(np.isfinite(a).all() for a in arrays)
+        finite = math.isfinite(result.train_loss) and all_finite(arrays)
         return ClientOutcome(job.client_id, arrays, metrics, state=check_state(context.state), finite=finite)
 
     def _evaluate(self, job: ClientJob) -> ClientOutcome:
@@ -168,6 +168,11 @@ class ClientWorker:
         loss, accuracy = evaluate(self.model, x, y, self.run_cfg.eval.batch_size, mask)
         metrics = {NUM_EXAMPLES: float(len(job.indices)), ACCURACY: accuracy, EVAL_LOSS: loss}
         return ClientOutcome(job.client_id, None, metrics)
+
+
+def all_finite(arrays: list[np.ndarray]) -> bool:
+    """Whether every value of ``arrays`` is a number (no NaN, no infinity)."""
+    return all(np.isfinite(a).all() for a in arrays)
 
 
 def clip_update(arrays: list[np.ndarray], reference: list[np.ndarray], max_norm: float) -> bool:
