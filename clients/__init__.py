@@ -8,18 +8,18 @@ A new method is one new file plus one line here.
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import logging
 from typing import Any
 
 from clients.base import Batch, ClientMethod, ClientState, LocalResult, PreviousTask, TrainContext
 from clients.ewc import EWCClient
+from clients.fedper import FedPerClient
 from clients.fedprox import FedProxClient
+from clients.fedrep import FedRepClient
 from clients.lwf import LwFClient
 from clients.replay import ReplayClient
 from clients.sgd import SGDClient
-from simulator.config import ConfigError, build_section
+from simulator.config import ConfigError, section_settings
 
 METHODS: dict[str, type[ClientMethod]] = {
     "sgd": SGDClient,
@@ -27,8 +27,9 @@ METHODS: dict[str, type[ClientMethod]] = {
     "replay": ReplayClient,
     "ewc": EWCClient,
     "lwf": LwFClient,
+    "fedper": FedPerClient,
+    "fedrep": FedRepClient,
 }
-log = logging.getLogger("fedstream")
 
 
 def resolve_method(name: str) -> type[ClientMethod]:
@@ -51,34 +52,8 @@ def resolve_method(name: str) -> type[ClientMethod]:
 
 
 def method_settings(method_name: str, sections: dict[str, Any], where: str) -> Any:
-    """The settings of ``method_name`` from the ``client.<section>`` sections given.
-
-    Every shipped method's section is checked (a typo in one fails a sweep
-    before any of its jobs runs); a section that belongs to no known method
-    is an error when its name is close to a known one (a typo), and otherwise
-    reported and ignored, since a sweep over several users' methods gives each
-    job the others' sections too.
-    """
-    chosen = resolve_method(method_name)
-    known = {m.section_name(): m for m in (*METHODS.values(), chosen)}
-    settings = {name: _settings(m, sections.get(name, {}), where) for name, m in known.items()}
-    for name in sorted(sections.keys() - known.keys()):
-        if close := difflib.get_close_matches(name, known, n=1, cutoff=0.75):
-            raise ConfigError(f"{where}: client.{name}: no client method has this section; "
-                              f"did you mean client.{close[0]}?")
-        log.warning("%s: client.%s belongs to no known client method (%s); ignored",
-                    where, name, ", ".join(sorted(known)))
-    return settings[chosen.section_name()]
-
-
-def _settings(method: type[ClientMethod], given: Any, where: str) -> Any:
-    path = f"client.{method.section_name()}"
-    settings = build_section(method.Settings, given, path, where)
-    problems = getattr(settings, "problems", lambda: [])()
-    if problems:
-        key, reason = problems[0]
-        raise ConfigError(f"{where}: {path}.{key} = {getattr(settings, key)!r}: {reason}")
-    return settings
+    """The settings of ``method_name`` from the ``client.<section>`` sections given (see :func:`section_settings`)."""
+    return section_settings(resolve_method(method_name), METHODS.values(), sections, "client", "client method", where)
 
 
 __all__ = [

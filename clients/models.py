@@ -2,17 +2,27 @@
 
 Keeping the two apart lets evaluation probe the representation (linear probe,
 nearest class mean) as well as the head, and lets client methods treat them
-differently (a personal head, a frozen encoder).
+differently (a personal head, a frozen encoder). ``model.name`` chooses the
+encoder (``mlp``, ``cnn``) and ``model.head`` the head (``clients/heads/``).
+
+A user's own model: ``model.name=pkg.module.function``, called as
+``function(input_shape, num_classes, cfg)`` and returning an ``nn.Module``.
+Its weights are drawn under the run's seed (global torch RNG seeded from it),
+so every copy of it is the same. Probes need a ``features(x)`` method; a
+personal head (``fedper``, ``fedrep``) needs ``head`` with
+``forward(x) == head(features(x))``, as :class:`RepresentationModel` has.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from clients.heads import resolve_head
 from simulator.config import ConfigError, ModelConfig
 
 
@@ -32,19 +42,18 @@ class RepresentationModel(nn.Module):
         return self.head(self.encoder(x))
 
 
-def mlp(input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> RepresentationModel:
+def mlp(input_shape: tuple[int, ...], cfg: ModelConfig) -> nn.Module:
     """Two hidden layers on the flattened input."""
-    encoder = nn.Sequential(
+    return nn.Sequential(
         nn.Flatten(),
         nn.Linear(math.prod(input_shape), cfg.hidden),
         nn.ReLU(),
         nn.Linear(cfg.hidden, cfg.feature_dim),
         nn.ReLU(),
     )
-    return RepresentationModel(encoder, nn.Linear(cfg.feature_dim, num_classes))
 
 
-def cnn(input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> RepresentationModel:
+def cnn(input_shape: tuple[int, ...], cfg: ModelConfig) -> nn.Module:
     """Two 3x3 conv blocks with 2x2 pooling, then a dense layer to the features."""
     if len(input_shape) != 3:
         raise ConfigError(
@@ -52,7 +61,7 @@ def cnn(input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> Rep
             f"the dataset gives shape {input_shape}: use model.name=mlp"
         )
     channels, height, width = input_shape
-    encoder = nn.Sequential(
+    return nn.Sequential(
         nn.Conv2d(channels, 16, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
@@ -63,10 +72,9 @@ def cnn(input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig) -> Rep
         nn.Linear(32 * (height // 4) * (width // 4), cfg.feature_dim),
         nn.ReLU(),
     )
-    return RepresentationModel(encoder, nn.Linear(cfg.feature_dim, num_classes))
 
 
-MODELS: dict[str, Callable[[tuple[int, ...], int, ModelConfig], RepresentationModel]] = {
+ENCODERS: dict[str, Callable[[tuple[int, ...], ModelConfig], nn.Module]] = {
     "mlp": mlp,
     "cnn": cnn,
 }
@@ -74,16 +82,42 @@ MODELS: dict[str, Callable[[tuple[int, ...], int, ModelConfig], RepresentationMo
 
 def build_model(
     input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig, generator: torch.Generator
-) -> RepresentationModel:
+) -> nn.Module:
     """Build ``cfg.name`` with weights drawn from ``generator`` (same seed, same weights)."""
-    if cfg.name not in MODELS:
-        raise ConfigError(f"model.name = {cfg.name!r}: unknown model; valid: {sorted(MODELS)}")
-    model = MODELS[cfg.name](input_shape, num_classes, cfg)
+    if cfg.name not in ENCODERS:
+        return _users_model(input_shape, num_classes, cfg, generator)
+    head = resolve_head(cfg.head)
+    settings = head.Settings() if cfg.head_settings is None else cfg.head_settings
+    model = RepresentationModel(
+        ENCODERS[cfg.name](input_shape, cfg), head(cfg.feature_dim, num_classes, settings, generator)
+    )
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 fan_in = math.prod(module.weight.shape[1:])
                 bound = 1.0 / math.sqrt(fan_in)
                 module.weight.uniform_(-bound, bound, generator=generator)  # torch's default
-                module.bias.uniform_(-bound, bound, generator=generator)
+                if module.bias is not None:
+                    module.bias.uniform_(-bound, bound, generator=generator)
+    return model
+
+
+def _users_model(
+    input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig, generator: torch.Generator
+) -> nn.Module:
+    module_name, _, function_name = cfg.name.rpartition(".")
+    if not module_name:
+        raise ConfigError(
+            f"model.name = {cfg.name!r}: unknown model; valid: {', '.join(sorted(ENCODERS))} "
+            "or the dotted path of a function (input_shape, num_classes, cfg) -> nn.Module"
+        )
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"model.name = {cfg.name!r}: cannot import it ({error})") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(generator.initial_seed())
+        model = factory(input_shape, num_classes, cfg)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name = {cfg.name!r}: returned {type(model).__name__}, expected an nn.Module")
     return model

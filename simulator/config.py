@@ -10,8 +10,11 @@ starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+log = logging.getLogger("fedstream")
 
 
 class ConfigError(ValueError):
@@ -100,18 +104,22 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The representation model: an encoder to ``feature_dim`` features and a head."""
+    """The representation model: an encoder to ``feature_dim`` features and a head; the head's own
+    settings come from ``model.<its section>`` (``model.normalized.temperature=0.1``)."""
 
-    name: str = "mlp"  # mlp | cnn
+    name: str = "mlp"  # mlp | cnn | pkg.module.function (a user's model, see clients/models.py)
     hidden: int = 128
     feature_dim: int = 64
+    head: str = "linear"  # linear | normalized | etf (clients/heads/)
+    # The head's Settings dataclass, built by load_config from model.<section>, not a key itself.
+    head_settings: Any = field(default=None, metadata={"derived": True})
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     """Local training on each client; the method's own settings come from ``client.<its section>``."""
 
-    method: str = "sgd"  # sgd | fedprox | replay | ewc | lwf | pkg.module.Class
+    method: str = "sgd"  # sgd | fedprox | replay | ewc | lwf | fedper | fedrep | pkg.module.Class
     lr: float = 0.05  # a strategy may send its own per round (ConfigRecord key "lr")
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -130,6 +138,9 @@ class EvalConfig:
     federated: bool = False  # also run the strategy's configure/aggregate_evaluate
     client_test_size: int = 100  # a client's local test sample, drawn like its data
     max_clients: int = 100  # clients scored for the accuracy spread (a seeded sample)
+    probes: bool = True  # score the global encoder's features (linear probe, NCM) at every task end
+    probe_every: int | None = None  # and every N rounds
+    probe_samples: int = 10000  # the most training samples the probes fit on (a seeded sample)
 
 
 @dataclass(frozen=True)
@@ -236,7 +247,8 @@ def _load_config(cfg: DictConfig) -> RunConfig:
         node = cfg.get(key)
         given = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
         given = {} if given is None else given
-        sections[key] = _client(given, where) if key == "client" else build_section(schema, given, key, where)
+        with_plugin = _WITH_PLUGIN_SETTINGS.get(key)  # client methods' and heads' own sections
+        sections[key] = with_plugin(given, where) if with_plugin else build_section(schema, given, key, where)
     _typed(bool, cfg.get("resume", False), "resume", where)  # run.py reads it; "maybe" is no yes
     strategy = cfg.get("strategy")
     if not isinstance(strategy, DictConfig) or "_target_" not in strategy:
@@ -260,19 +272,70 @@ def _client(given: Any, where: str) -> ClientConfig:
     """The client section: its own keys, plus the chosen method's settings from its sub-section."""
     from clients import method_settings  # clients build on this module
 
+    client, sections = _with_sections(ClientConfig, given, "client", "client method", where)
+    return dataclasses.replace(client, settings=method_settings(client.method, sections, where))
+
+
+def _model(given: Any, where: str) -> ModelConfig:
+    """The model section: its own keys, plus the chosen head's settings from its sub-section."""
+    from clients.heads import head_settings  # clients build on this module
+
+    model, sections = _with_sections(ModelConfig, given, "model", "head", where)
+    return dataclasses.replace(model, head_settings=head_settings(model.head, sections, where))
+
+
+def _with_sections(schema: type, given: Any, path: str, owner: str, where: str) -> tuple[Any, dict[str, Any]]:
+    """``schema`` built from ``given``'s own keys, and the sub-sections of settings left over."""
     if not isinstance(given, dict):
-        raise ConfigError(f"{where}: client = {given!r}: expected a section of keys")
-    fields = [f.name for f in dataclasses.fields(ClientConfig) if not f.metadata.get("derived")]
+        raise ConfigError(f"{where}: {path} = {given!r}: expected a section of keys")
+    fields = [f.name for f in dataclasses.fields(schema) if not f.metadata.get("derived")]
     own = {k: v for k, v in given.items() if k in fields}
-    method_sections = {k: v for k, v in given.items() if k not in fields}
-    for key, value in method_sections.items():
+    sections = {k: v for k, v in given.items() if k not in fields}
+    for key, value in sections.items():
         if not isinstance(value, dict):
             raise ConfigError(
-                f"{where}: client.{key} = {value!r}: unknown key; valid keys: {', '.join(fields)}, "
-                "or a client method's section of settings (client.<method>.<key>)"
+                f"{where}: {path}.{key} = {value!r}: unknown key; valid keys: {', '.join(fields)}, "
+                f"or a {owner}'s section of settings ({path}.<section>.<key>)"
             )
-    client = build_section(ClientConfig, own, "client", where)
-    return dataclasses.replace(client, settings=method_settings(client.method, method_sections, where))
+    return build_section(schema, own, path, where), sections
+
+
+def section_name(plugin: type) -> str:
+    """The config section that holds a plugin's settings: its ``section``, else its class name."""
+    return getattr(plugin, "section", None) or plugin.__name__
+
+
+def section_settings(
+    chosen: type, shipped: Iterable[type], sections: dict[str, Any], path: str, owner: str, where: str
+) -> Any:
+    """The ``Settings`` of ``chosen``, an ``owner`` (a client method, a head), from the ``path.<section>`` sections.
+
+    Every shipped plugin's section is checked (a typo in one fails a sweep
+    before any of its jobs runs); a section that belongs to no known plugin
+    is an error when its name is close to a known one (a typo), and otherwise
+    reported and ignored, since a sweep over several users' plugins gives each
+    job the others' sections too.
+    """
+    known = {section_name(p): p for p in (*shipped, chosen)}
+    settings = {name: _plugin_settings(p, sections.get(name, {}), f"{path}.{name}", where) for name, p in known.items()}
+    for name in sorted(sections.keys() - known.keys()):
+        if close := difflib.get_close_matches(name, known, n=1, cutoff=0.75):
+            raise ConfigError(f"{where}: {path}.{name}: no {owner} has this section; "
+                              f"did you mean {path}.{close[0]}?")
+        log.warning("%s: %s.%s belongs to no known %s (%s); ignored", where, path, name, owner, ", ".join(sorted(known)))
+    return settings[section_name(chosen)]
+
+
+def _plugin_settings(plugin: type, given: Any, path: str, where: str) -> Any:
+    settings = build_section(plugin.Settings, given, path, where)
+    problems = getattr(settings, "problems", lambda: [])()
+    if problems:
+        key, reason = problems[0]
+        raise ConfigError(f"{where}: {path}.{key} = {getattr(settings, key)!r}: {reason}")
+    return settings
+
+
+_WITH_PLUGIN_SETTINGS = {"client": _client, "model": _model}
 
 
 def build_section(schema: type, given: Any, path: str, where: str) -> Any:
@@ -373,6 +436,8 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
         ("eval.batch_size", run.eval.batch_size >= 1, "must be at least 1"),
         ("eval.client_test_size", run.eval.client_test_size >= 1, "must be at least 1"),
         ("eval.max_clients", run.eval.max_clients >= 1, "must be at least 1"),
+        ("eval.probe_every", run.eval.probe_every is None or run.eval.probe_every >= 1, "must be at least 1 (null: task ends only)"),
+        ("eval.probe_samples", run.eval.probe_samples >= 2, "must be at least 2"),
         ("engine.backend", run.engine.backend in ("ray", "local"), "expected 'ray' or 'local'"),
         ("engine.num_actors", run.engine.num_actors >= 1, "must be at least 1"),
         ("engine.num_cpus_per_actor", run.engine.num_cpus_per_actor > 0, "must be > 0"),
@@ -413,10 +478,12 @@ def register_with_hydra() -> None:
     """
     defaults = {key: dataclasses.asdict(schema()) for key, schema in _SECTIONS.items()}
     del defaults["client"]["settings"]  # built from the method's own section, client.<section>
+    del defaults["model"]["head_settings"]  # built from the head's own section, model.<section>
     node = OmegaConf.create(defaults)
     # Open: client.<section>.<key>=... sets a method's settings without a "+", a user's
     # method's too, and a misspelt key reaches load_config's error, which lists the valid ones.
     OmegaConf.set_struct(node.client, False)
+    OmegaConf.set_struct(node.model, False)  # model.<head section>.<key>, likewise
     ConfigStore.instance().store(name="fedstream_defaults", node=node)
     # ``${fraction:a,b}`` in the strategy files: the share of clients sampled per round.
     OmegaConf.register_new_resolver("fraction", lambda part, whole: part / whole, replace=True)
