@@ -1,6 +1,6 @@
 """Speed benchmark: FedStream (Ray and in-process) against a bare PyTorch loop and Flower.
 
-``python benchmarks/speed.py [--quick] [--workloads A B C] [--repeat N]``
+``python benchmarks/speed.py [--quick] [--workloads A B C] [--repeat N] [--no-probes]``
 
 Each implementation runs the same workload (``benchmarks/workloads.py``) in a
 process of its own, three times by default (``--quick``: once), in an order
@@ -9,7 +9,9 @@ process from start to exit and samples the memory of its whole process tree,
 Ray's workers included (RSS every 50 ms, PSS every 0.5 s: :func:`tree_memory`);
 the child reports when each round ended, its final accuracy and how many
 samples it trained. The table and, as the last line, one JSON object with every
-figure and ratio go to stdout. Ratios compare implementations measured in this
+figure and ratio go to stdout. Last, unless ``--no-probes``, :func:`probe_overhead`
+times the default class-incremental scenario with and without the
+representation probes. Ratios compare implementations measured in this
 same invocation, never numbers from another machine.
 """
 
@@ -47,6 +49,7 @@ COMPARED = {"A": list(IMPLEMENTATIONS), "B": list(IMPLEMENTATIONS), "quick": lis
             "A_ewc": STATEFUL, "tiny_ewc": STATEFUL}
 FULL = ["A", "B", "A_ewc", "C", "C1k"]
 QUICK = ["quick", "A_ewc", "C", "C1k"]  # A_ewc whole: a run is mostly start-up, its ten rounds ~3 s
+PROBED_SCENARIO = "scenario=digits_class_incremental"  # probe_overhead's
 
 
 @dataclass(frozen=True)
@@ -209,17 +212,45 @@ def run(workloads: list[str], repeat: int = 1) -> dict:
     }
 
 
+def probe_overhead(repeat: int, extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """What the representation probes add to the default class-incremental scenario, end to end.
+
+    ``python run.py scenario=digits_class_incremental`` (Ray, the defaults) with
+    ``eval.probes`` on and off, alternating which goes first; the median process
+    time of each and their ratio (the issue's target: at most 1.10).
+    """
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    for repetition in range(repeat):
+        for probes in (True, False) if repetition % 2 == 0 else (False, True):
+            print(f"running run.py {PROBED_SCENARIO} eval.probes={probes} ({repetition + 1}/{repeat}) ...",
+                  file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory() as run_dir:
+                command = [sys.executable, "run.py", PROBED_SCENARIO, f"eval.probes={str(probes).lower()}",
+                           f"hydra.run.dir={run_dir}", *extra]
+                started = time.time()
+                subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+                seconds[probes].append(time.time() - started)
+    on, off = statistics.median(seconds[True]), statistics.median(seconds[False])
+    return {"probes.end_to_end_on_s": round(on, 3), "probes.end_to_end_off_s": round(off, 3),
+            "probes.on_over_off": round(on / off, 3)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller workload, A_ewc and C, once each")
     parser.add_argument("--workloads", nargs="+", choices=sorted(COMPARED), help="which workloads to run")
     parser.add_argument("--repeat", type=int, help="runs of each implementation (default: 3, --quick: 1)")
+    parser.add_argument("--no-probes", action="store_true",
+                        help="skip timing the representation probes on the class-incremental scenario")
     args = parser.parse_args(argv)
     workloads = args.workloads or (QUICK if args.quick else FULL)
     repeat = args.repeat or (1 if args.quick else 3)
     if repeat < 1:
         parser.error(f"--repeat {repeat}: must be at least 1")
-    print(json.dumps(run(workloads, repeat)))
+    result = run(workloads, repeat)
+    if not args.no_probes:
+        result["ratios"].update(probe_overhead(repeat))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

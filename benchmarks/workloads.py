@@ -47,7 +47,7 @@ class Workload:
             f"client.method={self.method}", f"client.lr={self.lr}", "client.momentum=0.0",
             f"client.epochs={self.epochs}", f"client.batch_size={self.batch_size}",
             f"rounds={self.rounds}", f"seed={self.seed}",
-            f"eval.every={self.rounds}", "eval.max_clients=10", "engine.checkpoint_every=0",
+            f"eval.every={self.rounds}", "eval.max_clients=10", "eval.probes=false", "engine.checkpoint_every=0",
             *self.extra,
         ]
 

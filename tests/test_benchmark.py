@@ -67,3 +67,11 @@ def test_repeats_combine_into_pooled_median_rounds_and_the_highest_peak():
     assert speed.combine("x", "A", [_run([1.0], 1, accuracy=a) for a in (0.5, 0.7, 0.6)]).accuracy == 0.6
     with pytest.raises(RuntimeError, match="different samples"):
         speed.combine("x", "A", [_run([1.0], 1), speed.Run(1.0, 1.0, [1.0], 1, 1, 0.5, 99, 0.0)])
+
+
+def test_probe_overhead_times_the_class_incremental_scenario_with_the_probes_on_and_off():
+    extra = ("engine.backend=local", "stream.rounds_per_task=1", "client.epochs=1")
+    overhead = speed.probe_overhead(1, extra)
+    assert overhead["probes.end_to_end_on_s"] > 0 and overhead["probes.end_to_end_off_s"] > 0
+    ratio = overhead["probes.end_to_end_on_s"] / overhead["probes.end_to_end_off_s"]
+    assert overhead["probes.on_over_off"] == pytest.approx(ratio, abs=2e-3)
