@@ -122,6 +122,10 @@ class ClientMethod:
     - :meth:`adjust_gradients`: after each backward pass (add gradient terms);
     - :meth:`end`: after the last step; returns the method's own metrics.
 
+    :meth:`fit` is the optimisation between ``begin`` and ``end`` (all
+    parameters, ``client.epochs`` passes); a method that trains parts of the
+    model in turn overrides it, calling :meth:`run_epochs` per part.
+
     Its hyperparameters are ``Settings``, a frozen dataclass read from the
     config section ``client.<section>`` (``section``: its short name, or for
     a user's method the class's ``section`` attribute, by default the class
@@ -130,15 +134,13 @@ class ClientMethod:
 
     Settings: ClassVar[type] = NoSettings
     section: ClassVar[str | None] = None  # None: the class name
+    # Prefixes of state_dict names each client keeps for itself (a personal head: "head."):
+    # they are never sent to the server, so the strategy aggregates only the rest.
+    personal_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: ClientConfig) -> None:
         self.cfg = cfg
         self.settings = self.Settings() if cfg.settings is None else cfg.settings
-
-    @classmethod
-    def section_name(cls) -> str:
-        """The config section under ``client`` that holds this method's settings."""
-        return cls.section or cls.__name__
 
     def begin_task(self, model: nn.Module, context: TrainContext) -> None:
         """The client starts a new task; the model holds the global weights it now trains from."""
@@ -161,6 +163,10 @@ class ClientMethod:
         """Finish the round (update ``context.state``); return metrics to send to the strategy."""
         return {}
 
+    def personalize(self, model: nn.Module, state: ClientState) -> None:
+        """Make ``model``, holding the global weights, the client's own (its personal layers from
+        ``state``); evaluation of a client's model calls this, on the client and at the server."""
+
     def train(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: TrainContext
     ) -> LocalResult:
@@ -168,15 +174,27 @@ class ClientMethod:
         if context.new_task:
             self.begin_task(model, context)
         self.begin(model, context)
-        params = list(model.parameters())
+        mean_loss = self.fit(model, x, y, context)
+        metrics = self.end(model, context)
+        return LocalResult(len(y), mean_loss, metrics)
+
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: TrainContext) -> float:
+        """The round's optimisation: every parameter for ``client.epochs``; returns the mean loss."""
+        return self.run_epochs(model, list(model.parameters()), x, y, context, self.cfg.epochs)
+
+    def run_epochs(
+        self, model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+        context: TrainContext, epochs: int,
+    ) -> float:
+        """``epochs`` passes of minibatch SGD on ``params`` (the others stay as they are); the mean loss."""
         velocity: dict[int, torch.Tensor] = {}
         model.train()
         total_loss, steps = torch.zeros((), device=x.device), 0
-        for _ in range(self.cfg.epochs):
+        for _ in range(epochs):
             order = torch.randperm(len(y), generator=context.generator)
             for positions in order.split(self.cfg.batch_size):
                 batch = self.prepare_batch(Batch(x[positions], y[positions], context.class_mask), context)
-                for param in params:
+                for param in model.parameters():
                     param.grad = None
                 loss = self.loss(model, batch, context)
                 loss.backward()
@@ -184,8 +202,12 @@ class ClientMethod:
                 sgd_step(params, velocity, self.cfg, context.lr)
                 total_loss += loss.detach()
                 steps += 1
-        metrics = self.end(model, context)
-        return LocalResult(len(y), float(total_loss) / max(steps, 1), metrics)
+        return float(total_loss) / max(steps, 1)
+
+
+def shared_keys(model: nn.Module, method: type[ClientMethod]) -> list[str]:
+    """The names of ``model``'s state that travel to the server: all but ``method``'s personal ones."""
+    return [k for k in model.state_dict() if not k.startswith(method.personal_prefixes)]
 
 
 def flat_parameters(model: nn.Module) -> np.ndarray:

@@ -24,16 +24,18 @@ from tqdm import tqdm
 
 from clients import resolve_method
 from clients.fedprox import FedProxClient
+from clients.base import ClientMethod, shared_keys
 from clients.models import build_model
 from simulator import checkpoint, metrics
 from simulator.backends import ClientFailure, make_backend
 from simulator.client_state import ClientStates
 from simulator.config import ConfigError, RunConfig, to_dict
 from simulator.data import load_dataset
-from simulator.evaluation import client_accuracies, seen_accuracy, task_accuracies
+from simulator.evaluation import accuracy_record, client_accuracies, task_accuracies
 from simulator.grid import SimulationGrid
 from simulator.keys import ACCURACY, NUM_EXAMPLES, PROXIMAL_MU, TRAIN_LOSS
 from simulator.plot import plot_forgetting
+from simulator.probes import probe_record
 from simulator.run_dir import RunDirectory
 from simulator.seeding import Purpose, derive_seed, seeded_global_state, torch_generator
 from simulator.streams import Stream, build_stream
@@ -62,7 +64,7 @@ class Experiment:
 
         # 1. Data and stream: what each client holds at each round. Values only the
         #    data can refute (and the client method's name) fail here, before Ray starts.
-        resolve_method(cfg.client.method)
+        method = resolve_method(cfg.client.method)
         stream = build_stream(cfg, load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed))
         rounds = cfg.rounds or stream.default_rounds
         if rounds is None:
@@ -77,7 +79,12 @@ class Experiment:
             stream.x_train.shape[1:], stream.num_classes, cfg.model,
             torch_generator(cfg.seed, Purpose.MODEL_INIT),
         )
-        arrays, first_round, saved_states = ArrayRecord(model.state_dict()), 1, None
+        _check_model_serves(model, method, cfg)
+        client_method = method(cfg.client)  # the server's: it personalises models for evaluation
+        # What travels: all of the model, but the layers each client keeps for itself.
+        shared = set(shared_keys(model, method))
+        arrays = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared})
+        first_round, saved_states = 1, None
         initial = task_accuracies(model, stream, cfg.eval.batch_size)
 
         # 3. Resume from the last finished round, if asked: weights, strategy, client states.
@@ -114,7 +121,8 @@ class Experiment:
         stream.use_arrays(backend.data)  # with Ray, the object store's copy: the driver's own is freed
         outputs = RunDirectory(self.run_dir, records)  # after every check: a refused run writes nothing
         grid = SimulationGrid(backend, stream, states, cfg.eval.client_test_size, run_id=cfg.seed,
-                              on_nonfinite=cfg.engine.on_nonfinite, nonfinite_dropped=nonfinite_dropped)
+                              on_nonfinite=cfg.engine.on_nonfinite, nonfinite_dropped=nonfinite_dropped,
+                              personal=bool(method.personal_prefixes))
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = cfg.seed, SERVER_NODE_ID, 0
         progress = tqdm(
             range(first_round, rounds + 1), initial=first_round - 1, total=rounds,
@@ -133,12 +141,18 @@ class Experiment:
                     arrays = new_arrays
 
                 # 6. Evaluate the global model on every task, and on the clients' own data,
-                #    every eval.every rounds and at the end of every task.
+                #    every eval.every rounds and at the end of every task; probe its encoder
+                #    at the end of every task and every eval.probe_every rounds.
                 task = stream.task_of_round(server_round)
                 last_of_task = server_round == rounds or stream.task_of_round(server_round + 1) != task
-                if server_round % cfg.eval.every == 0 or last_of_task:
-                    model.load_state_dict(arrays.to_torch_state_dict())
-                    record = self._evaluate(model, stream, server_round, train_metrics)
+                every_probe = cfg.eval.probe_every
+                probe = cfg.eval.probes and (last_of_task or bool(every_probe and server_round % every_probe == 0))
+                if server_round % cfg.eval.every == 0 or last_of_task or probe:
+                    model.load_state_dict(arrays.to_torch_state_dict(), strict=not method.personal_prefixes)
+                    record = self._evaluate(model, stream, server_round, train_metrics, client_method, states)
+                    if probe:
+                        record.update(probe_record(model, stream, server_round, cfg.seed,
+                                                   cfg.eval.probe_samples, cfg.eval.batch_size))
                     record["nonfinite_dropped"] = grid.nonfinite_dropped
                     record["client_state_mb"] = round(states.total_bytes / 2**20, 6)
                     record["client_state_spilled_mb"] = round(states.spilled_bytes / 2**20, 6)
@@ -177,26 +191,37 @@ class Experiment:
         return summary
 
     def _evaluate(
-        self, model: torch.nn.Module, stream: Stream, server_round: int, train_metrics: MetricRecord | None
+        self, model: torch.nn.Module, stream: Stream, server_round: int, train_metrics: MetricRecord | None,
+        method: ClientMethod, states: ClientStates,
     ) -> dict[str, Any]:
-        """One metrics.jsonl record: accuracy per task (None where unseen) and across clients."""
+        """One metrics.jsonl record: accuracy per task (None where unseen) and across clients.
+
+        Where the client method keeps personal layers, ``client_acc_personal_*`` scores
+        each client with its own model too: the global encoder under its personal head.
+        """
         cfg = self.run_cfg
         accuracies = task_accuracies(model, stream, cfg.eval.batch_size)
-        seen = stream.seen_tasks(server_round)
-        spread = client_accuracies(
-            model, stream, server_round, cfg.seed, cfg.eval.max_clients,
-            cfg.eval.client_test_size, cfg.eval.batch_size,
-        )
-        return {
+        scored = (stream, server_round, cfg.seed, cfg.eval.max_clients, cfg.eval.client_test_size,
+                  cfg.eval.batch_size)
+        record = {
             "round": server_round,
             "task": stream.task_of_round(server_round),
             "train_loss": _metric(train_metrics, TRAIN_LOSS),
-            "acc_per_task": [a if s else None for a, s in zip(accuracies, seen)],
-            "acc_seen": seen_accuracy(stream, seen, accuracies),
-            "acc_all_tasks": accuracies,
-            **metrics.accuracy_spread(spread),
+            **accuracy_record("acc", accuracies, stream, stream.seen_tasks(server_round)),
+            **metrics.accuracy_spread(client_accuracies(model, *scored)),
             **_client_metrics(train_metrics),
         }
+        if method.personal_prefixes:
+            initial = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(method.personal_prefixes)}
+
+            def personalize(client: int) -> None:
+                model.load_state_dict(initial, strict=False)
+                method.personalize(model, states.get(client))
+
+            personal = client_accuracies(model, *scored, personalize=personalize)
+            model.load_state_dict(initial, strict=False)
+            record.update(metrics.accuracy_spread(personal, "client_acc_personal"))
+        return record
 
     def _federated_evaluation(self, server_round: int, arrays: ArrayRecord, grid: SimulationGrid) -> float | None:
         """The strategy's own client-side evaluation: sampled clients on their local test samples."""
@@ -238,6 +263,23 @@ class Experiment:
                 "set client.method=fedprox to apply the proximal term",
                 PROXIMAL_MU, mu, self.run_cfg.client.method,
             )
+
+
+def _check_model_serves(model: torch.nn.Module, method: type[ClientMethod], cfg: RunConfig) -> None:
+    """Refuse, before any client trains, a model that lacks what probes or personal layers need."""
+    if cfg.eval.probes and not callable(getattr(model, "features", None)):
+        raise ConfigError(
+            f"model.name = {cfg.model.name!r}: the model has no features(x) method, which the "
+            "representation probes need; add one or set eval.probes=false"
+        )
+    if method.personal_prefixes and not (
+        callable(getattr(model, "features", None)) and isinstance(getattr(model, "head", None), torch.nn.Module)
+        and any(k.startswith(method.personal_prefixes) for k in model.state_dict())
+    ):
+        raise ConfigError(
+            f"client.method = {cfg.client.method!r} keeps {', '.join(method.personal_prefixes)}* for each "
+            f"client, but model.name = {cfg.model.name!r} has no features(x) and head with such weights"
+        )
 
 
 def _check_finite(arrays: ArrayRecord, server_round: int, strategy: Strategy) -> None:

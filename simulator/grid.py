@@ -36,7 +36,7 @@ class SimulationGrid(Grid):
 
     def __init__(
         self, backend: Backend, stream: Stream, states: ClientStates, client_test_size: int, run_id: int,
-        on_nonfinite: str = "fail", nonfinite_dropped: int = 0,
+        on_nonfinite: str = "fail", nonfinite_dropped: int = 0, personal: bool = False,
     ) -> None:
         self.backend = backend
         self.stream = stream
@@ -44,6 +44,7 @@ class SimulationGrid(Grid):
         self.on_nonfinite = on_nonfinite  # fail | drop: what a client's NaN/inf loss or weights do
         self.nonfinite_dropped = nonfinite_dropped  # replies left out so far (on_nonfinite = drop)
         self.client_test_size = client_test_size
+        self.personal = personal  # the client method keeps personal layers: evaluation needs the state too
         self._run = Run.create_empty(run_id)
         self._ids = itertools.count()
         self._replies: dict[str, Message] = {}
@@ -157,7 +158,8 @@ class SimulationGrid(Grid):
             task=task,
             class_mask=self.stream.class_mask(self.server_round, client),
             config=config,
-            state=self.states.get(client) if kind == TRAIN else {},  # only the cohort's states travel
+            # Only the cohort's states travel, and to evaluation only for a client's own layers.
+            state=self.states.get(client) if kind == TRAIN or self.personal else {},
             new_task=new_task,
             previous=previous,
         )

@@ -59,13 +59,13 @@ def forgetting_after_training(R: np.ndarray) -> float | None:
     return float(np.mean([R[j, j] - R[T - 1, j] for j in range(T - 1)]))
 
 
-def accuracy_spread(accuracies: np.ndarray) -> dict[str, float]:
-    """Mean, standard deviation and worst-10% mean of per-client accuracies."""
+def accuracy_spread(accuracies: np.ndarray, prefix: str = "client_acc") -> dict[str, float]:
+    """Mean, standard deviation and worst-10% mean of per-client accuracies, as ``<prefix>_mean`` etc."""
     worst = np.sort(accuracies)[: max(1, int(np.ceil(0.1 * len(accuracies))))]
     return {
-        "client_acc_mean": float(np.mean(accuracies)),
-        "client_acc_std": float(np.std(accuracies)),
-        "client_acc_worst10": float(np.mean(worst)),
+        f"{prefix}_mean": float(np.mean(accuracies)),
+        f"{prefix}_std": float(np.std(accuracies)),
+        f"{prefix}_worst10": float(np.mean(worst)),
     }
 
 

@@ -1,6 +1,14 @@
 """Plots of run directories: forgetting curves, runs compared over seeds, accuracy matrices.
 
-The engine calls :func:`plot_forgetting` after every run (``plots/forgetting.png``).
+The engine calls :func:`plot_forgetting` after every run (``plots/forgetting.png``):
+the head's accuracy on each task over rounds, task boundaries marked. Where the
+records carry representation probes (``probe_acc_per_task``, ``ncm_acc_per_task``,
+written at task ends and maybe every few rounds), a second panel to its right
+shows, at those rounds only, each task's head accuracy (solid), linear probe
+accuracy (dashed) and nearest-class-mean accuracy (dotted) on the frozen global
+encoder's features, in the task's colour from the left panel and on the same
+axes: where the probes stay above the head, the encoder kept what the head lost.
+
 To compare runs afterwards::
 
     python -m simulator.plot RUN_DIR [RUN_DIR ...] --out FILE.png
@@ -37,7 +45,7 @@ import argparse
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -49,11 +57,16 @@ from omegaconf import OmegaConf
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file backend
+from matplotlib.lines import Line2D  # noqa: E402
 
 Records = list[dict[str, Any]]
 STRATEGY_KEYS = ("strategy", "strategy._target_")  # overrides that choose the strategy class
 MARKERS_UP_TO = 40  # evaluations; more than this and markers clutter the line
 LEGEND_CHARS = 110  # characters of legend text that fit across the overlay figure
+HEAD_KEY = "acc_per_task"  # the model's own head: accuracy per task, null where unseen
+PROBE_KEY = "probe_acc_per_task"  # a linear probe on the frozen global encoder, same layout
+NCM_KEY = "ncm_acc_per_task"  # a nearest-class-mean classifier on those features, same layout
+PROBE_KEYS = (PROBE_KEY, NCM_KEY)  # a record with either carries representation probes
 
 
 class PlotError(ValueError):
@@ -65,6 +78,22 @@ class Curve(NamedTuple):
 
     rounds: np.ndarray
     values: np.ndarray
+
+
+class LineStyle(NamedTuple):
+    """How one accuracy-per-task key is drawn in the forgetting plot's representation panel."""
+
+    metric: str
+    label: str
+    linestyle: str
+    marker: str
+
+
+REPRESENTATION_LINES = (
+    LineStyle(HEAD_KEY, "head", "-", "o"),
+    LineStyle(PROBE_KEY, "linear probe", "--", "^"),
+    LineStyle(NCM_KEY, "nearest class mean", ":", "s"),
+)
 
 
 class Band(NamedTuple):
@@ -339,28 +368,113 @@ def _save(fig: plt.Figure, out: Path) -> None:
     plt.close(fig)
 
 
-def plot_forgetting(records: Records, out: Path, title: str = "") -> None:
-    """Accuracy on each task over rounds, each line named at its end, task boundaries marked."""
-    rounds = [r["round"] for r in records]
-    num_tasks = max(len(r["acc_per_task"]) for r in records)
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-    ends = []
-    for task in range(num_tasks):
-        curve = metric_curve(records, "acc_per_task", task)
-        if curve.rounds.size == 0:
-            continue
-        marker = "." if len(records) <= MARKERS_UP_TO else None
-        line, = ax.plot(curve.rounds, curve.values, marker=marker)
-        ends.append((task, curve.rounds[-1], curve.values[-1], line.get_color()))
+def _num_tasks(records: Records, metric: str) -> int:
+    """The length of the longest list under ``metric`` (0 where no record has it)."""
+    return max((len(r.get(metric) or ()) for r in records), default=0)
+
+
+def _draw_per_task(ax: plt.Axes, records: Records, metric: str,
+                   colors: Mapping[int, str] | None = None, name: str = "",
+                   **style: Any) -> dict[int, Line2D]:
+    """One line per task of a list-valued metric, skipping tasks it never has a value for.
+
+    Parameters
+    ----------
+    ax
+        The axes to draw on.
+    records
+        The records to take the metric from; rounds without it are skipped.
+    metric
+        A list-valued key, ``acc_per_task`` or one of its kin.
+    colors
+        A colour per task; tasks without one take the axes' next colour.
+    name
+        Appended to each line's label, ``task J``.
+    style
+        Passed on to :meth:`matplotlib.axes.Axes.plot`.
+
+    Returns
+    -------
+    dict[int, Line2D]
+        Each drawn task's line.
+    """
+    colors = colors or {}
+    lines = {}
+    for task in range(_num_tasks(records, metric)):
+        curve = metric_curve(records, metric, task)
+        if curve.rounds.size:
+            lines[task], = ax.plot(curve.rounds, curve.values, color=colors.get(task),
+                                   label=f"task {task} {name}".rstrip(), **style)
+    return lines
+
+
+def _name_line_ends(ax: plt.Axes, lines: Mapping[int, Line2D]) -> None:
+    """Write ``task J`` after each line's last point, in its colour, labels kept apart."""
+    ends = [(task, line.get_xdata()[-1], line.get_ydata()[-1], line.get_color())
+            for task, line in lines.items()]
     heights = spread_labels([y for _, _, y, _ in ends], gap=0.045, low=0.02, high=1.0)
     for (task, x, _, color), y in zip(ends, heights):
         ax.annotate(f"task {task}", (x, y), color=color, xytext=(4, 0), textcoords="offset points",
                     va="center", fontsize=8)
+
+
+def _frame_accuracy(ax: plt.Axes, records: Records, title: str) -> None:
+    """Accuracy over all the run's rounds: task boundaries, axis labels, room for end labels."""
+    rounds = [r["round"] for r in records]
     _mark_tasks(ax, records)
     ax.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1.02), title=title)
     ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5 + 0.1 * (max(rounds) - min(rounds) + 1))
     ax.grid(alpha=0.3)
-    _save(fig, out)
+
+
+def probe_records(records: Records) -> Records:
+    """The records that carry representation probes (a probe or NCM accuracy per task)."""
+    return [r for r in records if any(key in r for key in PROBE_KEYS)]
+
+
+def _draw_representation(ax: plt.Axes, probed: Records, colors: Mapping[int, str]) -> None:
+    """At the probed rounds, per task: the head's, the linear probe's and the NCM's accuracy.
+
+    Each task keeps its colour from ``colors``; a legend tells the line styles apart.
+    """
+    markers = len(probed) <= MARKERS_UP_TO
+    legend = []
+    for style in REPRESENTATION_LINES:
+        if not any(style.metric in r for r in probed):
+            continue
+        marker = style.marker if markers else None
+        _draw_per_task(ax, probed, style.metric, colors, style.label,
+                       linestyle=style.linestyle, marker=marker, markersize=4)
+        legend.append(Line2D([], [], color="dimgrey", linestyle=style.linestyle, marker=marker,
+                             markersize=4, label=style.label))
+    ax.legend(handles=legend, loc="best", fontsize=7)
+
+
+def forgetting_figure(records: Records, title: str = "") -> plt.Figure:
+    """The figure :func:`plot_forgetting` saves (the caller closes it).
+
+    Left: the head's accuracy on each task over rounds, each line named at its end.
+    Right, only where records carry probes: the head, linear probe and NCM accuracy
+    per task at the probed rounds, in the left panel's task colours, same axes.
+    """
+    probed = probe_records(records)
+    fig, axes = plt.subplots(1, 2 if probed else 1, figsize=(13, 4) if probed else (7, 4),
+                             layout="constrained", squeeze=False)
+    head, representation = axes[0, 0], axes[0, -1]
+    marker = "." if len(records) <= MARKERS_UP_TO else None
+    lines = _draw_per_task(head, records, HEAD_KEY, marker=marker)
+    _name_line_ends(head, lines)
+    _frame_accuracy(head, records, title)
+    if probed:
+        colors = {task: line.get_color() for task, line in lines.items()}
+        _draw_representation(representation, probed, colors)
+        _frame_accuracy(representation, records, "representation (global encoder)")
+    return fig
+
+
+def plot_forgetting(records: Records, out: Path, title: str = "") -> None:
+    """Save :func:`forgetting_figure`: accuracy per task over rounds, and probes if any."""
+    _save(forgetting_figure(records, title), out)
 
 
 def plot_overlay(groups: Sequence[Group], out: Path, metric: str = "acc_seen",

@@ -17,6 +17,10 @@ from typing import Any
 import numpy as np
 
 from simulator import metrics
+from simulator.probes import PROBES
+
+# metrics.jsonl lists of accuracy per task, and their TensorBoard tags (<tag>/<task>)
+PER_TASK_CURVES = {"acc": "acc_task", "probe_acc": "probe_task", "ncm_acc": "ncm_task"}
 
 
 class RunDirectory:
@@ -55,30 +59,38 @@ class RunDirectory:
         for key, value in record.items():
             if isinstance(value, float):
                 self.tensorboard.add_scalar(key, value, step)
-        for task, accuracy in enumerate(record["acc_per_task"]):
-            if accuracy is not None:
-                self.tensorboard.add_scalar(f"acc_task/{task}", accuracy, step)
+        for name, tag in PER_TASK_CURVES.items():
+            for task, accuracy in enumerate(record.get(f"{name}_per_task") or []):
+                if accuracy is not None:
+                    self.tensorboard.add_scalar(f"{tag}/{task}", accuracy, step)
         self.tensorboard.flush()
 
-    def accuracy_matrix(self) -> np.ndarray:
-        """R[i][j]: accuracy on task j at the last evaluation of task i, for every task j."""
+    def accuracy_matrix(self, name: str = "acc") -> np.ndarray:
+        """R[i][j]: accuracy on task j at the last evaluation of task i, for every task j.
+
+        ``name``: whose accuracy, the head's (``acc``) or a probe's (``probe_acc``, ``ncm_acc``).
+        """
         last_of_task: dict[int, dict[str, Any]] = {}
         for record in self.records:
             last_of_task[record["task"]] = record
-        return np.array([last_of_task[t]["acc_all_tasks"] for t in sorted(last_of_task)], dtype=float)
+        return np.array([last_of_task[t][f"{name}_all_tasks"] for t in sorted(last_of_task)], dtype=float)
 
-    def finish(self, wall_time_s: float, rounds: int, initial: list[float]) -> dict[str, Any]:
-        """Write accuracy_matrix.csv and summary.json; ``initial``: the untrained model's accuracies."""
-        R = self.accuracy_matrix()
-        last = self.records[-1]
-        with (self.path / "accuracy_matrix.csv").open("w", newline="") as file:
+    def _write_matrix(self, R: np.ndarray, file_name: str) -> None:
+        with (self.path / file_name).open("w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow([f"task_{j}" for j in range(R.shape[1])])
             writer.writerows([[f"{a:.6f}" for a in row] for row in R])
+
+    def finish(self, wall_time_s: float, rounds: int, initial: list[float]) -> dict[str, Any]:
+        """Write the accuracy matrices and summary.json; ``initial``: the untrained model's accuracies."""
+        R = self.accuracy_matrix()
+        last = self.records[-1]
+        self._write_matrix(R, "accuracy_matrix.csv")
         summary: dict[str, Any] = {
             "final_accuracy": last["acc_seen"],
             **metrics.summarize(R, np.array(initial)),
             **{k: v for k, v in last.items() if k.startswith("client_acc_")},
+            **self._probe_summary(),
             "initial_acc_per_task": initial,
             "rounds": rounds,
             "wall_time_s": round(wall_time_s, 3),
@@ -89,6 +101,23 @@ class RunDirectory:
                 self.tensorboard.add_scalar(f"summary/{key}", value, rounds)
         self.tensorboard.close()
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        return summary
+
+
+    def _probe_summary(self) -> dict[str, Any]:
+        """Each probe's matrix (``<probe>_matrix.csv``) and its metrics as ``<probe>_<metric>``.
+
+        Probes run at every task end, so the last record of each task has them;
+        forward transfer is left out (the untrained encoder is not probed).
+        """
+        summary: dict[str, Any] = {}
+        for probe in PROBES:
+            if f"{probe}_acc_all_tasks" not in self.records[-1]:
+                continue
+            R = self.accuracy_matrix(f"{probe}_acc")
+            self._write_matrix(R, f"{probe}_matrix.csv")
+            summary[f"{probe}_final_accuracy"] = self.records[-1][f"{probe}_acc_seen"]
+            summary.update({f"{probe}_{k}": v for k, v in metrics.summarize(R).items() if k != "fwt"})
         return summary
 
 

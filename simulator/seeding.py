@@ -26,6 +26,7 @@ class Purpose(IntEnum):
     STRATEGY = 4  # Flower's client sampling and DP noise
     CLIENT_TRAIN = 5  # local shuffling
     CLIENT_EVAL = 6  # a client's local test sample
+    PROBE = 7  # the training samples representation probes fit on
 
 
 def _sequence(seed: int, purpose: Purpose, keys: tuple[int, ...]) -> np.random.SeedSequence:

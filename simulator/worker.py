@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from clients import resolve_method
-from clients.base import Batch, PreviousTask, TrainContext, masked
+from clients.base import Batch, PreviousTask, TrainContext, masked, shared_keys
 from clients.models import build_model
 from simulator.client_state import check_state
 from simulator.config import RunConfig
@@ -45,7 +45,8 @@ class ClientJob:
     task: int = 0  # the client's live task
     class_mask: np.ndarray | None = None  # labels the logits are restricted to
     config: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)  # the client's state, from the driver's store
+    state: dict[str, Any] = field(default_factory=dict)  # the client's state, from the driver's store (TRAIN;
+    # EVALUATE too where the method keeps personal layers)
     new_task: bool = False  # TRAIN: the client's first round on ``task``
     previous: PreviousTask | None = None  # with new_task: the task it left
 
@@ -93,7 +94,12 @@ class ClientWorker:
         self.model = build_model(
             data.x_train.shape[1:], data.num_classes, run.model, generator
         ).to(self.device)
-        self.method = resolve_method(run.client.method)(run.client)
+        method = resolve_method(run.client.method)
+        self.method = method(run.client)
+        state = self.model.state_dict()
+        self.shared = [state[k] for k in shared_keys(self.model, method)]  # what the server sends and gets
+        # Personal tensors restart from the initial model for each client: its own come from its state.
+        self.initial_personal = {k: v.clone() for k, v in state.items() if k.startswith(method.personal_prefixes)}
 
     def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
         """Run ``jobs`` back to back; a failing client becomes an outcome with its traceback."""
@@ -117,11 +123,13 @@ class ClientWorker:
         # Weights from Ray's object store are read-only views; copy_ only reads them.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            for tensor, array in zip(self.model.state_dict().values(), weights, strict=True):
+            for tensor, array in zip(self.shared, weights, strict=True):
                 tensor.copy_(torch.from_numpy(array))
+            if self.initial_personal:
+                self.model.load_state_dict(self.initial_personal, strict=False)
 
     def _weights(self) -> list[np.ndarray]:
-        return [t.detach().cpu().numpy().copy() for t in self.model.state_dict().values()]
+        return [t.detach().cpu().numpy().copy() for t in self.shared]
 
     def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
         return None if array is None else torch.from_numpy(array).to(self.device)
@@ -162,6 +170,7 @@ class ClientWorker:
         return ClientOutcome(job.client_id, arrays, metrics, state=check_state(context.state), finite=finite)
 
     def _evaluate(self, job: ClientJob) -> ClientOutcome:
+        self.method.personalize(self.model, job.state)  # the client's own model, where it has one
         x = self._tensor(self.data.x_test[job.indices])
         y = self._tensor(self.data.y_test[job.indices])
         mask = self._tensor(job.class_mask)

@@ -1,4 +1,5 @@
-"""simulator.plot: reading and grouping run directories, seed bands, matrices, the command line.
+"""simulator.plot: reading and grouping run directories, seed bands, matrices, the forgetting
+figure and its representation panel, the command line.
 
 Run directories are written by hand here, so every expected number is known.
 """
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -22,11 +24,13 @@ from simulator.plot import (
     PlotError,
     Run,
     find_runs,
+    forgetting_figure,
     group_band,
     group_runs,
     mean_matrix,
     metric_curve,
     plot_forgetting,
+    probe_records,
     read_accuracy_matrix,
     read_run,
     seed_band,
@@ -48,6 +52,26 @@ def record(round_: int, task: int, acc_per_task: list[float | None], **more: Any
 TWO_TASKS = [
     record(1, 0, [0.5, None]), record(2, 0, [0.7, None]), record(3, 0, [0.8, None]),
     record(4, 1, [0.6, 0.4]), record(5, 1, [0.5, 0.6]), record(6, 1, [0.4, 0.9]),
+]
+
+
+
+def probed(rec: dict[str, Any], probe: list[float | None], ncm: list[float | None] | None = None
+           ) -> dict[str, Any]:
+    """``rec`` with a linear probe's accuracy per task and, if given, the NCM's."""
+    more: dict[str, Any] = {"probe_acc_per_task": probe,
+                            "probe_acc_seen": float(np.mean([a for a in probe if a is not None]))}
+    if ncm is not None:
+        more |= {"ncm_acc_per_task": ncm,
+                 "ncm_acc_seen": float(np.mean([a for a in ncm if a is not None]))}
+    return rec | more
+
+
+# TWO_TASKS probed at each task's end (rounds 3 and 6): the encoder keeps more of task 0
+# (probe 0.75, NCM 0.7 after task 1) than the head does (0.4).
+PROBED_AT_TASK_ENDS = [
+    *TWO_TASKS[:2], probed(TWO_TASKS[2], [0.85, None], [0.8, None]),
+    *TWO_TASKS[3:5], probed(TWO_TASKS[5], [0.75, 0.92], [0.7, 0.88]),
 ]
 
 
@@ -247,6 +271,99 @@ def test_the_forgetting_plot_is_written(tmp_path, records):
     out = tmp_path / "plots" / "forgetting.png"
     plot_forgetting(records, out, title="split / FedAvg")
     assert png_size(out) == (840, 480)
+
+
+@pytest.fixture
+def figure():
+    """:func:`forgetting_figure`, its figures closed after the test."""
+    figures = []
+
+    def build(records: list[dict[str, Any]]) -> plt.Figure:
+        figures.append(forgetting_figure(records, title="split / FedAvg"))
+        return figures[-1]
+
+    yield build
+    for fig in figures:
+        plt.close(fig)
+
+
+def data_lines(ax: plt.Axes) -> dict[str, tuple[list[float], list[float], str, str]]:
+    """The axes' data lines by label (task boundaries have none): x, y, line style, colour."""
+    return {line.get_label(): (line.get_xdata().tolist(), line.get_ydata().tolist(),
+                               line.get_linestyle(), line.get_color())
+            for line in ax.lines if not line.get_label().startswith("_")}
+
+
+def test_without_probes_the_forgetting_figure_is_the_head_panel_alone(figure):
+    assert probe_records(TWO_TASKS) == []
+    (ax,) = figure(TWO_TASKS).axes
+    lines = data_lines(ax)
+    assert list(lines) == ["task 0", "task 1"]
+    assert lines["task 0"][:3] == ([1, 2, 3, 4, 5, 6], [0.5, 0.7, 0.8, 0.6, 0.5, 0.4], "-")
+    assert lines["task 1"][:3] == ([4, 5, 6], [0.4, 0.6, 0.9], "-")
+    assert ax.get_title() == "split / FedAvg"
+    assert [t.get_text() for t in ax.texts] == ["task 0", "task 1"]  # end labels
+
+
+def test_probes_add_a_representation_panel_of_head_probe_and_ncm_per_task(figure, tmp_path):
+    head, right = figure(PROBED_AT_TASK_ENDS).axes
+
+    # The left panel is the one drawn without probes.
+    assert data_lines(head) == data_lines(figure(TWO_TASKS).axes[0])
+    assert head.get_title() == "split / FedAvg"
+    assert right.get_title() == "representation (global encoder)"
+    assert (right.get_xlabel(), right.get_ylabel()) == ("round", "test accuracy")
+    assert right.get_ylim() == head.get_ylim() and right.get_xlim() == head.get_xlim()
+
+    colour = {task: data_lines(head)[f"task {task}"][3] for task in (0, 1)}
+    assert colour[0] != colour[1]
+    expected = {  # label: rounds, accuracies, line style, colour of the task in the left panel
+        "task 0 head": ([3, 6], [0.8, 0.4], "-", colour[0]),
+        "task 1 head": ([6], [0.9], "-", colour[1]),
+        "task 0 linear probe": ([3, 6], [0.85, 0.75], "--", colour[0]),
+        "task 1 linear probe": ([6], [0.92], "--", colour[1]),
+        "task 0 nearest class mean": ([3, 6], [0.8, 0.7], ":", colour[0]),
+        "task 1 nearest class mean": ([6], [0.88], ":", colour[1]),
+    }
+    assert data_lines(right) == expected
+    assert all(line.get_marker() not in ("None", "", None) for line in right.lines
+               if not line.get_label().startswith("_"))  # a one-point line still shows
+    legend = right.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["head", "linear probe",
+                                                          "nearest class mean"]
+    assert [h.get_linestyle() for h in legend.legend_handles] == ["-", "--", ":"]
+    # Task boundaries are marked on both panels: the dashed line between rounds 3 and 4.
+    for ax in (head, right):
+        assert [line.get_xdata()[0] for line in ax.lines
+                if line.get_label().startswith("_")] == [3.5]
+
+    out = tmp_path / "plots" / "forgetting.png"
+    plot_forgetting(PROBED_AT_TASK_ENDS, out, title="split / FedAvg")
+    assert png_size(out) == (1560, 480)
+
+
+def test_probe_lines_are_drawn_only_at_the_rounds_that_were_probed(figure):
+    # Probed at rounds 2 and 5; the NCM only at round 5, task 1's probe missing at round 5.
+    records = [*TWO_TASKS]
+    records[1] = probed(records[1], [0.65, None])
+    records[4] = probed(records[4], [0.7, None], [0.55, 0.5])
+    assert [r["round"] for r in probe_records(records)] == [2, 5]
+
+    lines = data_lines(figure(records).axes[1])
+    assert {label: xy[:2] for label, xy in lines.items()} == {
+        "task 0 head": ([2, 5], [0.7, 0.5]),
+        "task 1 head": ([5], [0.6]),
+        "task 0 linear probe": ([2, 5], [0.65, 0.7]),
+        "task 0 nearest class mean": ([5], [0.55]),
+        "task 1 nearest class mean": ([5], [0.5]),
+    }
+
+
+def test_without_ncm_the_legend_names_only_the_drawn_styles(figure):
+    records = [*TWO_TASKS[:5], probed(TWO_TASKS[5], [0.75, 0.92])]
+    right = figure(records).axes[1]
+    assert [t.get_text() for t in right.get_legend().get_texts()] == ["head", "linear probe"]
+    assert {style for _, _, style, _ in data_lines(right).values()} == {"-", "--"}
 
 
 def plot_cli(*args: str) -> subprocess.CompletedProcess:

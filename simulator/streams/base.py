@@ -74,6 +74,10 @@ class Stream(ABC):
     def train_indices(self, server_round: int, client: int) -> np.ndarray:
         """Indices into ``x_train`` that ``client`` trains on at ``server_round``."""
 
+    def task_train_indices(self, task: int) -> np.ndarray:
+        """Indices into ``x_train`` of task ``task``'s training data, all clients' (what probes fit on)."""
+        return np.arange(len(self.y_train))
+
     @abstractmethod
     def task_test_indices(self, task: int) -> np.ndarray:
         """Indices into ``x_test`` of task ``task``'s test set."""

@@ -140,6 +140,9 @@ class ClassIncrementalStream(Stream):
     def train_indices(self, server_round: int, client: int) -> np.ndarray:
         return self.parts[self.client_task(server_round, client)][client]
 
+    def task_train_indices(self, task: int) -> np.ndarray:
+        return np.flatnonzero(np.isin(self.y_train, self.classes[task]))
+
     def task_test_indices(self, task: int) -> np.ndarray:
         return self.test_of_task[task]
 

@@ -43,6 +43,9 @@ class DomainStream(Stream):
     def train_indices(self, server_round: int, client: int) -> np.ndarray:
         return self.parts[client] + self.client_task(server_round, client) * self.train_size
 
+    def task_train_indices(self, task: int) -> np.ndarray:
+        return np.arange(self.train_size) + task * self.train_size
+
     def task_test_indices(self, task: int) -> np.ndarray:
         return np.arange(self.test_size) + task * self.test_size
 

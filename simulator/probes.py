@@ -1,0 +1,141 @@
+"""Representation probes: how well the frozen global encoder's features still separate each task's classes.
+
+Davari et al. 2022 (CVPR), "Probing Representation Forgetting in Supervised and
+Unsupervised Continual Learning", show that much of what a continual learner
+forgets is in its head, not its representation: a classifier fitted afresh on
+the frozen features recovers most of the old tasks. Two such classifiers,
+both fitted on the features of the training data of the tasks seen so far (at
+most ``eval.probe_samples`` of it, a seeded sample):
+
+- ``ncm``: nearest class mean (Rebuffi et al. 2017, iCaRL): features and class
+  means L2-normalised, each sample given the class of the nearest mean;
+- ``probe``: a linear probe, multinomial logistic regression with an L2
+  penalty on whitened features, fitted to convergence by full-batch
+  accelerated gradient steps (deterministic, a few hundred steps).
+
+Each is then scored on every task's test set, its predictions restricted to
+the task's labels where the stream restricts the head's (task-incremental).
+Any model with a ``features(x)`` method can be probed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from simulator.evaluation import accuracy_record
+from simulator.seeding import Purpose, rng
+from simulator.streams import Stream
+
+PROBES = ("probe", "ncm")  # metrics.jsonl keys <name>_acc_per_task, <name>_acc_seen, <name>_acc_all_tasks
+log = logging.getLogger("fedstream")
+PENALTY = 1e-3  # the linear probe's L2 penalty on its (whitened) weights
+TOLERANCE = 1e-5  # its gradient norm at convergence
+MAX_STEPS = 2000
+
+
+@dataclass(frozen=True)
+class FittedProbe:
+    """A classifier on features: a score for each of ``classes`` (the labels it was fitted on)."""
+
+    classes: np.ndarray
+    scores: Callable[[np.ndarray], np.ndarray]  # (n, features) -> (n, len(classes))
+
+    def predict(self, features: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+        """The label of each row, among ``allowed`` labels (a mask over all labels) if given; -1: none allowed."""
+        scores = self.scores(features)
+        if allowed is not None:
+            scores = np.where(allowed[self.classes], scores, -np.inf)
+        predicted = self.classes[scores.argmax(axis=1)]
+        return np.where(np.isfinite(scores.max(axis=1)), predicted, -1)
+
+
+def _unit(features: np.ndarray) -> np.ndarray:
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def fit_ncm(features: np.ndarray, labels: np.ndarray) -> FittedProbe:
+    """Nearest class mean on L2-normalised features: the score of a class is the cosine to its mean."""
+    classes = np.unique(labels)
+    unit = _unit(features.astype(np.float64))
+    means = _unit(np.stack([unit[labels == c].mean(axis=0) for c in classes]))
+    return FittedProbe(classes, lambda f: _unit(f.astype(np.float64)) @ means.T)
+
+
+def fit_linear_probe(features: np.ndarray, labels: np.ndarray) -> FittedProbe:
+    """Multinomial logistic regression with an L2 penalty, fitted to convergence on whitened features.
+
+    Whitening (centred, decorrelated, unit variance; directions without variance
+    dropped) bounds the loss's curvature by 1/2, so Nesterov's accelerated
+    gradient with step ``1 / (1/2 + PENALTY)`` converges from zero weights in
+    a few hundred full-batch steps, on the driver's CPU, deterministically.
+    """
+    classes, target = np.unique(labels, return_inverse=True)
+    x = torch.from_numpy(features).double()
+    mean = x.mean(dim=0)
+    variances, directions = torch.linalg.eigh((x - mean).T @ (x - mean) / len(x))
+    kept = variances > 1e-8 * variances.max().clamp(min=1e-300)
+    whiten = directions[:, kept] / variances[kept].sqrt()
+
+    def inputs(f: np.ndarray) -> torch.Tensor:
+        z = (torch.from_numpy(f).double() - mean) @ whiten
+        return torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], dim=1)  # and a bias
+
+    z = inputs(features)
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(target), len(classes)).double()
+    step, momentum = _nesterov(curvature=0.5 + PENALTY, convexity=PENALTY)
+    weights = lookahead = torch.zeros(z.shape[1], len(classes), dtype=z.dtype)
+    for _ in range(MAX_STEPS):
+        gradient = z.T @ (torch.softmax(z @ lookahead, dim=1) - onehot) / len(z) + PENALTY * lookahead
+        if float(gradient.norm()) < TOLERANCE:
+            weights = lookahead
+            break
+        weights, previous = lookahead - step * gradient, weights
+        lookahead = weights + momentum * (weights - previous)
+    else:
+        log.warning("the linear probe's gradient norm is still %.1e after %d steps", float(gradient.norm()), MAX_STEPS)
+    return FittedProbe(classes, lambda f: (inputs(f) @ weights).numpy())
+
+
+def _nesterov(curvature: float, convexity: float) -> tuple[float, float]:
+    """Step size and momentum of Nesterov's method for a ``convexity``-strongly convex, ``curvature``-smooth loss."""
+    ratio = math.sqrt(convexity / curvature)
+    return 1.0 / curvature, (1.0 - ratio) / (1.0 + ratio)
+
+
+FIT: dict[str, Callable[[np.ndarray, np.ndarray], FittedProbe]] = {"probe": fit_linear_probe, "ncm": fit_ncm}
+
+
+@torch.no_grad()
+def encode(model: torch.nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """``model.features`` of ``x``, in batches, in float64."""
+    model.eval()
+    return torch.cat([model.features(xb) for xb in torch.from_numpy(x).split(batch_size)]).double().numpy()
+
+
+def probe_record(
+    model: torch.nn.Module, stream: Stream, server_round: int, seed: int, max_samples: int, batch_size: int
+) -> dict[str, Any]:
+    """Each probe's accuracy per task (``<probe>_acc_per_task`` etc.) on the model's current features."""
+    seen = stream.seen_tasks(server_round)
+    indices = np.concatenate([stream.task_train_indices(t) for t in np.flatnonzero(seen)])
+    if len(indices) > max_samples:
+        indices = np.sort(rng(seed, Purpose.PROBE, server_round).choice(indices, max_samples, replace=False))
+    features, labels = encode(model, stream.x_train[indices], batch_size), stream.y_train[indices]
+    probes = {name: FIT[name](features, labels) for name in PROBES}
+    accuracies: dict[str, list[float]] = {name: [] for name in probes}
+    for task in range(stream.num_tasks):
+        test = stream.task_test_indices(task)
+        test_features, allowed = encode(model, stream.x_test[test], batch_size), stream.task_mask(task)
+        for name, probe in probes.items():
+            accuracies[name].append(float(np.mean(probe.predict(test_features, allowed) == stream.y_test[test])))
+    record: dict[str, Any] = {}
+    for name, values in accuracies.items():
+        record.update(accuracy_record(f"{name}_acc", values, stream, seen))
+    return record
