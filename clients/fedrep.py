@@ -5,7 +5,8 @@ representation) is aggregated; unlike FedPer, a round trains the two in turn:
 first the head for ``client.fedrep.head_epochs`` epochs with the encoder
 frozen, then the encoder for ``client.epochs`` epochs with the new head
 frozen. The paper's experiments run many more head epochs than body epochs
-(10 and 1 on CIFAR); the default follows them.
+(10 and 1 on CIFAR); the default follows them. The round's reported
+``train_loss`` is the encoder phase's.
 """
 
 from __future__ import annotations

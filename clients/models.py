@@ -86,20 +86,23 @@ def build_model(
     """Build ``cfg.name`` with weights drawn from ``generator`` (same seed, same weights)."""
     if cfg.name not in ENCODERS:
         return _users_model(input_shape, num_classes, cfg, generator)
+    encoder = _initialized(ENCODERS[cfg.name](input_shape, cfg), generator)
+    # The head draws after the encoder: every head starts from the same encoder.
     head = resolve_head(cfg.head)
     settings = head.Settings() if cfg.head_settings is None else cfg.head_settings
-    model = RepresentationModel(
-        ENCODERS[cfg.name](input_shape, cfg), head(cfg.feature_dim, num_classes, settings, generator)
-    )
+    return RepresentationModel(encoder, _initialized(head(cfg.feature_dim, num_classes, settings, generator), generator))
+
+
+def _initialized(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """``module`` with each linear and conv layer's weights drawn as torch's default, from ``generator``."""
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                fan_in = math.prod(module.weight.shape[1:])
-                bound = 1.0 / math.sqrt(fan_in)
-                module.weight.uniform_(-bound, bound, generator=generator)  # torch's default
-                if module.bias is not None:
-                    module.bias.uniform_(-bound, bound, generator=generator)
-    return model
+        for layer in module.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                bound = 1.0 / math.sqrt(math.prod(layer.weight.shape[1:]))
+                layer.weight.uniform_(-bound, bound, generator=generator)
+                if layer.bias is not None:
+                    layer.bias.uniform_(-bound, bound, generator=generator)
+    return module
 
 
 def _users_model(
@@ -111,12 +114,17 @@ def _users_model(
             f"model.name = {cfg.name!r}: unknown model; valid: {', '.join(sorted(ENCODERS))} "
             "or the dotted path of a function (input_shape, num_classes, cfg) -> nn.Module"
         )
+    if cfg.head != "linear":
+        raise ConfigError(
+            f"model.head = {cfg.head!r}: heads go on the shipped encoders ({', '.join(sorted(ENCODERS))}); "
+            f"a user's model (model.name = {cfg.name!r}) builds its own"
+        )
     try:
         factory = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as error:
         raise ConfigError(f"model.name = {cfg.name!r}: cannot import it ({error})") from None
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(generator.initial_seed())
+        torch.random.default_generator.manual_seed(generator.initial_seed())
         model = factory(input_shape, num_classes, cfg)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name = {cfg.name!r}: returned {type(model).__name__}, expected an nn.Module")

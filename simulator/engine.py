@@ -106,7 +106,7 @@ class Experiment:
                     f"rounds = {rounds}: resuming would change the stream from {saved.num_tasks} to "
                     f"{stream.num_tasks} tasks, so the finished rounds would not be those of this run"
                 )
-            self._check_saved_strategy(saved.strategy, saved.arrays, fewest)
+            self._check_saved_strategy(saved.strategy, saved.arrays, fewest, arrays)
             arrays, self.strategy, saved_states = saved.arrays, saved.strategy, saved.client_states
             first_round, wall_offset, records = saved.round + 1, saved.wall_s, saved.records
             nonfinite_dropped = saved.nonfinite_dropped
@@ -157,8 +157,9 @@ class Experiment:
                     record["client_state_mb"] = round(states.total_bytes / 2**20, 6)
                     record["client_state_spilled_mb"] = round(states.spilled_bytes / 2**20, 6)
                     record["wall_s"] = round(elapsed(), 3)
-                    if cfg.eval.federated:
-                        record["federated_acc"] = self._federated_evaluation(server_round, arrays, grid)
+                    if cfg.eval.federated:  # with personal layers, each client evaluates its own model
+                        key = "federated_acc_personal" if method.personal_prefixes else "federated_acc"
+                        record[key] = self._federated_evaluation(server_round, arrays, grid)
                     outputs.log(record)
                     progress.set_postfix(task=task, loss=record["train_loss"], acc=f"{record['acc_seen']:.3f}")
 
@@ -230,9 +231,18 @@ class Experiment:
             metrics = self.strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages))
         return _metric(metrics, ACCURACY)
 
-    def _check_saved_strategy(self, saved: Strategy, arrays: ArrayRecord, fewest: int) -> None:
-        """Refuse a checkpoint whose strategy is not the configured one, or would hang or poison the run."""
+    def _check_saved_strategy(self, saved: Strategy, arrays: ArrayRecord, fewest: int, initial: ArrayRecord) -> None:
+        """Refuse a checkpoint whose strategy or weights are not the configured run's, or would hang or poison it.
+
+        ``initial``: the configured model's global arrays, whose names and shapes the saved ones must have.
+        """
         where = self.run_dir / "checkpoints"
+        shapes = {name: tuple(array.shape) for name, array in arrays.items()}
+        if shapes != {name: tuple(array.shape) for name, array in initial.items()}:
+            raise ConfigError(
+                f"resume = true: the global weights in {where} are not the configured model's "
+                f"(names and shapes differ from model.name = {self.run_cfg.model.name!r}'s shared weights)"
+            )
         configured = [type(layer) for _, layer in strategy_layers(self.strategy)]
         found = [type(layer) for _, layer in strategy_layers(saved)]
         if found != configured:
@@ -272,14 +282,22 @@ def _check_model_serves(model: torch.nn.Module, method: type[ClientMethod], cfg:
             f"model.name = {cfg.model.name!r}: the model has no features(x) method, which the "
             "representation probes need; add one or set eval.probes=false"
         )
-    if method.personal_prefixes and not (
-        callable(getattr(model, "features", None)) and isinstance(getattr(model, "head", None), torch.nn.Module)
-        and any(k.startswith(method.personal_prefixes) for k in model.state_dict())
-    ):
+    if not method.personal_prefixes:
+        return
+    personal = [k for k in model.state_dict() if k.startswith(method.personal_prefixes)]
+    # The server scores each client's own model as its head on the shared features.
+    if not (callable(getattr(model, "features", None)) and isinstance(getattr(model, "head", None), torch.nn.Module)
+            and personal and all(k.startswith("head.") for k in personal)):
         raise ConfigError(
             f"client.method = {cfg.client.method!r} keeps {', '.join(method.personal_prefixes)}* for each "
-            f"client, but model.name = {cfg.model.name!r} has no features(x) and head with such weights"
+            f"client: it needs a model with features(x) and a head holding those weights, and "
+            f"model.name = {cfg.model.name!r} has none"
         )
+    log.warning(
+        "client.method = %s keeps each client's head: the global model is the global encoder under the "
+        "initial head, never trained, and acc_* and the accuracy matrix score that; client_acc_personal_* "
+        "scores each client's own model, the probes the encoder", cfg.client.method,
+    )
 
 
 def _check_finite(arrays: ArrayRecord, server_round: int, strategy: Strategy) -> None:

@@ -5,7 +5,7 @@ Unsupervised Continual Learning", show that much of what a continual learner
 forgets is in its head, not its representation: a classifier fitted afresh on
 the frozen features recovers most of the old tasks. Two such classifiers,
 both fitted on the features of the training data of the tasks seen so far (at
-most ``eval.probe_samples`` of it, a seeded sample):
+most about ``eval.probe_samples`` of it, a seeded sample with every class in it):
 
 - ``ncm``: nearest class mean (Rebuffi et al. 2017, iCaRL): features and class
   means L2-normalised, each sample given the class of the nearest mean;
@@ -112,6 +112,20 @@ def _nesterov(curvature: float, convexity: float) -> tuple[float, float]:
 FIT: dict[str, Callable[[np.ndarray, np.ndarray], FittedProbe]] = {"probe": fit_linear_probe, "ncm": fit_ncm}
 
 
+def stratified_sample(
+    indices: np.ndarray, labels: np.ndarray, size: int, generator: np.random.Generator
+) -> np.ndarray:
+    """About ``size`` of ``indices``, each label in proportion to its share but never fewer than one.
+
+    A class left out of the sample could never be predicted, and its task would
+    read as forgotten.
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = np.maximum(1, counts * size // len(labels))
+    chosen = [generator.choice(indices[labels == c], q, replace=False) for c, q in zip(classes, quotas)]
+    return np.sort(np.concatenate(chosen))
+
+
 @torch.no_grad()
 def encode(model: torch.nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray:
     """``model.features`` of ``x``, in batches, in float64."""
@@ -124,9 +138,9 @@ def probe_record(
 ) -> dict[str, Any]:
     """Each probe's accuracy per task (``<probe>_acc_per_task`` etc.) on the model's current features."""
     seen = stream.seen_tasks(server_round)
-    indices = np.concatenate([stream.task_train_indices(t) for t in np.flatnonzero(seen)])
+    indices = np.unique(np.concatenate([stream.task_train_indices(t) for t in np.flatnonzero(seen)]))
     if len(indices) > max_samples:
-        indices = np.sort(rng(seed, Purpose.PROBE, server_round).choice(indices, max_samples, replace=False))
+        indices = stratified_sample(indices, stream.y_train[indices], max_samples, rng(seed, Purpose.PROBE, server_round))
     features, labels = encode(model, stream.x_train[indices], batch_size), stream.y_train[indices]
     probes = {name: FIT[name](features, labels) for name in PROBES}
     accuracies: dict[str, list[float]] = {name: [] for name in probes}

@@ -20,7 +20,7 @@ from simulator import metrics
 from simulator.probes import PROBES
 
 # metrics.jsonl lists of accuracy per task, and their TensorBoard tags (<tag>/<task>)
-PER_TASK_CURVES = {"acc": "acc_task", "probe_acc": "probe_task", "ncm_acc": "ncm_task"}
+PER_TASK_CURVES = {"acc": "acc_task", **{f"{probe}_acc": f"{probe}_task" for probe in PROBES}}
 
 
 class RunDirectory:
@@ -102,7 +102,6 @@ class RunDirectory:
         self.tensorboard.close()
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         return summary
-
 
     def _probe_summary(self) -> dict[str, Any]:
         """Each probe's matrix (``<probe>_matrix.csv``) and its metrics as ``<probe>_<metric>``.

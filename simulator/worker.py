@@ -28,7 +28,7 @@ from simulator.deadline import ClientTimeout, deadline
 from simulator.keys import (
     ACCURACY, CLIPPING_NORM, EVAL_LOSS, LEARNING_RATE, NORM_BIT, NUM_EXAMPLES, TRAIN_LOSS,
 )
-from simulator.seeding import Purpose, torch_generator
+from simulator.seeding import Purpose, derive_seed, torch_generator
 
 TRAIN, EVALUATE = "train", "evaluate"
 
@@ -96,10 +96,11 @@ class ClientWorker:
         ).to(self.device)
         method = resolve_method(run.client.method)
         self.method = method(run.client)
-        state = self.model.state_dict()
-        self.shared = [state[k] for k in shared_keys(self.model, method)]  # what the server sends and gets
+        self.shared = shared_keys(self.model, method)  # the names of what the server sends and gets
         # Personal tensors restart from the initial model for each client: its own come from its state.
-        self.initial_personal = {k: v.clone() for k, v in state.items() if k.startswith(method.personal_prefixes)}
+        self.initial_personal = {
+            k: v.clone() for k, v in self.model.state_dict().items() if k.startswith(method.personal_prefixes)
+        }
 
     def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
         """Run ``jobs`` back to back; a failing client becomes an outcome with its traceback."""
@@ -110,6 +111,9 @@ class ClientWorker:
         late = f"client {job.client_id} ran longer than engine.client_timeout_s = {limit} s in round {job.server_round}"
         try:
             with deadline(limit, late):
+                # Randomness a user's model or method draws from torch's global generator
+                # (dropout) is the client's, whatever actor runs it.
+                torch.manual_seed(derive_seed(self.run_cfg.seed, Purpose.CLIENT_GLOBAL, job.server_round, job.client_id))
                 self._load(weights)
                 if job.kind == TRAIN:
                     return self._train(job, weights)
@@ -123,13 +127,15 @@ class ClientWorker:
         # Weights from Ray's object store are read-only views; copy_ only reads them.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            for tensor, array in zip(self.shared, weights, strict=True):
-                tensor.copy_(torch.from_numpy(array))
+            state = self.model.state_dict()  # fresh: a method may have rebound a parameter's storage
+            for name, array in zip(self.shared, weights, strict=True):
+                state[name].copy_(torch.from_numpy(array))
             if self.initial_personal:
                 self.model.load_state_dict(self.initial_personal, strict=False)
 
     def _weights(self) -> list[np.ndarray]:
-        return [t.detach().cpu().numpy().copy() for t in self.shared]
+        state = self.model.state_dict()
+        return [state[name].detach().cpu().numpy().copy() for name in self.shared]
 
     def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
         return None if array is None else torch.from_numpy(array).to(self.device)

@@ -15,7 +15,10 @@ from clients.heads import (
 )
 from clients.heads.etf import simplex_etf
 from clients.models import build_model
-from simulator.config import ConfigError
+from simulator.config import ConfigError, ModelConfig
+from simulator.data import load_dataset
+from simulator.streams import build_stream
+from simulator.worker import ClientWorker, WorkerData
 from simulator.seeding import Purpose, torch_generator
 from tests.conftest import TINY, compose_run, run_experiment
 
@@ -181,8 +184,17 @@ def test_an_etf_run_sends_the_projection_but_never_the_fixed_frame(tmp_path):
     sent = np.load(tmp_path / "checkpoints" / "round-000003" / "arrays.npz")
     head_arrays = sorted(k for k in sent.files if k.startswith("head."))
     assert head_arrays == ["head.projection.bias", "head.projection.weight"]
-    # The frame every worker builds from the seed is the server's: one model, rebuilt, holds the same.
+    # The frame a worker builds from the seed is the server's, and its encoder starts as a linear head's does.
     cfg = compose_run([*TINY, "model.head=etf"])
-    frames = [build_model((1, 8, 8), 10, cfg.model, torch_generator(cfg.seed, Purpose.MODEL_INIT)).head.etf
-              for _ in range(2)]
-    assert torch.equal(*frames)
+    stream = build_stream(cfg, load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed))
+    worker = ClientWorker(cfg, WorkerData.of(stream))
+    server = build_model(stream.x_train.shape[1:], 10, cfg.model, torch_generator(cfg.seed, Purpose.MODEL_INIT))
+    assert torch.equal(worker.model.head.etf, server.head.etf)
+    linear = build_model(stream.x_train.shape[1:], 10, ModelConfig(), torch_generator(cfg.seed, Purpose.MODEL_INIT))
+    assert all(torch.equal(a, b) for a, b in zip(linear.encoder.parameters(), server.encoder.parameters()))
+
+
+def test_a_users_model_builds_its_own_head():
+    with pytest.raises(ConfigError, match="model.head = 'etf': heads go on the shipped encoders"):
+        build_model((1, 8, 8), 10, ModelConfig(name="tests.user_code.plain_models.with_features", head="etf"),
+                    torch.Generator().manual_seed(0))

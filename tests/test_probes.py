@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from simulator import metrics
 from simulator.plot import read_accuracy_matrix
-from simulator.probes import fit_linear_probe, fit_ncm
+from simulator.probes import fit_linear_probe, fit_ncm, stratified_sample
 from tests.conftest import read_metrics, run_experiment
 
 CLASS_IL = ["scenario=digits_class_incremental", "engine.backend=local", "stream.rounds_per_task=2",
@@ -66,6 +66,15 @@ def test_linear_probe_separates_what_is_linearly_separable_and_ignores_dead_feat
     shifted = features.copy()
     shifted[:, 1] = 5.0  # a feature with no variance in training says nothing at test time
     assert probe.predict(shifted).tolist() == labels.tolist()
+
+
+def test_a_sample_of_the_training_data_keeps_every_class_in_proportion():
+    labels = np.repeat([0, 1, 2], [900, 90, 10])
+    sample = stratified_sample(np.arange(1000) + 5000, labels, 100, np.random.default_rng(0))
+    assert np.bincount(labels[sample - 5000]).tolist() == [90, 9, 1]
+    assert len(np.unique(sample)) == len(sample)
+    tiny = stratified_sample(np.arange(1000), labels, 2, np.random.default_rng(0))
+    assert sorted(set(labels[tiny])) == [0, 1, 2]  # never a class left out: its task would read as forgotten
 
 
 def test_a_probe_fitted_on_one_class_predicts_that_class():
