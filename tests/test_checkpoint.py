@@ -8,6 +8,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 from flwr.serverapp.strategy import FedAdam
@@ -197,4 +198,14 @@ def test_a_checkpoint_holding_another_strategy_than_the_config_builds_is_refused
     (_last(run_copy) / "strategy.pkl").write_bytes(pickle.dumps(FedAdam()))
     _reseal(_last(run_copy))
     with pytest.raises(ConfigError, match="holds a FedAdam strategy; the config builds FedAvg"):
+        run_experiment(run_copy, EWC, resume=True)
+
+
+def test_global_weights_that_are_not_the_configured_models_are_refused(run_copy):
+    # A checkpoint sealed as an attacker (or another version of a model) would: same config, other arrays.
+    arrays = dict(np.load(_last(run_copy) / "arrays.npz"))
+    arrays["head.extra"] = np.zeros(3, np.float32)
+    np.savez(_last(run_copy) / "arrays.npz", **arrays)
+    _reseal(_last(run_copy))
+    with pytest.raises(ConfigError, match="global weights in .* are not the configured model's"):
         run_experiment(run_copy, EWC, resume=True)
