@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from clients.queries import QUERIES, Query
 from simulator.config import ClientConfig
 
 ClientState = dict[str, Any]  # numpy arrays, Python scalars and strings, by name
@@ -162,6 +163,12 @@ class ClientMethod:
     def end(self, model: nn.Module, context: TrainContext) -> dict[str, float]:
         """Finish the round (update ``context.state``); return metrics to send to the strategy."""
         return {}
+
+    def answer(self, model: nn.Module, query: Query) -> dict[str, np.ndarray]:
+        """Named arrays answering the server's ``query`` (``clients/queries.py``), the global weights in ``model``."""
+        if query.name not in QUERIES:
+            raise ValueError(f"query {query.name!r}: {type(self).__name__} answers {', '.join(sorted(QUERIES))}")
+        return QUERIES[query.name](model, query)
 
     def personalize(self, model: nn.Module, state: ClientState) -> None:
         """Make ``model``, holding the global weights, the client's own (its personal layers from

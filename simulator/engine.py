@@ -139,12 +139,14 @@ class Experiment:
                 if new_arrays is not None:
                     _check_finite(new_arrays, server_round, self.strategy)
                     arrays = new_arrays
+                task = stream.task_of_round(server_round)
+                last_of_task = server_round == rounds or stream.task_of_round(server_round + 1) != task
+                if last_of_task:
+                    arrays = self._end_task(task, server_round, arrays, grid)
 
                 # 6. Evaluate the global model on every task, and on the clients' own data,
                 #    every eval.every rounds and at the end of every task; probe its encoder
                 #    at the end of every task and every eval.probe_every rounds.
-                task = stream.task_of_round(server_round)
-                last_of_task = server_round == rounds or stream.task_of_round(server_round + 1) != task
                 every_probe = cfg.eval.probe_every
                 probe = cfg.eval.probes and (last_of_task or bool(every_probe and server_round % every_probe == 0))
                 if server_round % cfg.eval.every == 0 or last_of_task or probe:
@@ -223,6 +225,23 @@ class Experiment:
             model.load_state_dict(initial, strict=False)
             record.update(metrics.accuracy_spread(personal, "client_acc_personal"))
         return record
+
+    def _end_task(self, task: int, server_round: int, arrays: ArrayRecord, grid: SimulationGrid) -> ArrayRecord:
+        """The strategy's ``on_task_end(task, arrays, grid)``, where it has one: its arrays, if it returns any.
+
+        The FedStream protocol for server-side continual methods: a Flower strategy
+        without the method is untouched. Through the Grid it may query clients
+        (``MessageType.QUERY``); its random draws are seeded like its rounds'.
+        """
+        on_task_end = getattr(self.strategy, "on_task_end", None)
+        if not callable(on_task_end):
+            return arrays
+        with seeded_global_state(derive_seed(self.run_cfg.seed, Purpose.STRATEGY, server_round, 2)):
+            ended = on_task_end(task, arrays, grid)
+        if ended is None:
+            return arrays
+        _check_finite(ended, server_round, self.strategy)
+        return ended
 
     def _federated_evaluation(self, server_round: int, arrays: ArrayRecord, grid: SimulationGrid) -> float | None:
         """The strategy's own client-side evaluation: sampled clients on their local test samples."""

@@ -26,9 +26,10 @@ from simulator.client_state import ClientStates
 from simulator.held_array import held_array_record
 from simulator.streams import Stream
 from simulator.task_change import task_change
-from simulator.worker import EVALUATE, TRAIN, ClientJob, ClientOutcome
+from simulator.worker import EVALUATE, QUERY, TRAIN, ClientJob, ClientOutcome
 
-_KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE}
+_KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE, MessageType.QUERY: QUERY}
+GLOBAL_ARRAYS = "arrays"  # a query message's model, when it carries arrays of its own too (as "query")
 
 
 class SimulationGrid(Grid):
@@ -135,7 +136,9 @@ class SimulationGrid(Grid):
         if client not in present:
             raise ValueError(f"message to node {client}, not a client present in round {self.server_round}")
         content = message.content
-        (arrays,) = content.array_records.values()
+        records_in = dict(content.array_records)
+        arrays = records_in.pop(GLOBAL_ARRAYS) if len(records_in) > 1 else records_in.popitem()[1]
+        query_arrays = {k: v for record in records_in.values() for k, v in zip(record, record.to_numpy_ndarrays())}
         config: dict[str, Any] = {}
         for record in content.config_records.values():
             config.update(record)
@@ -147,6 +150,8 @@ class SimulationGrid(Grid):
         if kind == TRAIN:
             indices = self.stream.train_indices(self.server_round, client)
             new_task, previous = task_change(self.stream, client, task, self.states.last_round(client))
+        elif kind == QUERY:  # on the data the client trains on this round: at a task end, the task's
+            indices = self.stream.train_indices(self.server_round, client)
         else:
             indices = self.stream.client_test_indices(self.server_round, client, self.client_test_size)
         return ClientJob(
@@ -162,12 +167,13 @@ class SimulationGrid(Grid):
             state=self.states.get(client) if kind == TRAIN or self.personal else {},
             new_task=new_task,
             previous=previous,
+            query_arrays=query_arrays,
         )
 
     def _reply(self, message: Message, outcome: ClientOutcome, keys: list[str]) -> Message:
         content = RecordDict({"metrics": MetricRecord(outcome.metrics)})
-        if outcome.arrays is not None:
-            content["arrays"] = held_array_record(keys, outcome.arrays)
+        if outcome.arrays is not None:  # the weights as the message's, or a query's named answer
+            content["arrays"] = held_array_record(outcome.array_names or keys, outcome.arrays)
         reply = Message(content, reply_to=message)
         reply.metadata.__dict__["_message_id"] = f"r{message.metadata.message_id}"
         return reply

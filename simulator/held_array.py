@@ -48,7 +48,15 @@ class HeldArray(Array):
 
     def deflate(self) -> bytes:
         """Deflated as the plain ``Array`` it stands for, so Flower can inflate it (same object id)."""
-        return Array(dtype=self.dtype, shape=self.shape, stype=self.stype, data=self.data).deflate()
+        return self._plain().deflate()
+
+    def __reduce__(self) -> tuple:
+        """Pickled as the plain ``Array`` it stands for: a checkpointed strategy that keeps a record
+        (FOT's round start, FedAdam's moments) loads through the allow-list of Flower's classes."""
+        return self._plain().__reduce__()
+
+    def _plain(self) -> Array:
+        return Array(dtype=self.dtype, shape=self.shape, stype=self.stype, data=self.data)
 
 
 @functools.cache

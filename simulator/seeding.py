@@ -28,6 +28,7 @@ class Purpose(IntEnum):
     CLIENT_EVAL = 6  # a client's local test sample
     PROBE = 7  # the training samples representation probes fit on
     CLIENT_GLOBAL = 8  # torch's global generator during a client's job (a user's dropout)
+    CLIENT_QUERY = 9  # a client's answer to a server's query (FOT's random sketches)
 
 
 def _sequence(seed: int, purpose: Purpose, keys: tuple[int, ...]) -> np.random.SeedSequence:

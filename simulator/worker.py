@@ -21,6 +21,8 @@ import torch
 
 from clients import resolve_method
 from clients.base import Batch, PreviousTask, TrainContext, masked, shared_keys
+from clients.queries import QUERY as QUERY_KEY
+from clients.queries import Query
 from clients.models import build_model
 from simulator.client_state import check_state
 from simulator.config import RunConfig
@@ -30,7 +32,7 @@ from simulator.keys import (
 )
 from simulator.seeding import Purpose, derive_seed, torch_generator
 
-TRAIN, EVALUATE = "train", "evaluate"
+TRAIN, EVALUATE, QUERY = "train", "evaluate", "query"
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class ClientJob:
     """One client's work in a call: train or evaluate, on which of the call's weights."""
 
     client_id: int
-    kind: str  # TRAIN | EVALUATE
+    kind: str  # TRAIN | EVALUATE | QUERY
     server_round: int
     weights_index: int  # into the list of weight sets sent with the call
     indices: np.ndarray  # into x_train (TRAIN) or x_test (EVALUATE): the stream's choice
@@ -49,11 +51,12 @@ class ClientJob:
     # EVALUATE too where the method keeps personal layers)
     new_task: bool = False  # TRAIN: the client's first round on ``task``
     previous: PreviousTask | None = None  # with new_task: the task it left
+    query_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # QUERY: the server's arrays for it
 
 
 @dataclass(frozen=True)
 class ClientOutcome:
-    """A client's reply: new weights and state (train), metrics, or the traceback of its failure."""
+    """A client's reply: new weights and state (train), an answer (query), metrics, or the traceback of its failure."""
 
     client_id: int
     arrays: list[np.ndarray] | None
@@ -61,6 +64,7 @@ class ClientOutcome:
     error: str | None = None
     state: dict[str, Any] | None = None  # TRAIN: the state to keep for the client's next round
     finite: bool = True  # TRAIN: its loss and weights are finite numbers
+    array_names: list[str] | None = None  # QUERY: the answer's names (TRAIN: the weights', as sent)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ class ClientWorker:
                 self._load(weights)
                 if job.kind == TRAIN:
                     return self._train(job, weights)
+                if job.kind == QUERY:
+                    return self._answer(job)
                 return self._evaluate(job)
         # Reported with the client id, failing the run; SystemExit too: a client's sys.exit(0)
         # must not end the run as a success.
@@ -174,6 +180,18 @@ class ClientWorker:
             metrics[NORM_BIT] = float(within)
         finite = math.isfinite(result.train_loss) and all_finite(arrays)
         return ClientOutcome(job.client_id, arrays, metrics, state=check_state(context.state), finite=finite)
+
+    def _answer(self, job: ClientJob) -> ClientOutcome:
+        query = Query(
+            name=str(job.config[QUERY_KEY]),
+            arrays=job.query_arrays,
+            x=self._tensor(self.data.x_train[job.indices]),
+            y=self._tensor(self.data.y_train[job.indices]),
+            generator=torch_generator(self.run_cfg.seed, Purpose.CLIENT_QUERY, job.server_round, job.client_id),
+        )
+        answer = self.method.answer(self.model, query)
+        return ClientOutcome(job.client_id, list(answer.values()), {NUM_EXAMPLES: float(len(job.indices))},
+                             array_names=list(answer))
 
     def _evaluate(self, job: ClientJob) -> ClientOutcome:
         self.method.personalize(self.model, job.state)  # the client's own model, where it has one

@@ -1,0 +1,124 @@
+"""What a client answers when the server asks (Flower ``MessageType.QUERY``) instead of training.
+
+A server-side method may need statistics of the clients' data that training
+replies do not carry: FOT the inputs each layer sees, CCVR per-class feature
+statistics. The strategy sends a query message with the global arrays and a
+``query`` name in its ConfigRecord (and, where the answer needs them, arrays of
+its own); the client's method answers with named arrays computed on the client's
+current data (at a task end: the data of the task just ended) by the handler
+registered here under that name. Randomness comes from the generator the
+worker seeds from (run seed, round, client), so answers do not depend on which
+actor computed them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+QUERY = "query"  # the ConfigRecord key naming the query
+NUM_SAMPLES = "num_samples"  # every answer says on how many samples it was computed
+
+
+@dataclass(frozen=True)
+class Query:
+    """A query as the client sees it: its name, the server's arrays for it, the client's data."""
+
+    name: str
+    arrays: dict[str, np.ndarray]  # the server's own arrays for the query (e.g. FOT's bases)
+    x: torch.Tensor
+    y: torch.Tensor
+    generator: torch.Generator
+
+
+def layer_input_sketches(model: nn.Module, query: Query) -> dict[str, np.ndarray]:
+    """FOT's client side: for each linear and conv layer, a random sketch of the inputs it sees.
+
+    With ``R`` the layer's inputs on the client's data (features x samples; a
+    conv layer's unfolded patches), the answer is ``R @ G`` for a private random
+    ``G`` (samples x features, uniform in [-1, 1]): summed over clients it is a
+    sketch of all clients' inputs side by side, which is all the server needs
+    (Bakman et al. 2024; the sum is what secure aggregation would reveal), with
+    the share of ``R``'s norm outside the server's current basis for that layer
+    (``<name>/residual``; 1 without a basis) and the sample count.
+    """
+    inputs = _layer_inputs(model, query.x)
+    answer: dict[str, np.ndarray] = {NUM_SAMPLES: np.array(len(query.x), dtype=np.int64)}
+    for name, matrix in inputs.items():  # matrix: features x samples
+        sketch = torch.rand(matrix.shape[1], matrix.shape[0], generator=query.generator, dtype=torch.float64) * 2 - 1
+        answer[name] = (matrix @ sketch).numpy()
+        answer[f"{name}/residual"] = np.array(_residual_share(matrix, query.arrays.get(name)))
+    return answer
+
+
+def class_feature_statistics(model: nn.Module, query: Query) -> dict[str, np.ndarray]:
+    """CCVR's client side: per class of the client's data, the count, mean and unbiased covariance of its features.
+
+    Luo et al. 2021: the features are the encoder's (the head's inputs) under
+    the global model; classes the client does not hold have count 0.
+    """
+    model.eval()
+    with torch.no_grad():
+        features = model.features(query.x).double().cpu()
+    labels = query.y.cpu()
+    classes = torch.unique(labels)
+    counts = torch.stack([(labels == c).sum() for c in classes])
+    means = torch.stack([features[labels == c].mean(dim=0) for c in classes])
+    covariances = torch.stack([_unbiased_covariance(features[labels == c]) for c in classes])
+    return {"classes": classes.numpy(), "counts": counts.numpy(), "means": means.numpy(),
+            "covariances": covariances.numpy(), NUM_SAMPLES: np.array(len(labels), dtype=np.int64)}
+
+
+QUERIES: dict[str, Callable[[nn.Module, Query], dict[str, np.ndarray]]] = {
+    "layer_input_sketches": layer_input_sketches,
+    "class_feature_statistics": class_feature_statistics,
+}
+
+
+def projected_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers whose inputs a subspace method tracks, by their weight's state_dict name."""
+    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def _layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each linear or conv layer's inputs on ``x`` as a features x samples matrix (conv: unfolded patches)."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, layer in projected_layers(model).items():
+        def keep(module: nn.Module, args: tuple[torch.Tensor, ...], _: torch.Tensor, name: str = name) -> None:
+            (inputs,) = args
+            if isinstance(module, nn.Conv2d):
+                patches = F.unfold(inputs, module.kernel_size, module.dilation, module.padding, module.stride)
+                captured[name] = patches.transpose(0, 1).reshape(patches.shape[1], -1)
+            else:
+                captured[name] = inputs.reshape(len(inputs), -1).T
+        handles.append(layer.register_forward_hook(keep))
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: matrix.double().cpu() for name, matrix in captured.items()}
+
+
+def _residual_share(matrix: torch.Tensor, basis: np.ndarray | None) -> float:
+    """``|R - U U^T R| / |R|`` (Frobenius): how much of the inputs the basis ``U`` leaves out."""
+    norm = float(matrix.norm())
+    if basis is None or norm == 0.0:
+        return 1.0
+    u = torch.from_numpy(np.asarray(basis, dtype=np.float64))
+    return float((matrix - u @ (u.T @ matrix)).norm()) / norm
+
+
+def _unbiased_covariance(features: torch.Tensor) -> torch.Tensor:
+    if len(features) < 2:
+        return torch.zeros(features.shape[1], features.shape[1], dtype=features.dtype)
+    centred = features - features.mean(dim=0)
+    return centred.T @ centred / (len(features) - 1)

@@ -1,0 +1,109 @@
+"""CCVR: Luo et al. 2021, "No Fear of Heterogeneity: Classifier Calibration for Federated Learning
+with Non-IID Data" (NeurIPS).
+
+After federated training, the classifier is what label skew biases most; CCVR
+recalibrates it on virtual features. Here it runs at every task end (for a
+static stream: once, after the last round), as a FedAvg whose ``on_task_end``
+returns the calibrated global arrays, which clients then train from:
+
+1. each present client sends, per class it holds, the count, mean and unbiased
+   covariance of the global encoder's features on its data of the task
+   (``clients/queries.py``);
+2. the server pools them into each class's global mean and covariance (the
+   exact pooled formula of the paper's Eq. 3-4); in a continual stream it
+   keeps the statistics of earlier tasks' classes as they were last measured;
+3. it draws ``virtual_per_class`` features per class from those Gaussians
+   (seeded: the engine seeds the strategy's random state per round) and
+   retrains the linear head (``head.weight``, ``head.bias``) on them by
+   minibatch SGD from its current weights, the encoder untouched.
+
+The paper does not fix the retraining optimiser; ``calibration_*`` defaults are
+ours (public implementations use SGD with lr 0.001-0.1, 1-10 epochs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch.nn import functional as F
+
+from simulator.held_array import held_array_record
+from strategies.queries import ask_clients
+
+HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
+
+
+class CCVR(FedAvg):
+    """FedAvg with its linear head recalibrated on virtual features at every task end."""
+
+    def __init__(
+        self, *args: Any, virtual_per_class: int = 100, calibration_lr: float = 0.01,
+        calibration_epochs: int = 10, calibration_batch_size: int = 64, **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if min(virtual_per_class, calibration_epochs, calibration_batch_size) < 1 or calibration_lr <= 0:
+            raise ValueError("virtual_per_class, calibration_epochs and calibration_batch_size must be >= 1 "
+                             "and calibration_lr > 0")
+        self.virtual_per_class = virtual_per_class
+        self.calibration_lr = calibration_lr
+        self.calibration_epochs = calibration_epochs
+        self.calibration_batch_size = calibration_batch_size
+        self.class_statistics: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # class -> (count, mean, cov)
+
+    def on_task_end(self, task: int, arrays: ArrayRecord, grid: Grid) -> ArrayRecord:
+        """The global arrays with the head retrained on virtual features of every class seen so far."""
+        if HEAD_WEIGHT not in arrays or HEAD_BIAS not in arrays:
+            raise ValueError("strategy=ccvr recalibrates a linear head (head.weight and head.bias); "
+                             "this model has none: use model.head=linear")
+        self.class_statistics.update(pooled_statistics(ask_clients(grid, arrays, "class_feature_statistics")))
+        features, labels = self._virtual_features()
+        weight, bias = self._calibrated(arrays[HEAD_WEIGHT].numpy(), arrays[HEAD_BIAS].numpy(), features, labels)
+        updated = {k: v for k, v in zip(arrays.keys(), arrays.to_numpy_ndarrays())}
+        updated[HEAD_WEIGHT], updated[HEAD_BIAS] = weight, bias
+        return held_array_record(list(updated), list(updated.values()))
+
+    def _virtual_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """``virtual_per_class`` draws from each class's Gaussian (np.random: seeded by the engine)."""
+        features, labels = [], []
+        for label, (_, mean, covariance) in sorted(self.class_statistics.items()):
+            features.append(np.random.multivariate_normal(mean, covariance, self.virtual_per_class,
+                                                          check_valid="ignore"))
+            labels.append(np.full(self.virtual_per_class, label))
+        return np.concatenate(features), np.concatenate(labels)
+
+    def _calibrated(
+        self, weight: np.ndarray, bias: np.ndarray, features: np.ndarray, labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The head retrained by minibatch SGD with cross-entropy on ``features`` (encoder frozen)."""
+        w = torch.tensor(weight, requires_grad=True)
+        b = torch.tensor(bias, requires_grad=True)
+        x, y = torch.tensor(features, dtype=w.dtype), torch.from_numpy(labels)
+        order = torch.from_numpy(np.concatenate([np.random.permutation(len(y)) for _ in range(self.calibration_epochs)]))
+        for batch in order.split(self.calibration_batch_size):
+            loss = F.cross_entropy(x[batch] @ w.T + b, y[batch])
+            grad_w, grad_b = torch.autograd.grad(loss, (w, b))
+            with torch.no_grad():
+                w -= self.calibration_lr * grad_w
+                b -= self.calibration_lr * grad_b
+        return w.detach().numpy(), b.detach().numpy()
+
+
+def pooled_statistics(answers: list[dict[str, np.ndarray]]) -> dict[int, tuple[int, np.ndarray, np.ndarray]]:
+    """Per class, the count, mean and unbiased covariance of all clients' features together (exact)."""
+    by_class: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for answer in answers:
+        for label, count, mean, covariance in zip(answer["classes"], answer["counts"], answer["means"],
+                                                   answer["covariances"]):
+            by_class.setdefault(int(label), []).append((int(count), mean, covariance))
+    pooled = {}
+    for label, parts in by_class.items():
+        total = sum(n for n, _, _ in parts)
+        mean = sum(n * m for n, m, _ in parts) / total
+        scatter = sum((n - 1) * c + n * np.outer(m, m) for n, m, c in parts) - total * np.outer(mean, mean)
+        pooled[label] = (total, mean, scatter / max(total - 1, 1))
+    return pooled
