@@ -23,15 +23,17 @@ ours (public implementations use SGD with lr 0.001-0.1, 1-10 epochs).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch.nn import functional as F
 
+from simulator.config import ConfigError
 from simulator.held_array import held_array_record
 from strategies.queries import ask_clients
 
@@ -55,11 +57,16 @@ class CCVR(FedAvg):
         self.calibration_batch_size = calibration_batch_size
         self.class_statistics: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # class -> (count, mean, cov)
 
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if HEAD_WEIGHT not in arrays or HEAD_BIAS not in arrays:  # before any client trains
+            raise ConfigError("strategy=ccvr recalibrates a linear head (head.weight and head.bias); "
+                              "this model has none: use model.head=linear")
+        return super().configure_train(server_round, arrays, config, grid)
+
     def on_task_end(self, task: int, arrays: ArrayRecord, grid: Grid) -> ArrayRecord:
         """The global arrays with the head retrained on virtual features of every class seen so far."""
-        if HEAD_WEIGHT not in arrays or HEAD_BIAS not in arrays:
-            raise ValueError("strategy=ccvr recalibrates a linear head (head.weight and head.bias); "
-                             "this model has none: use model.head=linear")
         self.class_statistics.update(pooled_statistics(ask_clients(grid, arrays, "class_feature_statistics")))
         features, labels = self._virtual_features()
         weight, bias = self._calibrated(arrays[HEAD_WEIGHT].numpy(), arrays[HEAD_BIAS].numpy(), features, labels)

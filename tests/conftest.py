@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +41,18 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny_run")
     run_experiment(run_dir, TINY)
     return run_dir
+
+
+def numbers_of(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """metrics.jsonl and summary.json without their wall times: what must match run to run."""
+    records = [{k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(run_dir)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.pop("wall_time_s")
+    return records, summary
+
+
+def start_run_py(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    """``python run.py`` in its own process group (so a test can kill it and its Ray with one signal)."""
+    command = [sys.executable, "run.py", f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)

@@ -1,0 +1,154 @@
+"""Server-side continual learning: the task-end hook, QUERY messages, FOT's projection, CCVR's statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from clients.queries import NUM_SAMPLES, Query, class_feature_statistics, layer_input_sketches
+from simulator import checkpoint
+from simulator.backends import ClientFailure
+from simulator.config import ConfigError
+from simulator.held_array import held_array_record
+from strategies.ccvr import pooled_statistics
+from strategies.fot import grown_basis, project_updates
+from tests.conftest import numbers_of, run_experiment, start_run_py
+
+PERMUTED = ["scenario=permuted_digits", "engine.backend=local", "eval.probes=false", "stream.num_tasks=3",
+            "stream.rounds_per_task=2", "client.epochs=1", "federation.clients_per_round=4"]
+FOT = [*PERMUTED, "strategy=fot"]
+
+
+def test_the_projection_leaves_each_update_exactly_orthogonal_to_a_hand_made_basis():
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(6, 2)))[0]  # a 2-D subspace of the layer's 6 inputs
+    start = {"w": rng.normal(size=(3, 6)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    new = {"w": start["w"] + rng.normal(size=(3, 6)).astype(np.float32), "b": np.ones(3, np.float32)}
+    record = lambda d: held_array_record(list(d), list(d.values()))  # noqa: E731
+    projected = project_updates(record(new), record(start), {"w": basis})
+    update = projected["w"].numpy() - start["w"]
+    np.testing.assert_allclose(update @ basis, 0, atol=1e-6)  # nothing left inside the old subspace
+    outside = np.eye(6) - basis @ basis.T
+    np.testing.assert_allclose(update @ outside, (new["w"] - start["w"]) @ outside, atol=1e-6)  # the rest kept
+    assert np.array_equal(projected["b"].numpy(), new["b"])  # biases are not projected (as FOT's code)
+
+
+def test_a_basis_keeps_the_top_directions_until_the_energy_threshold_then_grows_orthonormally():
+    sketch = np.diag([3.0, 2.0, 1.0, 0.0])  # energies 9, 4, 1: shares 0.64, 0.93, 1.0
+    first = grown_basis(None, sketch, residual=1.0, threshold=0.9)
+    assert np.allclose(np.abs(first), np.eye(4)[:, :2])
+    grown = grown_basis(first, sketch, residual=1 / 14**0.5, threshold=0.9)  # what the basis leaves: e3
+    assert grown.shape == (4, 3) and np.allclose(grown.T @ grown, np.eye(3))
+    assert np.allclose(np.abs(grown[:, 2]), np.eye(4)[:, 2])
+
+
+def test_clients_sketch_each_layers_inputs_with_their_residual_outside_the_servers_basis():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
+    x = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
+    query = Query("layer_input_sketches", {"0.weight": np.eye(3)[:, :1]}, x, torch.zeros(2, dtype=torch.long),
+                  torch.Generator().manual_seed(0))
+    answer = layer_input_sketches(model, query)
+    assert answer["0.weight"].shape == (3, 3) and answer["2.weight"].shape == (2, 2)
+    assert answer["0.weight/residual"] == 0.0  # every input lies in the basis e1
+    assert answer["2.weight/residual"] == 1.0 and int(answer[NUM_SAMPLES]) == 2
+    np.testing.assert_allclose(answer["0.weight"][1:], 0)  # the sketch of inputs along e1 stays there
+
+
+def test_pooled_class_statistics_equal_those_of_all_clients_data_together():
+    rng = np.random.default_rng(1)
+    features, labels = rng.normal(size=(60, 4)), rng.integers(0, 3, 60)
+    model = type("Features", (), {"features": lambda self, x: x, "eval": lambda self: None})()
+    answers = [class_feature_statistics(model, Query("class_feature_statistics", {}, torch.from_numpy(features[part]),
+                                                     torch.from_numpy(labels[part]), torch.Generator()))
+               for part in np.array_split(np.arange(60), 3)]
+    pooled = pooled_statistics(answers)
+    for label in range(3):
+        mine = features[labels == label]
+        count, mean, covariance = pooled[label]
+        assert count == len(mine)
+        np.testing.assert_allclose(mean, mine.mean(axis=0))
+        np.testing.assert_allclose(covariance, np.cov(mine, rowvar=False))
+
+
+def test_fot_gathers_bases_at_each_task_end_and_forgets_less_than_fedavg(tmp_path):
+    fedavg = run_experiment(tmp_path / "fedavg", PERMUTED)
+    fot = run_experiment(tmp_path / "fot", FOT)
+    bases = checkpoint.load(tmp_path / "fot" / "checkpoints", {"strategies.fot"}).strategy.bases
+    assert sorted(bases) == ["encoder.1.weight", "encoder.3.weight", "head.weight"]
+    assert all(np.allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-6) for u in bases.values())
+    assert fot["forgetting"] < fedavg["forgetting"]
+
+
+def test_ccvr_retrains_only_the_head_and_refuses_a_head_it_cannot_retrain(tmp_path):
+    skew = ["scenario=digits_extreme_label_skew", "engine.backend=local", "rounds=4", "eval.probes=false"]
+    run_experiment(tmp_path / "fedavg", skew)
+    run_experiment(tmp_path / "ccvr", [*skew, "strategy=ccvr"])
+    plain = checkpoint.load(tmp_path / "fedavg" / "checkpoints", {"strategies.ccvr"}).arrays
+    calibrated = checkpoint.load(tmp_path / "ccvr" / "checkpoints", {"strategies.ccvr"}).arrays
+    for name in plain.keys():  # the same rounds; at the (only) task end, the head alone changes
+        same = np.array_equal(plain[name].numpy(), calibrated[name].numpy())
+        assert same != name.startswith("head."), name
+    with pytest.raises(ConfigError, match="strategy=ccvr recalibrates a linear head"):
+        run_experiment(tmp_path / "etf", [*skew, "strategy=ccvr", "model.head=etf"])
+
+
+def test_an_unknown_query_fails_the_run_naming_the_client_and_the_queries_it_answers(tmp_path, monkeypatch):
+    monkeypatch.setattr("strategies.fot.SKETCHES", "layer_inputs")
+    with pytest.raises(ClientFailure, match=r"(?s)client \d+ failed .*query 'layer_inputs': SGDClient answers"):
+        run_experiment(tmp_path, FOT)
+
+
+def test_a_plain_flower_strategy_gives_the_numbers_it_gave_before_the_task_end_hooks(tmp_path):
+    # The default scenario, seed 0, as measured before strategies could act at task ends.
+    summary = run_experiment(tmp_path, ["engine.backend=local"])
+    assert summary["final_accuracy"] == 0.9498607242339833
+    assert summary["client_acc_mean"] == pytest.approx(0.9485, abs=1e-12)
+    assert summary["client_acc_worst10"] == 0.89
+    assert summary["probe_final_accuracy"] == 0.9610027855153204
+
+
+def test_a_fot_run_killed_with_sigkill_resumes_to_the_uninterrupted_bases_and_numbers(tmp_path):
+    overrides = [*FOT, "stream.num_tasks=4", "engine.checkpoint_every=3"]
+    run_experiment(tmp_path / "whole", overrides)
+    killed, metrics = start_run_py(tmp_path / "killed", overrides), tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
+        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+        time.sleep(0.005)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    resumed = start_run_py(tmp_path / "killed", [*overrides, "resume=true"])
+    assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()[-2000:]
+    assert numbers_of(tmp_path / "killed") == numbers_of(tmp_path / "whole")
+    whole = checkpoint.load(tmp_path / "whole" / "checkpoints", {"strategies.fot"}).strategy.bases
+    resumed_bases = checkpoint.load(tmp_path / "killed" / "checkpoints", {"strategies.fot"}).strategy.bases
+    assert whole.keys() == resumed_bases.keys() and all(np.array_equal(whole[k], resumed_bases[k]) for k in whole)
+
+
+@pytest.fixture(scope="module")
+def ray_with_three_cpus():
+    """One Ray for the module's runs (each run still starts its own actors)."""
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as the Ray backend sets it
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_query_answers_are_the_same_in_process_and_on_1_2_and_3_actors(tmp_path, ray_with_three_cpus):
+    run_experiment(tmp_path / "local", FOT)
+    local = checkpoint.load(tmp_path / "local" / "checkpoints", {"strategies.fot"}).strategy.bases
+    for actors in (1, 2, 3):
+        run_dir = tmp_path / f"ray{actors}"
+        run_experiment(run_dir, [*FOT, "engine.backend=ray", f"engine.num_actors={actors}"])
+        bases = checkpoint.load(run_dir / "checkpoints", {"strategies.fot"}).strategy.bases
+        assert all(np.array_equal(bases[k], local[k]) for k in local), f"{actors} actors"  # from the answers
+        assert numbers_of(run_dir) == numbers_of(tmp_path / "local"), f"{actors} actors"
