@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from clients.base import masked
 from clients.heads import resolve_head
 from simulator.config import ConfigError, ModelConfig
 
@@ -129,3 +130,18 @@ def _users_model(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name = {cfg.name!r}: returned {type(model).__name__}, expected an nn.Module")
     return model
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+    class_mask: torch.Tensor | None = None,
+) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``, logits masked if asked."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        logits = masked(model(xb), class_mask)
+        loss += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return loss / max(len(y), 1), correct / max(len(y), 1)

@@ -44,7 +44,8 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from simulator.client_state import StoreSnapshot
-from simulator.config import ConfigError
+from simulator.config import ConfigError, to_dict
+from simulator.hooks import Hook, RoundView, RunContext
 
 CLIENT_STATE_DIR = "client_state"  # beside checkpoints/ in the run directory
 ARRAYS, STRATEGY, STATE, MANIFEST = "arrays.npz", "strategy.pkl", "state.json", "manifest.json"
@@ -277,3 +278,35 @@ def _sha256(path: Path) -> str:
 
 def _digest(content: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+class Checkpoints(Hook):
+    """A checkpoint every ``engine.checkpoint_every`` rounds and after the last, so a crash never loses
+    a finished round; then the client states' spill files that neither kept checkpoint names go.
+    Without checkpoints nothing can continue the run, so its client-state files go at the end."""
+
+    def __init__(self, run: RunContext) -> None:
+        self.run = run
+        self.every = run.cfg.engine.checkpoint_every
+        self.previous_files = list(run.states.saved_files)  # what the previous kept checkpoint names
+
+    def after_log(self, view: RoundView, record: dict[str, Any] | None) -> None:
+        run, states = self.run, self.run.states
+        if not self.every:
+            states.collect()
+            return
+        if view.server_round % self.every and view.server_round != run.rounds:
+            return
+        snapshot = states.snapshot()
+        save(run.outputs.path / "checkpoints", Checkpoint(
+            round=view.server_round, arrays=view.arrays, strategy=view.strategy, client_states=snapshot,
+            wall_s=view.elapsed_s, config=to_dict(run.cfg), num_tasks=run.stream.num_tasks,
+            records=run.outputs.records, nonfinite_dropped=run.grid.nonfinite_dropped,
+        ))
+        states.collect(keep=self.previous_files)
+        self.previous_files = list(snapshot.files.values())
+
+    def at_end(self, view: RoundView) -> dict[str, Any]:
+        if not self.every:
+            shutil.rmtree(self.run.states.directory, ignore_errors=True)
+        return {}

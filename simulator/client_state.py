@@ -75,6 +75,7 @@ class ClientStates:
         snapshot = snapshot or StoreSnapshot()
         self._memory: OrderedDict[int, dict[str, Any]] = OrderedDict()  # least recently used first
         self._files = dict(snapshot.files)  # the file of each state's current version, where written
+        self.saved_files = list(snapshot.files.values())  # what the checkpoint it was restored from names
         self._last_round = dict(snapshot.last_round)
         self._bytes = dict(snapshot.sizes)
         self.total_bytes = sum(self._bytes.values())  # every state's state_bytes, in memory or not

@@ -1,7 +1,7 @@
 """Evaluating the global model: on every task's test set, and on each client's own data mix.
 
-The engine calls these at evaluation points with the server's model holding
-the global weights. A client's accuracy is measured on a test sample drawn
+The :class:`HeadEvaluation` and :class:`FederatedEvaluation` hooks call these at
+evaluation points with the server's model holding the global weights. A client's accuracy is measured on a test sample drawn
 like its current training data (its task, its label mix), so the spread across
 clients shows who the global model serves badly.
 """
@@ -13,11 +13,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ConfigRecord
 
 from clients.base import masked
-from simulator.seeding import Purpose, rng
+from clients.models import evaluate
+from simulator.hooks import Hook, RoundView, RunContext, evaluation_due, metric_value
+from simulator.keys import ACCURACY
+from simulator.metrics import accuracy_spread
+from simulator.seeding import Purpose, derive_seed, rng, seeded_global_state
 from simulator.streams import Stream
-from simulator.worker import evaluate
 
 
 def task_accuracies(model: torch.nn.Module, stream: Stream, batch_size: int) -> list[float]:
@@ -78,6 +82,62 @@ def client_accuracies(
         predicted = masked(logits, _tensor(stream.class_mask(server_round, int(client)))).argmax(1)
         accuracies.append(int((predicted == labels[rows]).sum()) / len(sample))
     return np.array(accuracies)
+
+
+class HeadEvaluation(Hook):
+    """The global model on every task's test set and on each client's own data mix (and, where the
+    client method keeps personal layers, each client's own model: ``client_acc_personal_*``)."""
+
+    def __init__(self, run: RunContext) -> None:
+        self.run = run
+
+    def after_round(self, view: RoundView) -> dict[str, Any]:
+        run, cfg = self.run, self.run.cfg
+        if not evaluation_due(cfg, view):
+            return {}
+        model = view.global_model()
+        scored = (run.stream, view.server_round, cfg.seed, cfg.eval.max_clients, cfg.eval.client_test_size,
+                  cfg.eval.batch_size)
+        measured = {
+            **accuracy_record("acc", task_accuracies(model, run.stream, cfg.eval.batch_size), run.stream,
+                              run.stream.seen_tasks(view.server_round)),
+            **accuracy_spread(client_accuracies(model, *scored)),
+        }
+        if run.method.personal_prefixes:
+            measured.update(accuracy_spread(self._personal_accuracies(model, scored), "client_acc_personal"))
+        return measured
+
+    def _personal_accuracies(self, model: torch.nn.Module, scored: tuple) -> np.ndarray:
+        """Each client's accuracy with its own model: the global encoder under its personal head."""
+        method, states = self.run.method, self.run.states
+        initial = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(method.personal_prefixes)}
+
+        def personalize(client: int) -> None:
+            model.load_state_dict(initial, strict=False)
+            method.personalize(model, states.get(client))
+
+        try:
+            return client_accuracies(model, *scored, personalize=personalize)
+        finally:
+            model.load_state_dict(initial, strict=False)
+
+
+class FederatedEvaluation(Hook):
+    """The strategy's own client-side evaluation: sampled clients on their local test samples
+    (each its own model where the client method keeps personal layers: ``federated_acc_personal``)."""
+
+    def __init__(self, run: RunContext) -> None:
+        self.run = run
+        self.key = "federated_acc_personal" if run.method.personal_prefixes else "federated_acc"
+
+    def after_round(self, view: RoundView) -> dict[str, Any]:
+        if not evaluation_due(self.run.cfg, view):
+            return {}
+        with self.run.grid.round(view.server_round), seeded_global_state(
+                derive_seed(self.run.cfg.seed, Purpose.STRATEGY, view.server_round, 1)):
+            messages = view.strategy.configure_evaluate(view.server_round, view.arrays, ConfigRecord(), self.run.grid)
+            aggregated = view.strategy.aggregate_evaluate(view.server_round, self.run.grid.send_and_receive(messages))
+        return {self.key: metric_value(aggregated, ACCURACY)}
 
 
 def _tensor(mask: np.ndarray | None) -> torch.Tensor | None:

@@ -13,8 +13,9 @@ as soon as the call returns.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
@@ -49,7 +50,16 @@ class SimulationGrid(Grid):
         self._run = Run.create_empty(run_id)
         self._ids = itertools.count()
         self._replies: dict[str, Message] = {}
-        self.server_round = 1  # set by the engine before each round
+        self.server_round = 1  # the round whose clients the nodes are: see round()
+
+    @contextlib.contextmanager
+    def round(self, server_round: int) -> Iterator[None]:
+        """Messages inside are of ``server_round``: its present clients are the nodes, its data theirs."""
+        previous, self.server_round = self.server_round, server_round
+        try:
+            yield
+        finally:
+            self.server_round = previous
 
     def set_run(self, run: Run) -> None:
         self._run = run

@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from simulator import metrics
 from simulator.evaluation import accuracy_record
+from simulator.hooks import Hook, RoundView, RunContext
 from simulator.seeding import Purpose, rng
 from simulator.streams import Stream
 
@@ -131,6 +133,38 @@ def encode(model: torch.nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray
     """``model.features`` of ``x``, in batches, in float64."""
     model.eval()
     return torch.cat([model.features(xb) for xb in torch.from_numpy(x).split(batch_size)]).double().numpy()
+
+
+class Probes(Hook):
+    """The probes at every task end and every ``eval.probe_every`` rounds; at the end, their
+    matrices (``probe_matrix.csv``, ``ncm_matrix.csv``) and metrics in the summary."""
+
+    def __init__(self, run: RunContext) -> None:
+        self.run = run
+
+    def after_round(self, view: RoundView) -> dict[str, Any]:
+        every = self.run.cfg.eval.probe_every
+        due = every and view.server_round % every == 0 and not view.task_ended  # task ends: at_task_end
+        return self._probe(view) if due else {}
+
+    def at_task_end(self, view: RoundView) -> dict[str, Any]:
+        return self._probe(view)
+
+    def _probe(self, view: RoundView) -> dict[str, Any]:
+        cfg = self.run.cfg
+        return probe_record(view.global_model(), self.run.stream, view.server_round, cfg.seed,
+                            cfg.eval.probe_samples, cfg.eval.batch_size)
+
+    def at_end(self, view: RoundView) -> dict[str, Any]:
+        """Each probe's matrix and its metrics as ``<probe>_<metric>``; no forward transfer (the
+        untrained encoder is not probed). Probes run at every task end, so each task's last record has them."""
+        outputs, summary = self.run.outputs, {}
+        for probe in PROBES:
+            R = outputs.accuracy_matrix(f"{probe}_acc")
+            outputs.write_matrix(R, f"{probe}_matrix.csv")
+            summary[f"{probe}_final_accuracy"] = outputs.records[-1][f"{probe}_acc_seen"]
+            summary.update({f"{probe}_{k}": v for k, v in metrics.summarize(R).items() if k != "fwt"})
+        return summary
 
 
 def probe_record(

@@ -17,10 +17,6 @@ from typing import Any
 import numpy as np
 
 from simulator import metrics
-from simulator.probes import PROBES
-
-# metrics.jsonl lists of accuracy per task, and their TensorBoard tags (<tag>/<task>)
-PER_TASK_CURVES = {"acc": "acc_task", **{f"{probe}_acc": f"{probe}_task" for probe in PROBES}}
 
 
 class RunDirectory:
@@ -59,10 +55,11 @@ class RunDirectory:
         for key, value in record.items():
             if isinstance(value, float):
                 self.tensorboard.add_scalar(key, value, step)
-        for name, tag in PER_TASK_CURVES.items():
-            for task, accuracy in enumerate(record.get(f"{name}_per_task") or []):
-                if accuracy is not None:
-                    self.tensorboard.add_scalar(f"{tag}/{task}", accuracy, step)
+        for key, values in record.items():
+            if key.endswith(PER_TASK) and isinstance(values, list):
+                for task, accuracy in enumerate(values):
+                    if accuracy is not None:
+                        self.tensorboard.add_scalar(f"{_per_task_tag(key)}/{task}", accuracy, step)
         self.tensorboard.flush()
 
     def accuracy_matrix(self, name: str = "acc") -> np.ndarray:
@@ -75,22 +72,26 @@ class RunDirectory:
             last_of_task[record["task"]] = record
         return np.array([last_of_task[t][f"{name}_all_tasks"] for t in sorted(last_of_task)], dtype=float)
 
-    def _write_matrix(self, R: np.ndarray, file_name: str) -> None:
+    def write_matrix(self, R: np.ndarray, file_name: str) -> None:
+        """``R`` as ``file_name`` in the run directory, a ``task_J`` header over its columns."""
         with (self.path / file_name).open("w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow([f"task_{j}" for j in range(R.shape[1])])
             writer.writerows([[f"{a:.6f}" for a in row] for row in R])
 
-    def finish(self, wall_time_s: float, rounds: int, initial: list[float]) -> dict[str, Any]:
-        """Write the accuracy matrices and summary.json; ``initial``: the untrained model's accuracies."""
+    def finish(
+        self, wall_time_s: float, rounds: int, initial: list[float], entries: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Write the accuracy matrix and summary.json; ``initial``: the untrained model's accuracies,
+        ``entries``: what the hooks add to the summary (the probes' metrics, ...)."""
         R = self.accuracy_matrix()
         last = self.records[-1]
-        self._write_matrix(R, "accuracy_matrix.csv")
+        self.write_matrix(R, "accuracy_matrix.csv")
         summary: dict[str, Any] = {
             "final_accuracy": last["acc_seen"],
             **metrics.summarize(R, np.array(initial)),
             **{k: v for k, v in last.items() if k.startswith("client_acc_")},
-            **self._probe_summary(),
+            **entries,
             "initial_acc_per_task": initial,
             "rounds": rounds,
             "wall_time_s": round(wall_time_s, 3),
@@ -103,21 +104,14 @@ class RunDirectory:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         return summary
 
-    def _probe_summary(self) -> dict[str, Any]:
-        """Each probe's matrix (``<probe>_matrix.csv``) and its metrics as ``<probe>_<metric>``.
 
-        Probes run at every task end, so the last record of each task has them;
-        forward transfer is left out (the untrained encoder is not probed).
-        """
-        summary: dict[str, Any] = {}
-        for probe in PROBES:
-            if f"{probe}_acc_all_tasks" not in self.records[-1]:
-                continue
-            R = self.accuracy_matrix(f"{probe}_acc")
-            self._write_matrix(R, f"{probe}_matrix.csv")
-            summary[f"{probe}_final_accuracy"] = self.records[-1][f"{probe}_acc_seen"]
-            summary.update({f"{probe}_{k}": v for k, v in metrics.summarize(R).items() if k != "fwt"})
-        return summary
+PER_TASK = "_per_task"  # metrics.jsonl lists of a value per task (acc_per_task, probe_acc_per_task, ...)
+
+
+def _per_task_tag(key: str) -> str:
+    """The TensorBoard tag of a per-task list: acc_task for the head's, probe_task, ncm_task for probes'."""
+    name = key.removesuffix(PER_TASK)
+    return f"{name if name == 'acc' else name.removesuffix('_acc')}_task"
 
 
 def finite_or_null(value: Any) -> Any:

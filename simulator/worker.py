@@ -23,7 +23,7 @@ from clients import resolve_method
 from clients.base import Batch, PreviousTask, TrainContext, masked, shared_keys
 from clients.queries import QUERY as QUERY_KEY
 from clients.queries import Query
-from clients.models import build_model
+from clients.models import build_model, evaluate
 from simulator.client_state import check_state
 from simulator.config import RunConfig
 from simulator.deadline import ClientTimeout, deadline
@@ -224,18 +224,3 @@ def clip_update(arrays: list[np.ndarray], reference: list[np.ndarray], max_norm:
         array *= scale
         array += ref
     return False
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-    class_mask: torch.Tensor | None = None,
-) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``, logits masked if asked."""
-    model.eval()
-    loss, correct = 0.0, 0
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        logits = masked(model(xb), class_mask)
-        loss += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    return loss / max(len(y), 1), correct / max(len(y), 1)

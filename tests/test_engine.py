@@ -101,11 +101,12 @@ def test_every_shipped_strategy_trains_the_global_model_through_our_grid(tmp_pat
     assert max(curve) >= curve[0] + 0.25, (name, curve)
 
 
-def test_all_flower_strategies_have_a_short_name():
+def test_all_flower_strategies_and_ours_have_a_short_name():
     expected = {
         "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "qfedavg",
         "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
         "dp_fixed_server", "dp_fixed_client", "dp_adaptive_server", "dp_adaptive_client",
+        "fot", "ccvr",  # FedStream's server-side continual methods (strategies/)
     }
     assert set(STRATEGIES) == expected
 
