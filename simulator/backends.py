@@ -36,7 +36,7 @@ class Backend(ABC):
     data: WorkerData  # the arrays as this backend holds them, for the driver to read too
 
     @abstractmethod
-    def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
+    def execute(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
         """Run ``jobs``; ``job.weights_index`` picks each job's weights from ``weights``."""
 
     def close(self) -> None:
@@ -50,8 +50,8 @@ class LocalBackend(Backend):
         self.data = data
         self.worker = ClientWorker(run, data)
 
-    def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
-        return self.worker.run(jobs, weights)
+    def execute(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
+        return self.worker.execute(jobs, weights)
 
 
 class RayBackend(Backend):
@@ -129,11 +129,11 @@ class RayBackend(Backend):
                     f"{needed:g} {resource}; the Ray cluster has {have:g} free"
                 )
 
-    def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
+    def execute(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
         weights_ref = self.ray.put(weights)
         shares = [[jobs[i] for i in share] for share in balanced_shares(jobs, len(self.actors))]
         calls = [
-            (share, actor.run.remote(share, weights_ref))
+            (share, actor.execute.remote(share, weights_ref))
             for actor, share in zip(self.actors, shares)
             if share
         ]

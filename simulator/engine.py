@@ -36,7 +36,7 @@ from simulator.evaluation import task_accuracies
 from simulator.grid import SimulationGrid
 from simulator.hooks import RoundView, RunContext, default_hooks
 from simulator.run_dir import RunDirectory
-from simulator.seeding import Purpose, derive_seed, seeded_global_state, torch_generator
+from simulator.seeding import Draw, Purpose, derive_seed, seeded_global_state, torch_generator
 from simulator.streams import Stream, build_stream
 from simulator.worker import WorkerData, all_finite
 from strategies import check_sampling, strategy_layers
@@ -85,7 +85,8 @@ class Experiment:
         # 3. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface; the
         #    run directory only after every check (a refused run writes nothing); the hooks.
         backend = make_backend(cfg, WorkerData.of(stream))
-        stream.use_arrays(backend.data)  # with Ray, the object store's copy: the driver's own is freed
+        data = backend.data  # with Ray, the object store's copy: reading it lets the driver's own go
+        stream.use_arrays(data.x_train, data.y_train, data.x_test, data.y_test)
         grid = SimulationGrid(backend, stream, states, cfg.eval.client_test_size, run_id=cfg.seed,
                               on_nonfinite=cfg.engine.on_nonfinite, nonfinite_dropped=start.nonfinite_dropped,
                               personal=bool(method.personal_prefixes))
@@ -183,8 +184,8 @@ class Experiment:
         on_task_end = getattr(self.strategy, "on_task_end", None)
         if not callable(on_task_end):
             return arrays
-        with grid.round(server_round), seeded_global_state(derive_seed(self.run_cfg.seed, Purpose.STRATEGY,
-                                                                       server_round, 2)):
+        seed = derive_seed(self.run_cfg.seed, Purpose.STRATEGY, server_round, Draw.TASK_END_CALL)
+        with grid.round(server_round), seeded_global_state(seed):
             ended = on_task_end(task, arrays, grid)
         if ended is None:
             return arrays

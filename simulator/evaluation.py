@@ -20,7 +20,7 @@ from clients.models import evaluate
 from simulator.hooks import Hook, RoundView, RunContext, evaluation_due, metric_value
 from simulator.keys import ACCURACY
 from simulator.metrics import accuracy_spread
-from simulator.seeding import Purpose, derive_seed, rng, seeded_global_state
+from simulator.seeding import Draw, Purpose, derive_seed, rng, seeded_global_state
 from simulator.streams import Stream
 
 
@@ -134,7 +134,7 @@ class FederatedEvaluation(Hook):
         if not evaluation_due(self.run.cfg, view):
             return {}
         with self.run.grid.round(view.server_round), seeded_global_state(
-                derive_seed(self.run.cfg.seed, Purpose.STRATEGY, view.server_round, 1)):
+                derive_seed(self.run.cfg.seed, Purpose.STRATEGY, view.server_round, Draw.EVALUATE_CALL)):
             messages = view.strategy.configure_evaluate(view.server_round, view.arrays, ConfigRecord(), self.run.grid)
             aggregated = view.strategy.aggregate_evaluate(view.server_round, self.run.grid.send_and_receive(messages))
         return {self.key: metric_value(aggregated, ACCURACY)}

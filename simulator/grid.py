@@ -111,9 +111,9 @@ class SimulationGrid(Grid):
         present = set(self.stream.available_clients(self.server_round))
         jobs = []
         for message in messages:
-            message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
+            _stamp(message, f"m{next(self._ids)}")
             jobs.append(self._job(message, records, present))
-        outcomes = self.backend.run(jobs, [record.to_numpy_ndarrays() for record in records])
+        outcomes = self.backend.execute(jobs, [record.to_numpy_ndarrays() for record in records])
         failed = next((o for o in outcomes if o.error is not None), None)
         if failed is not None:
             raise ClientFailure(f"client {failed.client_id} failed in round {self.server_round}:\n{failed.error}")
@@ -185,5 +185,12 @@ class SimulationGrid(Grid):
         if outcome.arrays is not None:  # the weights as the message's, or a query's named answer
             content["arrays"] = held_array_record(outcome.array_names or keys, outcome.arrays)
         reply = Message(content, reply_to=message)
-        reply.metadata.__dict__["_message_id"] = f"r{message.metadata.message_id}"
+        _stamp(reply, f"r{message.metadata.message_id}")
         return reply
+
+
+def _stamp(message: Message, message_id: str) -> None:
+    """Give ``message`` the id a SuperLink would: Flower's metadata has no setter for it, and its
+    own link state writes it just so (``flwr/server/superlink/linkstate/utils.py``). Replies name
+    their message by it (``reply_to_message_id``), which is how push/pull users match them."""
+    message.metadata.__dict__["_message_id"] = message_id

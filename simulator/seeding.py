@@ -31,6 +31,23 @@ class Purpose(IntEnum):
     CLIENT_QUERY = 9  # a client's answer to a server's query (FOT's random sketches)
 
 
+class Draw:
+    """Independent draws under one purpose, keyed apart by these values (the keys runs have always
+    used: renaming changes no number). A draw per task or period adds its index to its key."""
+
+    PIXEL_PERMUTATION = 1000  # DATA: a permuted stream's task t permutes with key 1000 + t
+    CLASS_ORDER = 2000  # DATA: stream.shuffle_classes
+    JOIN_ORDER = 3000  # DATA: which clients join at which task boundary
+    STAY_BEHIND = 4000  # DATA: which clients keep their old classes at a boundary
+    OWN_SCHEDULE = 5000  # DATA: a client's own task order and pace
+    LABEL_PRIOR = 6000  # DATA: label-shift priors per period
+    PRIOR_SWAP = 7000  # DATA: label-shift swap of priors between clients
+    PERIOD_TEST_SET = 8000  # DATA: label-shift test set of a period
+    EVALUATE_CALL = 1  # STRATEGY: configure/aggregate_evaluate of a round (its training call has no key)
+    TASK_END_CALL = 2  # STRATEGY: on_task_end of a round
+    LABEL_SHIFT_SAMPLE = 1  # CLIENT_TRAIN: a label-shift client's training sample of a round
+
+
 def _sequence(seed: int, purpose: Purpose, keys: tuple[int, ...]) -> np.random.SeedSequence:
     # The key count is part of the entropy: numpy pads short entropy with zeros,
     # so without it (r,) and (r, 0) would give the same stream.

@@ -106,7 +106,7 @@ class ClientWorker:
             k: v.clone() for k, v in self.model.state_dict().items() if k.startswith(method.personal_prefixes)
         }
 
-    def run(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
+    def execute(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
         """Run ``jobs`` back to back; a failing client becomes an outcome with its traceback."""
         return [self._run_one(job, weights[job.weights_index]) for job in jobs]
 

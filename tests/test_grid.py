@@ -24,9 +24,9 @@ class CountingBackend(LocalBackend):
 
     calls: list[tuple[list[int], int]]
 
-    def run(self, jobs, weights):
+    def execute(self, jobs, weights):
         self.calls.append(([job.client_id for job in jobs], len(weights)))
-        return super().run(jobs, weights)
+        return super().execute(jobs, weights)
 
 
 @pytest.fixture(scope="module")

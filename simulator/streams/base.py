@@ -9,16 +9,12 @@ domain-incremental stream stores once per domain.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from simulator.config import RunConfig
 from simulator.data import Dataset, sample_by_label, partition
 from simulator.seeding import Purpose, rng
-
-if TYPE_CHECKING:
-    from simulator.worker import WorkerData
 
 
 class Stream(ABC):
@@ -35,14 +31,13 @@ class Stream(ABC):
         self.x_train, self.y_train = dataset.x_train, dataset.y_train
         self.x_test, self.y_test = dataset.x_test, dataset.y_test
 
-    def use_arrays(self, data: WorkerData) -> None:
-        """Read the samples from ``data`` from now on: the same values in another place.
+    def use_arrays(self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> None:
+        """Read the samples from these arrays from now on: the same values in another place.
 
         The Ray backend copies the arrays into its object store; reading that
         copy (zero-copy, read-only) lets the driver's own copy go.
         """
-        self.x_train, self.y_train = data.x_train, data.y_train
-        self.x_test, self.y_test = data.x_test, data.y_test
+        self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
 
     def split(self, labels: np.ndarray, groups: np.ndarray | None = None, *keys: int) -> list[np.ndarray]:
         """``data.partition`` applied to ``labels``; ``keys`` tell apart several splits of one run."""

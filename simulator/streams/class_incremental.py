@@ -23,7 +23,7 @@ import numpy as np
 
 from simulator.config import ConfigError, RunConfig
 from simulator.data import Dataset
-from simulator.seeding import Purpose, rng
+from simulator.seeding import Draw, Purpose, rng
 from simulator.streams.base import Stream
 
 ABSENT = -1  # in the schedule: the client is not present yet
@@ -67,14 +67,14 @@ class ClassIncrementalStream(Stream):
             )
         order = np.arange(self.num_classes)
         if cfg.shuffle_classes:
-            order = rng(self.seed, Purpose.DATA, 2000).permutation(self.num_classes)
+            order = rng(self.seed, Purpose.DATA, Draw.CLASS_ORDER).permutation(self.num_classes)
         whole = self.num_classes // cfg.classes_per_task * cfg.classes_per_task
         return list(order[:whole].reshape(-1, cfg.classes_per_task))
 
     def _shared_schedule(self) -> np.ndarray:
         """schedule[t, c]: client c's task during global task t (ABSENT before it joins)."""
         cfg, n, T = self.cfg, self.num_clients, self.num_tasks
-        join_order = rng(self.seed, Purpose.DATA, 3000).permutation(n)
+        join_order = rng(self.seed, Purpose.DATA, Draw.JOIN_ORDER).permutation(n)
         first = max(1, int(np.ceil(cfg.initial_clients * n)))
         present = [first + (n - first) * t // max(T - 1, 1) for t in range(T)]
         schedule = np.full((T, n), ABSENT)
@@ -83,7 +83,7 @@ class ClassIncrementalStream(Stream):
             schedule[t, joined] = t
             if t > 0:
                 earlier = join_order[: present[t - 1]]
-                draws = rng(self.seed, Purpose.DATA, 4000, t).random(n)
+                draws = rng(self.seed, Purpose.DATA, Draw.STAY_BEHIND, t).random(n)
                 stays = earlier[(draws[earlier] < cfg.keep_old) | (schedule[t - 1, earlier] < t - 1)]
                 schedule[t, stays] = schedule[t - 1, stays]
         return schedule
@@ -104,7 +104,7 @@ class ClassIncrementalStream(Stream):
         rounds = self.run_cfg.rounds or self.default_rounds
         schedule = np.empty((rounds, self.num_clients), dtype=np.int64)
         for client in range(self.num_clients):
-            generator = rng(self.seed, Purpose.DATA, 5000, client)
+            generator = rng(self.seed, Purpose.DATA, Draw.OWN_SCHEDULE, client)
             order = generator.permutation(self.num_tasks)
             pace = generator.integers(cfg.min_rounds_per_task, cfg.max_rounds_per_task + 1, self.num_tasks)
             per_round = np.repeat(order, pace)

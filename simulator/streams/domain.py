@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from simulator.config import ConfigError, RunConfig
 from simulator.data import Dataset
-from simulator.seeding import Purpose, rng
+from simulator.seeding import Draw, Purpose, rng
 from simulator.streams.base import Stream
 
 
@@ -57,7 +57,7 @@ class PermutedStream(DomainStream):
         if task == 0:
             return x
         flat = x.reshape(len(x), -1)
-        permutation = rng(self.seed, Purpose.DATA, 1000 + task).permutation(flat.shape[1])
+        permutation = rng(self.seed, Purpose.DATA, Draw.PIXEL_PERMUTATION + task).permutation(flat.shape[1])
         return np.ascontiguousarray(flat[:, permutation]).reshape(x.shape)
 
 

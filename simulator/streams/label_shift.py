@@ -22,7 +22,7 @@ import numpy as np
 
 from simulator.config import ConfigError, RunConfig
 from simulator.data import Dataset, sample_by_label
-from simulator.seeding import Purpose, rng
+from simulator.seeding import Draw, Purpose, rng
 from simulator.streams.base import Stream
 
 MODES = ("abrupt", "gradual", "swap")
@@ -46,13 +46,13 @@ class LabelShiftStream(Stream):
     def _draw(self, period: int) -> np.ndarray:
         concentration = np.full(self.num_classes, self.cfg.alpha)
         if self.cfg.mode == "swap":
-            first = rng(self.seed, Purpose.DATA, 6000, 0).dirichlet(concentration, self.num_clients)
-            order = rng(self.seed, Purpose.DATA, 7000, period).permutation(self.num_clients)
+            first = rng(self.seed, Purpose.DATA, Draw.LABEL_PRIOR, 0).dirichlet(concentration, self.num_clients)
+            order = rng(self.seed, Purpose.DATA, Draw.PRIOR_SWAP, period).permutation(self.num_clients)
             return first[order] if period else first
-        return rng(self.seed, Purpose.DATA, 6000, period).dirichlet(concentration, self.num_clients)
+        return rng(self.seed, Purpose.DATA, Draw.LABEL_PRIOR, period).dirichlet(concentration, self.num_clients)
 
     def _task_test(self, period: int) -> np.ndarray:
-        generator = rng(self.seed, Purpose.DATA, 8000, period)
+        generator = rng(self.seed, Purpose.DATA, Draw.PERIOD_TEST_SET, period)
         return sample_by_label(self.y_test, self.priors[period].mean(axis=0), len(self.y_test), generator)
 
     @property
@@ -72,7 +72,7 @@ class LabelShiftStream(Stream):
 
     def train_indices(self, server_round: int, client: int) -> np.ndarray:
         pool = self.pools[client]
-        generator = rng(self.seed, Purpose.CLIENT_TRAIN, server_round, client, 1)
+        generator = rng(self.seed, Purpose.CLIENT_TRAIN, server_round, client, Draw.LABEL_SHIFT_SAMPLE)
         return pool[sample_by_label(
             self.y_train[pool], self.client_label_distribution(server_round, client), len(pool), generator
         )]
