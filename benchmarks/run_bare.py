@@ -26,7 +26,8 @@ from simulator.config import RunConfig  # noqa: E402
 from simulator.seeding import Purpose, torch_generator  # noqa: E402
 from simulator.streams import Stream  # noqa: E402
 from simulator.task_change import task_change  # noqa: E402
-from simulator.worker import WorkerData, evaluate  # noqa: E402
+from clients.models import evaluate  # noqa: E402
+from simulator.worker import WorkerData  # noqa: E402
 
 
 def as_tensor(array: np.ndarray | None) -> torch.Tensor | None:

@@ -50,7 +50,7 @@ from simulator.config import RunConfig
 from simulator.keys import NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
 from simulator.seeding import Purpose, torch_generator
 from simulator.streams.base import Stream
-from simulator.worker import evaluate
+from clients.models import evaluate
 
 WORKLOAD_ENV = "FEDSTREAM_BENCHMARK_WORKLOAD"
 NODE_WAIT_S = 60.0

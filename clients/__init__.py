@@ -3,7 +3,8 @@
 A client method is a small class with the :class:`~clients.base.ClientMethod`
 interface; ``client.method`` names one in ``METHODS`` or gives the dotted path
 of a user's own subclass, and its settings come from ``client.<section>``.
-A new method is one new file plus one line here.
+A new method is one new file plus one line here. A method also answers the
+server's queries (``clients/queries.py``) and may keep personal layers.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-QUERY = "query"  # the ConfigRecord key naming the query
+QUERY_NAME = "query"  # the ConfigRecord key naming the query
 NUM_SAMPLES = "num_samples"  # every answer says on how many samples it was computed
 
 
@@ -44,15 +44,17 @@ def layer_input_sketches(model: nn.Module, query: Query) -> dict[str, np.ndarray
     ``G`` (samples x features, uniform in [-1, 1]): summed over clients it is a
     sketch of all clients' inputs side by side, which is all the server needs
     (Bakman et al. 2024; the sum is what secure aggregation would reveal), with
-    the share of ``R``'s norm outside the server's current basis for that layer
-    (``<name>/residual``; 1 without a basis) and the sample count.
+    ``R``'s energy (squared Frobenius norm, ``<name>/energy``) and the part of it
+    outside the server's current basis for the layer (``<name>/residual_energy``),
+    which the server sums too, and the sample count.
     """
     inputs = _layer_inputs(model, query.x)
     answer: dict[str, np.ndarray] = {NUM_SAMPLES: np.array(len(query.x), dtype=np.int64)}
     for name, matrix in inputs.items():  # matrix: features x samples
         sketch = torch.rand(matrix.shape[1], matrix.shape[0], generator=query.generator, dtype=torch.float64) * 2 - 1
         answer[name] = (matrix @ sketch).numpy()
-        answer[f"{name}/residual"] = np.array(_residual_share(matrix, query.arrays.get(name)))
+        answer[f"{name}/energy"] = np.array(float(matrix.square().sum()))
+        answer[f"{name}/residual_energy"] = np.array(_residual_energy(matrix, query.arrays.get(name)))
     return answer
 
 
@@ -108,13 +110,12 @@ def _layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: matrix.double().cpu() for name, matrix in captured.items()}
 
 
-def _residual_share(matrix: torch.Tensor, basis: np.ndarray | None) -> float:
-    """``|R - U U^T R| / |R|`` (Frobenius): how much of the inputs the basis ``U`` leaves out."""
-    norm = float(matrix.norm())
-    if basis is None or norm == 0.0:
-        return 1.0
+def _residual_energy(matrix: torch.Tensor, basis: np.ndarray | None) -> float:
+    """``|R - U U^T R|^2`` (Frobenius): the energy of the inputs the basis ``U`` leaves out."""
+    if basis is None:
+        return float(matrix.square().sum())
     u = torch.from_numpy(np.asarray(basis, dtype=np.float64))
-    return float((matrix - u @ (u.T @ matrix)).norm()) / norm
+    return float((matrix - u @ (u.T @ matrix)).square().sum())
 
 
 def _unbiased_covariance(features: torch.Tensor) -> torch.Tensor:

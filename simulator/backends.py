@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import socket
-import time
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -22,7 +21,6 @@ from simulator.worker import ClientJob, ClientOutcome, ClientWorker, WorkerData
 
 
 ADDRESS_TIMEOUT_S = 3.0  # how long engine.ray_address may take to accept a connection
-RELEASE_WAIT_S = 10.0  # how long a shared cluster's resources may take to come free (a run just ended)
 CALL_GRACE_S = 30.0  # on top of the clients' time limits: what an actor call may take beyond them
 
 
@@ -104,20 +102,9 @@ class RayBackend(Backend):
         self.actors = [actor_class.remote(run, data_ref, gpu) for _ in range(engine.num_actors)]
 
     def _check_resources(self, run: RunConfig) -> None:
-        """Fail now, naming the keys, where not every actor can be placed (it would wait forever).
-
-        On a cluster that has the resources but not free yet (the actors of a run that just
-        ended in a shared Ray are released asynchronously), wait for them a little first.
-        """
+        """Fail now, naming the keys, where not every actor can be placed (it would wait forever)."""
         engine = run.engine
-        needs = {"CPU": engine.num_actors * engine.num_cpus_per_actor,
-                 "GPU": engine.num_actors * engine.num_gpus_per_actor}
-        total, deadline = self.ray.cluster_resources(), time.monotonic() + RELEASE_WAIT_S
         available = self.ray.available_resources()
-        while (any(needs[r] > available.get(r, 0.0) for r in needs)
-               and all(needs[r] <= total.get(r, 0.0) for r in needs) and time.monotonic() < deadline):
-            time.sleep(0.05)
-            available = self.ray.available_resources()
         for key, per_actor, resource in (
             ("engine.num_cpus_per_actor", engine.num_cpus_per_actor, "CPU"),
             ("engine.num_gpus_per_actor", engine.num_gpus_per_actor, "GPU"),

@@ -300,7 +300,7 @@ class Checkpoints(Hook):
         snapshot = states.snapshot()
         save(run.outputs.path / "checkpoints", Checkpoint(
             round=view.server_round, arrays=view.arrays, strategy=view.strategy, client_states=snapshot,
-            wall_s=view.elapsed_s, config=to_dict(run.cfg), num_tasks=run.stream.num_tasks,
+            wall_s=run.elapsed(), config=to_dict(run.cfg), num_tasks=run.stream.num_tasks,
             records=run.outputs.records, nonfinite_dropped=run.grid.nonfinite_dropped,
         ))
         states.collect(keep=self.previous_files)

@@ -12,6 +12,7 @@ makes the cohort a function of the seed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class Experiment:
         # 1. Data, stream and model. Values only the data can refute fail here, before Ray starts.
         stream, rounds = self._stream()
         model, method = self._model(stream)
+        baseline = task_accuracies(model, stream, cfg.eval.batch_size)  # the untrained model's: fwt's baseline
         # 2. Resume from the last finished round, if asked (read before Ray starts; the strategy
         #    only through an allow-list), else start from the model's weights, less its personal layers.
         initial = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared_keys(model, method)})
@@ -82,20 +84,23 @@ class Experiment:
         states = ClientStates(self.run_dir / checkpoint.CLIENT_STATE_DIR,
                               int(cfg.engine.client_state_memory_mb * 2**20), start.client_states)
         warn_if_proximal_term_unused(self.strategy, method, cfg.client.method)
+        self._check_strategy_serves(start.arrays)
         # 3. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface; the
         #    run directory only after every check (a refused run writes nothing); the hooks.
-        backend = make_backend(cfg, WorkerData.of(stream))
-        data = backend.data  # with Ray, the object store's copy: reading it lets the driver's own go
-        stream.use_arrays(data.x_train, data.y_train, data.x_test, data.y_test)
-        grid = SimulationGrid(backend, stream, states, cfg.eval.client_test_size, run_id=cfg.seed,
-                              on_nonfinite=cfg.engine.on_nonfinite, nonfinite_dropped=start.nonfinite_dropped,
-                              personal=bool(method.personal_prefixes))
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = cfg.seed, SERVER_NODE_ID, 0
-        outputs = RunDirectory(self.run_dir, start.records)
-        run = RunContext(cfg, stream, rounds, start.round, model, method(cfg.client), states, grid, outputs)
-        hooks, arrays, baseline = default_hooks(run), start.arrays, task_accuracies(model, stream, cfg.eval.batch_size)
-        elapsed = lambda: start.wall_s + time.perf_counter() - started  # noqa: E731
-        try:
+        with contextlib.ExitStack() as cleanup:  # closes the hooks, then the backend, however the run ends
+            backend = make_backend(cfg, WorkerData.of(stream))
+            cleanup.callback(backend.close)
+            data = backend.data  # with Ray, the object store's copy: reading it lets the driver's own go
+            stream.use_arrays(data.x_train, data.y_train, data.x_test, data.y_test)
+            grid = SimulationGrid(backend, stream, states, cfg.eval.client_test_size, run_id=cfg.seed,
+                                  on_nonfinite=cfg.engine.on_nonfinite, nonfinite_dropped=start.nonfinite_dropped,
+                                  personal=bool(method.personal_prefixes))
+            TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = cfg.seed, SERVER_NODE_ID, 0
+            run = RunContext(cfg, stream, rounds, start.round, model, method(cfg.client), states, grid,
+                             RunDirectory(self.run_dir, start.records),
+                             elapsed=lambda: start.wall_s + time.perf_counter() - started)
+            hooks, arrays = default_hooks(run), start.arrays
+            cleanup.callback(hooks.close)
             for server_round in range(start.round, rounds + 1):
                 # 4. Train: the strategy samples and configures, clients train, it aggregates.
                 arrays, train_metrics = self._train(server_round, arrays, grid)
@@ -105,16 +110,14 @@ class Experiment:
                 if task_ended:
                     arrays = self._end_task(task, server_round, arrays, grid)
                 # 6. The hooks: evaluations and probes measure, the record is logged, checkpoints save.
-                view = RoundView(run, server_round, task, task_ended, arrays, self.strategy, train_metrics, elapsed())
+                view = RoundView(run, server_round, task, task_ended, arrays, self.strategy, train_metrics)
                 measured = hooks.measure(view)
-                record = outputs.log(view.record(measured)) if measured else None
-                hooks.logged(view, record)
-            # 7. The end: the accuracy matrix and summary, with what every hook adds.
-            end = RoundView(run, rounds, stream.task_of_round(rounds), True, arrays, self.strategy, None, elapsed())
-            return outputs.finish(end.elapsed_s, rounds, baseline, hooks.summary(end))
-        finally:
-            hooks.close()
-            backend.close()
+                hooks.logged(view, run.outputs.log(view.record(measured)) if measured else None)
+            # 7. The end: the accuracy matrix and summary with what every hook adds, then the plots.
+            end = RoundView(run, rounds, stream.task_of_round(rounds), True, arrays, self.strategy, None)
+            summary = run.outputs.finish(run.elapsed(), rounds, baseline, hooks.summary(end))
+            hooks.finished(end)
+            return summary
 
     def _stream(self) -> tuple[Stream, int]:
         """The data as it changes over rounds, and the rounds; sampling the stream cannot satisfy fails."""
@@ -174,22 +177,32 @@ class Experiment:
         _check_finite(new_arrays, server_round, self.strategy)
         return new_arrays, train_metrics
 
+    def _check_strategy_serves(self, arrays: ArrayRecord) -> None:
+        """A strategy (or one it wraps) may refuse the global arrays before any work: ``check_arrays(arrays)``."""
+        for _, layer in strategy_layers(self.strategy):
+            if callable(getattr(layer, "check_arrays", None)):
+                layer.check_arrays(arrays)
+
     def _end_task(self, task: int, server_round: int, arrays: ArrayRecord, grid: SimulationGrid) -> ArrayRecord:
         """The strategy's ``on_task_end(task, arrays, grid)``, where it has one: its arrays, if it returns any.
 
         The FedStream protocol for server-side continual methods: a Flower strategy
-        without the method is untouched. Through the Grid it may query clients
-        (``MessageType.QUERY``); its random draws are seeded like its rounds'.
+        without the method is untouched; one inside a wrapper (Flower's DP) is found
+        there. Through the Grid it may query clients (``MessageType.QUERY``); its
+        random draws are seeded apart from the round's other calls.
         """
-        on_task_end = getattr(self.strategy, "on_task_end", None)
-        if not callable(on_task_end):
+        hooked = [layer for _, layer in strategy_layers(self.strategy) if callable(getattr(layer, "on_task_end", None))]
+        if not hooked:
             return arrays
+        on_task_end = hooked[0].on_task_end
         seed = derive_seed(self.run_cfg.seed, Purpose.STRATEGY, server_round, Draw.TASK_END_CALL)
         with grid.round(server_round), seeded_global_state(seed):
             ended = on_task_end(task, arrays, grid)
         if ended is None:
             return arrays
-        _check_finite(ended, server_round, self.strategy)
+        if not all_finite(ended.to_numpy_ndarrays()):
+            raise ClientFailure(f"round {server_round}: {type(hooked[0]).__name__}.on_task_end returned "
+                                "non-finite global weights")
         return ended
 
     def _check_saved_strategy(self, saved: Strategy, arrays: ArrayRecord, fewest: int, initial: ArrayRecord) -> None:

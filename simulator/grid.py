@@ -30,7 +30,7 @@ from simulator.task_change import task_change
 from simulator.worker import EVALUATE, QUERY, TRAIN, ClientJob, ClientOutcome
 
 _KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE, MessageType.QUERY: QUERY}
-GLOBAL_ARRAYS = "arrays"  # a query message's model, when it carries arrays of its own too (as "query")
+GLOBAL_ARRAYS, QUERY_ARRAYS = "arrays", "query"  # a query message's records: the model, and the query's own
 
 
 class SimulationGrid(Grid):
@@ -147,6 +147,9 @@ class SimulationGrid(Grid):
             raise ValueError(f"message to node {client}, not a client present in round {self.server_round}")
         content = message.content
         records_in = dict(content.array_records)
+        if len(records_in) > 1 and GLOBAL_ARRAYS not in records_in:
+            raise ValueError(f"a message with several ArrayRecords ({', '.join(records_in)}) must name the "
+                             f"model's {GLOBAL_ARRAYS!r}")
         arrays = records_in.pop(GLOBAL_ARRAYS) if len(records_in) > 1 else records_in.popitem()[1]
         query_arrays = {k: v for record in records_in.values() for k, v in zip(record, record.to_numpy_ndarrays())}
         config: dict[str, Any] = {}
@@ -183,7 +186,8 @@ class SimulationGrid(Grid):
     def _reply(self, message: Message, outcome: ClientOutcome, keys: list[str]) -> Message:
         content = RecordDict({"metrics": MetricRecord(outcome.metrics)})
         if outcome.arrays is not None:  # the weights as the message's, or a query's named answer
-            content["arrays"] = held_array_record(outcome.array_names or keys, outcome.arrays)
+            names = keys if outcome.array_names is None else outcome.array_names
+            content["arrays"] = held_array_record(names, outcome.arrays)
         reply = Message(content, reply_to=message)
         _stamp(reply, f"r{message.metadata.message_id}")
         return reply

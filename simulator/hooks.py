@@ -8,7 +8,8 @@ reaching into the engine:
   (``{}``: nothing to report this round);
 - :meth:`Hook.at_task_end`: the same, at the last round of a task;
 - :meth:`Hook.after_log`: once the round's record, if any, is written (checkpoints, progress);
-- :meth:`Hook.at_end`: entries for ``summary.json`` (and files of its own).
+- :meth:`Hook.at_end`: entries for ``summary.json`` (and files of its own);
+- :meth:`Hook.finished`: once ``summary.json`` is written (plots).
 
 The loop merges what the hooks return, in their order, into one record per
 round. A new measurement (a metric at every task end, say) is one new hook in
@@ -17,7 +18,8 @@ round. A new measurement (a metric at every task end, say) is one new hook in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +51,7 @@ class RunContext:
     states: ClientStates
     grid: SimulationGrid
     outputs: RunDirectory
+    elapsed: Callable[[], float]  # seconds of the run so far (a resumed run's included)
 
 
 @dataclass
@@ -62,7 +65,6 @@ class RoundView:
     arrays: ArrayRecord  # the global arrays now
     strategy: Strategy
     train_metrics: MetricRecord | None
-    elapsed_s: float
     _loaded: bool = field(default=False, repr=False)
 
     def record(self, measured: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +79,7 @@ class RoundView:
             "nonfinite_dropped": run.grid.nonfinite_dropped,
             "client_state_mb": round(run.states.total_bytes / 2**20, 6),
             "client_state_spilled_mb": round(run.states.spilled_bytes / 2**20, 6),
-            "wall_s": round(self.elapsed_s, 3),
+            "wall_s": round(run.elapsed(), 3),
         }
 
     def global_model(self) -> torch.nn.Module:
@@ -106,6 +108,9 @@ class Hook:
         """Entries for ``summary.json``, after the last round."""
         return {}
 
+    def finished(self, view: RoundView) -> None:
+        """``summary.json`` is written (plots come here: a failing plot cannot lose the summary)."""
+
     def close(self) -> None:
         """Release what the hook holds, whether the run finished or failed."""
 
@@ -126,18 +131,27 @@ class Hooks:
         return measured
 
     def logged(self, view: RoundView, record: dict[str, Any] | None) -> None:
+        """Tell every hook the round's record (None: none) was written."""
         for hook in self.hooks:
             hook.after_log(view, record)
 
     def summary(self, view: RoundView) -> dict[str, Any]:
+        """Every hook's entries for ``summary.json``."""
         entries: dict[str, Any] = {}
         for hook in self.hooks:
             entries.update(hook.at_end(view))
         return entries
 
-    def close(self) -> None:
+    def finished(self, view: RoundView) -> None:
+        """Tell every hook the summary is written."""
         for hook in self.hooks:
-            hook.close()
+            hook.finished(view)
+
+    def close(self) -> None:
+        """Close every hook, even where one fails to."""
+        with contextlib.ExitStack() as stack:
+            for hook in self.hooks:
+                stack.callback(hook.close)
 
 
 class Progress(Hook):
@@ -162,12 +176,11 @@ class ForgettingPlot(Hook):
     def __init__(self, run: RunContext) -> None:
         self.run = run
 
-    def at_end(self, view: RoundView) -> dict[str, Any]:
+    def finished(self, view: RoundView) -> None:
         from simulator.plot import plot_forgetting  # matplotlib: only where a run finishes
 
         plot_forgetting(self.run.outputs.records, self.run.outputs.path / "plots" / "forgetting.png",
                         title=f"{self.run.cfg.scenario} / {type(view.strategy).__name__}")
-        return {}
 
 
 def default_hooks(run: RunContext) -> Hooks:

@@ -45,8 +45,8 @@ class RunDirectory:
             file.writelines(json.dumps(record) + "\n" for record in self.records)
         os.replace(temporary, self.metrics_path)
 
-    def log(self, record: dict[str, Any]) -> None:
-        """Append one evaluation to metrics.jsonl and TensorBoard."""
+    def log(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append one evaluation to metrics.jsonl and TensorBoard; return it as written (NaN as None)."""
         record = finite_or_null(record)
         self.records.append(record)
         with self.metrics_path.open("a") as file:
@@ -61,6 +61,7 @@ class RunDirectory:
                     if accuracy is not None:
                         self.tensorboard.add_scalar(f"{_per_task_tag(key)}/{task}", accuracy, step)
         self.tensorboard.flush()
+        return record
 
     def accuracy_matrix(self, name: str = "acc") -> np.ndarray:
         """R[i][j]: accuracy on task j at the last evaluation of task i, for every task j.

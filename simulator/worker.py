@@ -21,14 +21,14 @@ import torch
 
 from clients import resolve_method
 from clients.base import Batch, PreviousTask, TrainContext, masked, shared_keys
-from clients.queries import QUERY as QUERY_KEY
-from clients.queries import Query
+from clients.clipping import clip_if_asked
+from clients.queries import QUERY_NAME, Query
 from clients.models import build_model, evaluate
 from simulator.client_state import check_state
 from simulator.config import RunConfig
 from simulator.deadline import ClientTimeout, deadline
 from simulator.keys import (
-    ACCURACY, CLIPPING_NORM, EVAL_LOSS, LEARNING_RATE, NORM_BIT, NUM_EXAMPLES, TRAIN_LOSS,
+    ACCURACY, EVAL_LOSS, LEARNING_RATE, NUM_EXAMPLES, TRAIN_LOSS,
 )
 from simulator.seeding import Purpose, derive_seed, torch_generator
 
@@ -175,15 +175,13 @@ class ClientWorker:
         result = self.method.train(self.model, x, y, context)
         arrays = self._weights()
         metrics = {**result.metrics, NUM_EXAMPLES: float(result.num_examples), TRAIN_LOSS: result.train_loss}
-        if CLIPPING_NORM in job.config:
-            within = clip_update(arrays, global_weights, float(job.config[CLIPPING_NORM]))
-            metrics[NORM_BIT] = float(within)
+        metrics.update(clip_if_asked(arrays, global_weights, job.config))
         finite = math.isfinite(result.train_loss) and all_finite(arrays)
         return ClientOutcome(job.client_id, arrays, metrics, state=check_state(context.state), finite=finite)
 
     def _answer(self, job: ClientJob) -> ClientOutcome:
         query = Query(
-            name=str(job.config[QUERY_KEY]),
+            name=str(job.config.get(QUERY_NAME, "")),  # none: the method names the queries it answers
             arrays=job.query_arrays,
             x=self._tensor(self.data.x_train[job.indices]),
             y=self._tensor(self.data.y_train[job.indices]),
@@ -206,21 +204,3 @@ class ClientWorker:
 def all_finite(arrays: list[np.ndarray]) -> bool:
     """Whether every value of ``arrays`` is a number (no NaN, no infinity)."""
     return all(np.isfinite(a).all() for a in arrays)
-
-
-def clip_update(arrays: list[np.ndarray], reference: list[np.ndarray], max_norm: float) -> bool:
-    """Scale ``arrays - reference`` in place to L2 norm at most ``max_norm``.
-
-    Client-side differential privacy (Flower's DifferentialPrivacyClientSide*
-    wrappers expect the client to clip). Returns whether the update was within
-    the norm already, which the adaptive wrapper aggregates.
-    """
-    norm = float(np.sqrt(sum(float(np.sum((a - r) ** 2)) for a, r in zip(arrays, reference))))
-    if norm <= max_norm:
-        return True
-    scale = max_norm / norm
-    for array, ref in zip(arrays, reference):
-        array -= ref
-        array *= scale
-        array += ref
-    return False

@@ -23,12 +23,11 @@ ours (public implementations use SGD with lr 0.001-0.1, 1-10 epochs).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch.nn import functional as F
@@ -48,22 +47,24 @@ class CCVR(FedAvg):
         calibration_epochs: int = 10, calibration_batch_size: int = 64, **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if min(virtual_per_class, calibration_epochs, calibration_batch_size) < 1 or calibration_lr <= 0:
-            raise ValueError("virtual_per_class, calibration_epochs and calibration_batch_size must be >= 1 "
-                             "and calibration_lr > 0")
+        for key, value in (("virtual_per_class", virtual_per_class), ("calibration_epochs", calibration_epochs),
+                           ("calibration_batch_size", calibration_batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"strategy.{key} = {value!r}: expected an integer >= 1")
+        if not isinstance(calibration_lr, (int, float)) or calibration_lr <= 0:
+            raise ConfigError(f"strategy.calibration_lr = {calibration_lr!r}: expected a number > 0")
         self.virtual_per_class = virtual_per_class
         self.calibration_lr = calibration_lr
         self.calibration_epochs = calibration_epochs
         self.calibration_batch_size = calibration_batch_size
         self.class_statistics: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # class -> (count, mean, cov)
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        if HEAD_WEIGHT not in arrays or HEAD_BIAS not in arrays:  # before any client trains
-            raise ConfigError("strategy=ccvr recalibrates a linear head (head.weight and head.bias); "
-                              "this model has none: use model.head=linear")
-        return super().configure_train(server_round, arrays, config, grid)
+    def check_arrays(self, arrays: ArrayRecord) -> None:
+        """Refuse, before any work, global arrays without a linear head to recalibrate."""
+        if HEAD_WEIGHT not in arrays or HEAD_BIAS not in arrays:
+            raise ConfigError("strategy=ccvr recalibrates the global model's linear head (head.weight and "
+                              "head.bias), which the global arrays do not hold: use model.head=linear and a "
+                              "client method that shares the head")
 
     def on_task_end(self, task: int, arrays: ArrayRecord, grid: Grid) -> ArrayRecord:
         """The global arrays with the head retrained on virtual features of every class seen so far."""

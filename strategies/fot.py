@@ -16,11 +16,13 @@ which is what secure aggregation would reveal: here the sum is taken in the
 clear (the arithmetic, not the cryptography, is simulated). Its left singular
 vectors span the clients' inputs side by side.
 
-Basis growth follows GPM (Saha et al. 2021) as the authors' code applies it:
-with ``r`` the clients' mean residual share (weighted by samples), new
-directions are the sketch's top singular vectors until their energy share
-exceeds ``(r - (1 - threshold)) / r`` (at least one), appended to the basis and
-re-orthonormalised; ``threshold`` grows by ``threshold_step`` after each task.
+Basis growth follows GPM (Saha et al. 2021): with ``r`` the share of the
+inputs' energy outside the basis (clients send their energies, summed like
+the sketches), nothing is added where the basis keeps ``threshold`` of it;
+otherwise the sketch's top residual directions are added until it does, and
+re-orthonormalised. ``threshold`` grows by ``threshold_step`` after each task.
+(The authors' code uses a sample-weighted mean of unsquared norm ratios and
+adds at least one direction; GPM's energy rule is the paper's.)
 Biases are not projected, as in the authors' code. Here the sketches are taken
 on the new global model at the task end (the code uses each client's local
 model after its last round), from every present client.
@@ -36,6 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from clients.queries import NUM_SAMPLES
+from simulator.config import ConfigError
 from simulator.held_array import held_array_record
 from strategies.queries import ask_clients
 
@@ -47,9 +50,10 @@ class FOT(FedAvg):
 
     def __init__(self, *args: Any, threshold: float = 0.96, threshold_step: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not 0.0 < threshold <= 1.0 or threshold_step < 0:
-            raise ValueError(f"threshold = {threshold}, threshold_step = {threshold_step}: expected a threshold "
-                             "in (0, 1] and a step >= 0")
+        if not 0.0 < threshold <= 1.0:
+            raise ConfigError(f"strategy.threshold = {threshold!r}: expected an energy share in (0, 1]")
+        if threshold_step < 0:
+            raise ConfigError(f"strategy.threshold_step = {threshold_step!r}: expected a number >= 0")
         self.threshold = threshold  # the paper's epsilon: the energy share a basis keeps (0.96 on PMNIST)
         self.threshold_step = threshold_step
         self.bases: dict[str, np.ndarray] = {}  # weight name -> orthonormal columns in its input space
@@ -65,36 +69,45 @@ class FOT(FedAvg):
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None or not self.bases or self._round_start is None:
+        start, self._round_start = self._round_start, None  # not kept in checkpoints
+        if arrays is None or not self.bases or start is None:
             return arrays, metrics
-        return project_updates(arrays, self._round_start, self.bases), metrics
+        return project_updates(arrays, start, self.bases), metrics
 
     def on_task_end(self, task: int, arrays: ArrayRecord, grid: Grid) -> None:
         """Grow each layer's basis with the inputs it saw on the task just ended."""
         answers = ask_clients(grid, arrays, SKETCHES, self.bases)
-        samples = np.array([float(a[NUM_SAMPLES]) for a in answers])
-        for name in (k for k in answers[0] if k != NUM_SAMPLES and not k.endswith("/residual")):
+        for name in (k for k in answers[0] if k != NUM_SAMPLES and "/" not in k):
             sketch = sum(a[name] for a in answers)
-            residual = float(np.dot(samples, [float(a[f"{name}/residual"]) for a in answers]) / samples.sum())
-            self.bases[name] = grown_basis(self.bases.get(name), sketch, residual, self.threshold)
+            energy = sum(float(a[f"{name}/energy"]) for a in answers)
+            residual = sum(float(a[f"{name}/residual_energy"]) for a in answers)
+            self.bases[name] = grown_basis(self.bases.get(name), sketch, residual / energy if energy else 0.0,
+                                           self.threshold)
         self.threshold = min(1.0, self.threshold + self.threshold_step)
 
 
 def grown_basis(basis: np.ndarray | None, sketch: np.ndarray, residual: float, threshold: float) -> np.ndarray:
-    """``basis`` extended by the top left singular vectors of ``sketch`` (GPM's criterion, as FOT's code uses it)."""
+    """``basis`` grown by GPM's criterion (Saha et al. 2021) from the sketch of the task's inputs.
+
+    ``residual``: the share of the inputs' energy the basis leaves out. Where the
+    basis already keeps ``threshold`` of it, nothing is added; otherwise the top
+    singular vectors of the sketch's residual are added until the kept share
+    reaches ``threshold``.
+    """
+    width = 0 if basis is None else basis.shape[1]
     if basis is not None:
         sketch = sketch - basis @ (basis.T @ sketch)  # what the old tasks' subspace leaves
     left, singular, _ = np.linalg.svd(sketch, full_matrices=False)
     energy = singular**2
-    if energy.sum() == 0:
+    if 1.0 - residual >= threshold or energy.sum() == 0:
         return basis if basis is not None else np.zeros((sketch.shape[0], 0))
-    target = (residual - (1.0 - threshold)) / residual if residual > 0 else 0.0
-    keep = max(1, int(np.searchsorted(np.cumsum(energy) / energy.sum(), target, side="right")) + 1)
-    new = left[:, : min(keep, len(energy))]
+    target = (threshold - (1.0 - residual)) / residual  # the share of the residual to keep
+    keep = min(int(np.searchsorted(np.cumsum(energy) / energy.sum(), target - 1e-12, side="left")) + 1, len(energy))
+    new = left[:, :keep]
     if basis is None:
         return new
     merged, _ = np.linalg.qr(np.concatenate([basis, new], axis=1))
-    return merged[:, : min(merged.shape[0], basis.shape[1] + new.shape[1])]
+    return merged[:, : min(merged.shape[0], width + keep)]
 
 
 def project_updates(arrays: ArrayRecord, start: ArrayRecord, bases: dict[str, np.ndarray]) -> ArrayRecord:

@@ -12,7 +12,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from clients.queries import QUERY
+from clients.queries import QUERY_NAME
+from simulator.grid import GLOBAL_ARRAYS, QUERY_ARRAYS
 from simulator.held_array import held_array_record
 
 
@@ -20,9 +21,9 @@ def ask_clients(
     grid: Grid, arrays: ArrayRecord, query: str, query_arrays: dict[str, np.ndarray] | None = None
 ) -> list[dict[str, np.ndarray]]:
     """Each present client's answer to ``query`` on the global ``arrays``, in client order."""
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({QUERY: query})})
+    content = RecordDict({GLOBAL_ARRAYS: arrays, "config": ConfigRecord({QUERY_NAME: query})})
     if query_arrays:
-        content["query"] = held_array_record(list(query_arrays), [np.ascontiguousarray(v) for v in query_arrays.values()])
+        content[QUERY_ARRAYS] = held_array_record(list(query_arrays), [np.ascontiguousarray(v) for v in query_arrays.values()])
     messages = [Message(content=content, dst_node_id=node, message_type=MessageType.QUERY)
                 for node in sorted(grid.get_node_ids())]
     answers = []

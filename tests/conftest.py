@@ -56,3 +56,15 @@ def start_run_py(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     command = [sys.executable, "run.py", f"hydra.run.dir={run_dir}", *overrides]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
+
+
+def wait_for_free_cpus(cpus: float, timeout_s: float = 30.0) -> None:
+    """Wait until the shared Ray has ``cpus`` free: the actors of a run that just ended leave asynchronously."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < cpus:
+        assert time.monotonic() < deadline, f"Ray never freed {cpus} CPUs: {ray.available_resources()}"
+        time.sleep(0.05)

@@ -13,7 +13,7 @@ from clients.models import build_model
 from clients.sgd import SGDClient
 from simulator.config import ClientConfig, ConfigError, ModelConfig
 from simulator.keys import PROXIMAL_MU
-from simulator.worker import clip_update
+from clients.clipping import clip_update
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

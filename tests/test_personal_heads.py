@@ -25,7 +25,7 @@ from clients.base import ClientMethod, TrainContext, shared_keys
 from clients.fedper import FedPerClient
 from clients.fedrep import FedRepClient, FedRepSettings
 from clients.models import build_model
-from conftest import ROOT, compose_run, read_metrics, run_experiment
+from conftest import ROOT, compose_run, read_metrics, run_experiment, wait_for_free_cpus
 from simulator import checkpoint
 from simulator.client_state import ClientStates
 from simulator.config import ClientConfig, ConfigError, ModelConfig
@@ -420,6 +420,7 @@ def test_personal_heads_are_bit_identical_in_process_and_on_1_2_and_3_actors(
     assert len(states) >= 6 and all(set(s) == {"head.weight", "head.bias"} for s in states.values())
     for n in actors:
         run_dir = tmp_path / f"ray{n}"
+        wait_for_free_cpus(n)
         run_experiment(run_dir, [*common, "engine.backend=ray", f"engine.num_actors={n}"])
         ray_arrays, ray_states = _final(run_dir)
         assert _same_arrays(ray_arrays, arrays), f"global encoder on {n} actors"

@@ -19,7 +19,7 @@ from simulator.config import ConfigError
 from simulator.held_array import held_array_record
 from strategies.ccvr import pooled_statistics
 from strategies.fot import grown_basis, project_updates
-from tests.conftest import numbers_of, run_experiment, start_run_py
+from tests.conftest import numbers_of, run_experiment, start_run_py, wait_for_free_cpus
 
 PERMUTED = ["scenario=permuted_digits", "engine.backend=local", "eval.probes=false", "stream.num_tasks=3",
             "stream.rounds_per_task=2", "client.epochs=1", "federation.clients_per_round=4"]
@@ -40,11 +40,13 @@ def test_the_projection_leaves_each_update_exactly_orthogonal_to_a_hand_made_bas
     assert np.array_equal(projected["b"].numpy(), new["b"])  # biases are not projected (as FOT's code)
 
 
-def test_a_basis_keeps_the_top_directions_until_the_energy_threshold_then_grows_orthonormally():
+def test_a_basis_grows_by_gpms_energy_rule_and_stays_orthonormal():
     sketch = np.diag([3.0, 2.0, 1.0, 0.0])  # energies 9, 4, 1: shares 0.64, 0.93, 1.0
     first = grown_basis(None, sketch, residual=1.0, threshold=0.9)
-    assert np.allclose(np.abs(first), np.eye(4)[:, :2])
-    grown = grown_basis(first, sketch, residual=1 / 14**0.5, threshold=0.9)  # what the basis leaves: e3
+    assert np.allclose(np.abs(first), np.eye(4)[:, :2])  # the fewest directions keeping 90%
+    # The same inputs again: the basis keeps 13/14 = 0.93 of their energy, enough at 0.9: nothing added.
+    assert grown_basis(first, sketch, residual=1 / 14, threshold=0.9).shape == (4, 2)
+    grown = grown_basis(first, sketch, residual=1 / 14, threshold=0.95)  # not enough at 0.95: e3 joins
     assert grown.shape == (4, 3) and np.allclose(grown.T @ grown, np.eye(3))
     assert np.allclose(np.abs(grown[:, 2]), np.eye(4)[:, 2])
 
@@ -56,8 +58,8 @@ def test_clients_sketch_each_layers_inputs_with_their_residual_outside_the_serve
                   torch.Generator().manual_seed(0))
     answer = layer_input_sketches(model, query)
     assert answer["0.weight"].shape == (3, 3) and answer["2.weight"].shape == (2, 2)
-    assert answer["0.weight/residual"] == 0.0  # every input lies in the basis e1
-    assert answer["2.weight/residual"] == 1.0 and int(answer[NUM_SAMPLES]) == 2
+    assert answer["0.weight/energy"] == 5.0 and answer["0.weight/residual_energy"] == 0.0  # inputs lie in e1
+    assert answer["2.weight/residual_energy"] == answer["2.weight/energy"] and int(answer[NUM_SAMPLES]) == 2
     np.testing.assert_allclose(answer["0.weight"][1:], 0)  # the sketch of inputs along e1 stays there
 
 
@@ -95,8 +97,18 @@ def test_ccvr_retrains_only_the_head_and_refuses_a_head_it_cannot_retrain(tmp_pa
     for name in plain.keys():  # the same rounds; at the (only) task end, the head alone changes
         same = np.array_equal(plain[name].numpy(), calibrated[name].numpy())
         assert same != name.startswith("head."), name
-    with pytest.raises(ConfigError, match="strategy=ccvr recalibrates a linear head"):
-        run_experiment(tmp_path / "etf", [*skew, "strategy=ccvr", "model.head=etf"])
+    for refused in (["model.head=etf"], ["client.method=fedper"]):  # no head, or none the server holds
+        with pytest.raises(ConfigError, match="strategy=ccvr recalibrates the global model's linear head"):
+            run_experiment(tmp_path / "refused", [*skew, "strategy=ccvr", *refused])
+        assert not (tmp_path / "refused").exists()  # refused before the run directory
+
+
+def test_fot_inside_flowers_dp_wrapper_still_gathers_its_bases(tmp_path):
+    wrapped = [*PERMUTED, "strategy=dp_fixed_server", "strategy.strategy._target_=strategies.fot.FOT",
+               "strategy.noise_multiplier=0.0"]
+    run_experiment(tmp_path, wrapped)
+    saved = checkpoint.load(tmp_path / "checkpoints", {"strategies.fot"}).strategy
+    assert sorted(saved.strategy.bases) == ["encoder.1.weight", "encoder.3.weight", "head.weight"]
 
 
 def test_an_unknown_query_fails_the_run_naming_the_client_and_the_queries_it_answers(tmp_path, monkeypatch):
@@ -146,9 +158,12 @@ def ray_with_three_cpus():
 def test_query_answers_are_the_same_in_process_and_on_1_2_and_3_actors(tmp_path, ray_with_three_cpus):
     run_experiment(tmp_path / "local", FOT)
     local = checkpoint.load(tmp_path / "local" / "checkpoints", {"strategies.fot"}).strategy.bases
+    assert local  # bases for every layer: the comparison below has something to compare
     for actors in (1, 2, 3):
         run_dir = tmp_path / f"ray{actors}"
+        wait_for_free_cpus(actors)
         run_experiment(run_dir, [*FOT, "engine.backend=ray", f"engine.num_actors={actors}"])
         bases = checkpoint.load(run_dir / "checkpoints", {"strategies.fot"}).strategy.bases
+        assert bases.keys() == local.keys(), f"{actors} actors"
         assert all(np.array_equal(bases[k], local[k]) for k in local), f"{actors} actors"  # from the answers
         assert numbers_of(run_dir) == numbers_of(tmp_path / "local"), f"{actors} actors"

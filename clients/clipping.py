@@ -1,0 +1,41 @@
+"""Client-side clipping for differential privacy: what Flower's client-side DP wrappers expect of clients.
+
+``DifferentialPrivacyClientSideFixedClipping`` and ``...AdaptiveClipping`` send
+a clipping norm in the train ConfigRecord and add the noise themselves; each
+client clips its update (its new weights minus the round's global ones) to that
+L2 norm. For adaptive clipping the client also reports whether its update was
+within the norm (Andrew et al. 2021), which the wrapper aggregates to move the
+norm. Any client method gets this: the worker applies it to the weights a
+method leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from simulator.keys import CLIPPING_NORM, NORM_BIT
+
+
+def clip_if_asked(arrays: list[np.ndarray], reference: list[np.ndarray], config: dict[str, Any]) -> dict[str, float]:
+    """Clip ``arrays`` in place where the strategy's ``config`` sends a clipping norm; the metric to report."""
+    if CLIPPING_NORM not in config:
+        return {}
+    return {NORM_BIT: float(clip_update(arrays, reference, float(config[CLIPPING_NORM])))}
+
+
+def clip_update(arrays: list[np.ndarray], reference: list[np.ndarray], max_norm: float) -> bool:
+    """Scale ``arrays - reference`` in place to L2 norm at most ``max_norm``.
+
+    Returns whether the update was within the norm already.
+    """
+    norm = float(np.sqrt(sum(float(np.sum((a - r) ** 2)) for a, r in zip(arrays, reference))))
+    if norm <= max_norm:
+        return True
+    scale = max_norm / norm
+    for array, ref in zip(arrays, reference):
+        array -= ref
+        array *= scale
+        array += ref
+    return False
