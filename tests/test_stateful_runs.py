@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import ray
 
-from conftest import ROOT, compose_run, read_metrics, run_experiment
+from conftest import ROOT, compose_run, read_metrics, run_experiment, wait_for_free_cpus
 from simulator import checkpoint
 from simulator.client_state import ClientStates
 from simulator.config import ConfigError
@@ -67,6 +67,7 @@ def test_a_stateful_method_gives_the_same_numbers_in_process_and_on_1_2_and_3_ac
     expected = _without_wall_time(tmp_path / "local")
     assert expected[0][-1]["client_state_mb"] > 0
     for actors in (1, 2, 3):
+        wait_for_free_cpus(actors)  # the previous run's actors leave the shared Ray asynchronously
         run_experiment(tmp_path / f"ray{actors}", [*common, "engine.backend=ray", f"engine.num_actors={actors}"])
         assert _without_wall_time(tmp_path / f"ray{actors}") == expected, f"{method} on {actors} actors"
 
