@@ -23,6 +23,7 @@ import hydra
 import hydra._internal.utils as hydra_utils
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -44,7 +45,8 @@ def main(cfg: DictConfig) -> float:
     try:
         run = load_config(cfg)
         strategy = build_strategy(cfg.strategy)
-        summary = Experiment(run, strategy, run_dir, resume=bool(cfg.resume)).run()
+        sweep = HydraConfig.get().mode == RunMode.MULTIRUN  # its jobs share one Ray and its warm actors
+        summary = Experiment(run, strategy, run_dir, resume=bool(cfg.resume), keep_warm=sweep).run()
     except ConfigError as error:
         _fail(str(error), 2)
     except ClientFailure as error:  # the client's own traceback is in the message

@@ -7,12 +7,14 @@ come back in job order, and no client's result depends on where it ran.
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import logging
 import os
 import re
 import socket
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,8 +39,8 @@ class Backend(ABC):
     def execute(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
         """Run ``jobs``; ``job.weights_index`` picks each job's weights from ``weights``."""
 
-    def close(self) -> None:
-        """Release what the backend holds."""
+    def close(self, failed: bool = False) -> None:
+        """Release what the backend holds (``failed``: the run ended with an error)."""
 
 
 class LocalBackend(Backend):
@@ -52,25 +54,73 @@ class LocalBackend(Backend):
         return self.worker.execute(jobs, weights)
 
 
+class WorkerHost:
+    """A Ray actor hosting the worker of one job at a time, so a sweep's jobs reuse warm actors.
+
+    Each call names its job's setup (a token, and the config and data in the
+    object store); a host that holds another job's worker, or none (new, or
+    restarted by Ray after a crash), builds the job's worker first. Building one
+    is cheap next to what the host spares: a process start and torch's import.
+    """
+
+    def __init__(self) -> None:
+        self.token: str | None = None
+        self.worker: ClientWorker | None = None
+
+    def execute(
+        self, token: str, setup: list, jobs: list[ClientJob], weights: list[list[np.ndarray]]
+    ) -> list[ClientOutcome]:
+        """``setup``: the job's config and data as object references, in a list so Ray passes them unresolved."""
+        if token != self.token:
+            import ray
+
+            run, data = ray.get(setup)
+            self.worker = None  # the previous job's model and tensors go before the next's arrive
+            release_gpu_cache()
+            self.worker, self.token = ClientWorker(run, data, gpu=run.engine.num_gpus_per_actor > 0), token
+        assert self.worker is not None
+        return self.worker.execute(jobs, weights)
+
+
 class RayBackend(Backend):
     """A pool of Ray actors, each hosting one worker; one call per actor per round.
 
     The data goes into the object store once; each round's weights go in once
     and every actor reads the same reference. Jobs are dealt so that every
     actor gets about the same number of samples (:func:`balanced_shares`).
+
+    With ``keep_warm`` (the jobs of a ``--multirun`` sweep in one process), Ray
+    and the actors outlive the run: the next run with the same actor resources
+    reuses them, sending its own config and data (:class:`WorkerHost`); other
+    resources get new actors. A failed run takes its actors and Ray down, so it
+    cannot poison the next; the process's exit shuts down what is left.
     """
 
-    def __init__(self, run: RunConfig, data: WorkerData) -> None:
+    def __init__(self, run: RunConfig, data: WorkerData, keep_warm: bool = False) -> None:
         import ray  # imported here so the local backend never pays for it
 
         self.ray = ray
+        self.keep_warm = keep_warm
         engine = run.engine
         self.client_timeout_s = engine.client_timeout_s
         # Opt into Ray's coming default (and out of its warning about it): actors that ask
         # for no GPU leave CUDA_VISIBLE_DEVICES alone. A worker uses a GPU only if given one.
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        self.owns_ray = not ray.is_initialized()  # shut down only a Ray we started
-        if self.owns_ray:
+        pool = _WARM.take(_pool_key(run))
+        if pool is None:
+            pool = self._start(run)
+        self.pool = pool
+        # Held for the run's life: a restarted actor is built again from this reference.
+        self.data_ref = data_ref = ray.put(data)
+        self.data = ray.get(data_ref)  # read-only views of the object store's copy
+        self.setup = [ray.put(run), data_ref]
+        self.token = self.setup[0].hex()  # one per run: the object's id
+
+    def _start(self, run: RunConfig) -> _ActorPool:
+        """Ray (unless one runs: a pool of another shape's, a test's, a cluster) and new actors."""
+        ray, engine = self.ray, run.engine
+        owns_ray = not ray.is_initialized()  # shut down only a Ray we started
+        if owns_ray:
             if engine.ray_address:
                 check_reachable(engine.ray_address)
                 ray.init(address=engine.ray_address, logging_level=logging.WARNING)
@@ -87,19 +137,20 @@ class RayBackend(Backend):
         try:
             self._check_resources(run)
         except ConfigError:
-            self._shutdown()
+            if owns_ray:
+                ray.shutdown()
             raise
-        # Held for the backend's life: a restarted actor is built again from this reference.
-        self.data_ref = data_ref = ray.put(data)
-        self.data = ray.get(data_ref)  # read-only views of the object store's copy
-        # A dead actor comes back (same init: same model, same data) and Ray reruns its call:
+        # A dead actor comes back (a new host) and Ray reruns its call, which names the job:
         # where and how often a share runs never changes its outcomes.
-        actor_class = ray.remote(ClientWorker).options(
+        host = ray.remote(WorkerHost).options(
             num_cpus=engine.num_cpus_per_actor, num_gpus=engine.num_gpus_per_actor,
             max_restarts=engine.max_actor_restarts, max_task_retries=engine.max_actor_restarts,
         )
-        gpu = engine.num_gpus_per_actor > 0
-        self.actors = [actor_class.remote(run, data_ref, gpu) for _ in range(engine.num_actors)]
+        return _ActorPool(_pool_key(run), [host.remote() for _ in range(engine.num_actors)], owns_ray)
+
+    @property
+    def actors(self) -> list:
+        return self.pool.actors
 
     def _check_resources(self, run: RunConfig) -> None:
         """Fail now, naming the keys, where not every actor can be placed (it would wait forever)."""
@@ -120,7 +171,7 @@ class RayBackend(Backend):
         weights_ref = self.ray.put(weights)
         shares = [[jobs[i] for i in share] for share in balanced_shares(jobs, len(self.actors))]
         calls = [
-            (share, actor.execute.remote(share, weights_ref))
+            (share, actor.execute.remote(self.token, self.setup, share, weights_ref))
             for actor, share in zip(self.actors, shares)
             if share
         ]
@@ -145,14 +196,76 @@ class RayBackend(Backend):
             return None
         return self.client_timeout_s * clients + CALL_GRACE_S
 
-    def close(self) -> None:
-        for actor in self.actors:
-            self.ray.kill(actor)
-        self._shutdown()
+    def close(self, failed: bool = False) -> None:
+        """Keep the pool warm for the sweep's next run, or release it (always after a failure)."""
+        if self.keep_warm and not failed:
+            _WARM.keep(self.pool)
+        else:
+            self.pool.release()
 
-    def _shutdown(self) -> None:
+
+@dataclass
+class _ActorPool:
+    """Actors of one shape (their number and resources), and whether their Ray is ours to shut down."""
+
+    key: tuple
+    actors: list
+    owns_ray: bool
+
+    def release(self) -> None:
+        import ray
+
+        if not ray.is_initialized():  # at exit, Ray's own handler may have shut it down already
+            return
+        for actor in self.actors:
+            ray.kill(actor)
         if self.owns_ray:
-            self.ray.shutdown()
+            ray.shutdown()
+
+
+class _WarmPools:
+    """The one warm pool of this process, kept between the runs of a sweep."""
+
+    def __init__(self) -> None:
+        self.pool: _ActorPool | None = None
+        atexit.register(self.release)
+
+    def take(self, key: tuple) -> _ActorPool | None:
+        """The warm pool if it has this shape; a pool of another shape is released, Ray with it."""
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return None
+        import ray
+
+        if pool.key == key and ray.is_initialized():
+            return pool
+        pool.release()
+        return None
+
+    def keep(self, pool: _ActorPool) -> None:
+        self.pool = pool
+
+    def release(self) -> None:
+        if self.pool is not None:
+            self.pool.release()
+            self.pool = None
+
+
+_WARM = _WarmPools()
+
+
+def _pool_key(run: RunConfig) -> tuple:
+    engine = run.engine
+    return (engine.num_actors, engine.num_cpus_per_actor, engine.num_gpus_per_actor, engine.max_actor_restarts,
+            engine.ray_address)
+
+
+def release_gpu_cache() -> None:
+    """Give the GPU memory torch caches back to the device (between a sweep's jobs on a shared GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def check_reachable(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
@@ -250,9 +363,8 @@ def balanced_shares(jobs: list[ClientJob], num_actors: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-BACKENDS: dict[str, type[Backend]] = {"local": LocalBackend, "ray": RayBackend}
-
-
-def make_backend(run: RunConfig, data: WorkerData) -> Backend:
-    """The backend ``engine.backend`` names (validated in the config)."""
-    return BACKENDS[run.engine.backend](run, data)
+def make_backend(run: RunConfig, data: WorkerData, keep_warm: bool = False) -> Backend:
+    """The backend ``engine.backend`` names (validated in the config); ``keep_warm``: see :class:`RayBackend`."""
+    if run.engine.backend == "ray":
+        return RayBackend(run, data, keep_warm)
+    return LocalBackend(run, data)

@@ -61,11 +61,15 @@ class Start:
 class Experiment:
     """One scenario, one strategy, one seed: runs and writes its run directory."""
 
-    def __init__(self, run: RunConfig, strategy: Strategy, run_dir: Path, resume: bool = False) -> None:
+    def __init__(
+        self, run: RunConfig, strategy: Strategy, run_dir: Path, resume: bool = False, keep_warm: bool = False
+    ) -> None:
+        """``keep_warm``: leave Ray and the actors up for the next run of a sweep in this process."""
         self.run_cfg = run
         self.strategy = strategy
         self.run_dir = run_dir
         self.resume = resume
+        self.keep_warm = keep_warm
 
     def run(self) -> dict[str, Any]:
         """Run every round; return the summary written to ``summary.json``."""
@@ -88,8 +92,8 @@ class Experiment:
         # 3. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface; the
         #    run directory only after every check (a refused run writes nothing); the hooks.
         with contextlib.ExitStack() as cleanup:  # closes the hooks, then the backend, however the run ends
-            backend = make_backend(cfg, WorkerData.of(stream))
-            cleanup.callback(backend.close)
+            backend = make_backend(cfg, WorkerData.of(stream), self.keep_warm)
+            cleanup.push(lambda kind, error, trace: backend.close(failed=kind is not None))
             data = backend.data  # with Ray, the object store's copy: reading it lets the driver's own go
             stream.use_arrays(data.x_train, data.y_train, data.x_test, data.y_test)
             grid = SimulationGrid(backend, stream, states, cfg.eval.client_test_size, run_id=cfg.seed,

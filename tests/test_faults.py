@@ -128,7 +128,7 @@ def _actor_processes(pid: int) -> list[psutil.Process]:
     actors = []
     for process in psutil.Process(pid).children(recursive=True):
         try:
-            if "ray::ClientWorker" in " ".join(process.cmdline()):
+            if "ray::WorkerHost" in " ".join(process.cmdline()):
                 actors.append(process)
         except psutil.Error:  # exited or not readable while we looked
             pass
