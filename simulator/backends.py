@@ -13,13 +13,15 @@ import logging
 import os
 import re
 import socket
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from simulator.config import ConfigError, RunConfig
-from simulator.worker import ClientJob, ClientOutcome, ClientWorker, WorkerData
+from simulator.worker import TRAIN, ClientJob, ClientOutcome, ClientWorker, WorkerData
 
 
 ADDRESS_TIMEOUT_S = 3.0  # how long engine.ray_address may take to accept a connection
@@ -66,6 +68,7 @@ class WorkerHost:
     def __init__(self) -> None:
         self.token: str | None = None
         self.worker: ClientWorker | None = None
+        self.trained_samples, self.busy_s = 0, 0.0  # over the host's life: its throughput
 
     def execute(
         self, token: str, setup: list, jobs: list[ClientJob], weights: list[list[np.ndarray]]
@@ -79,7 +82,26 @@ class WorkerHost:
             release_gpu_cache()
             self.worker, self.token = ClientWorker(run, data, gpu=run.engine.num_gpus_per_actor > 0), token
         assert self.worker is not None
-        return self.worker.execute(jobs, weights)
+        started = time.perf_counter()
+        outcomes = self.worker.execute(jobs, weights)
+        self.busy_s += time.perf_counter() - started
+        self.trained_samples += sum(len(job.indices) for job in jobs if job.kind == TRAIN)
+        return outcomes
+
+    def stats(self) -> dict[str, Any]:
+        """Where this actor trains, the most GPU memory it held, and its samples per second of work."""
+        import ray
+        import torch
+
+        cuda = torch.cuda.is_available()
+        return {
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "device": str(self.worker.device) if self.worker else "none",
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else 0.0,
+            "gpu_memory_cap": round(torch.cuda.get_per_process_memory_fraction(), 3) if cuda else None,
+            "samples_per_s": round(self.trained_samples / self.busy_s, 1) if self.busy_s else 0.0,
+        }
 
 
 class RayBackend(Backend):

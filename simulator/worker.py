@@ -93,7 +93,7 @@ class ClientWorker:
         torch.set_num_threads(run.engine.torch_threads)
         self.run_cfg = run
         self.data = data
-        self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+        self.device = gpu_device(run.engine.num_gpus_per_actor) if gpu else torch.device("cpu")
         generator = torch_generator(run.seed, Purpose.MODEL_INIT)
         self.model = build_model(
             data.x_train.shape[1:], data.num_classes, run.model, generator
@@ -199,6 +199,24 @@ class ClientWorker:
         loss, accuracy = evaluate(self.model, x, y, self.run_cfg.eval.batch_size, mask)
         metrics = {NUM_EXAMPLES: float(len(job.indices)), ACCURACY: accuracy, EVAL_LOSS: loss}
         return ClientOutcome(job.client_id, None, metrics)
+
+
+def gpu_device(share: float) -> torch.device:
+    """The GPU an actor was given, its memory capped at ``share`` of the card when it shares one.
+
+    Ray's fractional GPUs only schedule: without a cap, one actor's caching
+    allocator can take the whole card from the others. A torch without CUDA
+    is an error, not a silent fall back to the CPU.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"engine.num_gpus_per_actor = {share:g}, but this actor's torch {torch.__version__} "
+            f"{'has no CUDA' if torch.version.cuda is None else 'sees no CUDA device'}: install a CUDA "
+            "build of torch on every node, or set engine.num_gpus_per_actor=0"
+        )
+    if share < 1:
+        torch.cuda.set_per_process_memory_fraction(share)
+    return torch.device("cuda")
 
 
 def all_finite(arrays: list[np.ndarray]) -> bool:

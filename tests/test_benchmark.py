@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks import speed
@@ -75,3 +77,14 @@ def test_probe_overhead_times_the_class_incremental_scenario_with_the_probes_on_
     assert overhead["probes.end_to_end_on_s"] > 0 and overhead["probes.end_to_end_off_s"] > 0
     ratio = overhead["probes.end_to_end_on_s"] / overhead["probes.end_to_end_off_s"]
     assert overhead["probes.on_over_off"] == pytest.approx(ratio, abs=2e-3)
+
+
+def test_gpu_check_reports_each_actors_device_memory_and_throughput_on_the_cpu_path(monkeypatch, capsys):
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "ACTORS", (1, 2))
+    gpu_check.main(["--cpu", "--rounds", "1"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["actors"], r["actor"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    assert len({r["pid"] for r in rows if r["actors"] == 2}) == 2  # two actor processes
+    assert all(r["device"] == "cpu" and r["samples_per_s"] > 0 and r["peak_gpu_mb"] == 0.0 for r in rows)

@@ -135,3 +135,14 @@ def test_frozen_parameters_are_left_alone():
     SGDClient(ClientConfig(lr=0.1, momentum=0.9)).train(model, x, y, _context())
     assert all(torch.equal(a, b) for a, b in zip(encoder_before, model.encoder.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(head_before, model.head.parameters()))
+
+
+def test_asking_for_a_gpu_without_cuda_is_an_error_naming_the_key_not_a_cpu_run():
+    import torch
+
+    from simulator.worker import gpu_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    with pytest.raises(RuntimeError, match=r"engine\.num_gpus_per_actor = 0\.5, but this actor's torch .* no CUDA"):
+        gpu_device(0.5)

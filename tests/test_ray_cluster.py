@@ -11,9 +11,14 @@ from pathlib import Path
 
 import pytest
 import ray
+from ray.cluster_utils import Cluster
 
 from conftest import ROOT, read_metrics, run_experiment
+from simulator import backends
 from simulator.backends import ClientFailure
+from simulator.config import compose_config, load_config
+from simulator.engine import Experiment
+from strategies import build_strategy
 
 pytestmark = pytest.mark.ray
 RAY = str(Path(sys.executable).parent / "ray")
@@ -69,3 +74,34 @@ def test_a_run_with_ray_address_trains_in_the_running_cluster_and_leaves_it_up(
     # Without the address the run starts its own Ray, where the probe client fails.
     with pytest.raises(ClientFailure, match="outside the test cluster"):
         run_experiment(tmp_path / "own", PROBE)
+
+
+def test_a_two_node_cluster_spreads_the_actors_sends_the_data_to_each_node_once_and_keeps_the_numbers(
+    tmp_path, monkeypatch
+):
+    locations: list[dict] = []
+    close = backends.RayBackend.close
+
+    def close_after_looking(self, failed=False):  # where the data is, before the run lets go of it
+        locations.append(ray.experimental.get_object_locations([self.data_ref])[self.data_ref])
+        close(self, failed)
+
+    monkeypatch.setattr(backends.RayBackend, "close", close_after_looking)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)  # a second machine: one CPU each, so one actor each
+    try:
+        cluster.wait_for_nodes()
+        common = ["rounds=3", "eval.probes=false"]
+        run_experiment(tmp_path / "local", [*common, "engine.backend=local"])
+        composed = compose_config([*common, "engine.backend=ray", "engine.num_actors=2",
+                                   f"engine.ray_address={cluster.address}"])
+        Experiment(load_config(composed), build_strategy(composed.strategy), tmp_path / "cluster", keep_warm=True).run()
+        nodes = {s["node"] for s in ray.get([a.stats.remote() for a in backends._WARM.pool.actors])}
+        assert len(nodes) == 2  # one actor on each node
+        (where,) = locations
+        assert len(set(where["node_ids"])) == 2 and len(where["node_ids"]) == 2  # one copy per node
+        strip = lambda records: [{k: v for k, v in r.items() if k != "wall_s"} for r in records]  # noqa: E731
+        assert strip(read_metrics(tmp_path / "cluster")) == strip(read_metrics(tmp_path / "local"))
+    finally:
+        backends._WARM.release()
+        cluster.shutdown()
