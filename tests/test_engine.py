@@ -121,7 +121,7 @@ def test_federated_evaluation_asks_the_strategy_and_logs_client_accuracy(tmp_pat
 
 @pytest.mark.ray
 def test_actors_that_cannot_all_be_placed_fail_fast_instead_of_waiting(tmp_path):
-    ray.init(num_cpus=2, include_dashboard=False)  # as a notebook would have started it
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # as a notebook would have started it
     try:
         with pytest.raises(ConfigError, match="engine.num_actors = 4 x engine.num_cpus_per_actor = 1.0 needs 4 CPU"):
             run_experiment(tmp_path, ["rounds=1", "engine.backend=ray", "engine.num_actors=4"])

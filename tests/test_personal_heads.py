@@ -402,7 +402,7 @@ def test_a_fedper_run_killed_with_sigkill_resumes_to_the_uninterrupted_heads_and
 def ray_with_three_cpus():
     """One Ray for the module's runs (each run still starts its own actors)."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as the Ray backend sets it
-    ray.init(num_cpus=3, include_dashboard=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False)  # ours, even where another Ray runs
     yield
     ray.shutdown()
 
