@@ -34,6 +34,7 @@ class FixedCohortFedAvg(FedAvg):
         self.epochs = epochs
         self.clock = RoundClock()
         self.samples = 0
+        self.final: ArrayRecord | None = None  # the last aggregate: the weights the benchmark compares
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -55,5 +56,6 @@ class FixedCohortFedAvg(FedAvg):
             int(r.content["metrics"][NUM_EXAMPLES]) for r in replies if r.has_content()
         )
         result = super().aggregate_train(server_round, replies)
+        self.final = result[0] if result[0] is not None else self.final
         self.clock.tick()
         return result

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.workloads import WORKLOADS, RoundClock, report, shared_data  # noqa: E402
+from benchmarks.workloads import WORKLOADS, RoundClock, report, save_weights, shared_data  # noqa: E402
 from clients import resolve_method  # noqa: E402
 from clients.base import Batch, ClientState, TrainContext  # noqa: E402
 from clients.models import build_model  # noqa: E402
@@ -103,6 +103,7 @@ def main(name: str) -> None:
     with torch.no_grad():
         for tensor, weights in zip(state.values(), global_weights):
             tensor.copy_(weights)
+    save_weights([t.numpy() for t in global_weights])
     x_test, y_test = torch.from_numpy(stream.x_test), torch.from_numpy(stream.y_test)
     report(clock, evaluate(model, x_test, y_test, run.eval.batch_size)[1], samples)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.cohort_strategy import FixedCohortFedAvg  # noqa: E402
-from benchmarks.workloads import WORKLOADS, report  # noqa: E402
+from benchmarks.workloads import WORKLOADS, report, save_weights  # noqa: E402
 from simulator.config import compose_config, load_config  # noqa: E402
 from simulator.engine import Experiment  # noqa: E402
 
@@ -25,6 +25,7 @@ def main(name: str, backend: str) -> None:
     strategy = FixedCohortFedAvg(workload.name, epochs=workload.epochs, fraction_evaluate=0.0)
     with tempfile.TemporaryDirectory() as run_dir:
         summary = Experiment(run, strategy, Path(run_dir)).run()
+    save_weights(strategy.final.to_numpy_ndarrays())
     report(strategy.clock, summary["final_accuracy"], strategy.samples)
 
 

@@ -42,7 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from benchmarks.cohort_strategy import PARTITION_ID, FixedCohortFedAvg
-from benchmarks.workloads import WORKLOADS, Workload, report, shared_data
+from benchmarks.workloads import WORKLOADS, Workload, report, save_weights, shared_data
 from clients.base import TrainContext
 from clients.models import RepresentationModel, build_model
 from clients.sgd import SGDClient
@@ -165,4 +165,5 @@ if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in WORKLOADS:
         sys.exit(f"usage: python benchmarks/run_flower.py {{{'|'.join(WORKLOADS)}}}")
     outcome = run_workload(sys.argv[1])
+    save_weights(outcome.strategy.final.to_numpy_ndarrays())
     report(outcome.strategy.clock, outcome.accuracy, outcome.strategy.samples)

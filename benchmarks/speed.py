@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +34,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.workloads import parse_report  # noqa: E402
+from benchmarks.workloads import (  # noqa: E402
+    WEIGHTS_ENV, WEIGHTS_TOLERANCE, load_weights, max_difference, parse_report,
+)
 IMPLEMENTATIONS = {
     "fedstream_ray": ["benchmarks/run_fedstream.py", "{workload}", "ray"],
     "fedstream_local": ["benchmarks/run_fedstream.py", "{workload}", "local"],
@@ -101,13 +104,15 @@ def tree_memory(process: psutil.Process, proportional: bool) -> int:
     return total
 
 
-def measure(implementation: str, workload: str) -> Run:
-    """Run one implementation on one workload in a fresh process and measure it."""
+def measure(implementation: str, workload: str, weights_path: str | None = None) -> Run:
+    """Run one implementation on one workload in a fresh process and measure it; it saves its final
+    global weights at ``weights_path`` if given."""
     command = [sys.executable, *(a.format(workload=workload) for a in IMPLEMENTATIONS[implementation])]
+    env = {**os.environ, **({WEIGHTS_ENV: weights_path} if weights_path else {})}
     # Files, not pipes: a chatty child never blocks on a full pipe.
     with tempfile.TemporaryFile(mode="w+") as stdout, tempfile.TemporaryFile(mode="w+") as stderr:
         started, steal_before = time.time(), psutil.cpu_times().steal
-        child = subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr, text=True)
+        child = subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr, text=True, env=env)
         process, peak_rss, peak_pss = psutil.Process(child.pid), 0, 0
         for sample in itertools.count():
             if child.poll() is not None:
@@ -198,18 +203,36 @@ def run(workloads: list[str], repeat: int = 1) -> dict:
     """
     plan = [(w, i) for w in workloads for i in COMPARED[w]]
     runs: dict[tuple[str, str], list[Run]] = {step: [] for step in plan}
-    for repetition in range(repeat):
-        for workload, implementation in plan if repetition % 2 == 0 else reversed(plan):
-            print(f"running {implementation} on {workload} ({repetition + 1}/{repeat}) ...",
-                  file=sys.stderr, flush=True)
-            runs[workload, implementation].append(measure(implementation, workload))
+    with tempfile.TemporaryDirectory() as weights_dir:
+        weights = {step: f"{weights_dir}/{step[0]}-{step[1]}.npz" for step in plan}
+        for repetition in range(repeat):
+            for workload, implementation in plan if repetition % 2 == 0 else reversed(plan):
+                print(f"running {implementation} on {workload} ({repetition + 1}/{repeat}) ...",
+                      file=sys.stderr, flush=True)
+                step = (workload, implementation)
+                runs[step].append(measure(implementation, workload, weights[step]))
+        differences = weight_differences(workloads, weights)
     results = {w: {i: combine(i, w, runs[w, i]) for i in COMPARED[w]} for w in workloads}
     print(table(results))
     return {
         "results": {w: {i: asdict(m) for i, m in by.items()} for w, by in results.items()},
         "ratios": ratios(results),
         "same_samples": same_samples(results),
+        "weights_max_abs_diff": differences,
+        "same_weights": {w: all(d <= WEIGHTS_TOLERANCE for d in by.values()) for w, by in differences.items()},
     }
+
+
+def weight_differences(workloads: list[str], weights: dict[tuple[str, str], str]) -> dict[str, dict[str, float]]:
+    """Per workload and implementation, the largest difference of its final weights from the bare loop's."""
+    differences: dict[str, dict[str, float]] = {}
+    for workload in workloads:
+        reference = load_weights(weights[workload, "bare_loop"])
+        differences[workload] = {
+            implementation: max_difference(load_weights(weights[workload, implementation]), reference)
+            for implementation in COMPARED[workload] if implementation != "bare_loop"
+        }
+    return differences
 
 
 def probe_overhead(repeat: int, extra: tuple[str, ...] = ()) -> dict[str, float]:

@@ -10,13 +10,18 @@ line, one JSON object (:func:`report`).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from simulator.seeding import Purpose, rng
 
 REPORT_PREFIX = "BENCHMARK_REPORT "
+WEIGHTS_ENV = "FEDSTREAM_BENCHMARK_WEIGHTS"  # where a child saves its final global weights (.npz), if set
+WEIGHTS_TOLERANCE = 1e-6  # the most any weight may differ from the bare loop's
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,25 @@ def report(clock: RoundClock, accuracy: float, samples: int, **extra: Any) -> No
     print(REPORT_PREFIX + json.dumps(
         {"round_ends": clock.ends, "accuracy": accuracy, "samples": int(samples), **extra}
     ), flush=True)
+
+
+def save_weights(arrays: list[np.ndarray]) -> None:
+    """Save the final global weights where the parent asked (``WEIGHTS_ENV``), in order."""
+    path = os.environ.get(WEIGHTS_ENV)
+    if path:
+        np.savez(path, *arrays)
+
+
+def load_weights(path: str) -> list[np.ndarray]:
+    with np.load(path) as file:
+        return [file[f"arr_{i}"] for i in range(len(file.files))]
+
+
+def max_difference(arrays: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """The largest absolute difference between two lists of weights (inf where their shapes differ)."""
+    if [a.shape for a in arrays] != [r.shape for r in reference]:
+        return float("inf")
+    return max(float(np.max(np.abs(a.astype(np.float64) - r))) for a, r in zip(arrays, reference))
 
 
 def parse_report(stdout: str) -> dict[str, Any]:

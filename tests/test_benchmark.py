@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import speed
-from benchmarks.workloads import WORKLOADS, samples_of, shared_data
+from benchmarks.workloads import WEIGHTS_TOLERANCE, WORKLOADS, samples_of, shared_data
 from simulator.task_change import task_change
 
 pytestmark = pytest.mark.ray
@@ -22,6 +23,10 @@ def _measured(name: str) -> dict:
     expected = samples_of(stream, WORKLOADS[name])
     assert {impl: m["samples"] for impl, m in measured.items()} == dict.fromkeys(measured, expected)
     assert result["same_samples"] == {name: True}
+    # FedStream (both backends) ends with the bare loop's weights; Flower's aggregates in arrival order.
+    differences = result["weights_max_abs_diff"][name]
+    assert differences["fedstream_local"] <= 1e-6 and differences["fedstream_ray"] <= 1e-6, differences
+    assert differences.get("flower", 0.0) <= 1e-5, differences
     for impl, m in measured.items():
         assert 0.1 <= m["accuracy"] <= 1.0, impl
         assert 0 < m["first_round_s"] <= m["end_to_end_s"], impl
@@ -88,3 +93,17 @@ def test_gpu_check_reports_each_actors_device_memory_and_throughput_on_the_cpu_p
     assert [(r["actors"], r["actor"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
     assert len({r["pid"] for r in rows if r["actors"] == 2}) == 2  # two actor processes
     assert all(r["device"] == "cpu" and r["samples_per_s"] > 0 and r["peak_gpu_mb"] == 0.0 for r in rows)
+
+
+def test_the_weight_check_flags_an_aggregate_perturbed_past_the_tolerance(tmp_path):
+    rng = np.random.default_rng(0)
+    bare = [rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)]
+    perturbed = [bare[0].copy(), bare[1] + np.float32(1e-5)]
+    files = {}
+    for implementation, arrays in (("bare_loop", bare), ("fedstream_local", bare), ("fedstream_ray", perturbed)):
+        files["tiny", implementation] = str(tmp_path / f"{implementation}.npz")
+        np.savez(files["tiny", implementation], *arrays)
+    files["tiny", "flower"] = files["tiny", "fedstream_local"]
+    differences = speed.weight_differences(["tiny"], files)["tiny"]
+    assert differences["fedstream_local"] == 0.0 and differences["flower"] == 0.0
+    assert differences["fedstream_ray"] == pytest.approx(1e-5, rel=0.1) and differences["fedstream_ray"] > WEIGHTS_TOLERANCE
