@@ -23,8 +23,8 @@ import hydra
 import hydra._internal.utils as hydra_utils
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -34,31 +34,40 @@ from simulator.engine import Experiment
 from strategies import build_strategy
 
 _task_started = False  # whether composition got as far as our task function
+_sweep_failures: list[int] = []  # the exit codes of a sweep's failed jobs
 
 
 @hydra.main(config_path=str(SCENARIO_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     """Validate, build the strategy, run, print the run directory and summary."""
     global _task_started
     _task_started = True
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    # The jobs of a sweep in this process share one Ray and its warm actors; a launcher that
+    # runs jobs in other processes gets a Ray per job, as a single run does.
+    keep_warm = sweep and hydra_cfg.launcher._target_.endswith(".BasicLauncher")
     try:
         run = load_config(cfg)
         strategy = build_strategy(cfg.strategy)
-        sweep = HydraConfig.get().mode == RunMode.MULTIRUN  # its jobs share one Ray and its warm actors
-        summary = Experiment(run, strategy, run_dir, resume=bool(cfg.resume), keep_warm=sweep).run()
+        summary = Experiment(run, strategy, run_dir, resume=bool(cfg.resume), keep_warm=keep_warm).run()
     except ConfigError as error:
-        _fail(str(error), 2)
+        return _fail(str(error), 2, sweep)
     except ClientFailure as error:  # the client's own traceback is in the message
-        _fail(str(error), 1)
+        return _fail(str(error), 1, sweep)
     print(f"run directory: {run_dir}")
     print(json.dumps(summary, indent=2))
     return summary["final_accuracy"]
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int, sweep: bool = False) -> None:
+    """Say what failed; end the command with ``code``, or, in a sweep, go on to the next job
+    (the command ends with the worst code once every job has run)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+    if not sweep:
+        sys.exit(code)
+    _sweep_failures.append(code)
 
 
 def composition_error(error: BaseException) -> str | None:
@@ -122,6 +131,7 @@ def main_cli(argv: Sequence[str]) -> int:
     """``python run.py *argv``, in this process: the exit code (messages as the command prints them)."""
     global _task_started
     _task_started = False
+    _sweep_failures.clear()
     original, saved_argv = hydra_utils.run_and_report, sys.argv
     hydra_utils.run_and_report = _reporting(original)
     sys.argv = [str(Path(__file__).resolve()), *argv]
@@ -135,7 +145,7 @@ def main_cli(argv: Sequence[str]) -> int:
         return 1
     finally:
         hydra_utils.run_and_report, sys.argv = original, saved_argv
-    return 0
+    return max(_sweep_failures, default=0)  # a sweep whose jobs failed ran the others, then says so
 
 
 if __name__ == "__main__":

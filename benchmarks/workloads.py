@@ -117,13 +117,16 @@ def save_weights(arrays: list[np.ndarray]) -> None:
 
 
 def load_weights(path: str) -> list[np.ndarray]:
+    """The weights a child saved with :func:`save_weights` (none: the child saved nothing)."""
+    if not os.path.exists(path):
+        return []
     with np.load(path) as file:
         return [file[f"arr_{i}"] for i in range(len(file.files))]
 
 
 def max_difference(arrays: list[np.ndarray], reference: list[np.ndarray]) -> float:
-    """The largest absolute difference between two lists of weights (inf where their shapes differ)."""
-    if [a.shape for a in arrays] != [r.shape for r in reference]:
+    """The largest absolute difference between two lists of weights (inf where they are missing or differ in shape)."""
+    if not arrays or [a.shape for a in arrays] != [r.shape for r in reference]:
         return float("inf")
     return max(float(np.max(np.abs(a.astype(np.float64) - r))) for a, r in zip(arrays, reference))
 

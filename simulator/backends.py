@@ -8,12 +8,14 @@ come back in job order, and no client's result depends on where it ran.
 from __future__ import annotations
 
 import atexit
+import gc
 import heapq
 import logging
 import os
 import re
 import socket
 import time
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -78,9 +80,9 @@ class WorkerHost:
             import ray
 
             run, data = ray.get(setup)
-            self.worker = None  # the previous job's model and tensors go before the next's arrive
-            release_gpu_cache()
-            self.worker, self.token = ClientWorker(run, data, gpu=run.engine.num_gpus_per_actor > 0), token
+            self.reset()  # the previous job's model and tensors go before the next's arrive
+            self.worker = ClientWorker(run, data, gpu=run.engine.num_gpus_per_actor > 0)
+            self.token = token
         assert self.worker is not None
         started = time.perf_counter()
         outcomes = self.worker.execute(jobs, weights)
@@ -88,18 +90,25 @@ class WorkerHost:
         self.trained_samples += sum(len(job.indices) for job in jobs if job.kind == TRAIN)
         return outcomes
 
+    def reset(self) -> None:
+        """Drop the job's worker (its model, tensors and views of its data) and give cached GPU memory back."""
+        self.worker, self.token = None, None
+        gc.collect()
+        release_gpu_cache()
+
     def stats(self) -> dict[str, Any]:
-        """Where this actor trains, the most GPU memory it held, and its samples per second of work."""
+        """Where this actor trains, the GPU share it capped itself at, the most GPU memory it held, and its
+        samples trained per second of its calls (evaluation and queries included in the time)."""
         import ray
         import torch
 
-        cuda = torch.cuda.is_available()
+        on_gpu = self.worker is not None and self.worker.device.type == "cuda"
         return {
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id(),
             "device": str(self.worker.device) if self.worker else "none",
-            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else 0.0,
-            "gpu_memory_cap": round(torch.cuda.get_per_process_memory_fraction(), 3) if cuda else None,
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else 0.0,
+            "gpu_memory_cap": self.worker.gpu_share if on_gpu else None,
             "samples_per_s": round(self.trained_samples / self.busy_s, 1) if self.busy_s else 0.0,
         }
 
@@ -128,15 +137,16 @@ class RayBackend(Backend):
         # Opt into Ray's coming default (and out of its warning about it): actors that ask
         # for no GPU leave CUDA_VISIBLE_DEVICES alone. A worker uses a GPU only if given one.
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        pool = _WARM.take(_pool_key(run))
-        if pool is None:
-            pool = self._start(run)
-        self.pool = pool
-        # Held for the run's life: a restarted actor is built again from this reference.
-        self.data_ref = data_ref = ray.put(data)
-        self.data = ray.get(data_ref)  # read-only views of the object store's copy
-        self.setup = [ray.put(run), data_ref]
-        self.token = self.setup[0].hex()  # one per run: the object's id
+        self.pool = _WARM.take(_pool_key(run)) or self._start(run)
+        try:
+            # Held for the run's life: a restarted actor is built again from this reference.
+            self.data_ref = data_ref = ray.put(data)
+            self.data = ray.get(data_ref)  # read-only views of the object store's copy
+            self.setup = [ray.put(run), data_ref]
+        except BaseException:
+            self.pool.release()  # a pool taken or started and then lost would hold Ray's CPUs
+            raise
+        self.token = uuid.uuid4().hex  # names this run's setup to the hosts
 
     def _start(self, run: RunConfig) -> _ActorPool:
         """Ray (unless one runs: a pool of another shape's, a test's, a cluster) and new actors."""
@@ -178,6 +188,10 @@ class RayBackend(Backend):
         """Fail now, naming the keys, where not every actor can be placed (it would wait forever)."""
         engine = run.engine
         available = self.ray.available_resources()
+        if _WARM.freeing and _WARM.freeing[0] == self.ray.get_runtime_context().get_job_id():
+            for resource, amount in _WARM.freeing[1].items():  # actors we killed hold them a moment longer
+                available[resource] = available.get(resource, 0.0) + amount
+        _WARM.freeing = None
         for key, per_actor, resource in (
             ("engine.num_cpus_per_actor", engine.num_cpus_per_actor, "CPU"),
             ("engine.num_gpus_per_actor", engine.num_gpus_per_actor, "GPU"),
@@ -221,6 +235,8 @@ class RayBackend(Backend):
     def close(self, failed: bool = False) -> None:
         """Keep the pool warm for the sweep's next run, or release it (always after a failure)."""
         if self.keep_warm and not failed:
+            for actor in self.pool.actors:  # in call order, after this run's calls: no wait needed
+                actor.reset.remote()
             _WARM.keep(self.pool)
         else:
             self.pool.release()
@@ -235,6 +251,7 @@ class _ActorPool:
     owns_ray: bool
 
     def release(self) -> None:
+        """Kill the actors, and shut Ray down where it is ours."""
         import ray
 
         if not ray.is_initialized():  # at exit, Ray's own handler may have shut it down already
@@ -243,6 +260,9 @@ class _ActorPool:
             ray.kill(actor)
         if self.owns_ray:
             ray.shutdown()
+        else:  # Ray stays up and frees the actors' resources when they are gone, a moment later
+            _WARM.freeing = (ray.get_runtime_context().get_job_id(),
+                             {"CPU": len(self.actors) * self.key[1], "GPU": len(self.actors) * self.key[2]})
 
 
 class _WarmPools:
@@ -250,6 +270,8 @@ class _WarmPools:
 
     def __init__(self) -> None:
         self.pool: _ActorPool | None = None
+        # What just-killed actors of a Ray we keep still hold, and in which connection to it (job id).
+        self.freeing: tuple[str, dict[str, float]] | None = None
         atexit.register(self.release)
 
     def take(self, key: tuple) -> _ActorPool | None:
@@ -265,6 +287,9 @@ class _WarmPools:
         return None
 
     def keep(self, pool: _ActorPool) -> None:
+        """Keep ``pool`` warm for the next run (one pool at a time: a held one is released)."""
+        if self.pool is not None and self.pool is not pool:
+            self.pool.release()
         self.pool = pool
 
     def release(self) -> None:

@@ -93,6 +93,7 @@ class ClientWorker:
         torch.set_num_threads(run.engine.torch_threads)
         self.run_cfg = run
         self.data = data
+        self.gpu_share = run.engine.num_gpus_per_actor if gpu else None  # the card's share it capped itself at
         self.device = gpu_device(run.engine.num_gpus_per_actor) if gpu else torch.device("cpu")
         generator = torch_generator(run.seed, Purpose.MODEL_INIT)
         self.model = build_model(

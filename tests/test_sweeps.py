@@ -68,3 +68,20 @@ def test_a_pool_of_another_shape_is_replaced_and_the_job_keeps_its_numbers(tmp_p
     assert numbers_of(tmp_path / "three") == numbers_of(tmp_path / "two")
     summary = json.loads((tmp_path / "three" / "summary.json").read_text())
     assert summary["rounds"] == 3
+
+
+def test_a_failing_job_in_a_command_line_sweep_lets_the_others_run_and_the_command_says_so(
+    tmp_path, monkeypatch, capsys, warm_pools
+):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "user_code"))
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT / 'tests' / 'user_code'}:{ROOT}")  # Ray workers import it too
+    methods = "client.method=sgd,failing_client.FailsOnClientThree,lwf"
+    code = run_py.main_cli(["--multirun", methods, *SHORT, "federation.clients_per_round=20",
+                            f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    assert code == 1  # a client failed: the sweep's exit code says so
+    assert "client 3 failed" in capsys.readouterr().err
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]_*"))
+    assert [(job / "summary.json").exists() for job in jobs] == [True, False, True]
+    run_experiment(tmp_path / "solo", [*SHORT, "federation.clients_per_round=20", "client.method=lwf",
+                                       "engine.backend=local"])
+    assert numbers_of(jobs[2]) == numbers_of(tmp_path / "solo")  # the job after the failure, as if alone
