@@ -44,13 +44,12 @@ from flwr.simulation import run_simulation
 from benchmarks.cohort_strategy import PARTITION_ID, FixedCohortFedAvg
 from benchmarks.workloads import WORKLOADS, Workload, report, save_weights, shared_data
 from clients.base import TrainContext
-from clients.models import RepresentationModel, build_model
+from clients.models import RepresentationModel, build_model, evaluate
 from clients.sgd import SGDClient
 from simulator.config import RunConfig
 from simulator.keys import NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
 from simulator.seeding import Purpose, torch_generator
 from simulator.streams.base import Stream
-from clients.models import evaluate
 
 WORKLOAD_ENV = "FEDSTREAM_BENCHMARK_WORKLOAD"
 NODE_WAIT_S = 60.0

@@ -107,3 +107,11 @@ def test_the_weight_check_flags_an_aggregate_perturbed_past_the_tolerance(tmp_pa
     differences = speed.weight_differences(["tiny"], files)["tiny"]
     assert differences["fedstream_local"] == 0.0 and differences["flower"] == 0.0
     assert differences["fedstream_ray"] == pytest.approx(1e-5, rel=0.1) and differences["fedstream_ray"] > WEIGHTS_TOLERANCE
+
+
+def test_the_sweep_workload_times_a_multirun_separate_runs_and_flower_runs_of_the_same_jobs():
+    timings = speed.sweep(("fedavg",), (0, 1), extra=("rounds=2",))
+    assert timings["sweep.jobs"] == 2
+    assert min(timings["sweep.multirun_s"], timings["sweep.separate_s"], timings["sweep.flower_s"]) > 0
+    assert timings["sweep.separate_over_multirun"] == pytest.approx(
+        timings["sweep.separate_s"] / timings["sweep.multirun_s"], abs=2e-3)
