@@ -71,6 +71,7 @@ class WorkerHost:
         self.token: str | None = None
         self.worker: ClientWorker | None = None
         self.trained_samples, self.busy_s = 0, 0.0  # over the host's life: its throughput
+        self.device, self.gpu_share = "none", None  # of the last job's worker (stats outlive a reset)
 
     def execute(
         self, token: str, setup: list, jobs: list[ClientJob], weights: list[list[np.ndarray]]
@@ -82,7 +83,7 @@ class WorkerHost:
             run, data = ray.get(setup)
             self.reset()  # the previous job's model and tensors go before the next's arrive
             self.worker = ClientWorker(run, data, gpu=run.engine.num_gpus_per_actor > 0)
-            self.token = token
+            self.token, self.device, self.gpu_share = token, str(self.worker.device), self.worker.gpu_share
         assert self.worker is not None
         started = time.perf_counter()
         outcomes = self.worker.execute(jobs, weights)
@@ -102,13 +103,13 @@ class WorkerHost:
         import ray
         import torch
 
-        on_gpu = self.worker is not None and self.worker.device.type == "cuda"
+        on_gpu = self.device.startswith("cuda")
         return {
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id(),
-            "device": str(self.worker.device) if self.worker else "none",
+            "device": self.device,
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else 0.0,
-            "gpu_memory_cap": self.worker.gpu_share if on_gpu else None,
+            "gpu_memory_cap": self.gpu_share,
             "samples_per_s": round(self.trained_samples / self.busy_s, 1) if self.busy_s else 0.0,
         }
 
