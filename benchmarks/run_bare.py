@@ -70,6 +70,22 @@ class ClientMemory:
         self.last_round[context.client_id] = context.server_round
 
 
+def fedavg(trained: list[tuple[list[torch.Tensor], int]]) -> list[torch.Tensor]:
+    """The sample-weighted mean with Flower's FedAvg arithmetic (``aggregate_arrayrecords``): each
+    client's float32 weights times its share, summed in reply order. Training amplifies a last-bit
+    difference of the sum (another order, weighting then dividing) to 1e-2 over A's rounds."""
+    total = sum(n for _, n in trained)
+    aggregated: list[torch.Tensor] = []
+    for tensors, n in trained:
+        share = n / total
+        if not aggregated:
+            aggregated = [t * share for t in tensors]
+        else:
+            for mean, tensor in zip(aggregated, tensors):
+                mean += tensor * share
+    return aggregated
+
+
 def main(name: str) -> None:
     torch.set_num_threads(1)
     workload = WORKLOADS[name]
@@ -81,8 +97,7 @@ def main(name: str) -> None:
     method, clock, samples = resolve_method(run.client.method)(run.client), RoundClock(), 0
     memory = ClientMemory(run, stream)
     for server_round in range(1, workload.rounds + 1):
-        total = [torch.zeros_like(t) for t in global_weights]
-        examples = 0
+        trained: list[tuple[list[torch.Tensor], int]] = []
         for client in workload.cohort(server_round):
             with torch.no_grad():
                 for tensor, weights in zip(state.values(), global_weights):
@@ -92,13 +107,10 @@ def main(name: str) -> None:
             context = memory.context(server_round, client)
             result = method.train(model, x, y, context)
             memory.keep(context)
-            with torch.no_grad():
-                for accumulated, tensor in zip(total, state.values()):
-                    accumulated.add_(tensor, alpha=result.num_examples)
-            examples += result.num_examples
-        samples += examples * workload.epochs
-        if examples:
-            global_weights = [t / examples for t in total]
+            trained.append(([t.detach().clone() for t in state.values()], result.num_examples))
+        samples += sum(n for _, n in trained) * workload.epochs
+        if trained:
+            global_weights = fedavg(trained)
         clock.tick()
     with torch.no_grad():
         for tensor, weights in zip(state.values(), global_weights):
