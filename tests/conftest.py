@@ -68,3 +68,16 @@ def wait_for_free_cpus(cpus: float, timeout_s: float = 30.0) -> None:
     while ray.available_resources().get("CPU", 0.0) < cpus:
         assert time.monotonic() < deadline, f"Ray never freed {cpus} CPUs: {ray.available_resources()}"
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def ray_with_three_cpus():
+    """One Ray for a test module's runs (each run still starts its own actors)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as the Ray backend sets it
+    ray.init(address="local", num_cpus=3, include_dashboard=False)  # ours, even where another Ray runs
+    yield
+    ray.shutdown()

@@ -13,7 +13,7 @@ import pytest
 import ray
 from flwr.serverapp.strategy import FedAdam
 
-from conftest import read_metrics, run_experiment
+from conftest import numbers_of, run_experiment
 from simulator import checkpoint
 from simulator.config import ConfigError
 
@@ -34,14 +34,6 @@ def ewc_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_copy(ewc_run: Path, tmp_path: Path) -> Path:
     """A copy of ``ewc_run`` to damage."""
     return Path(shutil.copytree(ewc_run, tmp_path / "run"))
-
-
-def _numbers(run_dir: Path) -> tuple[list[dict], dict]:
-    """metrics.jsonl and summary.json, without their wall times."""
-    records = [{k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(run_dir)]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    summary.pop("wall_time_s")
-    return records, summary
 
 
 def _last(run_dir: Path) -> Path:
@@ -136,15 +128,15 @@ def test_a_truncated_or_missing_checkpoint_file_is_an_error_naming_it(run_copy, 
         checkpoint.load(run_copy / "checkpoints")
 
 
-def test_a_damaged_last_checkpoint_names_the_previous_which_resumes_to_the_same_numbers(ewc_run, run_copy):
+def test_a_damaged_last_checkpoint_names_the_previous_which_resumes_to_the_samenumbers_of(ewc_run, run_copy):
     arrays = _last(run_copy) / "arrays.npz"
     arrays.write_bytes(arrays.read_bytes()[:-64])
     with pytest.raises(ConfigError, match=r"previous checkpoint \(round-000009\) is intact: remove or rename"):
         run_experiment(run_copy, EWC, resume=True)
     _last(run_copy).rename(run_copy / "checkpoints" / "round-000010.damaged")
     run_experiment(run_copy, EWC, resume=True)  # round 10 again, from round 9's states
-    assert _numbers(run_copy) == _numbers(ewc_run)
-    assert _numbers(ewc_run)[1]["forgetting"] > 0
+    assert numbers_of(run_copy) == numbers_of(ewc_run)
+    assert numbers_of(ewc_run)[1]["forgetting"] > 0
     assert checkpoint.load(run_copy / "checkpoints").round == 10
 
 
@@ -155,7 +147,7 @@ def test_an_emptied_or_cut_metrics_file_does_not_change_the_resumed_run(ewc_run,
     metrics.write_text("" if damage == "emptied" else text[: len(text) // 2])
     shutil.rmtree(_last(run_copy))  # resume from round 9: one round to run, then the summary
     run_experiment(run_copy, EWC, resume=True)
-    assert _numbers(run_copy) == _numbers(ewc_run)
+    assert numbers_of(run_copy) == numbers_of(ewc_run)
     assert not list(run_copy.glob(".metrics.jsonl*"))  # rewritten through a temporary file
 
 
@@ -163,13 +155,13 @@ def test_resuming_a_finished_run_rewrites_its_outputs_from_the_checkpoint(ewc_ru
     (run_copy / "metrics.jsonl").write_text("")
     (run_copy / "summary.json").unlink()
     run_experiment(run_copy, EWC, resume=True)
-    assert _numbers(run_copy) == _numbers(ewc_run)
+    assert numbers_of(run_copy) == numbers_of(ewc_run)
 
 
 def test_resuming_with_fewer_rounds_than_finished_is_refused(ewc_run, run_copy):
     with pytest.raises(ConfigError, match="rounds = 8: .* has finished round 10; resume with rounds >= 10"):
         run_experiment(run_copy, [*EWC, "rounds=8"], resume=True)
-    assert _numbers(run_copy) == _numbers(ewc_run)  # nothing rewritten
+    assert numbers_of(run_copy) == numbers_of(ewc_run)  # nothing rewritten
 
 
 def test_only_the_last_two_checkpoints_are_kept_with_the_state_files_they_name(ewc_run):

@@ -10,22 +10,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from clients.base import ClientMethod, TrainContext, shared_keys
 from clients.fedper import FedPerClient
 from clients.fedrep import FedRepClient, FedRepSettings
 from clients.models import build_model
-from conftest import ROOT, compose_run, read_metrics, run_experiment, wait_for_free_cpus
+from conftest import (
+    ROOT, compose_run, numbers_of, read_metrics, run_experiment, start_run_py, wait_for_free_cpus,
+)
 from simulator import checkpoint
 from simulator.client_state import ClientStates
 from simulator.config import ClientConfig, ConfigError, ModelConfig
@@ -55,14 +54,6 @@ def _same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 
 def _same_states(a: dict[int, dict], b: dict[int, dict]) -> bool:
     return a.keys() == b.keys() and all(_same_arrays(a[c], b[c]) for c in a)
-
-
-def _numbers(run_dir: Path) -> tuple[list[dict], dict]:
-    """metrics.jsonl and summary.json without the wall times."""
-    records = [{k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(run_dir)]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    summary.pop("wall_time_s")
-    return records, summary
 
 
 def _head(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -362,20 +353,14 @@ def test_a_users_model_with_features_is_probed_and_one_with_a_head_keeps_it_pers
 
 # 3. A kill -9 and resume.
 
-def _run_py(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "run.py", f"hydra.run.dir={run_dir}", *overrides]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-
-
-def test_a_fedper_run_killed_with_sigkill_resumes_to_the_uninterrupted_heads_and_numbers(tmp_path):
+def test_a_fedper_run_killed_with_sigkill_resumes_to_the_uninterrupted_heads_andnumbers_of(tmp_path):
     # Checkpoints every 3 rounds, killed after round 5 is logged: resume goes back past logged rounds
     # whose client states were already written, and must redo them to the same heads.
     overrides = [*SMALL, "rounds=20", "client.method=fedper", "engine.checkpoint_every=3",
                  "engine.client_state_memory_mb=0.005"]  # some heads spill to files
     run_experiment(tmp_path / "whole", overrides)
 
-    killed, metrics = _run_py(tmp_path / "killed", overrides), tmp_path / "killed" / "metrics.jsonl"
+    killed, metrics = start_run_py(tmp_path / "killed", overrides), tmp_path / "killed" / "metrics.jsonl"
     deadline = time.monotonic() + 60
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
         assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
@@ -387,25 +372,16 @@ def test_a_fedper_run_killed_with_sigkill_resumes_to_the_uninterrupted_heads_and
     saved = checkpoint.load(tmp_path / "killed" / "checkpoints")
     assert saved.round in (3, 6, 9, 12, 15, 18) and saved.client_states.files  # heads were saved
 
-    resumed = _run_py(tmp_path / "killed", [*overrides, "resume=true"])
+    resumed = start_run_py(tmp_path / "killed", [*overrides, "resume=true"])
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()[-2000:]
-    assert _numbers(tmp_path / "killed") == _numbers(tmp_path / "whole")
+    assert numbers_of(tmp_path / "killed") == numbers_of(tmp_path / "whole")
     whole_arrays, whole_states = _final(tmp_path / "whole")
     killed_arrays, killed_states = _final(tmp_path / "killed")
     assert _same_arrays(killed_arrays, whole_arrays) and _same_states(killed_states, whole_states)
-    assert _numbers(tmp_path / "whole")[0][-1]["client_state_spilled_mb"] > 0
+    assert numbers_of(tmp_path / "whole")[0][-1]["client_state_spilled_mb"] > 0
 
 
 # 2. The same numbers on 1, 2 and 3 Ray actors as in-process.
-
-@pytest.fixture(scope="module")
-def ray_with_three_cpus():
-    """One Ray for the module's runs (each run still starts its own actors)."""
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as the Ray backend sets it
-    ray.init(address="local", num_cpus=3, include_dashboard=False)  # ours, even where another Ray runs
-    yield
-    ray.shutdown()
-
 
 @pytest.mark.ray
 @pytest.mark.parametrize(("method", "actors"), [(["client.method=fedper"], (1, 2, 3)), (FEDREP, (3,))],
@@ -416,7 +392,7 @@ def test_personal_heads_are_bit_identical_in_process_and_on_1_2_and_3_actors(
     common = [*SMALL, "rounds=3", "federation.clients_per_round=6", "eval.federated=true", *method]
     run_experiment(tmp_path / "local", common)
     arrays, states = _final(tmp_path / "local")
-    numbers = _numbers(tmp_path / "local")
+    numbers = numbers_of(tmp_path / "local")
     assert len(states) >= 6 and all(set(s) == {"head.weight", "head.bias"} for s in states.values())
     for n in actors:
         run_dir = tmp_path / f"ray{n}"
@@ -425,4 +401,4 @@ def test_personal_heads_are_bit_identical_in_process_and_on_1_2_and_3_actors(
         ray_arrays, ray_states = _final(run_dir)
         assert _same_arrays(ray_arrays, arrays), f"global encoder on {n} actors"
         assert _same_states(ray_states, states), f"client heads on {n} actors"
-        assert _numbers(run_dir) == numbers, f"metrics on {n} actors"
+        assert numbers_of(run_dir) == numbers, f"metrics on {n} actors"

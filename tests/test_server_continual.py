@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from clients.queries import NUM_SAMPLES, Query, class_feature_statistics, layer_input_sketches
@@ -143,15 +141,6 @@ def test_a_fot_run_killed_with_sigkill_resumes_to_the_uninterrupted_bases_and_nu
     whole = checkpoint.load(tmp_path / "whole" / "checkpoints", {"strategies.fot"}).strategy.bases
     resumed_bases = checkpoint.load(tmp_path / "killed" / "checkpoints", {"strategies.fot"}).strategy.bases
     assert whole.keys() == resumed_bases.keys() and all(np.array_equal(whole[k], resumed_bases[k]) for k in whole)
-
-
-@pytest.fixture(scope="module")
-def ray_with_three_cpus():
-    """One Ray for the module's runs (each run still starts its own actors)."""
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as the Ray backend sets it
-    ray.init(address="local", num_cpus=3, include_dashboard=False)  # ours, even where another Ray runs
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.ray

@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
-from conftest import ROOT, compose_run, read_metrics, run_experiment, wait_for_free_cpus
+from conftest import ROOT, compose_run, numbers_of, read_metrics, run_experiment, start_run_py, wait_for_free_cpus
 from simulator import checkpoint
 from simulator.client_state import ClientStates
 from simulator.config import ConfigError
@@ -41,22 +38,6 @@ def _same_states(a: dict[int, dict], b: dict[int, dict]) -> bool:
     )
 
 
-def _without_wall_time(run_dir: Path) -> tuple[list[dict], dict]:
-    records = [{k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(run_dir)]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    summary.pop("wall_time_s")
-    return records, summary
-
-
-@pytest.fixture(scope="module")
-def ray_with_three_cpus():
-    """One Ray for the module's runs (each run still starts its own actors)."""
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as the Ray backend sets it
-    ray.init(address="local", num_cpus=3, include_dashboard=False)  # ours, even where another Ray runs
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.parametrize("method", STATEFUL)
 def test_a_stateful_method_gives_the_same_numbers_in_process_and_on_1_2_and_3_actors(
@@ -64,12 +45,12 @@ def test_a_stateful_method_gives_the_same_numbers_in_process_and_on_1_2_and_3_ac
 ):
     common = [*SHORT_TASKS, f"client.method={method}"]
     run_experiment(tmp_path / "local", [*common, "engine.backend=local"])
-    expected = _without_wall_time(tmp_path / "local")
+    expected = numbers_of(tmp_path / "local")
     assert expected[0][-1]["client_state_mb"] > 0
     for actors in (1, 2, 3):
         wait_for_free_cpus(actors)  # the previous run's actors leave the shared Ray asynchronously
         run_experiment(tmp_path / f"ray{actors}", [*common, "engine.backend=ray", f"engine.num_actors={actors}"])
-        assert _without_wall_time(tmp_path / f"ray{actors}") == expected, f"{method} on {actors} actors"
+        assert numbers_of(tmp_path / f"ray{actors}") == expected, f"{method} on {actors} actors"
 
 
 @pytest.mark.parametrize("method", STATEFUL)
@@ -77,7 +58,7 @@ def test_spilling_every_client_state_to_files_gives_the_same_numbers(tmp_path, m
     common = [*SHORT_TASKS, "engine.backend=local", f"client.method={method}"]
     run_experiment(tmp_path / "memory", common)
     run_experiment(tmp_path / "spilled", [*common, "engine.client_state_memory_mb=0"])
-    kept, spilled = _without_wall_time(tmp_path / "memory"), _without_wall_time(tmp_path / "spilled")
+    kept, spilled = numbers_of(tmp_path / "memory"), numbers_of(tmp_path / "spilled")
     assert all(r["client_state_spilled_mb"] == 0 for r in kept[0])
     assert spilled[0][-1]["client_state_spilled_mb"] == spilled[0][-1]["client_state_mb"] > 0
     strip = lambda records: [{k: v for k, v in r.items() if k != "client_state_spilled_mb"} for r in records]  # noqa: E731
@@ -95,12 +76,6 @@ def test_without_checkpoints_the_state_files_go_at_the_end(tmp_path):
     assert not (tmp_path / "client_state").exists()
 
 
-def _run_py(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "run.py", f"hydra.run.dir={run_dir}", *overrides]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-
-
 def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_uninterrupted_numbers(tmp_path):
     # EWC: two model-sized arrays per client; a small budget makes some of them leave memory, and
     # checkpoints every 2 rounds, so the kill may land between a state file's write and the
@@ -108,10 +83,10 @@ def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_uninterrupted_numbers
     overrides = ["scenario=digits_class_incremental", "stream.rounds_per_task=6", "client.epochs=1",
                  "client.method=ewc", "engine.backend=local", "engine.client_state_memory_mb=1",
                  "engine.checkpoint_every=2"]
-    whole = _run_py(tmp_path / "whole", overrides)
+    whole = start_run_py(tmp_path / "whole", overrides)
     assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()[-2000:]
 
-    killed, metrics = _run_py(tmp_path / "killed", overrides), tmp_path / "killed" / "metrics.jsonl"
+    killed, metrics = start_run_py(tmp_path / "killed", overrides), tmp_path / "killed" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 9):  # round 9: mid task 1
         assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
@@ -122,9 +97,9 @@ def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_uninterrupted_numbers
     assert not (tmp_path / "killed" / "summary.json").exists() and done < 30, done
     assert checkpoint.load(tmp_path / "killed" / "checkpoints").client_states.files  # states were saved
 
-    resumed = _run_py(tmp_path / "killed", [*overrides, "resume=true"])
+    resumed = start_run_py(tmp_path / "killed", [*overrides, "resume=true"])
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
-    assert _without_wall_time(tmp_path / "killed") == _without_wall_time(tmp_path / "whole")
+    assert numbers_of(tmp_path / "killed") == numbers_of(tmp_path / "whole")
     assert _same_states(_final_states(tmp_path / "killed"), _final_states(tmp_path / "whole"))
 
 
