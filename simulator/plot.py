@@ -44,33 +44,39 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from functools import reduce
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import matplotlib
 import numpy as np
-from omegaconf import OmegaConf
+
+from simulator.runs import (
+    SEED_STD_DDOF,
+    Group,
+    Records,
+    Run,
+    RunError,
+    differing_keys,
+    find_runs,
+    group_runs,
+    read_hydra,
+    shared_overrides,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file backend
 from matplotlib.lines import Line2D  # noqa: E402
 
-Records = list[dict[str, Any]]
-STRATEGY_KEYS = ("strategy", "strategy._target_")  # overrides that choose the strategy class
+PlotError = RunError  # input the plots cannot use; the message names the path at fault
 MARKERS_UP_TO = 40  # evaluations; more than this and markers clutter the line
 LEGEND_CHARS = 110  # characters of legend text that fit across the overlay figure
 HEAD_KEY = "acc_per_task"  # the model's own head: accuracy per task, null where unseen
 PROBE_KEY = "probe_acc_per_task"  # a linear probe on the frozen global encoder, same layout
 NCM_KEY = "ncm_acc_per_task"  # a nearest-class-mean classifier on those features, same layout
 PROBE_KEYS = (PROBE_KEY, NCM_KEY)  # a record with either carries representation probes
-
-
-class PlotError(ValueError):
-    """Input the plots cannot use; the message names the path at fault."""
 
 
 class Curve(NamedTuple):
@@ -105,54 +111,7 @@ class Band(NamedTuple):
     high: np.ndarray
 
 
-@dataclass(frozen=True)
-class Run:
-    """One run directory as read back.
-
-    ``overrides`` is None when the run has no ``.hydra/overrides.yaml``;
-    ``strategy`` is the class name of ``strategy._target_`` in ``.hydra/config.yaml``.
-    """
-
-    path: Path
-    records: Records
-    overrides: tuple[str, ...] | None = None
-    strategy: str | None = None
-
-    @property
-    def setting(self) -> tuple[str, ...] | None:
-        """The overrides other than the seed, sorted: equal settings differ only by seed."""
-        if self.overrides is None:
-            return None
-        return tuple(sorted(o for o in self.overrides if _override_key(o) != "seed"))
-
-
-@dataclass(frozen=True)
-class Group:
-    """Runs that differ only by seed, and what tells them from the other groups."""
-
-    label: str
-    runs: tuple[Run, ...]
-
-
 # --- Reading run directories ------------------------------------------------------------
-
-
-def find_runs(path: Path) -> list[Path]:
-    """``path`` itself if it is a run directory, else its subdirectories that are runs.
-
-    Subdirectories come in natural order (``2_seed=2`` before ``10_seed=10``).
-    """
-    if (path / "metrics.jsonl").is_file():
-        return [path]
-    runs = [p for p in path.iterdir() if (p / "metrics.jsonl").is_file()] if path.is_dir() else []
-    if not runs:
-        raise PlotError(f"{path}: no metrics.jsonl there nor in any subdirectory")
-    return sorted(runs, key=_natural_key)
-
-
-def _natural_key(path: Path) -> list[int | str]:
-    """``2_seed=2`` before ``10_seed=10``: digit runs compare as numbers."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
 
 
 def read_run(path: Path) -> Run:
@@ -164,21 +123,7 @@ def read_run(path: Path) -> Run:
         raise PlotError(f"{path / 'metrics.jsonl'}: not one JSON object a line ({error})") from None
     if not records:
         raise PlotError(f"{path}: metrics.jsonl has no evaluations")
-    hydra = path / ".hydra"
-    overrides = None
-    if (hydra / "overrides.yaml").is_file():
-        overrides = tuple(_read_yaml(hydra / "overrides.yaml") or ())
-    strategy = None
-    if (hydra / "config.yaml").is_file():
-        config = _read_yaml(hydra / "config.yaml")
-        target = (config.get("strategy") or {}).get("_target_")
-        strategy = target.rsplit(".", 1)[-1] if target else None
-    return Run(path, records, overrides, strategy)
-
-
-def _read_yaml(file: Path) -> Any:
-    """A YAML file as plain Python, ``${...}`` interpolations left as strings."""
-    return OmegaConf.to_container(OmegaConf.load(file), resolve=False)
+    return replace(read_hydra(path), records=records)
 
 
 def read_accuracy_matrix(path: Path) -> np.ndarray:
@@ -190,43 +135,6 @@ def read_accuracy_matrix(path: Path) -> np.ndarray:
 
 
 # --- Grouping and averaging (pure) -------------------------------------------------------
-
-
-def _override_key(override: str) -> str:
-    """``seed`` for ``seed=1``, ``+seed=1`` or ``++seed=1``."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def shared_overrides(runs: Sequence[Run]) -> list[str]:
-    """The non-seed overrides every run has (none if a run has no overrides file)."""
-    settings = [set(run.setting or ()) for run in runs]
-    shared = set.intersection(*settings)
-    return [o for o in runs[0].setting or () if o in shared]
-
-
-def group_runs(runs: Sequence[Run]) -> list[Group]:
-    """Group runs that differ only by seed, in order of first appearance, and label the groups."""
-    members: dict[Any, list[Run]] = {}
-    for run in runs:
-        members.setdefault(run.setting if run.setting is not None else run.path, []).append(run)
-    firsts = [group[0] for group in members.values()]
-    shared = set(shared_overrides(firsts))
-    name_strategy = len({run.strategy for run in firsts}) > 1
-    return [Group(_label(group[0], shared, name_strategy), tuple(group))
-            for group in members.values()]
-
-
-def _label(run: Run, shared: set[str], name_strategy: bool) -> str:
-    """What sets ``run``'s group apart; its strategy, or its directory, when nothing does."""
-    if run.overrides is None:
-        return run.path.name
-    parts = [
-        o for o in run.setting or ()
-        if o not in shared and not (name_strategy and _override_key(o) in STRATEGY_KEYS)
-    ]
-    if name_strategy and run.strategy:
-        parts.insert(0, run.strategy)
-    return " ".join(parts) or run.strategy or run.path.name
 
 
 def metric_curve(records: Records, metric: str = "acc_seen", task: int | None = None) -> Curve:
