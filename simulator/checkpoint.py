@@ -13,7 +13,7 @@ Each checkpoint is a folder ``checkpoints/round-NNNNNN/``; the newest two are ke
 - ``strategy.pkl``: the strategy, read back by an unpickler that resolves only
   classes and functions of Flower, numpy's arrays and scalars, ``strategies``
   and the configured strategy's own modules, so a crafted file runs no code;
-- ``state.json``: round, run time, config, number of tasks, the client-state
+- ``state.json``: round, run time, config, number of tasks, bytes communicated, the client-state
   snapshot and the evaluation records;
 - ``manifest.json``: the sha256 of each file above and of each client-state
   file the snapshot names, and of itself; checked before anything is read.
@@ -25,6 +25,7 @@ the file; the previous checkpoint is kept, so the run can go back one checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -45,6 +46,7 @@ from flwr.serverapp.strategy import Strategy
 
 from simulator.client_state import StoreSnapshot
 from simulator.config import ConfigError, to_dict
+from simulator.grid import Traffic
 from simulator.hooks import Hook, RoundView, RunContext
 
 CLIENT_STATE_DIR = "client_state"  # beside checkpoints/ in the run directory
@@ -86,6 +88,7 @@ class Checkpoint:
     num_tasks: int  # the stream's tasks: more rounds must not change them (label shift)
     records: list[dict[str, Any]]  # metrics.jsonl's records so far: resume rebuilds it from them
     nonfinite_dropped: int  # replies left out as non-finite so far (engine.on_nonfinite = drop)
+    traffic: Traffic  # bytes sent and received so far: rounds since the last record count too
 
 
 def save(directory: Path, checkpoint: Checkpoint) -> None:
@@ -160,6 +163,7 @@ def _read(folder: Path, strategy_modules: tuple[str, ...]) -> Checkpoint:
             round=state["round"], arrays=arrays, strategy=strategy, client_states=snapshot,
             wall_s=state["wall_s"], config=state["config"], num_tasks=state["num_tasks"],
             records=state["records"], nonfinite_dropped=state["nonfinite_dropped"],
+            traffic=Traffic(**state["traffic"]),
         )
 
 
@@ -169,7 +173,7 @@ def _plain(checkpoint: Checkpoint) -> dict[str, Any]:
     return {
         "round": checkpoint.round, "wall_s": checkpoint.wall_s, "config": checkpoint.config,
         "num_tasks": checkpoint.num_tasks, "records": checkpoint.records,
-        "nonfinite_dropped": checkpoint.nonfinite_dropped,
+        "nonfinite_dropped": checkpoint.nonfinite_dropped, "traffic": dataclasses.asdict(checkpoint.traffic),
         "client_states": {"files": snapshot.files, "last_round": snapshot.last_round, "sizes": snapshot.sizes},
     }
 
@@ -301,7 +305,7 @@ class Checkpoints(Hook):
         save(run.outputs.path / "checkpoints", Checkpoint(
             round=view.server_round, arrays=view.arrays, strategy=view.strategy, client_states=snapshot,
             wall_s=run.elapsed(), config=to_dict(run.cfg), num_tasks=run.stream.num_tasks,
-            records=run.outputs.records, nonfinite_dropped=run.grid.nonfinite_dropped,
+            records=run.outputs.records, nonfinite_dropped=run.grid.nonfinite_dropped, traffic=run.grid.traffic,
         ))
         states.collect(keep=self.previous_files)
         self.previous_files = list(snapshot.files.values())

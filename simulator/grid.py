@@ -8,7 +8,8 @@ strategy's messages into client jobs, runs them in one backend call (each
 distinct ArrayRecord is converted once, however many messages share it), keeps
 the states the trained clients return, and wraps the outcomes as Flower reply
 messages in the order the messages came. Nothing waits or polls: replies exist
-as soon as the call returns.
+as soon as the call returns. It also counts the bytes the messages carry
+(:class:`Traffic`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -31,6 +34,32 @@ from simulator.worker import EVALUATE, QUERY, TRAIN, ClientJob, ClientOutcome
 
 _KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE, MessageType.QUERY: QUERY}
 GLOBAL_ARRAYS, QUERY_ARRAYS = "arrays", "query"  # a query message's records: the model, and the query's own
+MB = 2**20  # bytes in the megabytes (MiB) reported: client_state_mb, uplink_mb, downlink_mb
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes the server has sent to clients (downlink) and received from them (uplink) so far.
+
+    What a real federation would move for the same messages: every message counts once
+    per client it goes to, though a backend ships one copy of the weights per actor, and
+    every reply counts, one left out as non-finite too (it arrived). A message's bytes are
+    the ``nbytes`` of the arrays it carries: its ArrayRecords (the model, or only the shared
+    part where a method keeps personal layers, and a query's own arrays) and a reply's
+    (trained weights, a query's answer: sketches, class statistics). Neither the ``.npy``
+    headers Flower's serialization adds nor the config and metric records (a few scalars
+    per message) count: the numbers are the payload, exactly, and cost no serialization.
+    """
+
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+
+    def plus(self, uplink_bytes: int, downlink_bytes: int) -> Traffic:
+        return Traffic(self.uplink_bytes + uplink_bytes, self.downlink_bytes + downlink_bytes)
+
+    def megabytes(self) -> dict[str, float]:
+        """The totals as ``uplink_mb`` and ``downlink_mb``: MiB (2**20 bytes), unrounded (exact in a float)."""
+        return {"uplink_mb": self.uplink_bytes / MB, "downlink_mb": self.downlink_bytes / MB}
 
 
 class SimulationGrid(Grid):
@@ -39,6 +68,7 @@ class SimulationGrid(Grid):
     def __init__(
         self, backend: Backend, stream: Stream, states: ClientStates, client_test_size: int, run_id: int,
         on_nonfinite: str = "fail", nonfinite_dropped: int = 0, personal: bool = False,
+        traffic: Traffic = Traffic(),
     ) -> None:
         self.backend = backend
         self.stream = stream
@@ -47,6 +77,7 @@ class SimulationGrid(Grid):
         self.nonfinite_dropped = nonfinite_dropped  # replies left out so far (on_nonfinite = drop)
         self.client_test_size = client_test_size
         self.personal = personal  # the client method keeps personal layers: evaluation needs the state too
+        self.traffic = traffic  # bytes sent and received so far (a resumed run's included)
         self._run = Run.create_empty(run_id)
         self._ids = itertools.count()
         self._replies: dict[str, Message] = {}
@@ -113,7 +144,12 @@ class SimulationGrid(Grid):
         for message in messages:
             _stamp(message, f"m{next(self._ids)}")
             jobs.append(self._job(message, records, present))
-        outcomes = self.backend.execute(jobs, [record.to_numpy_ndarrays() for record in records])
+        weights = [record.to_numpy_ndarrays() for record in records]
+        outcomes = self.backend.execute(jobs, weights)
+        self.traffic = self.traffic.plus(
+            uplink_bytes=sum(_nbytes(outcome.arrays or ()) for outcome in outcomes),
+            downlink_bytes=sum(_nbytes(weights[job.weights_index]) + _nbytes(job.query_arrays.values()) for job in jobs),
+        )
         failed = next((o for o in outcomes if o.error is not None), None)
         if failed is not None:
             raise ClientFailure(f"client {failed.client_id} failed in round {self.server_round}:\n{failed.error}")
@@ -191,6 +227,10 @@ class SimulationGrid(Grid):
         reply = Message(content, reply_to=message)
         _stamp(reply, f"r{message.metadata.message_id}")
         return reply
+
+
+def _nbytes(arrays: Iterable[np.ndarray]) -> int:
+    return sum(array.nbytes for array in arrays)
 
 
 def _stamp(message: Message, message_id: str) -> None:

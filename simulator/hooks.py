@@ -32,7 +32,7 @@ from tqdm import tqdm
 from clients.base import ClientMethod
 from simulator.client_state import ClientStates
 from simulator.config import RunConfig
-from simulator.grid import SimulationGrid
+from simulator.grid import MB, SimulationGrid
 from simulator.keys import NUM_EXAMPLES, TRAIN_LOSS
 from simulator.run_dir import RunDirectory
 from simulator.streams import Stream
@@ -68,7 +68,11 @@ class RoundView:
     _loaded: bool = field(default=False, repr=False)
 
     def record(self, measured: dict[str, Any]) -> dict[str, Any]:
-        """The round's metrics.jsonl record: what the hooks measured, with the round's own facts."""
+        """The round's metrics.jsonl record: what the hooks measured, with the round's own facts.
+
+        ``uplink_mb``/``downlink_mb`` are the run's totals so far, through this round (its federated
+        evaluation included): records come only at evaluations, so per-round values would skip rounds.
+        """
         run = self.run
         return {
             "round": self.server_round,
@@ -77,8 +81,9 @@ class RoundView:
             **measured,
             **client_method_metrics(self.train_metrics),
             "nonfinite_dropped": run.grid.nonfinite_dropped,
-            "client_state_mb": round(run.states.total_bytes / 2**20, 6),
-            "client_state_spilled_mb": round(run.states.spilled_bytes / 2**20, 6),
+            "client_state_mb": round(run.states.total_bytes / MB, 6),
+            "client_state_spilled_mb": round(run.states.spilled_bytes / MB, 6),
+            **run.grid.traffic.megabytes(),
             "wall_s": round(run.elapsed(), 3),
         }
 
@@ -170,6 +175,16 @@ class Progress(Hook):
         self.bar.close()
 
 
+class Communication(Hook):
+    """The run's total ``uplink_mb`` and ``downlink_mb`` in the summary (see :class:`~simulator.grid.Traffic`)."""
+
+    def __init__(self, run: RunContext) -> None:
+        self.run = run
+
+    def at_end(self, view: RoundView) -> dict[str, Any]:
+        return self.run.grid.traffic.megabytes()
+
+
 class ForgettingPlot(Hook):
     """``plots/forgetting.png``: accuracy per task over rounds (and the probes beside it, where they ran)."""
 
@@ -194,7 +209,7 @@ def default_hooks(run: RunContext) -> Hooks:
         hooks.append(Probes(run))
     if run.cfg.eval.federated:
         hooks.append(FederatedEvaluation(run))
-    hooks += [Checkpoints(run), Progress(run), ForgettingPlot(run)]
+    hooks += [Communication(run), Checkpoints(run), Progress(run), ForgettingPlot(run)]
     return Hooks(hooks)
 
 

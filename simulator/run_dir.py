@@ -2,7 +2,11 @@
 
 ``metrics.jsonl`` gets one line per evaluation as it happens (flushed, so a
 crash keeps every finished round); the accuracy matrix and summary are written
-at the end from the evaluations of each task's last round.
+at the end from the evaluations of each task's last round, the matrix at full
+precision (``repr`` of each float), so the summary's metrics recompute from it
+exactly. TensorBoard gets every record's numbers as scalars and, at the end, the
+run's flattened config as hyperparameters (the hparams plugin) with the
+summary's numbers as their metrics, so runs can be filtered and compared there.
 """
 
 from __future__ import annotations
@@ -78,13 +82,17 @@ class RunDirectory:
         with (self.path / file_name).open("w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow([f"task_{j}" for j in range(R.shape[1])])
-            writer.writerows([[f"{a:.6f}" for a in row] for row in R])
+            writer.writerows([[repr(float(a)) for a in row] for row in R])
 
     def finish(
-        self, wall_time_s: float, rounds: int, initial: list[float], entries: dict[str, Any]
+        self, wall_time_s: float, rounds: int, initial: list[float], entries: dict[str, Any],
+        config: dict[str, Any],
     ) -> dict[str, Any]:
-        """Write the accuracy matrix and summary.json; ``initial``: the untrained model's accuracies,
-        ``entries``: what the hooks add to the summary (the probes' metrics, ...)."""
+        """Write the accuracy matrix, summary.json and the hyperparameters; ``initial``: the untrained
+        model's accuracies, ``entries``: what the hooks add to the summary (the probes' metrics, ...),
+        ``config``: the resolved run config, nested (its scalars become the hyperparameters)."""
+        from torch.utils.tensorboard.summary import hparams
+
         R = self.accuracy_matrix()
         last = self.records[-1]
         self.write_matrix(R, "accuracy_matrix.csv")
@@ -98,9 +106,13 @@ class RunDirectory:
             "wall_time_s": round(wall_time_s, 3),
         }
         summary = finite_or_null(summary)
-        for key, value in summary.items():
-            if isinstance(value, float) and key != "wall_time_s":
-                self.tensorboard.add_scalar(f"summary/{key}", value, rounds)
+        scalars = {f"summary/{key}": value for key, value in summary.items()
+                   if isinstance(value, float) and key != "wall_time_s"}
+        for tag, value in scalars.items():
+            self.tensorboard.add_scalar(tag, value, rounds)
+        # Into tb/ itself (SummaryWriter.add_hparams would open a subfolder): the metrics are the scalars above.
+        for event in hparams(scalar_leaves(config), scalars):
+            self.tensorboard.file_writer.add_summary(event)
         self.tensorboard.close()
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         return summary
@@ -113,6 +125,18 @@ def _per_task_tag(key: str) -> str:
     """The TensorBoard tag of a per-task list: acc_task for the head's, probe_task, ncm_task for probes'."""
     name = key.removesuffix(PER_TASK)
     return f"{name if name == 'acc' else name.removesuffix('_acc')}_task"
+
+
+def scalar_leaves(config: dict[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
+    """The str, int, float and bool values of a nested dict under dotted keys (``client.lr``), the
+    values TensorBoard's hparams take; lists and None are left out."""
+    leaves: dict[str, str | int | float | bool] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            leaves.update(scalar_leaves(value, f"{prefix}{key}."))
+        elif isinstance(value, (str, int, float, bool)):
+            leaves[f"{prefix}{key}"] = value
+    return leaves
 
 
 def finite_or_null(value: Any) -> Any:
