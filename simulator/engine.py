@@ -34,7 +34,7 @@ from simulator.client_state import ClientStates, StoreSnapshot
 from simulator.config import ConfigError, RunConfig, to_dict
 from simulator.data import load_dataset
 from simulator.evaluation import task_accuracies
-from simulator.grid import SimulationGrid
+from simulator.grid import SimulationGrid, Traffic
 from simulator.hooks import RoundView, RunContext, default_hooks
 from simulator.run_dir import RunDirectory
 from simulator.seeding import Draw, Purpose, derive_seed, seeded_global_state, torch_generator
@@ -56,6 +56,7 @@ class Start:
     records: list[dict[str, Any]] = field(default_factory=list)
     client_states: StoreSnapshot | None = None
     nonfinite_dropped: int = 0
+    traffic: Traffic = Traffic()
 
 
 class Experiment:
@@ -98,7 +99,7 @@ class Experiment:
             stream.use_arrays(data.x_train, data.y_train, data.x_test, data.y_test)
             grid = SimulationGrid(backend, stream, states, cfg.eval.client_test_size, run_id=cfg.seed,
                                   on_nonfinite=cfg.engine.on_nonfinite, nonfinite_dropped=start.nonfinite_dropped,
-                                  personal=bool(method.personal_prefixes))
+                                  traffic=start.traffic, personal=bool(method.personal_prefixes))
             TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = cfg.seed, SERVER_NODE_ID, 0
             run = RunContext(cfg, stream, rounds, start.round, model, method(cfg.client), states, grid,
                              RunDirectory(self.run_dir, start.records),
@@ -119,7 +120,7 @@ class Experiment:
                 hooks.logged(view, run.outputs.log(view.record(measured)) if measured else None)
             # 7. The end: the accuracy matrix and summary with what every hook adds, then the plots.
             end = RoundView(run, rounds, stream.task_of_round(rounds), True, arrays, self.strategy, None)
-            summary = run.outputs.finish(run.elapsed(), rounds, baseline, hooks.summary(end))
+            summary = run.outputs.finish(run.elapsed(), rounds, baseline, hooks.summary(end), to_dict(cfg))
             hooks.finished(end)
             return summary
 
@@ -166,7 +167,7 @@ class Experiment:
         self._check_saved_strategy(saved.strategy, saved.arrays, self._fewest(stream, rounds), initial)
         self.strategy = saved.strategy
         return Start(saved.arrays, saved.round + 1, saved.wall_s, saved.records, saved.client_states,
-                     saved.nonfinite_dropped)
+                     saved.nonfinite_dropped, saved.traffic)
 
     def _train(
         self, server_round: int, arrays: ArrayRecord, grid: SimulationGrid
