@@ -12,31 +12,37 @@ axes: where the probes stay above the head, the encoder kept what the head lost.
 To compare runs afterwards::
 
     python -m simulator.plot RUN_DIR [RUN_DIR ...] --out FILE.png
-                             [--metric NAME | --task J | --heatmap]
+                             [--metric NAME | --task J | --heatmap] [--band minmax|std]
+                             [--title TEXT] [--label TEXT ...]
 
 Each RUN_DIR is a run directory (it has ``metrics.jsonl``) or a Hydra multirun
 directory (its subdirectories with ``metrics.jsonl`` are its runs).
 
-Runs whose ``.hydra/overrides.yaml`` differ only by ``seed=`` form one group; a
-run without that file is a group of its own. A group is labelled by what sets it
-apart from the others: its strategy class where the groups' strategies differ,
-then its overrides that not every group shares. The overrides every group shares
-make the title.
+Runs are grouped and named as :mod:`simulator.runs` says: runs whose overrides
+differ only by ``seed=`` form one group, labelled by its strategy class where the
+groups' strategies differ, then by its overrides that not every group shares
+(``--label TEXT``, once per group in order, names them instead). The title names
+what is shown and what tells the groups apart ("accuracy on seen tasks by
+strategy, client method"), over a line of the overrides every group shares
+(``--title TEXT`` replaces it). Axes name metrics in words ("training loss" for
+``train_loss``; a key without a label in :data:`METRIC_LABELS` as it is).
 
 - Overlay (the default): one line per group over rounds, the mean over its
   seeds, aligned on the rounds all of them evaluated, shaded from the lowest to
-  the highest seed (min..max, so every seed's value lies inside the band). The
-  y value is ``--metric NAME``, any numeric key of ``metrics.jsonl`` (default
-  ``acc_seen``; also ``train_loss``, ``wall_s``, ...), or with ``--task J`` the
-  accuracy on task J, ``acc_per_task[J]``. Dashed lines mark the task boundaries
-  of the first run of the first group.
+  the highest seed (``--band minmax``, the default: every seed's value lies
+  inside the band) or mean ± one sample standard deviation (``--band std``,
+  ddof=1). The y value is ``--metric NAME``, any numeric key of ``metrics.jsonl``
+  (default ``acc_seen``; also ``train_loss``, ``wall_s``, ...), or with
+  ``--task J`` the accuracy on task J, ``acc_per_task[J]``. Dashed lines mark the
+  task boundaries of the first run of the first group.
 - ``--heatmap``: each group's accuracy matrix (``accuracy_matrix.csv``; a
   group's is the mean over its seeds), one annotated subplot per group: row i is
   the end of task i, column j the accuracy on task j (above the diagonal: tasks
   not trained yet, the basis of forward transfer); NaN cells are left blank.
 
-A path with no runs, an unknown metric or task, or runs that cannot be compared
-exit with status 2 and a message naming the path.
+A path with no runs, an unknown metric or task, runs that cannot be compared or
+a ``--label`` count other than the groups' exit with status 2 and a message
+naming the path or the option.
 """
 
 from __future__ import annotations
@@ -60,9 +66,9 @@ from simulator.runs import (
     Run,
     RunError,
     differing_keys,
-    find_runs,
     group_runs,
     read_hydra,
+    run_paths,
     shared_overrides,
 )
 
@@ -77,6 +83,27 @@ HEAD_KEY = "acc_per_task"  # the model's own head: accuracy per task, null where
 PROBE_KEY = "probe_acc_per_task"  # a linear probe on the frozen global encoder, same layout
 NCM_KEY = "ncm_acc_per_task"  # a nearest-class-mean classifier on those features, same layout
 PROBE_KEYS = (PROBE_KEY, NCM_KEY)  # a record with either carries representation probes
+BANDS = ("minmax", "std")  # --band: lowest..highest seed, or mean ± one standard deviation
+
+# What a reader sees for a metrics.jsonl key; a key not here is shown as it is.
+METRIC_LABELS = {
+    "acc_seen": "accuracy on seen tasks",
+    "train_loss": "training loss",
+    "eval_loss": "evaluation loss",
+    "wall_s": "wall time (s)",
+    "client_acc_mean": "mean client accuracy",
+    "client_acc_std": "std of client accuracy",
+    "client_acc_worst10": "accuracy of the worst 10% of clients",
+    "client_acc_personal_mean": "mean client accuracy (personal models)",
+    "client_acc_personal_std": "std of client accuracy (personal models)",
+    "client_acc_personal_worst10": "accuracy of the worst 10% of clients (personal models)",
+    "federated_acc": "federated evaluation accuracy",
+    "federated_acc_personal": "federated evaluation accuracy (personal models)",
+    "client_state_mb": "client state held (MB)",
+}
+PROBE_NAMES = {"probe": "linear probe", "ncm": "nearest class mean"}  # probe_acc_seen, ncm_...
+# What a reader sees for a config key that tells groups apart in a title.
+KEY_LABELS = {"client.method": "client method", "model.head": "head", "stream.kind": "stream"}
 
 
 class Curve(NamedTuple):
@@ -103,7 +130,8 @@ REPRESENTATION_LINES = (
 
 
 class Band(NamedTuple):
-    """A group's mean over seeds and the lowest and highest seed, on common rounds."""
+    """A group's mean over seeds and the band around it, on common rounds: the lowest and
+    highest seed, or mean ∓ one standard deviation."""
 
     rounds: np.ndarray
     mean: np.ndarray
@@ -167,17 +195,24 @@ def metric_curve(records: Records, metric: str = "acc_seen", task: int | None = 
     return Curve(rounds[order].astype(int), values[order])
 
 
-def seed_band(curves: Sequence[Curve]) -> Band:
-    """Mean, min and max over curves, on the rounds that every curve has."""
+def seed_band(curves: Sequence[Curve], band: str = "minmax") -> Band:
+    """The mean over curves, on the rounds that every curve has, and around it the lowest
+    and highest curve (``band="minmax"``) or mean ∓ the sample standard deviation (``"std"``;
+    zero for a single curve)."""
     common = reduce(np.intersect1d, [c.rounds for c in curves])
     if common.size == 0:
         raise PlotError("the runs have no evaluated round in common")
     values = np.array([c.values[np.searchsorted(c.rounds, common)] for c in curves])
-    return Band(common, values.mean(axis=0), values.min(axis=0), values.max(axis=0))
+    mean = values.mean(axis=0)
+    if band == "minmax":
+        return Band(common, mean, values.min(axis=0), values.max(axis=0))
+    std = values.std(axis=0, ddof=SEED_STD_DDOF) if len(curves) > 1 else np.zeros_like(mean)
+    return Band(common, mean, mean - std, mean + std)
 
 
-def group_band(group: Group, metric: str = "acc_seen", task: int | None = None) -> Band:
-    """The band of a group's curves; errors name the runs at fault."""
+def group_band(group: Group, metric: str = "acc_seen", task: int | None = None,
+               band: str = "minmax") -> Band:
+    """The band of a group's curves (see :func:`seed_band`); errors name the runs at fault."""
     curves = []
     for run in group.runs:
         try:
@@ -188,7 +223,7 @@ def group_band(group: Group, metric: str = "acc_seen", task: int | None = None) 
             name = metric if task is None else f"{metric}[{task}]"
             raise PlotError(f"{run.path}: no evaluation has a value for {name}")
     try:
-        return seed_band(curves)
+        return seed_band(curves, band)
     except PlotError as error:
         raise PlotError(f"{_paths(group)}: {error}") from None
 
@@ -248,6 +283,33 @@ def spread_labels(ys: Sequence[float], gap: float, low: float, high: float) -> l
     for i, y in zip(order, placed):
         result[i] = y
     return result
+
+
+# --- Words for readers -------------------------------------------------------------------
+
+
+def metric_label(metric: str, task: int | None = None) -> str:
+    """What a reader sees for a metrics.jsonl key: ``accuracy on seen tasks`` for ``acc_seen``,
+    ``accuracy on task 2 (linear probe)`` for ``probe_acc_per_task`` with ``task=2``; a key
+    without a label is shown as it is (``key[2]`` with a task)."""
+    probe, _, base = metric.partition("_")
+    if probe not in PROBE_NAMES:
+        probe, base = "", metric
+    if task is None:
+        label = METRIC_LABELS.get(base)
+    else:
+        label = f"accuracy on task {task}" if base in (HEAD_KEY, "acc_all_tasks") else None
+    if label is None:
+        return metric if task is None else f"{metric}[{task}]"
+    return f"{label} ({PROBE_NAMES[probe]})" if probe else label
+
+
+def describe(groups: Sequence[Group], shown: str) -> str:
+    """A title: what is ``shown``, by what tells the groups apart (``accuracy on seen tasks by
+    strategy, client method``), then a line of the overrides every group shares."""
+    keys = [KEY_LABELS.get(key, key) for key in differing_keys(groups)]
+    shared = " ".join(shared_overrides([g.runs[0] for g in groups]))
+    return shown + (" by " + ", ".join(keys) if keys else "") + (f"\n{shared}" if shared else "")
 
 
 # --- Drawing ------------------------------------------------------------------------------
@@ -385,33 +447,42 @@ def plot_forgetting(records: Records, out: Path, title: str = "") -> None:
     _save(forgetting_figure(records, title), out)
 
 
-def plot_overlay(groups: Sequence[Group], out: Path, metric: str = "acc_seen",
-                 task: int | None = None) -> None:
-    """One line per group over rounds: the mean over its seeds, shaded min..max."""
-    bands = [group_band(group, metric, task) for group in groups]
+def overlay_figure(groups: Sequence[Group], metric: str = "acc_seen", task: int | None = None,
+                   band: str = "minmax", title: str | None = None) -> plt.Figure:
+    """One line per group over rounds: the mean over its seeds, shaded by ``band`` (see
+    :func:`seed_band`); ``title`` replaces :func:`describe`'s (the caller closes the figure)."""
+    bands = [group_band(group, metric, task, band) for group in groups]
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     markers = "." if max(len(b.rounds) for b in bands) <= MARKERS_UP_TO else None
-    for group, band in zip(groups, bands):
+    for group, curve in zip(groups, bands):
         seeds = len(group.runs)
         label = group.label + (f"  ({seeds} seeds)" if seeds > 1 else "")
-        line, = ax.plot(band.rounds, band.mean, marker=markers, label=label)
+        line, = ax.plot(curve.rounds, curve.mean, marker=markers, label=label)
         if seeds > 1:
-            ax.fill_between(band.rounds, band.low, band.high, color=line.get_color(),
+            ax.fill_between(curve.rounds, curve.low, curve.high, color=line.get_color(),
                             alpha=0.2, linewidth=0)
     _mark_tasks(ax, groups[0].runs[0].records)
-    ax.set(xlabel="round", ylabel=metric if task is None else f"{metric}[{task}]",
-           title=" ".join(shared_overrides([g.runs[0] for g in groups])))
+    shown = metric_label(metric, task)
+    ax.set(xlabel="round", ylabel=shown, title=describe(groups, shown) if title is None else title)
     ax.grid(alpha=0.3)
     several = any(len(g.runs) > 1 for g in groups)
     labels = ax.get_legend_handles_labels()[1]
     columns = max(1, min(len(labels), 3, LEGEND_CHARS // (max(map(len, labels)) + 6)))
+    shading = "min..max" if band == "minmax" else "± one standard deviation"
     fig.legend(loc="outside lower center", ncols=columns, fontsize=9,
-               title="mean over seeds, shaded min..max" if several else None, title_fontsize=8)
-    _save(fig, out)
+               title=f"mean over seeds, shaded {shading}" if several else None, title_fontsize=8)
+    return fig
 
 
-def plot_heatmaps(groups: Sequence[Group], out: Path) -> None:
-    """Each group's accuracy matrix as an annotated heatmap, one subplot per group."""
+def plot_overlay(groups: Sequence[Group], out: Path, metric: str = "acc_seen",
+                 task: int | None = None, band: str = "minmax", title: str | None = None) -> None:
+    """Save :func:`overlay_figure`."""
+    _save(overlay_figure(groups, metric, task, band, title), out)
+
+
+def heatmap_figure(groups: Sequence[Group], title: str | None = None) -> plt.Figure:
+    """Each group's accuracy matrix as an annotated heatmap, one subplot per group; ``title``
+    replaces :func:`describe`'s (the caller closes the figure)."""
     matrices = [group_matrix(group) for group in groups]
     cols = min(len(groups), 3)
     rows = math.ceil(len(groups) / cols)
@@ -430,9 +501,14 @@ def plot_heatmaps(groups: Sequence[Group], out: Path) -> None:
                xlabel="accuracy on task j", ylabel="after task i")
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
-    fig.suptitle(" ".join(shared_overrides([g.runs[0] for g in groups])), fontsize=10)
+    fig.suptitle(describe(groups, "accuracy matrix") if title is None else title, fontsize=10)
     fig.colorbar(image, ax=axes, label="test accuracy", shrink=0.8)
-    _save(fig, out)
+    return fig
+
+
+def plot_heatmaps(groups: Sequence[Group], out: Path, title: str | None = None) -> None:
+    """Save :func:`heatmap_figure`."""
+    _save(heatmap_figure(groups, title), out)
 
 
 # --- Command line -------------------------------------------------------------------------
@@ -442,7 +518,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m simulator.plot",
         description="Compare run directories: a metric over rounds per group of seeds "
-                    "(mean, shaded min..max), or their accuracy matrices.",
+                    "(mean, shaded min..max or ± one standard deviation), or their accuracy "
+                    "matrices.",
         epilog="Runs whose .hydra/overrides.yaml differ only by seed= are one group.",
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
@@ -456,7 +533,26 @@ def _parser() -> argparse.ArgumentParser:
                       help="plot acc_per_task[J], the accuracy on task J")
     what.add_argument("--heatmap", action="store_true",
                       help="draw each group's accuracy matrix instead (mean over seeds)")
+    parser.add_argument("--band", choices=BANDS, default="minmax",
+                        help="the shading around each group's mean: minmax (default), the "
+                             "lowest to the highest seed; std, ± one sample standard deviation")
+    parser.add_argument("--title", help="the figure's title, in place of the one naming what "
+                                        "differs between the groups")
+    parser.add_argument("--label", action="append", metavar="TEXT",
+                        help="a group's name in place of its overrides; repeat once per group, "
+                             "in the order the groups are drawn")
     return parser
+
+
+def relabel(groups: Sequence[Group], labels: Sequence[str] | None) -> list[Group]:
+    """The groups named by ``labels`` (one per group, in order), or as they are."""
+    if labels is None:
+        return list(groups)
+    if len(labels) != len(groups):
+        names = "; ".join(group.label for group in groups)
+        raise PlotError(f"{len(labels)} --label for {len(groups)} groups ({names}): "
+                        "give one per group, in that order")
+    return [replace(group, label=label) for group, label in zip(groups, labels)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -464,14 +560,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        paths = dict.fromkeys(run.resolve() for path in args.run_dirs for run in find_runs(path))
-        groups = group_runs([read_run(path) for path in paths])
+        runs = [read_run(path) for path in run_paths(args.run_dirs)]
+        groups = relabel(group_runs(runs), args.label)
         if args.heatmap:
-            plot_heatmaps(groups, args.out)
+            plot_heatmaps(groups, args.out, args.title)
         elif args.task is not None:
-            plot_overlay(groups, args.out, "acc_per_task", args.task)
+            plot_overlay(groups, args.out, HEAD_KEY, args.task, args.band, args.title)
         else:
-            plot_overlay(groups, args.out, args.metric)
+            plot_overlay(groups, args.out, args.metric, band=args.band, title=args.title)
     except PlotError as error:
         parser.error(str(error))
     print(args.out)

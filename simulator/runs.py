@@ -82,6 +82,11 @@ def find_runs(path: Path, marker: str = "metrics.jsonl") -> list[Path]:
     return sorted(runs, key=_natural_key)
 
 
+def run_paths(dirs: Sequence[Path], marker: str = "metrics.jsonl") -> list[Path]:
+    """The runs of every directory given (see :func:`find_runs`), each once, in order."""
+    return list(dict.fromkeys(run.resolve() for path in dirs for run in find_runs(path, marker)))
+
+
 def _natural_key(path: Path) -> list[int | str]:
     """``2_seed=2`` before ``10_seed=10``: digit runs compare as numbers."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]

@@ -22,24 +22,27 @@ from conftest import ROOT
 from simulator.plot import (
     Curve,
     PlotError,
-    Run,
-    find_runs,
+    describe,
     forgetting_figure,
     group_band,
-    group_runs,
+    heatmap_figure,
     mean_matrix,
     metric_curve,
+    metric_label,
+    overlay_figure,
     plot_forgetting,
     probe_records,
     read_accuracy_matrix,
     read_run,
+    relabel,
     seed_band,
-    shared_overrides,
     spread_labels,
     task_segments,
 )
+from simulator.runs import Run, find_runs, group_runs, shared_overrides
 
 NAN = math.nan
+HEAD_TASK = "acc_per_task"
 
 
 def record(round_: int, task: int, acc_per_task: list[float | None], **more: Any) -> dict[str, Any]:
@@ -405,4 +408,132 @@ def test_the_cli_exits_2_naming_a_path_without_runs_or_an_unknown_metric(sweep, 
     result = plot_cli(str(sweep), "--metric", "accuracy", "--out", str(tmp_path / "x.png"))
     assert result.returncode == 2
     assert "unknown metric 'accuracy'" in result.stderr and str(sweep) in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+# --- Words for readers, bands, titles and labels --------------------------------------------
+
+
+def test_metrics_are_named_in_words_and_unknown_keys_as_they_are():
+    assert metric_label("acc_seen") == "accuracy on seen tasks"
+    assert metric_label("train_loss") == "training loss"
+    assert metric_label("client_acc_mean") == "mean client accuracy"
+    assert metric_label("wall_s") == "wall time (s)"
+    assert metric_label("probe_acc_seen") == "accuracy on seen tasks (linear probe)"
+    assert metric_label("ncm_acc_seen") == "accuracy on seen tasks (nearest class mean)"
+    assert metric_label("acc_per_task", task=2) == "accuracy on task 2"
+    assert metric_label("probe_acc_per_task", task=0) == "accuracy on task 0 (linear probe)"
+    assert metric_label("my_metric") == "my_metric"
+    assert metric_label("probe_thing") == "probe_thing"
+    assert metric_label("my_list", task=1) == "my_list[1]"
+
+
+def shifted(offset: float) -> list[dict[str, Any]]:
+    """TWO_TASKS with ``offset`` added to acc_seen."""
+    return [dict(r, acc_seen=r["acc_seen"] + offset) for r in TWO_TASKS]
+
+
+# Three seeds of one setting, acc_seen offset by 0, 0.1 and 0.3: the mean is offset by 0.4/3,
+# the sample standard deviation (ddof=1) is sqrt(((0.4/3)^2 + (0.1/3)^2 + (0.5/3)^2) / 2).
+OFFSETS = [0.0, 0.1, 0.3]
+MEAN_OFFSET = 0.4 / 3
+SAMPLE_STD = math.sqrt(((0.4 / 3) ** 2 + (0.1 / 3) ** 2 + (0.5 / 3) ** 2) / 2)
+ACC_SEEN = [r["acc_seen"] for r in TWO_TASKS]
+
+
+def three_seeds() -> list[Run]:
+    return [Run(Path(f"/runs/{seed}"), shifted(offset), (f"seed={seed}", "strategy=fot"), "FOT")
+            for seed, offset in enumerate(OFFSETS)]
+
+
+def test_the_std_band_is_the_mean_plus_minus_the_sample_standard_deviation():
+    curves = [Curve(np.array([1, 2]), np.array([0.5, 0.2]) + o) for o in OFFSETS]
+    band = seed_band(curves, "std")
+    np.testing.assert_allclose(band.mean, [0.5 + MEAN_OFFSET, 0.2 + MEAN_OFFSET])
+    np.testing.assert_allclose(band.high - band.mean, [SAMPLE_STD] * 2)
+    np.testing.assert_allclose(band.mean - band.low, [SAMPLE_STD] * 2)
+    one = seed_band(curves[:1], "std")
+    np.testing.assert_array_equal(one.low, one.high)
+
+
+@pytest.fixture
+def close_figures():
+    """Figures handed to ``keep`` are closed after the test."""
+    figures: list[plt.Figure] = []
+    yield lambda fig: figures.append(fig) or fig
+    for fig in figures:
+        plt.close(fig)
+
+
+def band_extent(ax: plt.Axes) -> tuple[list[float], list[float]]:
+    """The lowest and highest y of the axes' one shaded band at each of its x, x ascending."""
+    (shade,) = ax.collections
+    vertices = shade.get_paths()[0].vertices
+    xs = sorted(set(vertices[:, 0].tolist()))
+    return ([vertices[vertices[:, 0] == x, 1].min() for x in xs],
+            [vertices[vertices[:, 0] == x, 1].max() for x in xs])
+
+
+def test_the_overlay_shades_the_band_asked_for_and_says_which(close_figures):
+    (group,) = group_runs(three_seeds())
+    mean = np.array(ACC_SEEN) + MEAN_OFFSET
+    for band, low, high, shading in [
+        ("std", mean - SAMPLE_STD, mean + SAMPLE_STD, "± one standard deviation"),
+        ("minmax", np.array(ACC_SEEN), np.array(ACC_SEEN) + 0.3, "min..max"),
+    ]:
+        fig = close_figures(overlay_figure([group], band=band))
+        (ax,) = fig.axes
+        np.testing.assert_allclose(band_extent(ax), [low, high])
+        np.testing.assert_allclose(data_lines(ax)["FOT  (3 seeds)"][1], mean)
+        assert fig.legends[0].get_title().get_text() == f"mean over seeds, shaded {shading}"
+
+
+def test_titles_name_what_differs_in_words_and_the_shared_overrides_below(close_figures):
+    runs = [run(f"{i}", [f"seed={i}", f"strategy={s}", f"client.method={m}", "rounds=6"], c)
+            for i, (s, c, m) in enumerate([("fedavg", "FedAvg", "sgd"), ("fot", "FOT", "replay")])]
+    groups = group_runs(runs)
+    assert [g.label for g in groups] == ["FedAvg client.method=sgd", "FOT client.method=replay"]
+    assert describe(groups, "training loss") == (
+        "training loss by strategy, client method\nrounds=6")
+
+    (ax,) = close_figures(overlay_figure(groups, "train_loss")).axes
+    assert ax.get_ylabel() == "training loss"
+    assert ax.get_title() == "training loss by strategy, client method\nrounds=6"
+    (ax,) = close_figures(overlay_figure(groups, HEAD_TASK, task=1, title="Split digits")).axes
+    assert (ax.get_ylabel(), ax.get_title()) == ("accuracy on task 1", "Split digits")
+
+    heads = group_runs([run(str(i), [f"model.head={h}"], "FedAvg")
+                        for i, h in enumerate(["linear", "etf"])])
+    assert describe(heads, "accuracy matrix") == "accuracy matrix by head"
+
+
+def test_labels_replace_the_group_names_one_per_group_in_order(close_figures, tmp_path):
+    groups = relabel(group_runs([run("a", ["seed=0", "strategy=fedavg"], "FedAvg"),
+                                 run("b", ["seed=0", "strategy=fot"], "FOT")]),
+                     ["plain averaging", "orthogonal"])
+    assert [g.label for g in groups] == ["plain averaging", "orthogonal"]
+    fig = close_figures(overlay_figure(groups))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["plain averaging", "orthogonal"]
+    with pytest.raises(PlotError, match=r"1 --label for 2 groups \(plain averaging; "
+                                        r"orthogonal\)"):
+        relabel(groups, ["one"])
+
+    for name in "ab":
+        write_run(tmp_path / name, TWO_TASKS, matrix=[[0.8, NAN], [0.4, 0.9]])
+    fig = close_figures(heatmap_figure(relabel(group_runs([read_run(tmp_path / n) for n in "ab"]),
+                                               ["A", "B"]), title="R"))
+    assert fig.get_suptitle() == "R"
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["A", "B"]
+
+
+def test_the_cli_takes_band_title_and_labels_and_exits_2_on_a_wrong_label_count(sweep, tmp_path):
+    out = tmp_path / "std.png"
+    result = plot_cli(str(sweep), "--out", str(out), "--band", "std", "--title", "Digits",
+                      "--label", "averaging", "--label", "adaptive")
+    assert result.returncode == 0, result.stderr
+    assert png_size(out)[0] >= 600
+
+    result = plot_cli(str(sweep), "--out", str(tmp_path / "x.png"), "--label", "only one")
+    assert result.returncode == 2
+    assert "1 --label for 2 groups (FedAvg; FedAdam): give one per group" in result.stderr
     assert not (tmp_path / "x.png").exists()
