@@ -59,6 +59,9 @@ class DataConfig:
 
     dataset: str = "digits"
     path: str | None = None  # file or folder for datasets read from disk
+    # Datasets read from disk (npz, mnist, cifar10, cifar100): inputs are divided by this number;
+    # null: by 255 where the file stores uint8 (pixels 0..255), else used as stored.
+    scale: float | None = None
     test_fraction: float = 0.2  # held-out share for datasets without a test split
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -409,6 +412,7 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
             f"more clients per round than clients (federation.num_clients = {fed.num_clients})",
         ),
         ("data.test_fraction", 0.0 < data.test_fraction < 1.0, "must be between 0 and 1"),
+        ("data.scale", data.scale is None or data.scale > 0, "must be > 0 (null: 255 for uint8 files, else 1)"),
         ("data.partition.alpha", part.alpha > 0, "Dirichlet concentration must be > 0"),
         ("data.partition.min_size", part.min_size >= 0, "must be >= 0"),
         ("data.partition.classes_per_client", part.classes_per_client >= 1, "must be >= 1"),

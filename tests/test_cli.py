@@ -95,6 +95,7 @@ def test_an_unknown_scenario_lists_the_valid_names():
         (["data.partition.kind=classes", "data.partition.classes_per_client=11"],
          ["data.partition.classes_per_client", "10"]),
         (["data.dataset=imagenet"], ["data.dataset", "digits", "mnist5k", "cifar10", "npz"]),
+        (["data.scale=0"], ["data.scale = 0.0", "must be > 0"]),
         (["data.dataset=mnist", "data.path=/no/such/folder"], ["data.path", "/no/such/folder"]),
         (["data.partition.kind=zipf"], ["data.partition.kind", "dirichlet", "shards"]),
         (["strategy._target_=no_such_module.Strategy"], ["strategy._target_", "no_such_module"]),

@@ -258,6 +258,35 @@ def test_npz_without_test_split_is_split_by_class(tmp_path):
     np.testing.assert_allclose(np.sort(rows), np.arange(100))
 
 
+def _digits_as_integers(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """An .npz of 8x8 digits stored as int64 pixel values 0..16, as scikit-learn ships them."""
+    x = (np.arange(6 * 64) % 17).reshape(6, 8, 8)
+    file = tmp_path / "digits.npz"
+    np.savez(file, x=x, y=np.array([0, 1] * 3), x_test=x[:2], y_test=[0, 1])
+    return file, x
+
+
+def test_npz_integers_other_than_uint8_are_kept_and_said_to_look_unscaled(tmp_path, caplog):
+    file, x = _digits_as_integers(tmp_path)
+    with caplog.at_level("WARNING", logger="fedstream"):
+        ds = load("npz", file)
+    np.testing.assert_array_equal(ds.x_train[:, 0], x)  # not divided by 255: 0..16 would all be near 0
+    assert "look unscaled" in caplog.text and "data.scale=16" in caplog.text and str(file) in caplog.text
+
+
+def test_npz_data_scale_divides_by_it_and_quiets_the_warning(tmp_path, caplog):
+    file, x = _digits_as_integers(tmp_path)
+    with caplog.at_level("WARNING", logger="fedstream"):
+        ds = load("npz", file, scale=16.0)
+    np.testing.assert_array_equal(ds.x_train[:, 0], x.astype(np.float32) / 16)
+    assert ds.x_test.max() == 1.0 and not caplog.text
+
+
+def test_data_scale_is_refused_for_datasets_that_scale_their_own_inputs():
+    with pytest.raises(ConfigError, match="data.scale = 16.0: applies to datasets read from files"):
+        load("digits", scale=16.0)
+
+
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [

@@ -34,14 +34,16 @@ Loader = Callable[[DataConfig, int, np.random.Generator], Dataset]
 DATASETS: dict[str, Loader] = {
     "digits": lambda cfg, num_clients, gen: load_digits(cfg.test_fraction, gen),
     "mnist5k": lambda cfg, num_clients, gen: load_mnist5k(cfg.test_fraction, gen),
-    "mnist": lambda cfg, num_clients, gen: load_mnist(cfg.path),
-    "cifar10": lambda cfg, num_clients, gen: load_cifar10(cfg.path),
-    "cifar100": lambda cfg, num_clients, gen: load_cifar100(cfg.path),
-    "npz": lambda cfg, num_clients, gen: load_npz(cfg.path, cfg.test_fraction, gen),
+    "mnist": lambda cfg, num_clients, gen: load_mnist(cfg.path, cfg.scale),
+    "cifar10": lambda cfg, num_clients, gen: load_cifar10(cfg.path, cfg.scale),
+    "cifar100": lambda cfg, num_clients, gen: load_cifar100(cfg.path, cfg.scale),
+    "npz": lambda cfg, num_clients, gen: load_npz(cfg.path, cfg.test_fraction, gen, cfg.scale),
     "synthetic": lambda cfg, num_clients, gen: make_synthetic(
         cfg.synthetic, num_clients, cfg.test_fraction, gen
     ),
 }
+
+FROM_FILES = ("mnist", "cifar10", "cifar100", "npz")  # the datasets data.scale applies to
 
 
 def load_dataset(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
@@ -52,6 +54,11 @@ def load_dataset(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
     if cfg.dataset not in DATASETS:
         raise ConfigError(
             f"data.dataset = {cfg.dataset!r}: unknown dataset; valid: {sorted(DATASETS)}"
+        )
+    if cfg.scale is not None and cfg.dataset not in FROM_FILES:
+        raise ConfigError(
+            f"data.scale = {cfg.scale!r}: applies to datasets read from files ({', '.join(FROM_FILES)}), "
+            f"not data.dataset = {cfg.dataset!r}, which scales its own inputs"
         )
     dataset = DATASETS[cfg.dataset](cfg, num_clients, rng(seed, Purpose.DATA))
     for name in ("x_train", "x_test"):

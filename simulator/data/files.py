@@ -1,12 +1,16 @@
 """Datasets read from files the user already has, at ``data.path``; nothing is downloaded.
 
 Every problem with the path or the files is a :class:`ConfigError` that names
-``data.path``, the file and what was wrong with it.
+``data.path``, the file and what was wrong with it. Inputs are divided by
+``data.scale``; by default (null) by 255 only where the file stores uint8, the
+pixel values of MNIST's and CIFAR's files, since other integers (digits stored
+as 0..16, counts) need not be pixels.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import pickle
 from pathlib import Path
@@ -20,6 +24,8 @@ from simulator.data.dataset import Dataset, scaled, split_dataset
 # idx type codes (the third magic byte) and the big-endian dtypes they stand for.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _CIFAR_PIXELS = 3 * 32 * 32
+_UNSCALED = 10.0  # inputs beyond this after scaling look unscaled (pixels are 0..1, standardized data a few units)
+log = logging.getLogger("fedstream")
 
 
 def _existing_path(path: str | None, dataset: str, expected: str) -> Path:
@@ -61,6 +67,20 @@ def _labels(y: np.ndarray, file: Path, num_classes: int | None = None) -> np.nda
     return y.astype(np.int64)
 
 
+def _inputs(x: np.ndarray, scale: float | None, file: Path) -> np.ndarray:
+    """``x`` as C-contiguous float32, divided by ``scale`` (None: 255 for uint8, else 1); warns if it looks unscaled."""
+    divisor = scale if scale is not None else 255.0 if x.dtype == np.uint8 else 1.0
+    inputs = scaled(x, divisor)
+    largest = max(float(inputs.max(initial=0.0)), -float(inputs.min(initial=0.0)))
+    if _UNSCALED < largest < math.inf:  # NaN and infinities: load_dataset's error names them
+        log.warning(
+            "data.path: %s holds %s inputs up to %g after dividing by %g (data.scale = %s): they look "
+            "unscaled, which slows or stalls training; set data.scale to their largest value (e.g. data.scale=%g)",
+            file, x.dtype, largest, divisor, "null" if scale is None else scale, largest * divisor,
+        )
+    return inputs
+
+
 def read_idx(file: Path) -> np.ndarray:
     """Parse an idx file (LeCun's MNIST format), gzipped if its name ends in ``.gz``.
 
@@ -84,7 +104,7 @@ def read_idx(file: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype, offset=header).reshape(dims)
 
 
-def _mnist_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+def _mnist_split(folder: Path, prefix: str, scale: float | None) -> tuple[np.ndarray, np.ndarray]:
     image_file = _member(folder, f"{prefix}-images-idx3-ubyte", f"{prefix}-images-idx3-ubyte.gz")
     label_file = _member(folder, f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels-idx1-ubyte.gz")
     images, labels = read_idx(image_file), read_idx(label_file)
@@ -92,14 +112,14 @@ def _mnist_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
         raise _malformed(image_file, f"expected images of shape (N, H, W), got {images.shape}")
     if len(labels) != len(images):
         raise _malformed(label_file, f"{len(labels)} labels for {len(images)} images")
-    return scaled(images[:, None], 255.0), _labels(labels, label_file, 10)
+    return _inputs(images[:, None], scale, image_file), _labels(labels, label_file, 10)
 
 
-def load_mnist(path: str | None) -> Dataset:
+def load_mnist(path: str | None, scale: float | None = None) -> Dataset:
     """MNIST (or anything in its layout, e.g. Fashion-MNIST) from the four idx files in a folder."""
     folder = _existing_path(path, "mnist", "a folder with the four MNIST idx files (or .gz)")
-    x_train, y_train = _mnist_split(folder, "train")
-    x_test, y_test = _mnist_split(folder, "t10k")
+    x_train, y_train = _mnist_split(folder, "train", scale)
+    x_test, y_test = _mnist_split(folder, "t10k", scale)
     return Dataset("mnist", x_train, y_train, x_test, y_test, num_classes=10)
 
 
@@ -112,7 +132,7 @@ class _CifarLayout(NamedTuple):
 
 
 def _cifar_batches(
-    folder: Path, names: list[str], label_key: bytes, num_classes: int
+    folder: Path, names: list[str], label_key: bytes, num_classes: int, scale: float | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate CIFAR pickles, each a dict with b"data" (N x 3072 uint8) and ``label_key``.
 
@@ -135,41 +155,41 @@ def _cifar_batches(
         # Each row is the red, then green, then blue 32x32 plane: channel-first as is.
         xs.append(data.reshape(-1, 3, 32, 32))
         ys.append(_labels(labels, file, num_classes))
-    return scaled(np.concatenate(xs), 255.0), np.concatenate(ys)
+    return _inputs(np.concatenate(xs), scale, folder), np.concatenate(ys)
 
 
-def _load_cifar(name: str, path: str | None, layout: _CifarLayout) -> Dataset:
+def _load_cifar(name: str, path: str | None, layout: _CifarLayout, scale: float | None) -> Dataset:
     folder = _existing_path(path, name, f"the {layout.folder!r} folder (CIFAR's python version)")
-    x_train, y_train = _cifar_batches(folder, layout.train, layout.label_key, layout.num_classes)
-    x_test, y_test = _cifar_batches(folder, [layout.test], layout.label_key, layout.num_classes)
+    x_train, y_train = _cifar_batches(folder, layout.train, layout.label_key, layout.num_classes, scale)
+    x_test, y_test = _cifar_batches(folder, [layout.test], layout.label_key, layout.num_classes, scale)
     return Dataset(name, x_train, y_train, x_test, y_test, layout.num_classes)
 
 
-def load_cifar10(path: str | None) -> Dataset:
+def load_cifar10(path: str | None, scale: float | None = None) -> Dataset:
     """CIFAR-10 from the ``cifar-10-batches-py`` folder, as (N, 3, 32, 32)."""
     train = [f"data_batch_{i}" for i in range(1, 6)]
     layout = _CifarLayout("cifar-10-batches-py", train, "test_batch", b"labels", 10)
-    return _load_cifar("cifar10", path, layout)
+    return _load_cifar("cifar10", path, layout, scale)
 
 
-def load_cifar100(path: str | None) -> Dataset:
+def load_cifar100(path: str | None, scale: float | None = None) -> Dataset:
     """CIFAR-100 (fine labels) from the ``cifar-100-python`` folder, as (N, 3, 32, 32)."""
     layout = _CifarLayout("cifar-100-python", ["train"], "test", b"fine_labels", 100)
-    return _load_cifar("cifar100", path, layout)
+    return _load_cifar("cifar100", path, layout, scale)
 
 
-def _npz_inputs(x: np.ndarray, file: Path) -> np.ndarray:
-    """(N, D) or (N, C, H, W) float32: (N, H, W) gets a channel axis, integers are / 255."""
+def _npz_inputs(x: np.ndarray, file: Path, scale: float | None) -> np.ndarray:
+    """(N, D) or (N, C, H, W) float32: (N, H, W) gets a channel axis; scaled as ``data.scale`` says."""
     if x.ndim not in (2, 3, 4):
         raise _malformed(file, f"inputs must be (N, D), (N, H, W) or (N, C, H, W), got {x.shape}")
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise _malformed(file, f"inputs must be integers or floats, not {x.dtype}")
     if x.ndim == 3:
         x = x[:, None]
-    return scaled(x, 255.0 if np.issubdtype(x.dtype, np.integer) else 1.0)
+    return _inputs(x, scale, file)
 
 
-def load_npz(path: str | None, test_fraction: float, rng: np.random.Generator) -> Dataset:
+def load_npz(path: str | None, test_fraction: float, rng: np.random.Generator, scale: float | None = None) -> Dataset:
     """Arrays ``x``, ``y`` and optionally ``x_test``, ``y_test`` from a ``.npz`` file.
 
     Without a test split, ``test_fraction`` of each class is held out.
@@ -188,7 +208,7 @@ def load_npz(path: str | None, test_fraction: float, rng: np.random.Generator) -
     if missing:
         raise _malformed(file, f"missing arrays {missing}; it has {sorted(arrays)}")
     splits = [
-        (_npz_inputs(arrays[f"x{suffix}"], file), _labels(arrays[f"y{suffix}"], file))
+        (_npz_inputs(arrays[f"x{suffix}"], file, scale), _labels(arrays[f"y{suffix}"], file))
         for suffix in suffixes
     ]
     input_shape = splits[0][0].shape[1:]
