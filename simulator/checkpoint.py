@@ -173,7 +173,8 @@ def _plain(checkpoint: Checkpoint) -> dict[str, Any]:
     return {
         "round": checkpoint.round, "wall_s": checkpoint.wall_s, "config": checkpoint.config,
         "num_tasks": checkpoint.num_tasks, "records": checkpoint.records,
-        "nonfinite_dropped": checkpoint.nonfinite_dropped, "traffic": dataclasses.asdict(checkpoint.traffic),
+        "nonfinite_dropped": checkpoint.nonfinite_dropped,
+        "traffic": dataclasses.asdict(checkpoint.traffic),
         "client_states": {"files": snapshot.files, "last_round": snapshot.last_round, "sizes": snapshot.sizes},
     }
 
@@ -305,7 +306,8 @@ class Checkpoints(Hook):
         save(run.outputs.path / "checkpoints", Checkpoint(
             round=view.server_round, arrays=view.arrays, strategy=view.strategy, client_states=snapshot,
             wall_s=run.elapsed(), config=to_dict(run.cfg), num_tasks=run.stream.num_tasks,
-            records=run.outputs.records, nonfinite_dropped=run.grid.nonfinite_dropped, traffic=run.grid.traffic,
+            records=run.outputs.records, nonfinite_dropped=run.grid.nonfinite_dropped,
+            traffic=run.grid.traffic,
         ))
         states.collect(keep=self.previous_files)
         self.previous_files = list(snapshot.files.values())

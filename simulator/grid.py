@@ -58,7 +58,7 @@ class Traffic:
         return Traffic(self.uplink_bytes + uplink_bytes, self.downlink_bytes + downlink_bytes)
 
     def megabytes(self) -> dict[str, float]:
-        """The totals as ``uplink_mb`` and ``downlink_mb``: MiB (2**20 bytes), unrounded (exact in a float)."""
+        """The totals as ``uplink_mb`` and ``downlink_mb``: MiB (2**20 bytes), unrounded (exact floats)."""
         return {"uplink_mb": self.uplink_bytes / MB, "downlink_mb": self.downlink_bytes / MB}
 
 
@@ -148,7 +148,8 @@ class SimulationGrid(Grid):
         outcomes = self.backend.execute(jobs, weights)
         self.traffic = self.traffic.plus(
             uplink_bytes=sum(_nbytes(outcome.arrays or ()) for outcome in outcomes),
-            downlink_bytes=sum(_nbytes(weights[job.weights_index]) + _nbytes(job.query_arrays.values()) for job in jobs),
+            downlink_bytes=sum(_nbytes(weights[job.weights_index]) + _nbytes(job.query_arrays.values())
+                               for job in jobs),
         )
         failed = next((o for o in outcomes if o.error is not None), None)
         if failed is not None:

@@ -176,7 +176,7 @@ class Progress(Hook):
 
 
 class Communication(Hook):
-    """The run's total ``uplink_mb`` and ``downlink_mb`` in the summary (see :class:`~simulator.grid.Traffic`)."""
+    """The run's totals ``uplink_mb`` and ``downlink_mb`` in the summary (see ``grid.Traffic``)."""
 
     def __init__(self, run: RunContext) -> None:
         self.run = run

@@ -110,7 +110,7 @@ class RunDirectory:
                    if isinstance(value, float) and key != "wall_time_s"}
         for tag, value in scalars.items():
             self.tensorboard.add_scalar(tag, value, rounds)
-        # Into tb/ itself (SummaryWriter.add_hparams would open a subfolder): the metrics are the scalars above.
+        # Into tb/ itself (add_hparams would open a subfolder); the metrics are the scalars above.
         for event in hparams(scalar_leaves(config), scalars):
             self.tensorboard.file_writer.add_summary(event)
         self.tensorboard.close()

@@ -81,8 +81,8 @@ def test_a_query_counts_the_model_and_its_own_arrays_out_and_the_answers_back(tm
                           client_test_size=50, run_id=1)
     model = _model_arrays(["engine.backend=local"])
     basis = np.ones((64, 2), dtype=np.float32)
-    answers = ask_clients(grid, held_array_record(list(model), list(model.values())), "layer_input_sketches",
-                          {"encoder.1": basis})
+    arrays = held_array_record(list(model), list(model.values()))
+    answers = ask_clients(grid, arrays, "layer_input_sketches", {"encoder.1": basis})
     clients = len(list(grid.get_node_ids()))
     assert len(answers) == clients
     assert grid.traffic.downlink_bytes == clients * (_nbytes(model.values()) + basis.nbytes)
@@ -123,13 +123,15 @@ def test_tensorboard_holds_the_config_as_hparams_with_the_summary_as_their_metri
     assert hparams["client.method"].string_value == "sgd"
     assert hparams["strategy._target_"].string_value == "flwr.serverapp.strategy.FedAvg"
     assert hparams["federation.clients_per_round"].number_value == 10
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content[metadata.EXPERIMENT_TAG]).experiment
-    tags = {info.name.tag for info in experiment.metric_infos}
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content[metadata.EXPERIMENT_TAG])
+    tags = {info.name.tag for info in experiment.experiment.metric_infos}
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert {"summary/average_accuracy", "summary/uplink_mb", "summary/downlink_mb"} <= tags
     assert events.Scalars("summary/uplink_mb")[0].value == pytest.approx(summary["uplink_mb"])
 
 
 def test_scalar_leaves_flattens_nested_keys_and_leaves_out_what_hparams_cannot_take():
-    config = {"seed": 0, "client": {"method": "sgd", "lr": 0.05, "ewc": {"on": True}}, "rounds": None, "x": [1]}
-    assert scalar_leaves(config) == {"seed": 0, "client.method": "sgd", "client.lr": 0.05, "client.ewc.on": True}
+    config = {"seed": 0, "client": {"method": "sgd", "lr": 0.05, "ewc": {"on": True}},
+              "rounds": None, "tasks": [1]}
+    assert scalar_leaves(config) == {"seed": 0, "client.method": "sgd", "client.lr": 0.05,
+                                     "client.ewc.on": True}
