@@ -99,7 +99,9 @@ METRIC_LABELS = {
     "client_acc_personal_worst10": "accuracy of the worst 10% of clients (personal models)",
     "federated_acc": "federated evaluation accuracy",
     "federated_acc_personal": "federated evaluation accuracy (personal models)",
-    "client_state_mb": "client state held (MB)",
+    "client_state_mb": "client state held (MiB)",
+    "uplink_mb": "sent by clients so far (MiB)",
+    "downlink_mb": "sent to clients so far (MiB)",
 }
 PROBE_NAMES = {"probe": "linear probe", "ncm": "nearest class mean"}  # probe_acc_seen, ncm_...
 # What a reader sees for a config key that tells groups apart in a title.

@@ -419,6 +419,7 @@ def test_metrics_are_named_in_words_and_unknown_keys_as_they_are():
     assert metric_label("train_loss") == "training loss"
     assert metric_label("client_acc_mean") == "mean client accuracy"
     assert metric_label("wall_s") == "wall time (s)"
+    assert metric_label("uplink_mb") == "sent by clients so far (MiB)"
     assert metric_label("probe_acc_seen") == "accuracy on seen tasks (linear probe)"
     assert metric_label("ncm_acc_seen") == "accuracy on seen tasks (nearest class mean)"
     assert metric_label("acc_per_task", task=2) == "accuracy on task 2"
