@@ -7,11 +7,25 @@ matrix, the summary, TensorBoard logs, checkpoints and plots.
 Exit codes: 0 done; 2 bad input (a config value, an override, a scenario file,
 the data, a checkpoint to resume), with one ``error: ...`` paragraph naming the
 key or file; 1 a client failed (its traceback in the message).
+
+What a run directory holds when the run does not finish:
+
+- An error composing the config (an unknown key or file, an override that does
+  not parse) stops before Hydra makes the run directory: there is none.
+- Any later error leaves the directory Hydra made before our task function
+  ran (``.hydra/``, ``run.log``), marked: no ``summary.json``, and ``run.log``
+  ends with the ``error: ...`` paragraph, followed by the traceback for a
+  client failure or any other error (a config error needs none).
+- ``config_resolved.yaml``: the job's config with every ``${...}``
+  interpolation resolved (``.hydra/config.yaml`` keeps them), written once the
+  config passes its checks and the strategy builds, before the run starts
+  (the engine may still refuse the run, e.g. for its data).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -25,14 +39,16 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from simulator.backends import ClientFailure
 from simulator.config import SCENARIO_DIR, ConfigError, load_config, valid_keys
 from simulator.engine import Experiment
 from strategies import build_strategy
+from strategies.factory import strategy_class, unknown_argument
 
+RESOLVED_CONFIG = "config_resolved.yaml"  # in the run directory, beside Hydra's .hydra/
 _task_started = False  # whether composition got as far as our task function
 _sweep_failures: list[int] = []  # the exit codes of a sweep's failed jobs
 
@@ -51,14 +67,34 @@ def main(cfg: DictConfig) -> float | None:
     try:
         run = load_config(cfg)
         strategy = build_strategy(cfg.strategy)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
         summary = Experiment(run, strategy, run_dir, resume=bool(cfg.resume), keep_warm=keep_warm).run()
     except ConfigError as error:
+        _to_log_file(str(error))
         return _fail(str(error), 2, sweep)
     except ClientFailure as error:  # the client's own traceback is in the message
+        _to_log_file(str(error), error)
         return _fail(str(error), 1, sweep)
+    except Exception as error:  # a bug: Hydra prints the traceback and ends the command
+        _to_log_file(f"{type(error).__name__}: {error}", error)
+        raise
     print(f"run directory: {run_dir}")
     print(json.dumps(summary, indent=2))
     return summary["final_accuracy"]
+
+
+def _to_log_file(message: str, error: BaseException | None = None) -> None:
+    """Write ``error: message`` and, given ``error``, its traceback to the job's log file (``run.log``) only.
+
+    The console already gets the paragraph from :func:`_fail` (or Hydra's report);
+    logging it to the ``fedstream`` logger would print it there twice.
+    """
+    trace = (type(error), error, error.__traceback__) if error else None
+    record = logging.LogRecord("fedstream", logging.ERROR, __file__, 0, "error: %s", (message,), trace)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _fail(message: str, code: int, sweep: bool = False) -> None:
@@ -90,16 +126,26 @@ def composition_error(error: BaseException) -> str | None:
         text = str(error)
         unknown = re.match(r"Could not override '([^']+)'", text)
         if unknown and "not in struct" in str(error.__cause__ or ""):
-            key = unknown.group(1)
-            parent = getattr(error.__cause__, "parent_node", None)
-            keys = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
-            keys = keys or valid_keys(key.rpartition(".")[0])
-            return f"{key}: unknown key; valid keys: {', '.join(keys) or '(none)'}"
+            return _unknown_key(unknown.group(1), getattr(error.__cause__, "parent_node", None))
         cause = f" ({_paragraph(str(error.__cause__))})" if error.__cause__ else ""
         return _paragraph(text) + cause
     if isinstance(error, OmegaConfBaseException):
         return _paragraph(str(error))
     return None
+
+
+def _unknown_key(key: str, parent: Any) -> str:
+    """An override of a key the composed config lacks: the valid keys (a strategy's: its constructor's arguments)."""
+    if isinstance(parent, DictConfig) and "_target_" in parent:
+        try:
+            problem = unknown_argument(parent._target_, key)
+            name = strategy_class(parent._target_).__name__
+        except ConfigError as error:  # the class itself is missing
+            return str(error)
+        return problem or f"{key}: {name} takes it, but the strategy file does not set it; add it with +{key}=..."
+    keys = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
+    keys = keys or valid_keys(key.rpartition(".")[0])
+    return f"{key}: unknown key; valid keys: {', '.join(keys) or '(none)'}"
 
 
 def _paragraph(text: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
@@ -11,6 +13,8 @@ from omegaconf import DictConfig
 
 from simulator.config import ConfigError
 
+# Keys Hydra's instantiate reads itself; every other key of a node is a constructor argument.
+_HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")
 # FedAvg-family attributes that make Flower's sample_nodes wait (forever, in a
 # simulation) when they exceed the number of clients.
 _NODE_MINIMUMS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
@@ -53,7 +57,13 @@ def check_sampling(strategy: Strategy, present: int, why: str, federated_evaluat
 
 
 def build_strategy(node: DictConfig) -> Strategy:
-    """Instantiate ``node`` (a Hydra node with ``_target_``); the engine checks it against the stream."""
+    """Instantiate ``node`` (a Hydra node with ``_target_``); the engine checks it against the stream.
+
+    Each ``_target_`` in it (a DP wrapper's ``strategy`` too) must name a class
+    that exists, and each key must be an argument of that class's constructor,
+    so a typo is named before Hydra's instantiate reports it as a TypeError.
+    """
+    _check_arguments(node, "strategy")
     target = node.get("_target_")
     try:
         strategy = instantiate(node, _convert_="all")
@@ -65,6 +75,74 @@ def build_strategy(node: DictConfig) -> Strategy:
             "expected a subclass of flwr.serverapp.strategy.Strategy"
         )
     return strategy
+
+
+def strategy_class(target: Any, path: str = "strategy") -> Any:
+    """What the dotted path ``target`` names; a ConfigError saying which module or name is missing.
+
+    The longest prefix that imports is the module, the rest are attributes, as
+    Hydra resolves ``_target_``; Hydra's own message would call a module
+    without the class "not a package".
+    """
+    parts = str(target).split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:end])
+        try:
+            owner = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name and (module_name + ".").startswith(error.name + "."):
+                continue  # no module of this name: try a shorter prefix
+            raise ConfigError(f"{path}._target_ = {target!r}: importing {module_name} failed: {error}") from None
+        except Exception as error:  # noqa: BLE001 - the user's module fails as it imports
+            raise ConfigError(
+                f"{path}._target_ = {target!r}: importing {module_name} failed: {type(error).__name__}: {error}"
+            ) from None
+        for part in parts[end:]:
+            if not hasattr(owner, part):
+                raise ConfigError(f"{path}._target_ = {target!r}: {owner.__name__} has no {part!r}; "
+                                  f"{_strategies_in(owner)}")
+            owner = getattr(owner, part)
+        return owner
+    raise ConfigError(f"{path}._target_ = {target!r}: expected pkg.module.Class; no module named {parts[0]!r}")
+
+
+def strategy_arguments(target: Any) -> list[str] | None:
+    """The keyword arguments the class ``target`` names takes; None if it takes any (``**kwargs``) or does not say."""
+    named = strategy_class(target)
+    try:
+        parameters = inspect.signature(named).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: instantiate will say what it is
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def unknown_argument(target: Any, key: str) -> str | None:
+    """Why ``key`` (a dotted path ending in the argument) cannot be given to ``target``'s class; None if it can."""
+    arguments, (path, _, name) = strategy_arguments(target), key.rpartition(".")
+    if arguments is None or name in arguments or name in _HYDRA_KEYS:
+        return None
+    return (f"{key}: unknown key, not an argument of {path}._target_ = {target!r}; "
+            f"valid keys: {', '.join(arguments) or '(none)'}")
+
+
+def _check_arguments(node: DictConfig, path: str) -> None:
+    """Every key of ``node`` and its nested strategies is an argument of its ``_target_``'s constructor."""
+    if "_target_" not in node:
+        return
+    for key in node:
+        if problem := unknown_argument(node._target_, f"{path}.{key}"):
+            raise ConfigError(problem)
+        if isinstance(node.get(key), DictConfig):
+            _check_arguments(node[key], f"{path}.{key}")
+
+
+def _strategies_in(module: Any) -> str:
+    """What a module offers as strategies, for a message about a name it lacks."""
+    found = sorted(name for name, value in vars(module).items()
+                   if isinstance(value, type) and issubclass(value, Strategy) and not name.startswith("_"))
+    return f"it has {', '.join(found)}" if found else "it defines no Strategy subclass"
 
 
 def strategy_layers(strategy: Any) -> list[tuple[str, Any]]:

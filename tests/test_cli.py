@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import ray
+import yaml
 from hydra.errors import MissingConfigException
 
+import run as cli
 from conftest import ROOT, read_metrics, run_experiment
 from simulator.config import ConfigError
 
@@ -118,3 +120,79 @@ def test_an_unknown_strategy_name_lists_the_valid_names(tmp_path):
     with pytest.raises(MissingConfigException) as error:
         run_experiment(tmp_path, ["strategy=fedsgd"])
     assert "fedavg" in str(error.value) and "krum" in str(error.value)
+
+
+FEDAVG_ARGUMENTS = ["fraction_train", "weighted_by_key", "train_metrics_aggr_fn"]  # some FedAvg file does not set
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["federation.clients_per_rnd=5"], ["federation.clients_per_rnd: unknown key", "clients_per_round"]),
+        (["strategy.etaa=0.1"], ["strategy.etaa: unknown key", "FedAvg", *FEDAVG_ARGUMENTS]),
+        (["+strategy.etaa=0.1"], ["strategy.etaa: unknown key", "FedAvg", *FEDAVG_ARGUMENTS]),
+        (["strategy=dp_adaptive_client", "strategy.strategy.etaa=1"], ["strategy.strategy.etaa", *FEDAVG_ARGUMENTS]),
+        (["strategy._target_=flwr.serverapp.strategy.FedProx", "strategy.proximal_mu=0.1"],
+         ["FedProx takes it", "+strategy.proximal_mu="]),
+        (["strategy._target_=flwr.serverapp.strategy.Missing"],
+         ["flwr.serverapp.strategy has no 'Missing'", "FedAvg", "Krum"]),
+        (["strategy._target_=strategies.fot.Missing"], ["strategies.fot has no 'Missing'", "FOT"]),
+    ],
+)
+def test_an_unknown_key_or_strategy_class_ends_with_fedstreams_error(tmp_path, capsys, overrides, fragments):
+    code = cli.main_cli([*overrides, "engine.backend=local", "rounds=1", f"hydra.run.dir={tmp_path / 'run'}"])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1, captured.err
+    assert "Traceback" not in captured.err and "not a package" not in errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_an_unknown_key_in_composition_leaves_no_run_directory(tmp_path):
+    assert cli.main_cli(["federation.clients_per_rnd=5", f"hydra.run.dir={tmp_path / 'run'}"]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_error_after_composition_is_written_to_run_log_and_nothing_else(tmp_path):
+    run_dir = tmp_path / "run"
+    assert cli.main_cli(["data.partition.alpha=-1", f"hydra.run.dir={run_dir}"]) == 2
+    assert "error: scenarios/scenario/digits.yaml (or the command line): data.partition.alpha = -1.0" in (
+        run_dir / "run.log").read_text()
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "run.log"]  # no resolved config, no summary
+
+
+def test_a_client_failure_leaves_its_error_and_both_tracebacks_in_run_log(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "user_code"))
+    run_dir = tmp_path / "run"
+    code = cli.main_cli(["engine.backend=local", "rounds=1", "client.method=failing_client.FailsOnClientThree",
+                         "federation.clients_per_round=20", "strategy.min_available_nodes=20",
+                         f"hydra.run.dir={run_dir}"])
+    log = (run_dir / "run.log").read_text()
+    assert code == 1 and "error: client 3 failed in round 1" in log
+    assert "sensor data corrupted on this device" in log  # the client's traceback, in the message
+    assert "Traceback" in log and "ClientFailure" in log  # the driver's
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_any_other_error_leaves_its_traceback_in_run_log(tmp_path, monkeypatch):
+    def breaks(self):
+        raise RuntimeError("a bug in the engine")
+
+    monkeypatch.setattr(cli.Experiment, "run", breaks)
+    run_dir = tmp_path / "run"
+    assert cli.main_cli(["engine.backend=local", "rounds=1", f"hydra.run.dir={run_dir}"]) == 1
+    log = (run_dir / "run.log").read_text()
+    assert "error: RuntimeError: a bug in the engine" in log and "Traceback" in log and "breaks" in log
+
+
+def test_the_resolved_config_is_written_beside_hydras_own(tmp_path):
+    run_dir = tmp_path / "run"
+    assert cli.main_cli(["engine.backend=local", "rounds=1", "federation.clients_per_round=4",
+                         f"hydra.run.dir={run_dir}"]) == 0
+    assert "${" in (run_dir / ".hydra" / "config.yaml").read_text()
+    text = (run_dir / cli.RESOLVED_CONFIG).read_text()
+    resolved = yaml.safe_load(text)
+    assert "${" not in text and resolved["scenario_name"] == "digits"
+    assert resolved["strategy"]["min_train_nodes"] == 4 and resolved["strategy"]["fraction_train"] == 0.2
+    assert resolved["rounds"] == 1 and "hydra" not in resolved
