@@ -139,7 +139,7 @@ def _unknown_key(key: str, parent: Any) -> str:
     if isinstance(parent, DictConfig) and "_target_" in parent:
         try:
             problem = unknown_argument(parent._target_, key)
-            name = strategy_class(parent._target_).__name__
+            name = strategy_class(parent._target_, key.rpartition(".")[0]).__name__
         except ConfigError as error:  # the class itself is missing
             return str(error)
         return problem or f"{key}: {name} takes it, but the strategy file does not set it; add it with +{key}=..."

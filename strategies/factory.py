@@ -106,9 +106,9 @@ def strategy_class(target: Any, path: str = "strategy") -> Any:
     raise ConfigError(f"{path}._target_ = {target!r}: expected pkg.module.Class; no module named {parts[0]!r}")
 
 
-def strategy_arguments(target: Any) -> list[str] | None:
-    """The keyword arguments the class ``target`` names takes; None if it takes any (``**kwargs``) or does not say."""
-    named = strategy_class(target)
+def strategy_arguments(target: Any, path: str = "strategy") -> list[str] | None:
+    """The keyword arguments the class ``target`` (at ``path``) takes; None if it takes any (``**kwargs``) or does not say."""
+    named = strategy_class(target, path)
     try:
         parameters = inspect.signature(named).parameters.values()
     except (TypeError, ValueError):  # a builtin without a signature: instantiate will say what it is
@@ -120,7 +120,8 @@ def strategy_arguments(target: Any) -> list[str] | None:
 
 def unknown_argument(target: Any, key: str) -> str | None:
     """Why ``key`` (a dotted path ending in the argument) cannot be given to ``target``'s class; None if it can."""
-    arguments, (path, _, name) = strategy_arguments(target), key.rpartition(".")
+    path, _, name = key.rpartition(".")
+    arguments = strategy_arguments(target, path)
     if arguments is None or name in arguments or name in _HYDRA_KEYS:
         return None
     return (f"{key}: unknown key, not an argument of {path}._target_ = {target!r}; "

@@ -137,6 +137,8 @@ FEDAVG_ARGUMENTS = ["fraction_train", "weighted_by_key", "train_metrics_aggr_fn"
         (["strategy._target_=flwr.serverapp.strategy.Missing"],
          ["flwr.serverapp.strategy has no 'Missing'", "FedAvg", "Krum"]),
         (["strategy._target_=strategies.fot.Missing"], ["strategies.fot has no 'Missing'", "FOT"]),
+        (["strategy=dp_adaptive_client", "strategy.strategy._target_=strategies.fot.Nope"],
+         ["strategy.strategy._target_ = 'strategies.fot.Nope': strategies.fot has no 'Nope'"]),
     ],
 )
 def test_an_unknown_key_or_strategy_class_ends_with_fedstreams_error(tmp_path, capsys, overrides, fragments):
