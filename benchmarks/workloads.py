@@ -80,13 +80,16 @@ def with_ewc(base: Workload, name: str, rounds_per_task: int) -> Workload:
 
 # A and B train enough local steps to learn in their rounds (bare loop: A 0.867, B 0.704 test accuracy),
 # so a wrong aggregate shows in the accuracy as well as in the weights.
+# C's clients hold 20 samples on average (lognormal sizes), as cross-device clients do, so that 100,000 of
+# them are 2 million samples (480 MB of inputs) and a round trains the same ~2,000 samples at either scale.
+C_DATA = ("data.synthetic.mean_samples=20",)
 A = Workload("A", "mnist5k", 100, 10, 10, "cnn", epochs=5, lr=0.1, batch_size=16)
 TINY = Workload("tiny", "digits", 20, 5, 3, "mlp")
 WORKLOADS = {
     "A": A,
     "B": Workload("B", "mnist5k", 500, 50, 5, "cnn", epochs=10, lr=0.1, batch_size=8),
-    "C": Workload("C", "synthetic", 10_000, 100, 5, "mlp"),
-    "C1k": Workload("C1k", "synthetic", 1_000, 100, 5, "mlp"),
+    "C": Workload("C", "synthetic", 100_000, 100, 5, "mlp", extra=C_DATA),
+    "C1k": Workload("C1k", "synthetic", 1_000, 100, 5, "mlp", extra=C_DATA),
     "quick": Workload("quick", "mnist5k", 100, 10, 4, "cnn"),
     "tiny": TINY,
     # A's clients and cohorts with its first settings (one epoch at batch 32), as measured for issue 8.
