@@ -30,7 +30,7 @@ from simulator.deadline import ClientTimeout, deadline
 from simulator.keys import (
     ACCURACY, EVAL_LOSS, LEARNING_RATE, NUM_EXAMPLES, TRAIN_LOSS,
 )
-from simulator.seeding import Purpose, derive_seed, torch_generator
+from simulator.seeding import Purpose, derive_seed, seed_torch_global, torch_generator
 
 TRAIN, EVALUATE, QUERY = "train", "evaluate", "query"
 
@@ -118,7 +118,8 @@ class ClientWorker:
             with deadline(limit, late):
                 # Randomness a user's model or method draws from torch's global generator
                 # (dropout) is the client's, whatever actor runs it.
-                torch.manual_seed(derive_seed(self.run_cfg.seed, Purpose.CLIENT_GLOBAL, job.server_round, job.client_id))
+                seed_torch_global(derive_seed(self.run_cfg.seed, Purpose.CLIENT_GLOBAL, job.server_round,
+                                              job.client_id), self.device)
                 self._load(weights)
                 if job.kind == TRAIN:
                     return self._train(job, weights)
