@@ -81,7 +81,6 @@ class Experiment:
         # 1. Data, stream and model. Values only the data can refute fail here, before Ray starts.
         stream, rounds = self._stream()
         model, method = self._model(stream)
-        baseline = task_accuracies(model, stream, cfg.eval.batch_size)  # the untrained model's: fwt's baseline
         # 2. Resume from the last finished round, if asked (read before Ray starts; the strategy
         #    only through an allow-list), else start from the model's weights, less its personal layers.
         initial = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared_keys(model, method)})
@@ -90,11 +89,13 @@ class Experiment:
                               int(cfg.engine.client_state_memory_mb * 2**20), start.client_states)
         warn_if_proximal_term_unused(self.strategy, method, cfg.client.method)
         self._check_strategy_serves(start.arrays)
-        # 3. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface; the
-        #    run directory only after every check (a refused run writes nothing); the hooks.
+        # 3. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface, started as
+        #    soon as every check has passed; the run directory only then (a refused run writes
+        #    nothing); the hooks. What needs no client runs while new actors import torch.
         with contextlib.ExitStack() as cleanup:  # closes the hooks, then the backend, however the run ends
             backend = make_backend(cfg, WorkerData.of(stream), self.keep_warm)
             cleanup.push(lambda kind, error, trace: backend.close(failed=kind is not None))
+            baseline = task_accuracies(model, stream, cfg.eval.batch_size)  # the untrained model's: fwt's baseline
             data = backend.data  # with Ray, the object store's copy: reading it lets the driver's own go
             stream.use_arrays(data.x_train, data.y_train, data.x_test, data.y_test)
             grid = SimulationGrid(backend, stream, states, cfg.eval.client_test_size, run_id=cfg.seed,
@@ -179,8 +180,8 @@ class Experiment:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round, grid.send_and_receive(messages))
         if new_arrays is None:
             return arrays, train_metrics
-        _check_finite(new_arrays, server_round, self.strategy)
-        return new_arrays, train_metrics
+        call = f"round {server_round}: {type(self.strategy).__name__}.aggregate_train"
+        return as_global_arrays(new_arrays, arrays, call), train_metrics
 
     def _check_strategy_serves(self, arrays: ArrayRecord) -> None:
         """A strategy (or one it wraps) may refuse the global arrays before any work: ``check_arrays(arrays)``."""
@@ -205,10 +206,7 @@ class Experiment:
             ended = on_task_end(task, arrays, grid)
         if ended is None:
             return arrays
-        if not all_finite(ended.to_numpy_ndarrays()):
-            raise ClientFailure(f"round {server_round}: {type(hooked[0]).__name__}.on_task_end returned "
-                                "non-finite global weights")
-        return ended
+        return as_global_arrays(ended, arrays, f"round {server_round}: {type(hooked[0]).__name__}.on_task_end")
 
     def _check_saved_strategy(self, saved: Strategy, arrays: ArrayRecord, fewest: int, initial: ArrayRecord) -> None:
         """Refuse a checkpoint whose strategy or weights are not the configured run's, or would hang or poison it.
@@ -269,10 +267,27 @@ def _check_model_serves(model: torch.nn.Module, method: type[ClientMethod], cfg:
     )
 
 
-def _check_finite(arrays: ArrayRecord, server_round: int, strategy: Strategy) -> None:
-    """Stop where the global model stops being numbers, naming the round and the strategy."""
-    if not all_finite(arrays.to_numpy_ndarrays()):
+def as_global_arrays(returned: ArrayRecord, expected: ArrayRecord, call: str) -> ArrayRecord:
+    """A strategy's new global arrays in the model's order; stop where they are not the model's or not numbers.
+
+    Clients load the global arrays in order, so a record with the model's keys in
+    another order is put in order. One with other keys or shapes would otherwise
+    fail a round later, inside every client's ``load_state_dict``, with no word of
+    the strategy that made it.
+    """
+    shapes = {name: tuple(array.shape) for name, array in returned.items()}
+    wanted = {name: tuple(array.shape) for name, array in expected.items()}
+    if shapes != wanted:
+        missing, extra = sorted(wanted.keys() - shapes.keys()), sorted(shapes.keys() - wanted.keys())
+        reshaped = [f"{k} has shape {shapes[k]}, expected {wanted[k]}"
+                    for k in wanted.keys() & shapes.keys() if wanted[k] != shapes[k]]
+        found = [f"missing {missing}"] * bool(missing) + [f"not the model's {extra}"] * bool(extra) + sorted(reshaped)
         raise ClientFailure(
-            f"round {server_round}: {type(strategy).__name__} aggregated non-finite global weights "
-            "(training diverged)"
+            f"{call} returned an ArrayRecord that is not the model's global weights ({'; '.join(found)}); "
+            f"return one with the keys and shapes of the ArrayRecord it was given: {', '.join(wanted)}"
         )
+    if not all_finite(returned.to_numpy_ndarrays()):
+        raise ClientFailure(f"{call} returned non-finite global weights (training diverged)")
+    if list(returned) != list(expected):
+        return ArrayRecord({name: returned[name] for name in expected})
+    return returned

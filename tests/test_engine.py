@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from conftest import ROOT, TINY, read_metrics, run_experiment
+from conftest import ROOT, TINY, numbers_of, read_metrics, run_experiment
 from simulator.backends import ClientFailure
 from simulator.config import ConfigError
 
@@ -144,10 +144,31 @@ def test_resuming_with_rounds_that_change_the_streams_tasks_is_refused(tmp_path)
 
 
 @pytest.mark.ray
-def test_a_continual_stream_gives_the_same_numbers_in_process_and_on_3_actors(tmp_path):
+def test_a_continual_stream_gives_the_same_numbers_in_process_and_on_3_actors(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("simulator.backends.os.cpu_count", lambda: 2)  # as here; CI machines may have more
     common = ["scenario=digits_joining_clients", "stream.task_incremental=true", "strategy=fedadam",
               "eval.federated=true", "eval.every=3", "stream.rounds_per_task=2", "client.epochs=1"]
     run_experiment(tmp_path / "local", [*common, "engine.backend=local"])
     run_experiment(tmp_path / "ray", [*common, "engine.backend=ray", "engine.num_actors=3"])
     strip = lambda records: [{k: v for k, v in r.items() if k != "wall_s"} for r in records]  # noqa: E731
     assert strip(read_metrics(tmp_path / "local")) == strip(read_metrics(tmp_path / "ray"))
+    oversubscribed = [r.getMessage() for r in caplog.records if "needs 3 CPUs" in r.getMessage()]
+    assert oversubscribed == ["engine.num_actors = 3 x engine.num_cpus_per_actor = 1 needs 3 CPUs and this machine "
+                              "has 2: the actors share them, each training slower; engine.num_actors = 2 would not"]
+
+
+def test_a_strategy_returning_other_keys_is_named_in_its_round_with_the_keys_expected(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(USER_CODE))
+    with pytest.raises(ClientFailure) as failure:
+        run_experiment(tmp_path, [*TINY, "strategy._target_=record_strategies.RenamesAKey"])
+    message = str(failure.value)
+    assert message.startswith("round 1: RenamesAKey.aggregate_train returned an ArrayRecord that is not the "
+                              "model's global weights (missing ['encoder.1.weight']; not the model's ['renamed'])")
+    assert message.endswith("given: encoder.1.weight, encoder.1.bias, encoder.3.weight, encoder.3.bias, head.weight, head.bias")
+
+
+def test_a_strategy_returning_the_keys_in_another_order_gives_fedavgs_numbers(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(USER_CODE))
+    run_experiment(tmp_path / "reversed", [*TINY, "strategy._target_=record_strategies.ReversesKeys"])
+    run_experiment(tmp_path / "fedavg", TINY)
+    assert numbers_of(tmp_path / "reversed") == numbers_of(tmp_path / "fedavg")

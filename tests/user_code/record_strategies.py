@@ -1,0 +1,21 @@
+"""Users' strategies whose aggregate is FedAvg's under other keys or in another order."""
+
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import FedAvg
+
+
+class RenamesAKey(FedAvg):
+    """Returns FedAvg's arrays with the first key renamed: not the model's weights."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        items = list(arrays.items())
+        return ArrayRecord({"renamed": items[0][1], **dict(items[1:])}), metrics
+
+
+class ReversesKeys(FedAvg):
+    """Returns FedAvg's arrays, every key kept, in reverse order."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        return ArrayRecord(dict(reversed(list(arrays.items())))), metrics
