@@ -28,6 +28,7 @@ from simulator.worker import TRAIN, ClientJob, ClientOutcome, ClientWorker, Work
 
 ADDRESS_TIMEOUT_S = 3.0  # how long engine.ray_address may take to accept a connection
 CALL_GRACE_S = 30.0  # on top of the clients' time limits: what an actor call may take beyond them
+log = logging.getLogger("fedstream")
 
 
 class ClientFailure(RuntimeError):
@@ -159,10 +160,17 @@ class RayBackend(Backend):
                 ray.init(address=engine.ray_address, logging_level=logging.WARNING)
             else:
                 check_local_gpus(engine.num_actors, engine.num_gpus_per_actor)
-                needed = engine.num_actors * engine.num_cpus_per_actor
+                needed, cores = engine.num_actors * engine.num_cpus_per_actor, os.cpu_count() or 1
+                if needed > cores:  # Ray is told there are enough: the actors then share the cores
+                    log.warning(
+                        "engine.num_actors = %d x engine.num_cpus_per_actor = %g needs %g CPUs and this machine "
+                        "has %d: the actors share them, each training slower; engine.num_actors = %d would not",
+                        engine.num_actors, engine.num_cpus_per_actor, needed, cores,
+                        max(1, int(cores // engine.num_cpus_per_actor)),
+                    )
                 ray.init(
                     address="local",  # a new instance, even where `ray start` runs one
-                    num_cpus=max(os.cpu_count() or 1, int(np.ceil(needed))),
+                    num_cpus=max(cores, int(np.ceil(needed))),
                     include_dashboard=False,
                     logging_level=logging.WARNING,
                     configure_logging=True,
