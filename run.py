@@ -46,7 +46,7 @@ from simulator.backends import ClientFailure
 from simulator.config import SCENARIO_DIR, ConfigError, load_config, valid_keys
 from simulator.engine import Experiment
 from strategies import build_strategy
-from strategies.factory import strategy_class, unknown_argument
+from strategies.factory import strategy_arguments, strategy_class, unknown_argument
 
 RESOLVED_CONFIG = "config_resolved.yaml"  # in the run directory, beside Hydra's .hydra/
 _task_started = False  # whether composition got as far as our task function
@@ -137,12 +137,20 @@ def composition_error(error: BaseException) -> str | None:
 def _unknown_key(key: str, parent: Any) -> str:
     """An override of a key the composed config lacks: the valid keys (a strategy's: its constructor's arguments)."""
     if isinstance(parent, DictConfig) and "_target_" in parent:
+        path = key.rpartition(".")[0]
         try:
             problem = unknown_argument(parent._target_, key)
-            name = strategy_class(parent._target_, key.rpartition(".")[0]).__name__
+            readable = strategy_arguments(parent._target_, path) is not None
+            name = strategy_class(parent._target_, path).__name__
         except ConfigError as error:  # the class itself is missing
             return str(error)
-        return problem or f"{key}: {name} takes it, but the strategy file does not set it; add it with +{key}=..."
+        if problem:
+            return problem
+        if not readable:  # **kwargs along its whole chain: never claim it takes the key
+            return (f"{key}: unknown key; the strategy file does not set it, and which arguments {name} "
+                    f"takes cannot be read (its constructor takes **kwargs); if it does take it, add it "
+                    f"with +{key}=...")
+        return f"{key}: {name} takes it, but the strategy file does not set it; add it with +{key}=..."
     keys = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
     keys = keys or valid_keys(key.rpartition(".")[0])
     return f"{key}: unknown key; valid keys: {', '.join(keys) or '(none)'}"

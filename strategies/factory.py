@@ -107,15 +107,28 @@ def strategy_class(target: Any, path: str = "strategy") -> Any:
 
 
 def strategy_arguments(target: Any, path: str = "strategy") -> list[str] | None:
-    """The keyword arguments the class ``target`` (at ``path``) takes; None if it takes any (``**kwargs``) or does not say."""
+    """The keyword arguments the class ``target`` (at ``path``) takes; None if they cannot be read.
+
+    A constructor taking ``**kwargs`` passes them on to its parent's (FOT's to
+    FedAvg's): the arguments are those named along the class's MRO up to the
+    first ``__init__`` without ``**kwargs``. None where that chain never ends
+    (it reaches ``object``) or a signature cannot be read.
+    """
     named = strategy_class(target, path)
-    try:
-        parameters = inspect.signature(named).parameters.values()
-    except (TypeError, ValueError):  # a builtin without a signature: instantiate will say what it is
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in parameters):
-        return None
-    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    owners = [klass for klass in named.__mro__ if "__init__" in vars(klass)] if isinstance(named, type) else []
+    arguments: list[str] = []
+    for callable_ in [vars(klass)["__init__"] for klass in owners] or [named]:
+        try:
+            parameters = list(inspect.signature(callable_).parameters.values())
+        except (TypeError, ValueError):  # a builtin without a signature: instantiate will say what it is
+            return None
+        if owners:
+            parameters = parameters[1:]  # self
+        arguments += [p.name for p in parameters
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in arguments]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return arguments
+    return None
 
 
 def unknown_argument(target: Any, key: str) -> str | None:

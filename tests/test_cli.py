@@ -123,6 +123,13 @@ def test_an_unknown_strategy_name_lists_the_valid_names(tmp_path):
 
 
 FEDAVG_ARGUMENTS = ["fraction_train", "weighted_by_key", "train_metrics_aggr_fn"]  # some FedAvg file does not set
+FOT_ARGUMENTS = ["threshold", "threshold_step", *FEDAVG_ARGUMENTS]
+# A strategy whose constructor's **kwargs reach object: which keys it takes cannot be read.
+OPAQUE_STRATEGY = '''
+class TakesAnything:
+    def __init__(self, **anything):
+        self.anything = anything
+'''
 
 
 @pytest.mark.parametrize(
@@ -134,6 +141,15 @@ FEDAVG_ARGUMENTS = ["fraction_train", "weighted_by_key", "train_metrics_aggr_fn"
         (["strategy=dp_adaptive_client", "strategy.strategy.etaa=1"], ["strategy.strategy.etaa", *FEDAVG_ARGUMENTS]),
         (["strategy._target_=flwr.serverapp.strategy.FedProx", "strategy.proximal_mu=0.1"],
          ["FedProx takes it", "+strategy.proximal_mu="]),
+        # **kwargs passed on to the parent: its arguments and the parent's, up the MRO.
+        (["strategy=fot", "strategy.etaa=1"], ["strategy.etaa: unknown key", "FOT", *FOT_ARGUMENTS]),
+        (["strategy=fot", "+strategy.etaa=1"], ["strategy.etaa: unknown key", "FOT", *FOT_ARGUMENTS]),
+        (["strategy=ccvr", "strategy.etaa=1"],
+         ["strategy.etaa: unknown key", "CCVR", "virtual_per_class", *FEDAVG_ARGUMENTS]),
+        (["strategy._target_=lr_strategy.SendsLearningRate", "strategy.client_lrr=0.5"],
+         ["strategy.client_lrr: unknown key", "valid keys: client_lr, ", *FEDAVG_ARGUMENTS]),
+        (["strategy._target_=opaque_strategy.TakesAnything", "strategy.etaa=1"],
+         ["strategy.etaa: unknown key", "cannot be read", "+strategy.etaa="]),
         (["strategy._target_=flwr.serverapp.strategy.Missing"],
          ["flwr.serverapp.strategy has no 'Missing'", "FedAvg", "Krum"]),
         (["strategy._target_=strategies.fot.Missing"], ["strategies.fot has no 'Missing'", "FOT"]),
@@ -141,7 +157,11 @@ FEDAVG_ARGUMENTS = ["fraction_train", "weighted_by_key", "train_metrics_aggr_fn"
          ["strategy.strategy._target_ = 'strategies.fot.Nope': strategies.fot has no 'Nope'"]),
     ],
 )
-def test_an_unknown_key_or_strategy_class_ends_with_fedstreams_error(tmp_path, capsys, overrides, fragments):
+def test_an_unknown_key_or_strategy_class_ends_with_fedstreams_error(
+        tmp_path, capsys, monkeypatch, overrides, fragments):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "user_code"))
+    (tmp_path / "opaque_strategy.py").write_text(OPAQUE_STRATEGY)
+    monkeypatch.syspath_prepend(str(tmp_path))
     code = cli.main_cli([*overrides, "engine.backend=local", "rounds=1", f"hydra.run.dir={tmp_path / 'run'}"])
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
@@ -149,6 +169,7 @@ def test_an_unknown_key_or_strategy_class_ends_with_fedstreams_error(tmp_path, c
     assert "Traceback" not in captured.err and "not a package" not in errors[0]
     for fragment in fragments:
         assert fragment in errors[0]
+    assert "takes it" not in errors[0] or "FedProx takes it" in fragments  # only where it does
 
 
 def test_an_unknown_key_in_composition_leaves_no_run_directory(tmp_path):
