@@ -53,6 +53,9 @@ class SyntheticConfig:
     mean_samples: int = 100  # mean samples per client (lognormal sizes)
 
 
+FILE_DATASETS = ("mnist", "cifar10", "cifar100", "npz")  # read from data.path; data.scale applies to these only
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset, where its files are, and how it is split."""
@@ -413,6 +416,9 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
         ),
         ("data.test_fraction", 0.0 < data.test_fraction < 1.0, "must be between 0 and 1"),
         ("data.scale", data.scale is None or data.scale > 0, "must be > 0 (null: 255 for uint8 files, else 1)"),
+        ("data.scale", data.scale is None or data.dataset in FILE_DATASETS,
+         f"applies only to datasets read from files ({', '.join(FILE_DATASETS)}), not data.dataset = "
+         f"{data.dataset!r}; the built-in ones scale their own inputs"),
         ("data.partition.alpha", part.alpha > 0, "Dirichlet concentration must be > 0"),
         ("data.partition.min_size", part.min_size >= 0, "must be >= 0"),
         ("data.partition.classes_per_client", part.classes_per_client >= 1, "must be >= 1"),

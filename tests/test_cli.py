@@ -177,10 +177,20 @@ def test_an_unknown_key_in_composition_leaves_no_run_directory(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_config_error_after_composition_is_written_to_run_log_and_nothing_else(tmp_path):
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.partition.alpha=-1"], "data.partition.alpha = -1.0"),
+        # data.scale only for datasets read from files: refused before config_resolved.yaml is written.
+        *[([f"data.dataset={name}", "data.scale=16"], f"data.scale = 16.0: applies only to datasets read "
+           f"from files (mnist, cifar10, cifar100, npz), not data.dataset = '{name}'")
+          for name in ("digits", "mnist5k", "synthetic")],
+    ],
+)
+def test_a_config_error_after_composition_is_written_to_run_log_and_nothing_else(tmp_path, overrides, message):
     run_dir = tmp_path / "run"
-    assert cli.main_cli(["data.partition.alpha=-1", f"hydra.run.dir={run_dir}"]) == 2
-    assert "error: scenarios/scenario/digits.yaml (or the command line): data.partition.alpha = -1.0" in (
+    assert cli.main_cli([*overrides, "engine.backend=local", "rounds=1", f"hydra.run.dir={run_dir}"]) == 2
+    assert f"error: scenarios/scenario/digits.yaml (or the command line): {message}" in (
         run_dir / "run.log").read_text()
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "run.log"]  # no resolved config, no summary
 

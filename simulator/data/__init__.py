@@ -43,8 +43,6 @@ DATASETS: dict[str, Loader] = {
     ),
 }
 
-FROM_FILES = ("mnist", "cifar10", "cifar100", "npz")  # the datasets data.scale applies to
-
 
 def load_dataset(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
     """Load ``cfg.dataset``; its random parts (test split, synthetic data) depend only on ``seed``.
@@ -54,11 +52,6 @@ def load_dataset(cfg: DataConfig, num_clients: int, seed: int) -> Dataset:
     if cfg.dataset not in DATASETS:
         raise ConfigError(
             f"data.dataset = {cfg.dataset!r}: unknown dataset; valid: {sorted(DATASETS)}"
-        )
-    if cfg.scale is not None and cfg.dataset not in FROM_FILES:
-        raise ConfigError(
-            f"data.scale = {cfg.scale!r}: applies to datasets read from files ({', '.join(FROM_FILES)}), "
-            f"not data.dataset = {cfg.dataset!r}, which scales its own inputs"
         )
     dataset = DATASETS[cfg.dataset](cfg, num_clients, rng(seed, Purpose.DATA))
     for name in ("x_train", "x_test"):
