@@ -266,12 +266,25 @@ def _digits_as_integers(tmp_path: Path) -> tuple[Path, np.ndarray]:
     return file, x
 
 
+def unscaled_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "look unscaled" in r.getMessage()]
+
+
 def test_npz_integers_other_than_uint8_are_kept_and_said_to_look_unscaled(tmp_path, caplog):
     file, x = _digits_as_integers(tmp_path)
     with caplog.at_level("WARNING", logger="fedstream"):
         ds = load("npz", file)
     np.testing.assert_array_equal(ds.x_train[:, 0], x)  # not divided by 255: 0..16 would all be near 0
-    assert "look unscaled" in caplog.text and "data.scale=16" in caplog.text and str(file) in caplog.text
+    [warning] = unscaled_warnings(caplog)  # once for the dataset, not once per split (x and x_test)
+    assert "data.scale=16" in warning and str(file) in warning
+
+
+def test_mnist_that_looks_unscaled_is_said_so_once(tmp_path, caplog):
+    write_mnist(tmp_path, gz=False)
+    with caplog.at_level("WARNING", logger="fedstream"):
+        load("mnist", tmp_path, scale=1.0)
+    [warning] = unscaled_warnings(caplog)  # train and t10k files: one warning
+    assert "data.scale=255" in warning and str(tmp_path) in warning
 
 
 def test_npz_data_scale_divides_by_it_and_quiets_the_warning(tmp_path, caplog):
@@ -280,11 +293,6 @@ def test_npz_data_scale_divides_by_it_and_quiets_the_warning(tmp_path, caplog):
         ds = load("npz", file, scale=16.0)
     np.testing.assert_array_equal(ds.x_train[:, 0], x.astype(np.float32) / 16)
     assert ds.x_test.max() == 1.0 and not caplog.text
-
-
-def test_data_scale_is_refused_for_datasets_that_scale_their_own_inputs():
-    with pytest.raises(ConfigError, match="data.scale = 16.0: applies to datasets read from files"):
-        load("digits", scale=16.0)
 
 
 @pytest.mark.parametrize(

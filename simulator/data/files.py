@@ -67,16 +67,22 @@ def _labels(y: np.ndarray, file: Path, num_classes: int | None = None) -> np.nda
     return y.astype(np.int64)
 
 
-def _inputs(x: np.ndarray, scale: float | None, file: Path) -> np.ndarray:
-    """``x`` as C-contiguous float32, divided by ``scale`` (None: 255 for uint8, else 1); warns if it looks unscaled."""
-    divisor = scale if scale is not None else 255.0 if x.dtype == np.uint8 else 1.0
-    inputs = scaled(x, divisor)
-    largest = max(float(inputs.max(initial=0.0)), -float(inputs.min(initial=0.0)))
+def _inputs(source: Path, scale: float | None, *splits: np.ndarray) -> list[np.ndarray]:
+    """Each split as C-contiguous float32, divided by ``scale`` (None: 255 for uint8, else 1).
+
+    One warning for all the splits (a dataset is loaded once) if any looks unscaled.
+    """
+    divisors = [scale if scale is not None else 255.0 if x.dtype == np.uint8 else 1.0 for x in splits]
+    inputs = [scaled(x, divisor) for x, divisor in zip(splits, divisors)]
+    extents = [max(float(x.max(initial=0.0)), -float(x.min(initial=0.0))) for x in inputs]
+    worst = int(np.argmax(extents))
+    largest = extents[worst]
     if _UNSCALED < largest < math.inf:  # NaN and infinities: load_dataset's error names them
         log.warning(
             "data.path: %s holds %s inputs up to %g after dividing by %g (data.scale = %s): they look "
             "unscaled, which slows or stalls training; set data.scale to their largest value (e.g. data.scale=%g)",
-            file, x.dtype, largest, divisor, "null" if scale is None else scale, largest * divisor,
+            source, splits[worst].dtype, largest, divisors[worst], "null" if scale is None else scale,
+            largest * divisors[worst],
         )
     return inputs
 
@@ -104,7 +110,8 @@ def read_idx(file: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype, offset=header).reshape(dims)
 
 
-def _mnist_split(folder: Path, prefix: str, scale: float | None) -> tuple[np.ndarray, np.ndarray]:
+def _mnist_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split's images, as stored, with a channel axis, and its labels."""
     image_file = _member(folder, f"{prefix}-images-idx3-ubyte", f"{prefix}-images-idx3-ubyte.gz")
     label_file = _member(folder, f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels-idx1-ubyte.gz")
     images, labels = read_idx(image_file), read_idx(label_file)
@@ -112,14 +119,14 @@ def _mnist_split(folder: Path, prefix: str, scale: float | None) -> tuple[np.nda
         raise _malformed(image_file, f"expected images of shape (N, H, W), got {images.shape}")
     if len(labels) != len(images):
         raise _malformed(label_file, f"{len(labels)} labels for {len(images)} images")
-    return _inputs(images[:, None], scale, image_file), _labels(labels, label_file, 10)
+    return images[:, None], _labels(labels, label_file, 10)
 
 
 def load_mnist(path: str | None, scale: float | None = None) -> Dataset:
     """MNIST (or anything in its layout, e.g. Fashion-MNIST) from the four idx files in a folder."""
     folder = _existing_path(path, "mnist", "a folder with the four MNIST idx files (or .gz)")
-    x_train, y_train = _mnist_split(folder, "train", scale)
-    x_test, y_test = _mnist_split(folder, "t10k", scale)
+    (x_train, y_train), (x_test, y_test) = _mnist_split(folder, "train"), _mnist_split(folder, "t10k")
+    x_train, x_test = _inputs(folder, scale, x_train, x_test)
     return Dataset("mnist", x_train, y_train, x_test, y_test, num_classes=10)
 
 
@@ -132,9 +139,9 @@ class _CifarLayout(NamedTuple):
 
 
 def _cifar_batches(
-    folder: Path, names: list[str], label_key: bytes, num_classes: int, scale: float | None
+    folder: Path, names: list[str], label_key: bytes, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate CIFAR pickles, each a dict with b"data" (N x 3072 uint8) and ``label_key``.
+    """Concatenate CIFAR pickles, each a dict with b"data" (N x 3072 uint8) and ``label_key``; pixels as stored.
 
     The official python version is pickled; like any pickle, load only files you trust.
     """
@@ -155,13 +162,14 @@ def _cifar_batches(
         # Each row is the red, then green, then blue 32x32 plane: channel-first as is.
         xs.append(data.reshape(-1, 3, 32, 32))
         ys.append(_labels(labels, file, num_classes))
-    return _inputs(np.concatenate(xs), scale, folder), np.concatenate(ys)
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def _load_cifar(name: str, path: str | None, layout: _CifarLayout, scale: float | None) -> Dataset:
     folder = _existing_path(path, name, f"the {layout.folder!r} folder (CIFAR's python version)")
-    x_train, y_train = _cifar_batches(folder, layout.train, layout.label_key, layout.num_classes, scale)
-    x_test, y_test = _cifar_batches(folder, [layout.test], layout.label_key, layout.num_classes, scale)
+    x_train, y_train = _cifar_batches(folder, layout.train, layout.label_key, layout.num_classes)
+    x_test, y_test = _cifar_batches(folder, [layout.test], layout.label_key, layout.num_classes)
+    x_train, x_test = _inputs(folder, scale, x_train, x_test)
     return Dataset(name, x_train, y_train, x_test, y_test, layout.num_classes)
 
 
@@ -178,15 +186,15 @@ def load_cifar100(path: str | None, scale: float | None = None) -> Dataset:
     return _load_cifar("cifar100", path, layout, scale)
 
 
-def _npz_inputs(x: np.ndarray, file: Path, scale: float | None) -> np.ndarray:
-    """(N, D) or (N, C, H, W) float32: (N, H, W) gets a channel axis; scaled as ``data.scale`` says."""
+def _npz_inputs(x: np.ndarray, file: Path) -> np.ndarray:
+    """(N, D) or (N, C, H, W), as stored: (N, H, W) gets a channel axis."""
     if x.ndim not in (2, 3, 4):
         raise _malformed(file, f"inputs must be (N, D), (N, H, W) or (N, C, H, W), got {x.shape}")
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise _malformed(file, f"inputs must be integers or floats, not {x.dtype}")
     if x.ndim == 3:
         x = x[:, None]
-    return _inputs(x, scale, file)
+    return x
 
 
 def load_npz(path: str | None, test_fraction: float, rng: np.random.Generator, scale: float | None = None) -> Dataset:
@@ -208,7 +216,7 @@ def load_npz(path: str | None, test_fraction: float, rng: np.random.Generator, s
     if missing:
         raise _malformed(file, f"missing arrays {missing}; it has {sorted(arrays)}")
     splits = [
-        (_npz_inputs(arrays[f"x{suffix}"], file, scale), _labels(arrays[f"y{suffix}"], file))
+        (_npz_inputs(arrays[f"x{suffix}"], file), _labels(arrays[f"y{suffix}"], file))
         for suffix in suffixes
     ]
     input_shape = splits[0][0].shape[1:]
@@ -219,6 +227,7 @@ def load_npz(path: str | None, test_fraction: float, rng: np.random.Generator, s
             raise _malformed(file, f"test inputs {x.shape[1:]} differ from train {input_shape}")
     if len(splits[0][1]) == 0:
         raise _malformed(file, "x and y hold no samples")
+    splits = list(zip(_inputs(file, scale, *(x for x, _ in splits)), (y for _, y in splits)))
     num_classes = max(int(y.max(initial=0)) for _, y in splits) + 1
     if num_classes < 2:
         raise _malformed(file, f"labels hold {num_classes} class; a classifier needs at least 2 classes")
