@@ -12,25 +12,33 @@ directory (its subdirectories with ``summary.json`` are its runs; one with
 named on stderr and left out). Runs are grouped and named as the plots do
 (:mod:`simulator.runs`): one row per group of runs that differ only by ``seed=``,
 named by its strategy class where the rows' strategies differ, then by its
-overrides that not every row shares; the overrides every row shares are said
-under the table.
+overrides that not every row shares (``resume=`` and ``seed=`` set no row apart);
+the overrides every row shares are said under the table. Rows come in the order
+their first runs were given.
 
 A cell is ``mean ± std (n)`` over the row's runs whose summary has the metric:
 std is the **sample** standard deviation (ddof=1, what papers and pandas report
 over seeds), n the number of runs it was taken over. One run shows ``mean (1)``
 (no spread); a row where no run has the metric, or every one has it null (``fwt``
-when not measured), shows ``–``: a missing value is never averaged as 0. CSV has
+when not measured), shows ``–``: a missing value is never averaged as 0. Where
+every cell has the same n, cells are ``mean ± std`` and the line under the table
+says ``n = 3 runs each``. CSV has
 columns ``<metric>_mean``, ``<metric>_std`` (sample, ddof=1) and ``<metric>_n``
 at full precision, empty where missing; LaTeX is a booktabs ``tabular``.
 
-``--by KEY,...`` adds a column per key and sorts the rows by them (numbers as
-numbers; rows with equal keys stay in the order found). A key is a config group
-(``strategy``, ``scenario``: the name chosen, ``fot``) or any key of the run's
-config (``client.method``, ``strategy.eta``), read from ``.hydra/config.yaml``
-and, where that holds an interpolation, from the overrides.
+``--by KEY,...`` adds a column per key, leaves the key out of the configuration
+names (the column is dropped where that leaves every name empty) and sorts the
+rows by them (numbers as numbers; rows with equal keys stay in the order found).
+A key is a config group (``strategy``, ``scenario``: the name chosen, ``fot``, or
+the class the run used where it replaced the group's ``_target_``) or any key of
+the run's config (``client.method``, ``strategy.min_train_nodes``), read from the
+run's ``config_resolved.yaml`` (every interpolation resolved); a run older than
+that file is read from ``.hydra/config.yaml``, an interpolation there resolved
+within that config or else taken from the run's overrides.
 
-A path without runs, a metric in no run's summary, a ``--by`` key in no run's
-config, or a metric that is not a number exit with status 2 and a message naming it.
+A path without runs, a Hydra or config file that is not YAML, a metric in no
+run's summary, a ``--by`` key in no run's config, or a metric that is not a number
+exit with status 2 and a message naming it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -46,6 +55,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from simulator.runs import (
     SEED_STD_DDOF,
@@ -53,6 +64,7 @@ from simulator.runs import (
     Run,
     RunError,
     group_runs,
+    normal_override,
     override_key,
     read_hydra,
     run_paths,
@@ -62,7 +74,8 @@ from simulator.runs import (
 SUMMARY = "summary.json"
 DEFAULT_METRICS = ("final_accuracy", "average_accuracy", "forgetting", "bwt")
 MISSING = "–"  # a cell no run has a value for
-SPREAD = "mean ± sample standard deviation (ddof=1) over seeds, (n) runs with the metric"
+SPREAD = "mean ± sample standard deviation (ddof=1) over seeds"
+COUNTED = "(n) runs with the metric"  # said after SPREAD where cells have different n
 _ABSENT = object()  # a config key a run does not have (unlike one set to null)
 
 
@@ -119,20 +132,31 @@ def unfinished(dirs: Sequence[Path]) -> list[Path]:
 
 
 def config_value(run: Run, key: str) -> str | None:
-    """``key``'s value for ``run`` as text: a config group's choice (``strategy`` → ``fot``),
-    else the config's value (the override where the config holds an interpolation; a
-    section by its override or its ``_target_`` class); None where the run has no such key."""
+    """``key``'s value for ``run`` as text: a config group's choice (``strategy`` → ``fot``,
+    or the class the run used instead), else the config's value (a section by its override
+    or its ``_target_`` class); an interpolation left in an old run's config resolved within
+    it, else its override, else as written; None where the run has no such key."""
     if key in run.choices:
         return run.choices[key]
-    given = {override_key(o): o.split("=", 1)[1] for o in run.overrides or () if "=" in o}
+    given = {override_key(o): normal_override(o).split("=", 1)[1]
+             for o in run.overrides or () if "=" in o}
     value: Any = run.config or {}
     for part in key.split("."):
         value = value.get(part, _ABSENT) if isinstance(value, Mapping) else _ABSENT
     if isinstance(value, Mapping):
         target = value.get("_target_")
         return given.get(key) or (target.rsplit(".", 1)[-1] if isinstance(target, str) else None)
-    if value is _ABSENT or (isinstance(value, str) and "${" in value):
-        return given.get(key, None if value is _ABSENT else value)
+    if value is _ABSENT:
+        return given.get(key)
+    if isinstance(value, str) and "${" in value:
+        try:
+            resolved = OmegaConf.select(OmegaConf.create(dict(run.config or {})), key,
+                                        default=None, throw_on_resolution_failure=False)
+        except OmegaConfBaseException:  # not an interpolation OmegaConf can read
+            resolved = None
+        if resolved is None:  # e.g. a resolver only the run's process had
+            return given.get(key, value)
+        value = OmegaConf.to_container(resolved) if OmegaConf.is_config(resolved) else resolved
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -166,7 +190,8 @@ def _check_metrics(runs: Sequence[Run], metrics: Sequence[str]) -> None:
         if not any(metric in (run.summary or {}) for run in runs):
             numeric = sorted({k for run in runs for k, v in (run.summary or {}).items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            where = ", ".join(str(run.path) for run in runs[:3]) + (", ..." if len(runs) > 3 else "")
+            where = ", ".join(str(run.path) for run in runs[:3])
+            where += ", ..." if len(runs) > 3 else ""
             raise RunError(f"unknown metric {metric!r}: in no {SUMMARY} of {where}; "
                            f"they have {', '.join(numeric)}")
 
@@ -176,18 +201,20 @@ def _order(value: str | None) -> tuple[int, float, str]:
     if value is None:
         return (2, 0.0, "")
     try:
-        return (0, float(value), "")
+        number = float(value)
     except ValueError:
         return (1, 0.0, value)
+    return (1, 0.0, value) if math.isnan(number) else (0, number, "")
 
 
 def build_table(runs: Sequence[Run], metrics: Sequence[str], by: Sequence[str] = ()) -> Table:
-    """One row per group of seeds, a cell per metric, sorted by the ``by`` keys' values."""
+    """One row per group of seeds in order of first appearance, a cell per metric, sorted
+    stably by the ``by`` keys' values; the ``by`` keys are left out of the rows' labels."""
     _check_metrics(runs, metrics)
-    groups = group_runs(runs)
+    groups = group_runs(runs, hide=by)
     for key in by:
         if all(config_value(run, key) is None for run in runs):
-            raise RunError(f"unknown --by key {key!r}: in no run's .hydra/config.yaml, Hydra "
+            raise RunError(f"unknown --by key {key!r}: in no run's config, Hydra "
                            f"choices or overrides (e.g. {runs[0].path})")
     rows = [Row(group.label, tuple(config_value(group.runs[0], key) for key in by),
                 tuple(cell(metric_values(group, metric)) for metric in metrics))
@@ -200,21 +227,47 @@ def build_table(runs: Sequence[Run], metrics: Sequence[str], by: Sequence[str] =
 # --- Formats --------------------------------------------------------------------------------
 
 
-def _cell_text(c: Cell, digits: int, pattern: str, missing: str) -> str:
-    """``c`` as ``pattern`` (``{mean} ± {std}``) and ``(n)``; the mean alone under two runs."""
+def _same_n(table: Table) -> int | None:
+    """The n every cell with a value has, or None where they differ (or no cell has one)."""
+    counts = {c.n for row in table.rows for c in row.cells if c.mean is not None}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _cell_text(c: Cell, digits: int, pattern: str, missing: str, counted: bool) -> str:
+    """``c`` as ``pattern`` (``{mean} ± {std}``), and ``(n)`` where ``counted``; the mean
+    alone under two runs."""
     if c.mean is None:
         return missing
     mean = f"{c.mean:.{digits}f}"
     value = mean if c.std is None else pattern.format(mean=mean, std=f"{c.std:.{digits}f}")
-    return f"{value} ({c.n})"
+    return f"{value} ({c.n})" if counted else value
 
 
-def _text_columns(row: Row) -> list[str]:
-    return [MISSING if v is None else v for v in row.keys] + [row.label]
+def _text_headers(table: Table) -> list[str]:
+    """The ``--by`` keys and ``configuration``, unless the keys leave every label empty."""
+    return [*table.by, "configuration"] if _labelled(table) else list(table.by)
+
+
+def _labelled(table: Table) -> bool:
+    return any(row.label for row in table.rows) or not table.by
+
+
+def _text_columns(table: Table, row: Row, missing: str = MISSING) -> list[str]:
+    """The row's ``--by`` values (``missing`` where its config lacks the key) and label."""
+    keys = [missing if v is None else v for v in row.keys]
+    return [*keys, row.label] if _labelled(table) else keys
 
 
 def _footer(table: Table) -> str:
-    return SPREAD + (f"; every row: {' '.join(table.shared)}" if table.shared else "")
+    n = _same_n(table)
+    counts = COUNTED if n is None else f"n = {n} run{'s' * (n != 1)} each"
+    shared = f"; every row: {' '.join(table.shared)}" if table.shared else ""
+    return f"{SPREAD}, {counts}{shared}"
+
+
+def _cells(table: Table, row: Row, digits: int, pattern: str, missing: str) -> list[str]:
+    counted = _same_n(table) is None
+    return [_cell_text(c, digits, pattern, missing, counted) for c in row.cells]
 
 
 def to_markdown(table: Table, digits: int = 3) -> str:
@@ -222,12 +275,12 @@ def to_markdown(table: Table, digits: int = 3) -> str:
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n"
 
-    text = len(table.by) + 1
-    out = line([*table.by, "configuration", *table.metrics])
-    out += line(["---"] * text + ["---:"] * len(table.metrics))
+    headers = _text_headers(table)
+    out = line([*headers, *table.metrics])
+    out += line(["---"] * len(headers) + ["---:"] * len(table.metrics))
     for row in table.rows:
-        out += line(_text_columns(row)
-                    + [_cell_text(c, digits, "{mean} ± {std}", MISSING) for c in row.cells])
+        cells = _cells(table, row, digits, "{mean} ± {std}", MISSING)
+        out += line(_text_columns(table, row) + cells)
     return out + f"\n{_footer(table)}.\n"
 
 
@@ -237,10 +290,10 @@ def to_csv(table: Table, digits: int = 3) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     stats = ("mean", "std", "n")
-    writer.writerow([*table.by, "configuration", *(f"{m}_{s}" for m in table.metrics for s in stats)])
+    writer.writerow([*_text_headers(table), *(f"{m}_{s}" for m in table.metrics for s in stats)])
     for row in table.rows:
         numbers = ["" if v is None else v for c in row.cells for v in c]
-        writer.writerow([*("" if v is None else v for v in row.keys), row.label, *numbers])
+        writer.writerow([*_text_columns(table, row, ""), *numbers])
     return buffer.getvalue()
 
 
@@ -254,14 +307,14 @@ def _latex(text: str) -> str:
 
 def to_latex(table: Table, digits: int = 3) -> str:
     """A booktabs ``tabular`` (``\\usepackage{booktabs}``), what the cells are in a comment."""
-    text = len(table.by) + 1
+    headers = _text_headers(table)
     lines = [f"% {_footer(table)}; -- where no run has it",
-             "\\begin{tabular}{" + "l" * text + "r" * len(table.metrics) + "}", "\\toprule",
-             " & ".join(_latex(c) for c in [*table.by, "configuration", *table.metrics]) + " \\\\",
+             "\\begin{tabular}{" + "l" * len(headers) + "r" * len(table.metrics) + "}", "\\toprule",
+             " & ".join(_latex(c) for c in [*headers, *table.metrics]) + " \\\\",
              "\\midrule"]
     for row in table.rows:
-        cells = [_cell_text(c, digits, "${mean} \\pm {std}$", "--") for c in row.cells]
-        lines.append(" & ".join([*map(_latex, _text_columns(row)), *cells]) + " \\\\")
+        cells = _cells(table, row, digits, "${mean} \\pm {std}$", "--")
+        lines.append(" & ".join([*map(_latex, _text_columns(table, row)), *cells]) + " \\\\")
     return "\n".join([*lines, "\\bottomrule", "\\end{tabular}"]) + "\n"
 
 

@@ -160,6 +160,16 @@ def test_runs_that_differ_only_by_seed_form_one_group_named_by_its_strategy():
     assert shared_overrides(runs) == ["rounds=6"]
 
 
+def test_a_resumed_run_and_a_value_spelt_otherwise_stay_in_their_group():
+    # Hydra adds resume=true to a killed run it resumes; False and false are one value.
+    runs = [run("0", ["seed=0", "eval.probes=false"], "FOT"),
+            run("1", ["seed=1", "eval.probes=False", "resume=true"], "FOT")]
+    (group,) = group_runs(runs)
+
+    assert [r.path.name for r in group.runs] == ["0", "1"]
+    assert shared_overrides(runs) == ["eval.probes=false"]
+
+
 def test_groups_of_one_strategy_are_named_by_the_overrides_they_do_not_share():
     runs = [run(str(i), [f"seed={i % 2}", "strategy=fedadam", f"strategy.eta={eta}"], "FedAdam")
             for i, eta in enumerate([0.1, 0.1, 0.01, 0.01])]

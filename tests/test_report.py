@@ -1,7 +1,8 @@
 """simulator.report: results tables from made-up run directories whose every number is known.
 
 The directories hold what a run of ``python run.py --multirun`` leaves for the report:
-``summary.json`` and Hydra's ``.hydra/{config,hydra,overrides}.yaml``.
+``summary.json``, Hydra's ``.hydra/{config,hydra,overrides}.yaml`` and, for runs newer
+than that file, ``config_resolved.yaml``.
 """
 
 from __future__ import annotations
@@ -18,18 +19,19 @@ from typing import Any
 import pytest
 
 from conftest import ROOT
-from simulator.report import DEFAULT_METRICS, Cell, cell, config_value, main
+from simulator.report import DEFAULT_METRICS, Cell, cell, config_value, main, read_run
 from simulator.runs import Run
 
 STRATEGIES = {"fedavg": "flwr.serverapp.strategy.FedAvg", "fot": "strategies.fot.FOT"}
 
 
 def write_run(path: Path, strategy: str, method: str, seed: int, summary: dict[str, Any] | None,
-              lr: float = 0.05) -> Path:
-    """A finished run (``summary=None``: one that failed before writing its summary)."""
+              lr: float = 0.05, extra: tuple[str, ...] = ()) -> Path:
+    """A finished run (``summary=None``: one that failed before writing its summary), made
+    before runs wrote ``config_resolved.yaml``; ``extra`` overrides are only listed."""
     hydra = path / ".hydra"
     hydra.mkdir(parents=True)
-    overrides = [f"strategy={strategy}", f"client.method={method}", f"seed={seed}"]
+    overrides = [f"strategy={strategy}", f"client.method={method}", f"seed={seed}", *extra]
     (hydra / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     (hydra / "config.yaml").write_text(
         "federation:\n  num_clients: 20\n  clients_per_round: 10\n"
@@ -37,7 +39,8 @@ def write_run(path: Path, strategy: str, method: str, seed: int, summary: dict[s
         f"client:\n  method: {method}\n  lr: {lr}\n"
         f"seed: {seed}\nrounds: 30\nscenario_name: ${{hydra:runtime.choices.scenario}}\n"
         f"strategy:\n  _target_: {STRATEGIES[strategy]}\n"
-        "  fraction_train: ${fraction:${federation.clients_per_round},${federation.num_clients}}\n")
+        "  fraction_train: ${fraction:${federation.clients_per_round},${federation.num_clients}}\n"
+        "  min_train_nodes: ${federation.clients_per_round}\n")
     (hydra / "hydra.yaml").write_text(
         "hydra:\n  run:\n    dir: outputs/${now:%Y-%m-%d}\n  runtime:\n    choices:\n"
         f"      scenario: digits\n      strategy: {strategy}\n      hydra/launcher: basic\n")
@@ -70,6 +73,18 @@ def sweep(tmp_path) -> Path:
         write_run(root / name, strategy, method, seed, summary)
     (root / "multirun.yaml").write_text("{}\n")
     return root
+
+
+def write_resolved(path: Path, target: str | None = None) -> Path:
+    """The run's ``config_resolved.yaml``, as run.py writes it: its config, resolved
+    (``fraction_train`` 10 / 20 clients), with ``target`` as its strategy class if given."""
+    config = read_run(path).config
+    strategy = config["strategy"] | {"fraction_train": 0.5, "min_train_nodes": 10}
+    if target:
+        strategy["_target_"] = target
+    resolved = config | {"strategy": strategy, "scenario_name": "digits"}
+    (path / "config_resolved.yaml").write_text(json.dumps(resolved))  # JSON is YAML
+    return path
 
 
 def report(capsys, *args: str | Path) -> tuple[str, str]:
@@ -116,8 +131,9 @@ def test_the_default_metrics_and_the_overrides_every_row_shares(tmp_path, capsys
     out, _ = report(capsys, tmp_path / "0", tmp_path / "1", "--digits", "2")
     header, _, row, _, footer = out.splitlines()
     assert header == "| configuration | " + " | ".join(DEFAULT_METRICS) + " |"
-    assert row == "| FOT | 0.60 ± 0.14 (2) | 0.60 ± 0.00 (2) | 0.10 ± 0.00 (2) | -0.10 ± 0.00 (2) |"
-    assert footer.endswith("; every row: client.method=replay strategy=fot.")
+    assert row == "| FOT | 0.60 ± 0.14 | 0.60 ± 0.00 | 0.10 ± 0.00 | -0.10 ± 0.00 |"  # n below
+    assert footer == ("mean ± sample standard deviation (ddof=1) over seeds, n = 2 runs each; "
+                      "every row: client.method=replay strategy=fot.")
 
 
 def test_csv_has_mean_std_and_n_per_metric_at_full_precision(sweep, capsys):
@@ -155,13 +171,15 @@ def test_by_adds_columns_of_config_values_and_sorts_rows_by_them(tmp_path, capsy
         overrides.write_text(overrides.read_text() + f"- client.lr={lr}\n")
     out, _ = report(capsys, tmp_path / "0", tmp_path / "1", tmp_path / "2", tmp_path / "3",
                     "--by", "strategy,client.lr", "--metrics", "final_accuracy")
-    assert out.splitlines()[:6] == [
+    assert out.splitlines() == [  # the --by keys are columns, not in the configuration too
         "| strategy | client.lr | configuration | final_accuracy |",
         "| --- | --- | --- | ---: |",
-        "| fedavg | 0.05 | FedAvg client.lr=0.05 client.method=sgd | 0.050 (1) |",
-        "| fedavg | 0.1 | FedAvg client.lr=0.1 client.method=sgd | 0.100 (1) |",
-        "| fedavg | 0.2 | FedAvg client.lr=0.2 client.method=sgd | 0.200 (1) |",
-        "| fot | 0.05 | FOT client.lr=0.05 client.method=replay | 0.050 (1) |",
+        "| fedavg | 0.05 | client.method=sgd | 0.050 |",
+        "| fedavg | 0.1 | client.method=sgd | 0.100 |",
+        "| fedavg | 0.2 | client.method=sgd | 0.200 |",
+        "| fot | 0.05 | client.method=replay | 0.050 |",
+        "",
+        "mean ± sample standard deviation (ddof=1) over seeds, n = 1 run each.",
     ]
 
 
@@ -170,23 +188,98 @@ def test_by_sorts_numbers_as_numbers_and_keeps_ties_in_the_order_found(sweep, ca
                     "--metrics", "final_accuracy")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [(r["client.method"], r["rounds"], r["configuration"]) for r in rows] == [
-        ("replay", "30", "FOT client.method=replay"), ("sgd", "30", "FedAvg client.method=sgd")]
+        ("replay", "30", "FOT"), ("sgd", "30", "FedAvg")]
 
 
 def test_config_values_come_from_choices_config_or_overrides():
-    config = {"strategy": {"_target_": "strategies.fot.FOT", "eta": "${oops}"},
-              "client": {"method": "ewc", "lr": 0.1}, "stream": {"tasks": None}}
+    config = {"strategy": {"_target_": "strategies.fot.FOT", "eta": "${oops}",
+                           "min_train_nodes": "${client.batches}"},
+              "client": {"method": "ewc", "lr": 0.1, "batches": 4}, "stream": {"tasks": None}}
     chosen = Run(Path("/r"), overrides=("strategy=fot", "strategy.eta=0.5"), strategy="FOT",
                  choices={"strategy": "fot"}, config=config)
     assert config_value(chosen, "strategy") == "fot"
     assert config_value(chosen, "client.method") == "ewc"
     assert config_value(chosen, "client.lr") == "0.1"
-    assert config_value(chosen, "strategy.eta") == "0.5"  # an interpolation: the override
     assert config_value(chosen, "stream.tasks") == "null"
     assert config_value(chosen, "client.nothing") is None
+    # A run older than config_resolved.yaml: an interpolation in its .hydra/config.yaml is
+    # resolved within that config, else taken from the override, else left as written.
+    assert config_value(chosen, "strategy.min_train_nodes") == "4"
+    assert config_value(chosen, "strategy.eta") == "0.5"
     bare = Run(Path("/r"), overrides=(), config=config)  # no hydra.yaml, no override
     assert config_value(bare, "strategy") == "FOT"
     assert config_value(bare, "strategy.eta") == "${oops}"
+
+
+def test_by_reads_the_resolved_config_where_the_run_wrote_one(tmp_path, capsys):
+    new = write_resolved(write_run(tmp_path / "new", "fot", "sgd", 0, {"final_accuracy": 0.6}))
+    old = write_run(tmp_path / "old", "fedavg", "sgd", 0, {"final_accuracy": 0.5})
+    out, _ = report(capsys, new, old, "--format", "csv", "--metrics", "final_accuracy",
+                    "--by", "strategy.min_train_nodes")
+    assert [r[:2] for r in csv.reader(io.StringIO(out))] == [
+        ["strategy.min_train_nodes", "configuration"], ["10", "FOT"], ["10", "FedAvg"]]
+    # Values only the run's process could resolve (its resolvers, Hydra's runtime):
+    assert config_value(read_run(new), "strategy.fraction_train") == "0.5"
+    assert config_value(read_run(new), "scenario_name") == "digits"
+
+
+def test_by_strategy_names_the_class_a_run_put_in_place_of_the_groups(tmp_path, capsys):
+    median = "flwr.serverapp.strategy.FedMedian"
+    overridden = write_resolved(write_run(tmp_path / "a", "fedavg", "sgd", 0,
+                                          {"final_accuracy": 0.5},
+                                          extra=(f"strategy._target_={median}",)), median)
+    plain = write_run(tmp_path / "b", "fedavg", "sgd", 0, {"final_accuracy": 0.6})
+    # A target set other than by an override: told from the group's file in Hydra's config path.
+    conf = tmp_path / "conf"
+    (conf / "strategy").mkdir(parents=True)
+    (conf / "strategy" / "fedavg.yaml").write_text(f"_target_: {STRATEGIES['fedavg']}\n")
+    other = write_resolved(write_run(tmp_path / "c", "fedavg", "ewc", 0, {"final_accuracy": 0.7}),
+                           "strategies.fot.FOT")
+    hydra_yaml = other / ".hydra" / "hydra.yaml"
+    sources = f"    config_sources:\n    - path: {conf}\n      schema: file\n"
+    hydra_yaml.write_text(hydra_yaml.read_text().replace("  runtime:\n", "  runtime:\n" + sources))
+    out, _ = report(capsys, overridden, plain, other, "--format", "csv",
+                    "--metrics", "final_accuracy", "--by", "strategy")
+    strategies = [r[0] for r in csv.reader(io.StringIO(out))]
+    assert strategies == ["strategy", "FOT", "FedMedian", "fedavg"]
+
+
+def test_resume_and_the_spelling_of_a_value_make_no_other_configuration(tmp_path, capsys):
+    for seed, (extra, final) in enumerate([(("eval.probes=false",), 0.5),
+                                           (("eval.probes=False", "resume=true"), 0.7)]):
+        write_run(tmp_path / str(seed), "fot", "replay", seed, {"final_accuracy": final},
+                  extra=extra)
+    out, _ = report(capsys, tmp_path / "0", tmp_path / "1", "--metrics", "final_accuracy")
+    assert out.splitlines()[2] == "| FOT | 0.600 ± 0.141 |"
+    assert out.splitlines()[-1].endswith(
+        "n = 2 runs each; every row: client.method=replay eval.probes=false strategy=fot.")
+
+
+@pytest.mark.parametrize("name", [".hydra/config.yaml", ".hydra/overrides.yaml",
+                                  ".hydra/hydra.yaml", "config_resolved.yaml"])
+@pytest.mark.parametrize("text, says", [("a: [1\n", "not YAML"), ("[1, 2]\n", "not a YAML")])
+def test_a_hydra_or_config_file_that_is_not_yaml_exits_2_naming_it(tmp_path, capsys, name,
+                                                                   text, says):
+    path = write_run(tmp_path / "run", "fot", "replay", 0, {"final_accuracy": 0.5})
+    if name == ".hydra/overrides.yaml" and text.startswith("["):
+        text = "seed: 1\n"  # a list is what overrides.yaml should be
+    (path / name).write_text(text)
+    message = report_fails(capsys, path)
+    assert f"{path / name}: {says}" in message, message
+
+
+def test_rows_keep_the_order_the_runs_were_given_in(sweep, tmp_path, capsys):
+    first = write_run(tmp_path / "z", "fedavg", "ewc", 0, {"final_accuracy": 0.5})
+    out, _ = report(capsys, first, sweep, "--format", "csv", "--metrics", "final_accuracy")
+    assert [r["configuration"] for r in csv.DictReader(io.StringIO(out))] == [
+        "FedAvg client.method=ewc", "FOT client.method=replay", "FedAvg client.method=sgd"]
+
+
+def test_the_configuration_column_goes_where_the_by_keys_say_everything(sweep, capsys):
+    out, _ = report(capsys, sweep, "--by", "strategy,client.method", "--metrics", "final_accuracy")
+    assert out.splitlines()[:4] == [
+        "| strategy | client.method | final_accuracy |", "| --- | --- | ---: |",
+        "| fedavg | sgd | 0.740 ± 0.040 (3) |", "| fot | replay | 0.850 ± 0.071 (2) |"]
 
 
 @pytest.mark.parametrize("args, names", [
@@ -202,7 +295,8 @@ def test_bad_metrics_and_keys_exit_2_naming_them(sweep, capsys, args, names):
 def test_a_path_without_runs_exits_2_naming_it(tmp_path, capsys):
     write_run(tmp_path / "failed", "fedavg", "sgd", 0, None)
     for path in [tmp_path / "failed", tmp_path / "missing"]:
-        assert f"{path}: no summary.json there nor in any subdirectory" in report_fails(capsys, path)
+        message = report_fails(capsys, path)
+        assert f"{path}: no summary.json there nor in any subdirectory" in message
 
 
 def test_the_module_runs_from_the_command_line(sweep):
