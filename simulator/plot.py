@@ -19,9 +19,10 @@ Each RUN_DIR is a run directory (it has ``metrics.jsonl``) or a Hydra multirun
 directory (its subdirectories with ``metrics.jsonl`` are its runs).
 
 Runs are grouped and named as :mod:`simulator.runs` says: runs whose overrides
-differ only by ``seed=`` (or a resumed run's ``resume=true``) form one group, labelled by its strategy class where the
-groups' strategies differ, then by its overrides that not every group shares
-(``--label TEXT``, once per group in order, names them instead). The title names
+differ only by ``seed=`` (or a resumed run's ``resume=true``) form one group,
+labelled by its strategy class where the groups' strategies differ, then by its
+overrides that not every group shares (``--label TEXT``, once per group in order,
+names them instead). The title names
 what is shown and what tells the groups apart ("accuracy on seen tasks by
 strategy, client method"), over a line of the overrides every group shares
 (``--title TEXT`` replaces it). Axes name metrics in words ("training loss" for
