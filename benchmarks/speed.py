@@ -166,6 +166,9 @@ def ratios(results: dict[str, dict[str, Measurement]]) -> dict[str, float]:
         bare, flower = by_impl.get("bare_loop"), by_impl.get("flower")
         if ray and bare:
             out[f"{workload}.warm_round_ray_over_bare"] = round(ray.warm_round_s / bare.warm_round_s, 3)
+        if local and bare:
+            out[f"{workload}.warm_round_local_over_bare"] = round(local.warm_round_s / bare.warm_round_s, 3)
+            out[f"{workload}.end_to_end_local_over_bare"] = round(local.end_to_end_s / bare.end_to_end_s, 3)
         if ray and flower:
             out[f"{workload}.end_to_end_flower_over_ray"] = round(flower.end_to_end_s / ray.end_to_end_s, 3)
             out[f"{workload}.memory_ray_over_flower"] = round(ray.peak_memory_mb / flower.peak_memory_mb, 3)
