@@ -1,0 +1,14 @@
+"""The license a user or a packager reads: Apache-2.0 (as Flower and pfl-research), in the file and the metadata."""
+
+import importlib.metadata
+
+from conftest import ROOT
+
+
+def test_the_license_file_and_the_package_metadata_say_apache_2():
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "Copyright 2026 The FedStream authors" in text
+    metadata = importlib.metadata.metadata("fedstream")
+    assert metadata["License-Expression"] == "Apache-2.0"
+    assert metadata.get_all("License-File") == ["LICENSE"]
