@@ -137,20 +137,24 @@ def composition_error(error: BaseException) -> str | None:
 def _unknown_key(key: str, parent: Any) -> str:
     """An override of a key the composed config lacks: the valid keys (a strategy's: its constructor's arguments)."""
     if isinstance(parent, DictConfig) and "_target_" in parent:
-        path = key.rpartition(".")[0]
+        path, _, name = key.rpartition(".")
         try:
             problem = unknown_argument(parent._target_, key)
-            readable = strategy_arguments(parent._target_, path) is not None
-            name = strategy_class(parent._target_, path).__name__
+            arguments = strategy_arguments(parent._target_, path)
+            class_name = strategy_class(parent._target_, path).__name__
         except ConfigError as error:  # the class itself is missing
             return str(error)
         if problem:
             return problem
-        if not readable:  # **kwargs along its whole chain: never claim it takes the key
-            return (f"{key}: unknown key; the strategy file does not set it, and which arguments {name} "
+        if arguments is not None and name in arguments:
+            return f"{key}: {class_name} takes it, but the strategy file does not set it; add it with +{key}=..."
+        if arguments is None:  # **kwargs along its whole chain: never claim it takes the key
+            return (f"{key}: unknown key; the strategy file does not set it, and which arguments {class_name} "
                     f"takes cannot be read (its constructor takes **kwargs); if it does take it, add it "
                     f"with +{key}=...")
-        return f"{key}: {name} takes it, but the strategy file does not set it; add it with +{key}=..."
+        return (f"{key}: unknown key; the strategy file does not set it; valid keys: {', '.join(arguments)} "
+                f"(read up {class_name}'s parents: its constructor takes **kwargs, so another key is refused "
+                f"only when it is built; if it does take it, add it with +{key}=...)")
     keys = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
     keys = keys or valid_keys(key.rpartition(".")[0])
     return f"{key}: unknown key; valid keys: {', '.join(keys) or '(none)'}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
@@ -68,7 +69,10 @@ def build_strategy(node: DictConfig) -> Strategy:
     try:
         strategy = instantiate(node, _convert_="all")
     except InstantiationException as error:
-        raise ConfigError(f"strategy._target_ = {target!r}: {_first_line(error)}") from None
+        cause = _first_line(error)
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", cause)
+        raise ConfigError(unexpected and _refused_key(node, "strategy", unexpected.group(1))
+                          or f"strategy._target_ = {target!r}: {cause}") from None
     if not isinstance(strategy, Strategy):
         raise ConfigError(
             f"strategy._target_ = {target!r}: built a {type(strategy).__name__}, "
@@ -131,14 +135,41 @@ def strategy_arguments(target: Any, path: str = "strategy") -> list[str] | None:
     return None
 
 
+def takes_any_keyword(target: Any, path: str = "strategy") -> bool:
+    """Whether the class's own constructor takes ``**kwargs``: then which keys it takes shows only when it is
+    built (FOT passes them on to FedAvg, which refuses a typo; a user's class may keep them)."""
+    named = strategy_class(target, path)
+    init = next((vars(k)["__init__"] for k in named.__mro__ if "__init__" in vars(k)), None) \
+        if isinstance(named, type) else named
+    try:
+        return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())
+    except (TypeError, ValueError):
+        return True
+
+
 def unknown_argument(target: Any, key: str) -> str | None:
-    """Why ``key`` (a dotted path ending in the argument) cannot be given to ``target``'s class; None if it can."""
+    """Why ``key`` (a dotted path ending in the argument) cannot be given to ``target``'s class; None if it can,
+    or if only building the class can tell (:func:`takes_any_keyword`)."""
     path, _, name = key.rpartition(".")
     arguments = strategy_arguments(target, path)
-    if arguments is None or name in arguments or name in _HYDRA_KEYS:
+    if arguments is None or name in arguments or name in _HYDRA_KEYS or takes_any_keyword(target, path):
         return None
+    return _not_an_argument(key, target, arguments)
+
+
+def _not_an_argument(key: str, target: Any, arguments: list[str]) -> str:
+    path = key.rpartition(".")[0]
     return (f"{key}: unknown key, not an argument of {path}._target_ = {target!r}; "
             f"valid keys: {', '.join(arguments) or '(none)'}")
+
+
+def _refused_key(node: DictConfig, path: str, name: str) -> str | None:
+    """The message for argument ``name`` that a constructor in ``node`` (or a strategy it wraps) refused as it
+    was built; None where no node sets it."""
+    if name in node:
+        return _not_an_argument(f"{path}.{name}", node._target_, strategy_arguments(node._target_, path) or [])
+    nested = (key for key in node if isinstance(node.get(key), DictConfig) and "_target_" in node[key])
+    return next(filter(None, (_refused_key(node[key], f"{path}.{key}", name) for key in nested)), None)
 
 
 def _check_arguments(node: DictConfig, path: str) -> None:

@@ -16,7 +16,8 @@ from hydra.errors import MissingConfigException
 
 import run as cli
 from conftest import ROOT, read_metrics, run_experiment
-from simulator.config import ConfigError
+from simulator.config import ConfigError, compose_config
+from strategies import build_strategy
 
 USER_STRATEGY = '''
 from flwr.app import MetricRecord
@@ -229,3 +230,10 @@ def test_the_resolved_config_is_written_beside_hydras_own(tmp_path):
     assert "${" not in text and resolved["scenario_name"] == "digits"
     assert resolved["strategy"]["min_train_nodes"] == 4 and resolved["strategy"]["fraction_train"] == 0.2
     assert resolved["rounds"] == 1 and "hydra" not in resolved
+
+
+def test_a_strategy_that_keeps_its_own_kwargs_is_built_with_a_key_no_constructor_names(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "user_code"))
+    cfg = compose_config(["strategy._target_=options_strategy.KeepsOptions", "+strategy.beta=2", "+strategy.mu=0.5"])
+    strategy = build_strategy(cfg.strategy)
+    assert (strategy.mu, strategy.options["beta"]) == (0.5, 2)  # beside the strategy file's keys, kept too
