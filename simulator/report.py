@@ -49,6 +49,7 @@ import io
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -216,9 +217,14 @@ def build_table(runs: Sequence[Run], metrics: Sequence[str], by: Sequence[str] =
         if all(config_value(run, key) is None for run in runs):
             raise RunError(f"unknown --by key {key!r}: in no run's config, Hydra "
                            f"choices or overrides (e.g. {runs[0].path})")
-    rows = [Row(group.label, tuple(config_value(group.runs[0], key) for key in by),
+    keys = [tuple(config_value(group.runs[0], key) for key in by) for group in groups]
+    # Groups that differ only by how a --by key was given (left at its default, or set to it) would
+    # read as two equal rows: those keep the overrides that tell them apart.
+    seen = Counter(zip(keys, (group.label for group in groups)))
+    full = group_runs(runs) if any(count > 1 for count in seen.values()) else groups
+    rows = [Row(group.label if seen[key, group.label] == 1 else whole.label, key,
                 tuple(cell(metric_values(group, metric)) for metric in metrics))
-            for group in groups]
+            for group, whole, key in zip(groups, full, keys)]
     rows.sort(key=lambda row: [_order(value) for value in row.keys])
     shared = shared_overrides([group.runs[0] for group in groups])
     return Table(tuple(by), tuple(metrics), tuple(rows), tuple(shared))
@@ -338,7 +344,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m simulator.report",
         description="A results table from run directories: one row per configuration, each "
                     f"metric of summary.json as {SPREAD}.",
-        epilog="Runs whose .hydra/overrides.yaml differ only by seed= are one row.",
+        epilog="Runs whose .hydra/overrides.yaml differ only by seed= or resume= (values compared as "
+               "Hydra parses them) are one row.",
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="DIR",
                         help="a run directory (has summary.json) or a multirun directory of them")
@@ -346,7 +353,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"summary.json keys (default {','.join(DEFAULT_METRICS)})")
     parser.add_argument("--by", type=_names, default=(), metavar="KEY,...",
                         help="a column per config key, rows sorted by them: strategy (the name "
-                             "chosen), scenario, client.method, model.head, strategy.eta, ...")
+                             "chosen, or the class put in its place), scenario, client.method, "
+                             "model.head, strategy.eta, ...")
     parser.add_argument("--format", choices=FORMATS, default="markdown")
     parser.add_argument("--digits", type=int, default=3,
                         help="decimals in Markdown and LaTeX (default 3; CSV keeps them all)")

@@ -9,7 +9,7 @@ same configuration the same way.
 A group is labelled by its strategy class where the groups' strategies differ,
 then by its overrides that not every group shares; the overrides every group
 shares describe all of them (a plot's title, a table's caption). ``seed=`` and
-``resume=`` (Hydra adds ``resume=true`` to a killed run it resumes) do not make a
+``resume=`` (``resume=true`` continues a killed run: the same configuration) do not make a
 setting, and override values are compared as Hydra parses them: ``eval.probes=False``
 and ``eval.probes=false`` are one setting.
 """
@@ -249,7 +249,7 @@ def _label(run: Run, shared: set[str], name_strategy: bool, hide: set[str]) -> s
         return " ".join(parts)
     if name_strategy and run.strategy:
         parts.insert(0, run.strategy)
-    return " ".join(parts) or run.strategy or run.path.name
+    return " ".join(parts) or ("" if hide else run.strategy or run.path.name)
 
 
 def differing_keys(groups: Sequence[Group]) -> list[str]:

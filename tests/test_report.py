@@ -307,3 +307,20 @@ def test_the_module_runs_from_the_command_line(sweep):
     assert result.stdout.splitlines()[0] == (
         "configuration,final_accuracy_mean,final_accuracy_std,final_accuracy_n")
     assert "left out" in result.stderr
+
+
+def test_rows_that_differ_only_by_how_a_by_key_was_given_keep_what_tells_them_apart(tmp_path, capsys):
+    # lr left at the file's 0.05 in one run, set to it in the other: two groups, one value under --by.
+    write_run(tmp_path / "default", "fedavg", "sgd", 0, {"final_accuracy": 0.7})
+    write_run(tmp_path / "set", "fedavg", "sgd", 0, {"final_accuracy": 0.8}, extra=("client.lr=0.05",))
+    out, _ = report(capsys, tmp_path / "default", tmp_path / "set", "--by", "client.lr",
+                    "--metrics", "final_accuracy")
+    assert out.splitlines()[:4] == [
+        "| client.lr | configuration | final_accuracy |", "| --- | --- | ---: |",
+        "| 0.05 | FedAvg | 0.700 |", "| 0.05 | client.lr=0.05 | 0.800 |"]
+
+
+def test_by_keys_that_tell_every_row_apart_leave_no_configuration_column(sweep, capsys):
+    fedavg_only = [p for p in sweep.iterdir() if "strategy=fedavg" in p.name and (p / "summary.json").exists()]
+    out, _ = report(capsys, *fedavg_only, "--by", "client.method", "--metrics", "final_accuracy")
+    assert out.splitlines()[:3] == ["| client.method | final_accuracy |", "| --- | ---: |", "| sgd | 0.740 ± 0.040 |"]
