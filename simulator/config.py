@@ -54,6 +54,7 @@ class SyntheticConfig:
 
 
 FILE_DATASETS = ("mnist", "cifar10", "cifar100", "npz")  # read from data.path; data.scale applies to these only
+DATASET_NAMES = ("digits", "mnist5k", "synthetic", *FILE_DATASETS)  # simulator.data.DATASETS loads each
 
 
 @dataclass(frozen=True)
@@ -414,6 +415,7 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
             fed.clients_per_round <= fed.num_clients,
             f"more clients per round than clients (federation.num_clients = {fed.num_clients})",
         ),
+        ("data.dataset", data.dataset in DATASET_NAMES, f"unknown dataset; valid: {sorted(DATASET_NAMES)}"),
         ("data.test_fraction", 0.0 < data.test_fraction < 1.0, "must be between 0 and 1"),
         ("data.scale", data.scale is None or data.scale > 0, "must be > 0 (null: 255 for uint8 files, else 1)"),
         ("data.scale", data.scale is None or data.dataset in FILE_DATASETS,

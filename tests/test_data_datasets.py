@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulator.config import ConfigError, DataConfig, PartitionConfig, SyntheticConfig
+from conftest import compose_run
+from simulator.config import DATASET_NAMES, ConfigError, DataConfig, PartitionConfig, SyntheticConfig
 from simulator.data import DATASETS, Dataset, load_dataset, partition
 
 
@@ -75,7 +76,12 @@ def test_unknown_dataset_lists_valid_names():
         load("imagenet")
     assert all(name in str(error.value) for name in DATASETS)
     names = ["digits", "mnist5k", "mnist", "cifar10", "cifar100", "npz", "synthetic"]
-    assert sorted(DATASETS) == sorted(names)
+    assert sorted(DATASETS) == sorted(names) == sorted(DATASET_NAMES)  # what the config check accepts
+
+
+def test_an_unknown_dataset_is_refused_with_the_config_checks_before_its_scale():
+    with pytest.raises(ConfigError, match=r"data.dataset = 'digitz': unknown dataset; valid: \['cifar10'"):
+        compose_run(["data.dataset=digitz", "data.scale=2"])
 
 
 # ----- MNIST idx files -----
