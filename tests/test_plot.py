@@ -161,7 +161,7 @@ def test_runs_that_differ_only_by_seed_form_one_group_named_by_its_strategy():
 
 
 def test_a_resumed_run_and_a_value_spelt_otherwise_stay_in_their_group():
-    # Hydra adds resume=true to a killed run it resumes; False and false are one value.
+    # resume=true continues a killed run (its overrides then say so); False and false are one value.
     runs = [run("0", ["seed=0", "eval.probes=false"], "FOT"),
             run("1", ["seed=1", "eval.probes=False", "resume=true"], "FOT")]
     (group,) = group_runs(runs)
