@@ -6,7 +6,8 @@ matrix, the summary, TensorBoard logs, checkpoints and plots.
 
 Exit codes: 0 done; 2 bad input (a config value, an override, a scenario file,
 the data, a checkpoint to resume), with one ``error: ...`` paragraph naming the
-key or file; 1 a client failed (its traceback in the message).
+key or file; 1 the run failed: a client (its traceback in the message), or the
+strategy's arrays (not the model's, or not finite; the message names it).
 
 What a run directory holds when the run does not finish:
 
