@@ -58,6 +58,23 @@ def start_run_py(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def kill_after_records(run_dir: Path, overrides: list[str], records: int, timeout_s: float = 60.0) -> int:
+    """Start ``python run.py``, SIGKILL it (and its Ray) once ``metrics.jsonl`` has ``records`` lines;
+    the lines it had when it died."""
+    import os
+    import signal
+    import time
+
+    killed, metrics = start_run_py(run_dir, overrides), run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= records):
+        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+        time.sleep(0.005)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    return len(metrics.read_text().splitlines())
+
+
 def wait_for_free_cpus(cpus: float, timeout_s: float = 30.0) -> None:
     """Wait until the shared Ray has ``cpus`` free: the actors of a run that just ended leave asynchronously."""
     import time

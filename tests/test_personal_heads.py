@@ -8,9 +8,6 @@ personalised client accuracy, and models that cannot serve a personal head.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,7 +20,8 @@ from clients.fedper import FedPerClient
 from clients.fedrep import FedRepClient, FedRepSettings
 from clients.models import build_model
 from conftest import (
-    ROOT, compose_run, numbers_of, read_metrics, run_experiment, start_run_py, wait_for_free_cpus,
+    ROOT, compose_run, kill_after_records, numbers_of, read_metrics, run_experiment, start_run_py,
+    wait_for_free_cpus,
 )
 from simulator import checkpoint
 from simulator.client_state import ClientStates
@@ -360,14 +358,7 @@ def test_a_fedper_run_killed_with_sigkill_resumes_to_the_uninterrupted_heads_and
                  "engine.client_state_memory_mb=0.005"]  # some heads spill to files
     run_experiment(tmp_path / "whole", overrides)
 
-    killed, metrics = start_run_py(tmp_path / "killed", overrides), tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.monotonic() + 60
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
-        time.sleep(0.005)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=30)
-    done = len(metrics.read_text().splitlines())
+    done = kill_after_records(tmp_path / "killed", overrides, 5)
     assert not (tmp_path / "killed" / "summary.json").exists() and done < 20, done
     saved = checkpoint.load(tmp_path / "killed" / "checkpoints")
     assert saved.round in (3, 6, 9, 12, 15, 18) and saved.client_states.files  # heads were saved

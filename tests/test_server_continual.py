@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +14,7 @@ from simulator.config import ConfigError
 from simulator.held_array import held_array_record
 from strategies.ccvr import pooled_statistics
 from strategies.fot import grown_basis, project_updates
-from tests.conftest import numbers_of, run_experiment, start_run_py, wait_for_free_cpus
+from tests.conftest import kill_after_records, numbers_of, run_experiment, start_run_py, wait_for_free_cpus
 
 PERMUTED = ["scenario=permuted_digits", "engine.backend=local", "eval.probes=false", "stream.num_tasks=3",
             "stream.rounds_per_task=2", "client.epochs=1", "federation.clients_per_round=4"]
@@ -127,13 +124,7 @@ def test_a_plain_flower_strategy_gives_the_numbers_it_gave_before_the_task_end_h
 def test_a_fot_run_killed_with_sigkill_resumes_to_the_uninterrupted_bases_and_numbers(tmp_path):
     overrides = [*FOT, "stream.num_tasks=4", "engine.checkpoint_every=3"]
     run_experiment(tmp_path / "whole", overrides)
-    killed, metrics = start_run_py(tmp_path / "killed", overrides), tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.monotonic() + 60
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
-        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
-        time.sleep(0.005)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=30)
+    kill_after_records(tmp_path / "killed", overrides, 4)
     assert not (tmp_path / "killed" / "summary.json").exists()
     resumed = start_run_py(tmp_path / "killed", [*overrides, "resume=true"])
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()[-2000:]

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, compose_run, numbers_of, read_metrics, run_experiment, start_run_py, wait_for_free_cpus
+from conftest import (
+    ROOT, compose_run, kill_after_records, numbers_of, read_metrics, run_experiment, start_run_py,
+    wait_for_free_cpus,
+)
 from simulator import checkpoint
 from simulator.client_state import ClientStates
 from simulator.config import ConfigError
@@ -86,14 +86,7 @@ def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_uninterrupted_numbers
     whole = start_run_py(tmp_path / "whole", overrides)
     assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()[-2000:]
 
-    killed, metrics = start_run_py(tmp_path / "killed", overrides), tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 9):  # round 9: mid task 1
-        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
-        time.sleep(0.01)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait(timeout=30)
-    done = len(metrics.read_text().splitlines())
+    done = kill_after_records(tmp_path / "killed", overrides, 9, timeout_s=120)  # round 9: mid task 1
     assert not (tmp_path / "killed" / "summary.json").exists() and done < 30, done
     assert checkpoint.load(tmp_path / "killed" / "checkpoints").client_states.files  # states were saved
 
