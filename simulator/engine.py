@@ -34,7 +34,7 @@ from simulator.client_state import ClientStates, StoreSnapshot
 from simulator.config import ConfigError, RunConfig, to_dict
 from simulator.data import load_dataset
 from simulator.evaluation import task_accuracies
-from simulator.grid import SimulationGrid, Traffic
+from simulator.grid import MB, SimulationGrid, Traffic
 from simulator.hooks import RoundView, RunContext, default_hooks
 from simulator.run_dir import RunDirectory
 from simulator.seeding import Draw, Purpose, derive_seed, seeded_global_state, torch_generator
@@ -86,7 +86,7 @@ class Experiment:
         initial = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared_keys(model, method)})
         start = self._resumed(stream, rounds, initial) if self.resume else Start(initial)
         states = ClientStates(self.run_dir / checkpoint.CLIENT_STATE_DIR,
-                              int(cfg.engine.client_state_memory_mb * 2**20), start.client_states)
+                              int(cfg.engine.client_state_memory_mb * MB), start.client_states)
         warn_if_proximal_term_unused(self.strategy, method, cfg.client.method)
         self._check_strategy_serves(start.arrays)
         # 3. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface, started as
