@@ -1,4 +1,4 @@
-"""Client side: the representation models and the local training methods.
+"""Client side: the representation models, their heads, the local training methods, the query handlers.
 
 A client method is a small class with the :class:`~clients.base.ClientMethod`
 interface; ``client.method`` names one in ``METHODS`` or gives the dotted path
@@ -9,10 +9,7 @@ server's queries (``clients/queries.py``) and may keep personal layers.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from clients.base import Batch, ClientMethod, ClientState, LocalResult, PreviousTask, TrainContext
+from clients.base import Batch, ClientMethod, LocalResult, TrainContext
 from clients.ewc import EWCClient
 from clients.fedper import FedPerClient
 from clients.fedprox import FedProxClient
@@ -20,44 +17,22 @@ from clients.fedrep import FedRepClient
 from clients.lwf import LwFClient
 from clients.replay import ReplayClient
 from clients.sgd import SGDClient
-from simulator.config import ConfigError, section_settings
+from simulator.registry import Registry
 
-METHODS: dict[str, type[ClientMethod]] = {
-    "sgd": SGDClient,
-    "fedprox": FedProxClient,
-    "replay": ReplayClient,
-    "ewc": EWCClient,
-    "lwf": LwFClient,
-    "fedper": FedPerClient,
-    "fedrep": FedRepClient,
-}
+METHODS: Registry[type[ClientMethod]] = Registry(
+    "client method",
+    "client.method",
+    {
+        "sgd": SGDClient,
+        "fedprox": FedProxClient,
+        "replay": ReplayClient,
+        "ewc": EWCClient,
+        "lwf": LwFClient,
+        "fedper": FedPerClient,
+        "fedrep": FedRepClient,
+    },
+    "a clients.ClientMethod subclass",
+    lambda plugin: isinstance(plugin, type) and issubclass(plugin, ClientMethod),
+)
 
-
-def resolve_method(name: str) -> type[ClientMethod]:
-    """The client method ``name`` (a short name or ``pkg.module.Class``)."""
-    if name in METHODS:
-        return METHODS[name]
-    module_name, _, class_name = name.rpartition(".")
-    if not module_name:
-        raise ConfigError(
-            f"client.method = {name!r}: unknown method; valid: {', '.join(sorted(METHODS))} "
-            "or the dotted path of a ClientMethod subclass"
-        )
-    try:
-        method = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"client.method = {name!r}: cannot import it ({error})") from None
-    if not (isinstance(method, type) and issubclass(method, ClientMethod)):
-        raise ConfigError(f"client.method = {name!r}: expected a subclass of clients.ClientMethod")
-    return method
-
-
-def method_settings(method_name: str, sections: dict[str, Any], where: str) -> Any:
-    """The settings of ``method_name`` from the ``client.<section>`` sections given (see :func:`section_settings`)."""
-    return section_settings(resolve_method(method_name), METHODS.values(), sections, "client", "client method", where)
-
-
-__all__ = [
-    "METHODS", "Batch", "ClientMethod", "ClientState", "LocalResult", "PreviousTask", "TrainContext",
-    "method_settings", "resolve_method",
-]
+__all__ = ["METHODS", "Batch", "ClientMethod", "LocalResult", "TrainContext"]

@@ -3,11 +3,16 @@
 One method object serves every client its worker trains, one client at a time,
 and a client may train on a different actor each round. So nothing that must
 outlive one :meth:`ClientMethod.train` call lives on ``self``: a client's
-memory (a replay buffer, a Fisher diagonal, a teacher) goes in
-``context.state``, which the driver keeps by client id, sends in with the
-client's job and stores again when the job returns (DESIGN.md, "Client state").
-Values a method sets on ``self`` in :meth:`ClientMethod.begin` are scratch for
-the client in training now.
+memory (a replay buffer, a Fisher diagonal, a teacher) is its state, a value:
+it arrives read-only in ``context.state`` (the driver keeps it by client id
+and sends it in with the client's job), and a method returns the new one from
+:meth:`ClientMethod.begin_task` (at a task change) or
+:meth:`ClientMethod.new_state` (after the round); :meth:`ClientMethod.train`
+hands it back in its :class:`LocalResult`, and the driver stores it again
+(docs/architecture.md, "Client state"). Writing into ``context.state`` (the
+pre-0.2 way) raises a ``TypeError`` that says so. Values a method sets on
+``self`` in :meth:`ClientMethod.begin` are scratch for the client in
+training now.
 
 Per-round facts arrive in a frozen :class:`TrainContext`; randomness only from
 the generator in it, so a client's result does not depend on which actor ran it.
@@ -15,24 +20,32 @@ the generator in it, so a client's result does not depend on which actor ran it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clients.queries import QUERIES, Query
+from clients.queries import QUERIES
 from simulator.config import ClientConfig
+from simulator.protocol import PreviousTask, Query
+from simulator.registry import NoSettings
 
-ClientState = dict[str, Any]  # numpy arrays, Python scalars and strings, by name
 
+class ReadOnlyState(dict):
+    """A client's state as a method reads it: a dict that refuses writes, naming the way that works."""
 
-@dataclass(frozen=True)
-class NoSettings:
-    """The settings of a method that has none of its own."""
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError(
+            "a client's state in context.state is read-only: return the new state from begin_task "
+            "(at a task change) or new_state (after the round), e.g. return {**context.state, 'key': value}"
+        )
+
+    __setitem__ = __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _refuse
 
 
 @dataclass(frozen=True)
@@ -49,14 +62,6 @@ class Batch:
 
 
 @dataclass(frozen=True)
-class PreviousTask:
-    """The task a client trained on before its live one, as it left it."""
-
-    task: int
-    indices: np.ndarray  # into the stream's training arrays: the client's data in its last round there
-
-
-@dataclass(frozen=True)
 class TrainContext:
     """What a client knows about this round."""
 
@@ -66,11 +71,15 @@ class TrainContext:
     generator: torch.Generator  # seeded from (run seed, round, client id)
     lr: float  # this round's learning rate: the strategy's "lr" where it sends one, else client.lr
     task: int = 0  # the client's live task (its own schedule where it has one)
-    state: ClientState = field(default_factory=dict)  # what the method leaves here is kept for the client
+    state: Mapping[str, Any] = field(default_factory=ReadOnlyState)  # the client's state (read-only)
     samples: Callable[[np.ndarray, np.ndarray | int], Batch] | None = None  # stored samples by index
     new_task: bool = False  # the client's first round on ``task``: begin_task runs first
     previous: PreviousTask | None = None  # with new_task: the task it left (None: its first task)
     class_mask: torch.Tensor | None = None  # task-incremental: the labels logits may take
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, ReadOnlyState):  # however the context was built, its state is read-only
+            object.__setattr__(self, "state", ReadOnlyState(self.state))
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,7 @@ class LocalResult:
     num_examples: int
     train_loss: float
     metrics: dict[str, float]  # the method's own, sent to the strategy with the reply
+    state: Mapping[str, Any] = field(default_factory=dict)  # the client's new state, kept for its next round
 
 
 def masked(logits: torch.Tensor, class_mask: torch.Tensor | None) -> torch.Tensor:
@@ -90,7 +100,7 @@ def masked(logits: torch.Tensor, class_mask: torch.Tensor | None) -> torch.Tenso
 
 
 @torch.no_grad()
-def sgd_step(params: list[torch.Tensor], velocity: dict[int, torch.Tensor], cfg: ClientConfig, lr: float) -> None:
+def sgd_step(params: list[torch.Tensor], velocity: dict[int, torch.Tensor], config: ClientConfig, lr: float) -> None:
     """One step of SGD with momentum and weight decay, as ``torch.optim.SGD`` takes it.
 
     Written out because constructing a ``torch.optim`` optimizer imports
@@ -101,10 +111,10 @@ def sgd_step(params: list[torch.Tensor], velocity: dict[int, torch.Tensor], cfg:
     for i, param in enumerate(params):
         if param.grad is None:
             continue
-        step = param.grad if cfg.weight_decay == 0 else param.grad.add(param, alpha=cfg.weight_decay)
-        if cfg.momentum:
+        step = param.grad if config.weight_decay == 0 else param.grad.add(param, alpha=config.weight_decay)
+        if config.momentum:
             if i in velocity:
-                step = velocity[i].mul_(cfg.momentum).add_(step)
+                step = velocity[i].mul_(config.momentum).add_(step)
             else:
                 velocity[i] = step.clone()
         param.add_(step, alpha=-lr)
@@ -117,11 +127,13 @@ class ClientMethod:
 
     - :meth:`begin_task`: the client's first round on a new task, with the task
       it left in ``context.previous`` and the global weights in the model;
+      returns the client's state from now on (None: unchanged);
     - :meth:`begin`: once per round, before the first step;
     - :meth:`prepare_batch`: each minibatch, before the forward pass (add samples);
     - :meth:`loss`: the loss of a batch (add terms);
     - :meth:`adjust_gradients`: after each backward pass (add gradient terms);
-    - :meth:`end`: after the last step; returns the method's own metrics.
+    - :meth:`end`: after the last step; returns the method's own metrics;
+    - :meth:`new_state`: the state to keep for the client (default: as it came).
 
     :meth:`fit` is the optimisation between ``begin`` and ``end`` (all
     parameters, ``client.epochs`` passes); a method that trains parts of the
@@ -139,12 +151,14 @@ class ClientMethod:
     # they are never sent to the server, so the strategy aggregates only the rest.
     personal_prefixes: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: ClientConfig) -> None:
-        self.cfg = cfg
-        self.settings = self.Settings() if cfg.settings is None else cfg.settings
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.settings = self.Settings() if config.settings is None else config.settings
 
-    def begin_task(self, model: nn.Module, context: TrainContext) -> None:
-        """The client starts a new task; the model holds the global weights it now trains from."""
+    def begin_task(self, model: nn.Module, context: TrainContext) -> Mapping[str, Any] | None:
+        """The client starts a new task, the model holding the global weights it now trains from;
+        the client's state from now on (None: unchanged), which the round then trains with."""
+        return None
 
     def begin(self, model: nn.Module, context: TrainContext) -> None:
         """Prepare for this round's training; the model holds the global weights."""
@@ -161,37 +175,43 @@ class ClientMethod:
         """Change the gradients after backward, before the step."""
 
     def end(self, model: nn.Module, context: TrainContext) -> dict[str, float]:
-        """Finish the round (update ``context.state``); return metrics to send to the strategy."""
+        """Finish the round; return metrics to send to the strategy."""
         return {}
 
-    def answer(self, model: nn.Module, query: Query) -> dict[str, np.ndarray]:
-        """Named arrays answering the server's ``query`` (``clients/queries.py``), the global weights in ``model``."""
-        if query.name not in QUERIES:
-            raise ValueError(f"query {query.name!r}: {type(self).__name__} answers {', '.join(sorted(QUERIES))}")
-        return QUERIES[query.name](model, query)
+    def new_state(self, model: nn.Module, context: TrainContext) -> Mapping[str, Any]:
+        """The client's state to keep after this round, its training done (default: as it came)."""
+        return context.state
 
-    def personalize(self, model: nn.Module, state: ClientState) -> None:
+    def answer(self, model: nn.Module, query: Query) -> dict[str, np.ndarray]:
+        """Named arrays answering the server's ``query`` (``clients/queries.py``), the global weights in
+        ``model`` and the client's state in ``query.state``: the handler its name (or dotted path) names."""
+        return QUERIES.resolve(query.name)(model, query)
+
+    def personalize(self, model: nn.Module, state: Mapping[str, Any]) -> None:
         """Make ``model``, holding the global weights, the client's own (its personal layers from
         ``state``); evaluation of a client's model calls this, on the client and at the server."""
 
-    def train(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: TrainContext
-    ) -> LocalResult:
-        """Train ``model`` in place on ``(x, y)``; return the example count, mean loss and metrics."""
-        if context.new_task:
-            self.begin_task(model, context)
+    def train(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: TrainContext) -> LocalResult:
+        """Train ``model`` in place on ``(x, y)``; return the example count, mean loss, metrics and new state."""
+        if context.new_task and (state := self.begin_task(model, context)) is not None:
+            context = dataclasses.replace(context, state=ReadOnlyState(state))
         self.begin(model, context)
         mean_loss = self.fit(model, x, y, context)
         metrics = self.end(model, context)
-        return LocalResult(len(y), mean_loss, metrics)
+        return LocalResult(len(y), mean_loss, metrics, self.new_state(model, context))
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: TrainContext) -> float:
         """The round's optimisation: every parameter for ``client.epochs``; returns the mean loss."""
-        return self.run_epochs(model, list(model.parameters()), x, y, context, self.cfg.epochs)
+        return self.run_epochs(model, list(model.parameters()), x, y, context, self.config.epochs)
 
     def run_epochs(
-        self, model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-        context: TrainContext, epochs: int,
+        self,
+        model: nn.Module,
+        params: list[torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        context: TrainContext,
+        epochs: int,
     ) -> float:
         """``epochs`` passes of minibatch SGD on ``params`` (the others stay as they are); the mean loss."""
         velocity: dict[int, torch.Tensor] = {}
@@ -199,14 +219,14 @@ class ClientMethod:
         total_loss, steps = torch.zeros((), device=x.device), 0
         for _ in range(epochs):
             order = torch.randperm(len(y), generator=context.generator)
-            for positions in order.split(self.cfg.batch_size):
+            for positions in order.split(self.config.batch_size):
                 batch = self.prepare_batch(Batch(x[positions], y[positions], context.class_mask), context)
                 for param in model.parameters():
                     param.grad = None
                 loss = self.loss(model, batch, context)
                 loss.backward()
                 self.adjust_gradients(model, context)
-                sgd_step(params, velocity, self.cfg, context.lr)
+                sgd_step(params, velocity, self.config, context.lr)
                 total_loss += loss.detach()
                 steps += 1
         return float(total_loss) / max(steps, 1)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from simulator.keys import CLIPPING_NORM, NORM_BIT
+from simulator.protocol import CLIPPING_NORM, NORM_BIT
 
 
 def clip_if_asked(arrays: list[np.ndarray], reference: list[np.ndarray], config: dict[str, Any]) -> dict[str, float]:

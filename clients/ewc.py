@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clients.base import ClientMethod, TrainContext, flat_parameters, masked, parameter_views
+from simulator.protocol import ClientState
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,11 @@ class EWCSettings:
     fisher_samples: int = 200  # samples of the task just left used to estimate its Fisher
 
     def problems(self) -> list[tuple[str, str]]:
-        checks = [("strength", self.strength >= 0, "must be >= 0"),
-                  ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
-                  ("fisher_samples", self.fisher_samples >= 1, "must be at least 1")]
+        checks = [
+            ("strength", self.strength >= 0, "must be >= 0"),
+            ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
+            ("fisher_samples", self.fisher_samples >= 1, "must be at least 1"),
+        ]
         return [(key, reason) for key, ok, reason in checks if not ok]
 
 
@@ -53,9 +56,9 @@ class EWCClient(ClientMethod):
     Settings = EWCSettings
     section = "ewc"
 
-    def begin_task(self, model: nn.Module, context: TrainContext) -> None:
+    def begin_task(self, model: nn.Module, context: TrainContext) -> ClientState | None:
         if context.previous is None:
-            return
+            return None
         indices = context.previous.indices
         order = torch.randperm(len(indices), generator=context.generator)[: self.settings.fisher_samples]
         batch = context.samples(indices[order.numpy()], context.previous.task)
@@ -67,17 +70,18 @@ class EWCClient(ClientMethod):
             grads = torch.autograd.grad(log_likelihood, [p for p, _ in trained], allow_unused=True)
             for (_, total), grad in zip(trained, grads):
                 if grad is not None:
-                    total += grad ** 2
+                    total += grad**2
         new = torch.cat([f.flatten() for f in fisher]).cpu().numpy() / max(len(batch.y), 1)
         old = context.state.get("fisher")
-        context.state["fisher"] = new if old is None else (self.settings.gamma * old + new).astype(np.float32)
-        context.state["anchor"] = flat_parameters(model)
+        fisher = new if old is None else (self.settings.gamma * old + new).astype(np.float32)
+        return {**context.state, "fisher": fisher, "anchor": flat_parameters(model)}
 
     def begin(self, model: nn.Module, context: TrainContext) -> None:
         self.penalty = None
         if "fisher" in context.state:
-            self.penalty = list(zip(parameter_views(context.state["fisher"], model),
-                                    parameter_views(context.state["anchor"], model)))
+            self.penalty = list(
+                zip(parameter_views(context.state["fisher"], model), parameter_views(context.state["anchor"], model))
+            )
 
     def adjust_gradients(self, model: nn.Module, context: TrainContext) -> None:
         if self.penalty is None:

@@ -11,10 +11,14 @@ client that has not trained yet starts from the model's initial head.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
-from clients.base import ClientMethod, ClientState, TrainContext
+from clients.base import ClientMethod, TrainContext
+from simulator.protocol import ClientState
 
 
 class FedPerClient(ClientMethod):
@@ -26,17 +30,19 @@ class FedPerClient(ClientMethod):
     def begin(self, model: nn.Module, context: TrainContext) -> None:
         self.personalize(model, context.state)
 
-    def personalize(self, model: nn.Module, state: ClientState) -> None:
+    def personalize(self, model: nn.Module, state: Mapping[str, Any]) -> None:
         tensors = model.state_dict()
         with torch.no_grad():
             for name, array in state.items():
                 if name in tensors:
                     tensors[name].copy_(torch.tensor(array))  # a copy: state arrays are read-only
 
-    def end(self, model: nn.Module, context: TrainContext) -> dict[str, float]:
-        context.state.update({
-            name: tensor.detach().cpu().numpy().copy() for name, tensor in model.state_dict().items()
-            if name.startswith(self.personal_prefixes)
-        })
-        return {}
-
+    def new_state(self, model: nn.Module, context: TrainContext) -> ClientState:
+        return {
+            **context.state,
+            **{
+                name: tensor.detach().cpu().numpy().copy()
+                for name, tensor in model.state_dict().items()
+                if name.startswith(self.personal_prefixes)
+            },
+        }

@@ -9,17 +9,13 @@ with a strategy that sends none, ``client.fedprox.proximal_mu`` applies.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from clients.base import ClientMethod, TrainContext
-from simulator.keys import PROXIMAL_MU
-
-log = logging.getLogger("fedstream")
+from simulator.protocol import PROXIMAL_MU
 
 
 @dataclass(frozen=True)
@@ -46,13 +42,3 @@ class FedProxClient(ClientMethod):
         with torch.no_grad():
             for param, anchor in zip(model.parameters(), self.anchor):
                 param.grad.add_(param - anchor, alpha=self.mu)
-
-
-def warn_if_proximal_term_unused(strategy: Any, method: type[ClientMethod], method_name: str) -> None:
-    """Say so where the strategy sends a proximal term (Flower's FedProx) that ``method`` ignores."""
-    from strategies import strategy_layers  # strategies build on clients
-
-    mu = max(getattr(layer, "proximal_mu", 0.0) for _, layer in strategy_layers(strategy))
-    if mu and not issubclass(method, FedProxClient):
-        log.warning("the strategy sends %s=%s but client.method=%s ignores it; "
-                    "set client.method=fedprox to apply the proximal term", PROXIMAL_MU, mu, method_name)

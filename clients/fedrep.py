@@ -38,11 +38,16 @@ class FedRepClient(FedPerClient):
         head = [p for n, p in model.named_parameters() if n.startswith(self.personal_prefixes)]
         body = [p for n, p in model.named_parameters() if not n.startswith(self.personal_prefixes)]
         self._train_only(model, head, x, y, context, self.settings.head_epochs)
-        return self._train_only(model, body, x, y, context, self.cfg.epochs)
+        return self._train_only(model, body, x, y, context, self.config.epochs)
 
     def _train_only(
-        self, model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-        context: TrainContext, epochs: int,
+        self,
+        model: nn.Module,
+        params: list[torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        context: TrainContext,
+        epochs: int,
     ) -> float:
         """``run_epochs`` on ``params`` with every other parameter frozen; a parameter the model
         froze itself stays frozen."""

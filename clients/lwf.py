@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clients.base import Batch, ClientMethod, TrainContext, flat_parameters, masked
+from simulator.protocol import ClientState
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,14 @@ class LwFClient(ClientMethod):
     teacher: nn.Module | None = None  # the worker's one teacher model, weights loaded per client
     old_classes: list[torch.Tensor] | None = None  # per old head, its classes: scratch for this client
 
-    def begin_task(self, model: nn.Module, context: TrainContext) -> None:
+    def begin_task(self, model: nn.Module, context: TrainContext) -> ClientState | None:
         if context.previous is None:
-            return
+            return None
         labels = context.samples(context.previous.indices, context.previous.task).y.cpu().numpy()
         heads = np.array(context.state.get("old_heads", np.zeros(0, np.int64)))
         heads = np.pad(heads, (0, max(int(labels.max(initial=-1)) + 1 - len(heads), 0)), constant_values=-1)
         heads[labels] = context.previous.task if context.class_mask is not None else 0
-        context.state.update(teacher=flat_parameters(model), old_heads=heads)
+        return {**context.state, "teacher": flat_parameters(model), "old_heads": heads}
 
     def begin(self, model: nn.Module, context: TrainContext) -> None:
         self.old_classes = None

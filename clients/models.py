@@ -6,7 +6,7 @@ differently (a personal head, a frozen encoder). ``model.name`` chooses the
 encoder (``mlp``, ``cnn``) and ``model.head`` the head (``clients/heads/``).
 
 A user's own model: ``model.name=pkg.module.function``, called as
-``function(input_shape, num_classes, cfg)`` and returning an ``nn.Module``.
+``function(input_shape, num_classes, config)`` and returning an ``nn.Module``.
 Its weights are drawn under the run's seed (global torch RNG seeded from it),
 so every copy of it is the same. Probes need a ``features(x)`` method; a
 personal head (``fedper``, ``fedrep``) needs ``head`` with
@@ -15,7 +15,6 @@ personal head (``fedper``, ``fedrep``) needs ``head`` with
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 
@@ -23,8 +22,9 @@ import torch
 from torch import nn
 
 from clients.base import masked
-from clients.heads import resolve_head
+from clients.heads import HEADS
 from simulator.config import ConfigError, ModelConfig
+from simulator.registry import Registry
 
 
 class RepresentationModel(nn.Module):
@@ -43,18 +43,18 @@ class RepresentationModel(nn.Module):
         return self.head(self.encoder(x))
 
 
-def mlp(input_shape: tuple[int, ...], cfg: ModelConfig) -> nn.Module:
+def mlp(input_shape: tuple[int, ...], config: ModelConfig) -> nn.Module:
     """Two hidden layers on the flattened input."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(math.prod(input_shape), cfg.hidden),
+        nn.Linear(math.prod(input_shape), config.hidden),
         nn.ReLU(),
-        nn.Linear(cfg.hidden, cfg.feature_dim),
+        nn.Linear(config.hidden, config.feature_dim),
         nn.ReLU(),
     )
 
 
-def cnn(input_shape: tuple[int, ...], cfg: ModelConfig) -> nn.Module:
+def cnn(input_shape: tuple[int, ...], config: ModelConfig) -> nn.Module:
     """Two 3x3 conv blocks with 2x2 pooling, then a dense layer to the features."""
     if len(input_shape) != 3:
         raise ConfigError(
@@ -70,7 +70,7 @@ def cnn(input_shape: tuple[int, ...], cfg: ModelConfig) -> nn.Module:
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(32 * (height // 4) * (width // 4), cfg.feature_dim),
+        nn.Linear(32 * (height // 4) * (width // 4), config.feature_dim),
         nn.ReLU(),
     )
 
@@ -79,19 +79,25 @@ ENCODERS: dict[str, Callable[[tuple[int, ...], ModelConfig], nn.Module]] = {
     "mlp": mlp,
     "cnn": cnn,
 }
+# A shipped name is an encoder under model.head; a user's dotted path is a whole model.
+MODELS: Registry[Callable[..., nn.Module]] = Registry(
+    "model", "model.name", ENCODERS, "a function (input_shape, num_classes, model_config) -> nn.Module"
+)
 
 
 def build_model(
-    input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig, generator: torch.Generator
+    input_shape: tuple[int, ...], num_classes: int, config: ModelConfig, generator: torch.Generator
 ) -> nn.Module:
-    """Build ``cfg.name`` with weights drawn from ``generator`` (same seed, same weights)."""
-    if cfg.name not in ENCODERS:
-        return _users_model(input_shape, num_classes, cfg, generator)
-    encoder = _initialized(ENCODERS[cfg.name](input_shape, cfg), generator)
+    """Build ``config.name`` with weights drawn from ``generator`` (same seed, same weights)."""
+    if config.name not in ENCODERS:
+        return _users_model(input_shape, num_classes, config, generator)
+    encoder = _initialized(ENCODERS[config.name](input_shape, config), generator)
     # The head draws after the encoder: every head starts from the same encoder.
-    head = resolve_head(cfg.head)
-    settings = head.Settings() if cfg.head_settings is None else cfg.head_settings
-    return RepresentationModel(encoder, _initialized(head(cfg.feature_dim, num_classes, settings, generator), generator))
+    head = HEADS.resolve(config.head)
+    settings = head.Settings() if config.head_settings is None else config.head_settings
+    return RepresentationModel(
+        encoder, _initialized(head(config.feature_dim, num_classes, settings, generator), generator)
+    )
 
 
 def _initialized(module: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -107,34 +113,28 @@ def _initialized(module: nn.Module, generator: torch.Generator) -> nn.Module:
 
 
 def _users_model(
-    input_shape: tuple[int, ...], num_classes: int, cfg: ModelConfig, generator: torch.Generator
+    input_shape: tuple[int, ...], num_classes: int, config: ModelConfig, generator: torch.Generator
 ) -> nn.Module:
-    module_name, _, function_name = cfg.name.rpartition(".")
-    if not module_name:
+    factory = MODELS.resolve(config.name)
+    if config.head != "linear":
         raise ConfigError(
-            f"model.name = {cfg.name!r}: unknown model; valid: {', '.join(sorted(ENCODERS))} "
-            "or the dotted path of a function (input_shape, num_classes, cfg) -> nn.Module"
+            f"model.head = {config.head!r}: heads go on the shipped encoders ({', '.join(sorted(ENCODERS))}); "
+            f"a user's model (model.name = {config.name!r}) builds its own"
         )
-    if cfg.head != "linear":
-        raise ConfigError(
-            f"model.head = {cfg.head!r}: heads go on the shipped encoders ({', '.join(sorted(ENCODERS))}); "
-            f"a user's model (model.name = {cfg.name!r}) builds its own"
-        )
-    try:
-        factory = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(f"model.name = {cfg.name!r}: cannot import it ({error})") from None
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(generator.initial_seed())
-        model = factory(input_shape, num_classes, cfg)
+        model = factory(input_shape, num_classes, config)
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.name = {cfg.name!r}: returned {type(model).__name__}, expected an nn.Module")
+        raise ConfigError(f"model.name = {config.name!r}: returned {type(model).__name__}, expected an nn.Module")
     return model
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
     class_mask: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``, logits masked if asked."""

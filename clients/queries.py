@@ -3,37 +3,36 @@
 A server-side method may need statistics of the clients' data that training
 replies do not carry: FOT the inputs each layer sees, CCVR per-class feature
 statistics. The strategy sends a query message with the global arrays and a
-``query`` name in its ConfigRecord (and, where the answer needs them, arrays of
-its own); the client's method answers with named arrays computed on the client's
-current data (at a task end: the data of the task just ended) by the handler
-registered here under that name. Randomness comes from the generator the
-worker seeds from (run seed, round, client), so answers do not depend on which
-actor computed them.
+query name (``simulator.protocol`` describes the messages and the shipped
+answers); the client's method answers with named arrays computed on the
+client's current data (at a task end: the data of the task just ended) and its
+state, by the handler ``QUERIES`` ships under that name, or a user's
+``handler(model, query) -> dict[str, np.ndarray]`` named by dotted path (so a
+strategy can keep its client half in its own file). Randomness comes from the
+generator the worker seeds from (run seed, round, client), so answers do not
+depend on which actor computed them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-QUERY_NAME = "query"  # the ConfigRecord key naming the query
-NUM_SAMPLES = "num_samples"  # every answer says on how many samples it was computed
-
-
-@dataclass(frozen=True)
-class Query:
-    """A query as the client sees it: its name, the server's arrays for it, the client's data."""
-
-    name: str
-    arrays: dict[str, np.ndarray]  # the server's own arrays for the query (e.g. FOT's bases)
-    x: torch.Tensor
-    y: torch.Tensor
-    generator: torch.Generator
+from simulator.protocol import (
+    CLASS_FEATURE_STATISTICS,
+    CLASSES,
+    COUNTS,
+    COVARIANCES,
+    LAYER_INPUT_SKETCHES,
+    MEANS,
+    NUM_SAMPLES,
+    Query,
+)
+from simulator.registry import Registry
 
 
 def layer_input_sketches(model: nn.Module, query: Query) -> dict[str, np.ndarray]:
@@ -72,14 +71,22 @@ def class_feature_statistics(model: nn.Module, query: Query) -> dict[str, np.nda
     counts = torch.stack([(labels == c).sum() for c in classes])
     means = torch.stack([features[labels == c].mean(dim=0) for c in classes])
     covariances = torch.stack([_unbiased_covariance(features[labels == c]) for c in classes])
-    return {"classes": classes.numpy(), "counts": counts.numpy(), "means": means.numpy(),
-            "covariances": covariances.numpy(), NUM_SAMPLES: np.array(len(labels), dtype=np.int64)}
+    return {
+        CLASSES: classes.numpy(),
+        COUNTS: counts.numpy(),
+        MEANS: means.numpy(),
+        COVARIANCES: covariances.numpy(),
+        NUM_SAMPLES: np.array(len(labels), dtype=np.int64),
+    }
 
 
-QUERIES: dict[str, Callable[[nn.Module, Query], dict[str, np.ndarray]]] = {
-    "layer_input_sketches": layer_input_sketches,
-    "class_feature_statistics": class_feature_statistics,
-}
+QueryHandler = Callable[[nn.Module, Query], dict[str, np.ndarray]]
+QUERIES: Registry[QueryHandler] = Registry(
+    "query",
+    "query",
+    {LAYER_INPUT_SKETCHES: layer_input_sketches, CLASS_FEATURE_STATISTICS: class_feature_statistics},
+    "a function (model, query) -> dict[str, np.ndarray]",
+)
 
 
 def projected_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -92,6 +99,7 @@ def _layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for name, layer in projected_layers(model).items():
+
         def keep(module: nn.Module, args: tuple[torch.Tensor, ...], _: torch.Tensor, name: str = name) -> None:
             (inputs,) = args
             if isinstance(module, nn.Conv2d):
@@ -99,6 +107,7 @@ def _layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
                 captured[name] = patches.transpose(0, 1).reshape(patches.shape[1], -1)
             else:
                 captured[name] = inputs.reshape(len(inputs), -1).T
+
         handles.append(layer.register_forward_hook(keep))
     model.eval()
     try:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from clients.base import Batch, ClientMethod, TrainContext
+from simulator.protocol import ClientState
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,10 @@ class ReplaySettings:
     batch_size: int | None = None  # replayed samples per minibatch; null: client.batch_size
 
     def problems(self) -> list[tuple[str, str]]:
-        checks = [("buffer_size", self.buffer_size >= 1), ("batch_size", self.batch_size is None or self.batch_size >= 1)]
+        checks = [
+            ("buffer_size", self.buffer_size >= 1),
+            ("batch_size", self.batch_size is None or self.batch_size >= 1),
+        ]
         return [(key, "must be at least 1") for key, ok in checks if not ok]
 
 
@@ -34,9 +38,9 @@ class ReplayClient(ClientMethod):
     Settings = ReplaySettings
     section = "replay"
 
-    def begin_task(self, model: nn.Module, context: TrainContext) -> None:
+    def begin_task(self, model: nn.Module, context: TrainContext) -> ClientState | None:
         if context.previous is None:
-            return
+            return None
         state = context.state
         indices, tasks = list(state.get("indices", [])), list(state.get("tasks", []))
         seen = state.get("seen", 0)
@@ -48,17 +52,16 @@ class ReplayClient(ClientMethod):
             elif (slot := int(draw * (seen + 1))) < self.settings.buffer_size:
                 indices[slot], tasks[slot] = index, context.previous.task
             seen += 1
-        state.update(indices=np.array(indices, np.int64), tasks=np.array(tasks, np.int64), seen=seen)
+        return {**state, "indices": np.array(indices, np.int64), "tasks": np.array(tasks, np.int64), "seen": seen}
 
     def prepare_batch(self, batch: Batch, context: TrainContext) -> Batch:
         memory = context.state.get("indices")
         if memory is None:
             return batch
-        count = self.cfg.batch_size if self.settings.batch_size is None else self.settings.batch_size
+        count = self.config.batch_size if self.settings.batch_size is None else self.settings.batch_size
         picks = torch.randint(len(memory), (count,), generator=context.generator).numpy()
         replayed = context.samples(memory[picks], context.state["tasks"][picks])
-        return Batch(torch.cat([batch.x, replayed.x]), torch.cat([batch.y, replayed.y]),
-                     _joined_masks(batch, replayed))
+        return Batch(torch.cat([batch.x, replayed.x]), torch.cat([batch.y, replayed.y]), _joined_masks(batch, replayed))
 
     def end(self, model: nn.Module, context: TrainContext) -> dict[str, float]:
         return {"replay_memory": float(len(context.state.get("indices", ())))}
@@ -69,7 +72,10 @@ def _joined_masks(first: Batch, second: Batch) -> torch.Tensor | None:
     if first.mask is None and second.mask is None:
         return None
     labels = (first.mask if first.mask is not None else second.mask).shape[-1]
-    rows = [torch.ones(len(b.y), labels, dtype=torch.bool, device=b.y.device) if b.mask is None
-            else b.mask.expand(len(b.y), -1)
-            for b in (first, second)]
+    rows = [
+        torch.ones(len(b.y), labels, dtype=torch.bool, device=b.y.device)
+        if b.mask is None
+        else b.mask.expand(len(b.y), -1)
+        for b in (first, second)
+    ]
     return torch.cat(rows)

@@ -1,7 +1,7 @@
 """The run's configuration: typed sections, and the checks that run before any work.
 
 Hydra composes ``scenarios/config.yaml`` with one scenario file and one strategy
-file; :func:`load_config` turns the result into frozen dataclasses, rejecting
+file; :func:`parse_config` turns the result into frozen dataclasses, rejecting
 unknown keys, wrong types and impossible values with the key, the value, the
 reason and the scenario file they came from, before any data is read or Ray
 starts.
@@ -10,11 +10,8 @@ starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import logging
 import math
 import typing
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +21,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "scenarios"
-log = logging.getLogger("fedstream")
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names file, key and reason."""
+
+
+# A field filled from the rest of the config, not a key a user sets.
+DERIVED = {"derived": True}
+# A section's sub-sections of plugin settings, as given: checked against the chosen plugin's
+# Settings by simulator.plugins, which sits above the plugins this module knows nothing of.
+PLUGIN_SECTIONS = {"derived": True, "plugin_sections": True}
 
 
 @dataclass(frozen=True)
@@ -43,23 +46,9 @@ class PartitionConfig:
 
 
 @dataclass(frozen=True)
-class SyntheticConfig:
-    """FedProx's Synthetic(alpha, beta) (Li et al. 2020), one group per client."""
-
-    alpha: float = 1.0  # how much the clients' models differ
-    beta: float = 1.0  # how much the clients' inputs differ
-    dim: int = 60
-    num_classes: int = 10
-    mean_samples: int = 100  # mean samples per client (lognormal sizes)
-
-
-FILE_DATASETS = ("mnist", "cifar10", "cifar100", "npz")  # read from data.path; data.scale applies to these only
-DATASET_NAMES = ("digits", "mnist5k", "synthetic", *FILE_DATASETS)  # simulator.data.DATASETS loads each
-
-
-@dataclass(frozen=True)
 class DataConfig:
-    """Which dataset, where its files are, and how it is split."""
+    """Which dataset, where its files are, and how it is split; a dataset's own settings
+    (``data.synthetic.alpha``) come from ``data.<its section>``."""
 
     dataset: str = "digits"
     path: str | None = None  # file or folder for datasets read from disk
@@ -68,37 +57,22 @@ class DataConfig:
     scale: float | None = None
     test_fraction: float = 0.2  # held-out share for datasets without a test split
     partition: PartitionConfig = field(default_factory=PartitionConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    sections: dict[str, Any] = field(default_factory=dict, metadata=PLUGIN_SECTIONS)  # data.<section>, as given
+    settings: Any = field(default=None, metadata=DERIVED)  # the dataset's Settings, from its data.<section>
 
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """How the data changes over rounds (see ``simulator/streams/``).
+    """How the data changes over rounds (``simulator/streams/``); a kind's own settings come from
+    ``stream.<its section>`` (``stream.class_incremental.classes_per_task=2``).
 
-    ``kind``: ``static`` (one task), ``class_incremental``, ``permuted`` and
-    ``rotated`` (domain-incremental), ``label_shift``. Task streams last
-    ``num_tasks * rounds_per_task`` rounds unless ``rounds`` is set.
+    Task streams last ``num_tasks * rounds_per_task`` rounds unless ``rounds`` is set.
     """
 
-    kind: str = "static"
+    kind: str = "static"  # static | class_incremental | permuted | rotated | label_shift | pkg.module.Class
     rounds_per_task: int = 10
-    num_tasks: int = 5  # permuted / rotated (class-incremental: from the classes)
-    # class_incremental
-    tasks: list[list[int]] | None = None  # explicit classes of each task
-    classes_per_task: int = 2  # when tasks is null: consecutive groups of the class order
-    shuffle_classes: bool = False  # a seeded class order instead of 0, 1, 2, ...
-    task_incremental: bool = False  # mask logits to the task's classes (train and test)
-    own_schedule: bool = False  # each client its own task order and pace
-    min_rounds_per_task: int = 5  # own_schedule: each client's pace, drawn per task
-    max_rounds_per_task: int = 15
-    initial_clients: float = 1.0  # share of clients present at task 0; the rest join at boundaries
-    keep_old: float = 0.0  # at each boundary, the share of still-moving clients that stay behind for good
-    # rotated
-    max_angle: float = 90.0  # task t rotates by t * max_angle / (num_tasks - 1) degrees
-    # label_shift
-    mode: str = "abrupt"  # abrupt | gradual | swap
-    period: int = 10  # rounds between new (or swapped) label priors
-    alpha: float = 0.5  # Dirichlet concentration of each client's label prior
+    sections: dict[str, Any] = field(default_factory=dict, metadata=PLUGIN_SECTIONS)  # stream.<section>, as given
+    settings: Any = field(default=None, metadata=DERIVED)  # the kind's Settings, from its stream.<section>
 
 
 @dataclass(frozen=True)
@@ -117,9 +91,9 @@ class ModelConfig:
     name: str = "mlp"  # mlp | cnn | pkg.module.function (a user's model, see clients/models.py)
     hidden: int = 128
     feature_dim: int = 64
-    head: str = "linear"  # linear | normalized | etf (clients/heads/)
-    # The head's Settings dataclass, built by load_config from model.<section>, not a key itself.
-    head_settings: Any = field(default=None, metadata={"derived": True})
+    head: str = "linear"  # linear | normalized | etf | pkg.module.Class (clients/heads/)
+    sections: dict[str, Any] = field(default_factory=dict, metadata=PLUGIN_SECTIONS)  # model.<section>, as given
+    head_settings: Any = field(default=None, metadata=DERIVED)  # the head's Settings, from its model.<section>
 
 
 @dataclass(frozen=True)
@@ -132,8 +106,8 @@ class ClientConfig:
     weight_decay: float = 0.0
     epochs: int = 1
     batch_size: int = 32
-    # The method's Settings dataclass, built by load_config from client.<section>, not a key itself.
-    settings: Any = field(default=None, metadata={"derived": True})
+    sections: dict[str, Any] = field(default_factory=dict, metadata=PLUGIN_SECTIONS)  # client.<section>, as given
+    settings: Any = field(default=None, metadata=DERIVED)  # the method's Settings, from its client.<section>
 
 
 @dataclass(frozen=True)
@@ -148,6 +122,7 @@ class EvalConfig:
     probes: bool = True  # score the global encoder's features (linear probe, NCM) at every task end
     probe_every: int | None = None  # and every N rounds
     probe_samples: int = 10000  # the most training samples the probes fit on (a seeded sample)
+    hooks: list[str] = field(default_factory=list)  # a user's hooks by dotted path (simulator/hooks.py)
 
 
 @dataclass(frozen=True)
@@ -168,7 +143,7 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class ExperimentConfig:
     """Everything a run is a function of, except the strategy object."""
 
     scenario: str
@@ -198,6 +173,11 @@ _SECTIONS: dict[str, type] = {
 _TOP_LEVEL = ("seed", "rounds", "resume", "strategy", "scenario_name", "hydra")  # besides the sections
 
 
+def _keys(schema: type) -> list[str]:
+    """The keys a user may set in a section of ``schema``: its fields less the derived ones."""
+    return [f.name for f in dataclasses.fields(schema) if not f.metadata.get("derived")]
+
+
 def valid_keys(section: str) -> list[str]:
     """The keys a section takes (``""``: the top level, ``"data.partition"``: a nested one); [] if unknown."""
     if not section:
@@ -209,17 +189,27 @@ def valid_keys(section: str) -> list[str]:
         schema = hint if dataclasses.is_dataclass(hint) else None
     if schema is None:
         return []
-    return [f.name for f in dataclasses.fields(schema) if not f.metadata.get("derived")]
+    return _keys(schema)
 
 
-def load_config(cfg: DictConfig) -> RunConfig:
-    """Type-check and value-check a composed config; raise ConfigError on the first problem."""
+def parse_config(cfg: DictConfig) -> ExperimentConfig:
+    """Type-check and value-check a composed config; raise ConfigError on the first problem.
+
+    Plugin settings (``client.<section>``, ``stream.<section>``, ...) are kept as
+    given, in each section's ``sections``: ``simulator.plugins.load_config``
+    checks them against the chosen plugins' own ``Settings``.
+    """
     try:
         return _load_config(cfg)
     except OmegaConfBaseException as error:  # e.g. an interpolation ${...} that names no key
         key = error.full_key or next((k for k in cfg if _fails_to_resolve(cfg, k)), "?")
         reason = (error.msg or str(error)).splitlines()[0]
         raise ConfigError(f"{key}: {reason}") from None
+
+
+def scenario_source(cfg: DictConfig) -> str:
+    """Where the composed config's values came from, for messages: the scenario file, or the command line."""
+    return f"{_scenario_file(str(cfg.get('scenario_name', '?')))} (or the command line)"
 
 
 def _scenario_file(scenario: str) -> str:
@@ -242,9 +232,8 @@ def _fails_to_resolve(cfg: DictConfig, key: Any) -> bool:
     return False
 
 
-def _load_config(cfg: DictConfig) -> RunConfig:
-    scenario = str(cfg.get("scenario_name", "?"))
-    where = f"{_scenario_file(scenario)} (or the command line)"
+def _load_config(cfg: DictConfig) -> ExperimentConfig:
+    where = scenario_source(cfg)
     known = [*_SECTIONS, *_TOP_LEVEL]
     for key in cfg:
         if key not in known:
@@ -253,109 +242,54 @@ def _load_config(cfg: DictConfig) -> RunConfig:
     for key, schema in _SECTIONS.items():
         node = cfg.get(key)
         given = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-        given = {} if given is None else given
-        with_plugin = _WITH_PLUGIN_SETTINGS.get(key)  # client methods' and heads' own sections
-        sections[key] = with_plugin(given, where) if with_plugin else build_section(schema, given, key, where)
+        sections[key] = build_section(schema, {} if given is None else given, key, where)
     _typed(bool, cfg.get("resume", False), "resume", where)  # run.py reads it; "maybe" is no yes
     strategy = cfg.get("strategy")
     if not isinstance(strategy, DictConfig) or "_target_" not in strategy:
         raise ConfigError(f"{where}: 'strategy' must be a node with a '_target_' class path")
-    run = RunConfig(
-        scenario=scenario,
+    config = ExperimentConfig(
+        scenario=str(cfg.get("scenario_name", "?")),
         seed=_typed(int, cfg.get("seed"), "seed", where),
         rounds=_typed(int | None, cfg.get("rounds"), "rounds", where),
         strategy=OmegaConf.to_container(strategy, resolve=False),  # type: ignore[arg-type]
         **sections,
     )
-    for key, reason in _value_problems(run):
-        value = _lookup(run, key)
+    for key, reason in _value_problems(config):
+        value = _lookup(config, key)
         raise ConfigError(f"{where}: {key} = {value!r}: {reason}")
     # After the values: the strategy's arguments interpolate them (a share of num_clients).
     _check_finite_numbers(OmegaConf.to_container(strategy, resolve=True), "strategy", where)
-    return run
-
-
-def _client(given: Any, where: str) -> ClientConfig:
-    """The client section: its own keys, plus the chosen method's settings from its sub-section."""
-    from clients import method_settings  # clients build on this module
-
-    client, sections = _with_sections(ClientConfig, given, "client", "client method", where)
-    return dataclasses.replace(client, settings=method_settings(client.method, sections, where))
-
-
-def _model(given: Any, where: str) -> ModelConfig:
-    """The model section: its own keys, plus the chosen head's settings from its sub-section."""
-    from clients.heads import head_settings  # clients build on this module
-
-    model, sections = _with_sections(ModelConfig, given, "model", "head", where)
-    return dataclasses.replace(model, head_settings=head_settings(model.head, sections, where))
-
-
-def _with_sections(schema: type, given: Any, path: str, owner: str, where: str) -> tuple[Any, dict[str, Any]]:
-    """``schema`` built from ``given``'s own keys, and the sub-sections of settings left over."""
-    if not isinstance(given, dict):
-        raise ConfigError(f"{where}: {path} = {given!r}: expected a section of keys")
-    fields = [f.name for f in dataclasses.fields(schema) if not f.metadata.get("derived")]
-    own = {k: v for k, v in given.items() if k in fields}
-    sections = {k: v for k, v in given.items() if k not in fields}
-    for key, value in sections.items():
-        if not isinstance(value, dict):
-            raise ConfigError(
-                f"{where}: {path}.{key} = {value!r}: unknown key; valid keys: {', '.join(fields)}, "
-                f"or a {owner}'s section of settings ({path}.<section>.<key>)"
-            )
-    return build_section(schema, own, path, where), sections
-
-
-def section_name(plugin: type) -> str:
-    """The config section that holds a plugin's settings: its ``section``, else its class name."""
-    return getattr(plugin, "section", None) or plugin.__name__
-
-
-def section_settings(
-    chosen: type, shipped: Iterable[type], sections: dict[str, Any], path: str, owner: str, where: str
-) -> Any:
-    """The ``Settings`` of ``chosen``, an ``owner`` (a client method, a head), from the ``path.<section>`` sections.
-
-    Every shipped plugin's section is checked (a typo in one fails a sweep
-    before any of its jobs runs); a section that belongs to no known plugin
-    is an error when its name is close to a known one (a typo), and otherwise
-    reported and ignored, since a sweep over several users' plugins gives each
-    job the others' sections too.
-    """
-    known = {section_name(p): p for p in (*shipped, chosen)}
-    settings = {name: _plugin_settings(p, sections.get(name, {}), f"{path}.{name}", where) for name, p in known.items()}
-    for name in sorted(sections.keys() - known.keys()):
-        if close := difflib.get_close_matches(name, known, n=1, cutoff=0.75):
-            raise ConfigError(f"{where}: {path}.{name}: no {owner} has this section; "
-                              f"did you mean {path}.{close[0]}?")
-        log.warning("%s: %s.%s belongs to no known %s (%s); ignored", where, path, name, owner, ", ".join(sorted(known)))
-    return settings[section_name(chosen)]
-
-
-def _plugin_settings(plugin: type, given: Any, path: str, where: str) -> Any:
-    settings = build_section(plugin.Settings, given, path, where)
-    problems = getattr(settings, "problems", lambda: [])()
-    if problems:
-        key, reason = problems[0]
-        raise ConfigError(f"{where}: {path}.{key} = {getattr(settings, key)!r}: {reason}")
-    return settings
-
-
-_WITH_PLUGIN_SETTINGS = {"client": _client, "model": _model}
+    return config
 
 
 def build_section(schema: type, given: Any, path: str, where: str) -> Any:
-    """``schema(**given)`` with every key and type checked, nested sections included."""
+    """``schema(**given)`` with every key and type checked, nested sections included.
+
+    A schema with a ``sections`` field of plugin settings (``PLUGIN_SECTIONS``)
+    takes the keys that are sub-sections into it, unchecked: they belong to
+    the chosen plugin, which this module does not know.
+    """
     if not isinstance(given, dict):
         raise ConfigError(f"{where}: {path} = {given!r}: expected a section of keys")
     hints = typing.get_type_hints(schema)
-    valid = [f.name for f in dataclasses.fields(schema) if not f.metadata.get("derived")]
-    values = {}
+    valid = _keys(schema)
+    takes_sections = any(f.metadata.get("plugin_sections") for f in dataclasses.fields(schema))
+    values: dict[str, Any] = {}
+    plugin_sections: dict[str, Any] = {}
     for key, value in given.items():
-        if key not in valid:
+        if key in valid:
+            values[key] = _typed(hints[key], value, f"{path}.{key}", where)
+        elif takes_sections and isinstance(value, dict):
+            plugin_sections[key] = value
+        elif takes_sections:
+            raise ConfigError(
+                f"{where}: {path}.{key} = {value!r}: unknown key; valid keys: {', '.join(valid)}, "
+                f"or a plugin's section of settings ({path}.<section>.<key>)"
+            )
+        else:
             raise ConfigError(f"{where}: {path}.{key}: unknown key; valid keys: {', '.join(valid) or '(none)'}")
-        values[key] = _typed(hints[key], value, f"{path}.{key}", where)
+    if takes_sections:
+        values["sections"] = plugin_sections
     return schema(**values)
 
 
@@ -395,19 +329,19 @@ def _check_finite_numbers(node: Any, path: str, where: str) -> None:
         raise ConfigError(f"{where}: {path} = {node!r}: expected a finite number")
 
 
-def _lookup(run: RunConfig, dotted: str) -> Any:
-    node: Any = run
+def _lookup(config: ExperimentConfig, dotted: str) -> Any:
+    node: Any = config
     for part in dotted.split("."):
         node = getattr(node, part)
     return node
 
 
-def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
+def _value_problems(config: ExperimentConfig) -> list[tuple[str, str]]:
     """Each (key, reason) whose value is impossible; dataset-dependent checks come later."""
-    data, part, fed = run.data, run.data.partition, run.federation
+    data, part, fed = config.data, config.data.partition, config.federation
     checks = [
-        ("rounds", run.rounds is None or run.rounds >= 1, "must be at least 1"),
-        ("seed", run.seed >= 0, "must be >= 0"),
+        ("rounds", config.rounds is None or config.rounds >= 1, "must be at least 1"),
+        ("seed", config.seed >= 0, "must be >= 0"),
         ("federation.num_clients", fed.num_clients >= 1, "must be at least 1"),
         ("federation.clients_per_round", fed.clients_per_round >= 1, "must be at least 1"),
         (
@@ -415,59 +349,57 @@ def _value_problems(run: RunConfig) -> list[tuple[str, str]]:
             fed.clients_per_round <= fed.num_clients,
             f"more clients per round than clients (federation.num_clients = {fed.num_clients})",
         ),
-        ("data.dataset", data.dataset in DATASET_NAMES, f"unknown dataset; valid: {sorted(DATASET_NAMES)}"),
         ("data.test_fraction", 0.0 < data.test_fraction < 1.0, "must be between 0 and 1"),
         ("data.scale", data.scale is None or data.scale > 0, "must be > 0 (null: 255 for uint8 files, else 1)"),
-        ("data.scale", data.scale is None or data.dataset in FILE_DATASETS,
-         f"applies only to datasets read from files ({', '.join(FILE_DATASETS)}), not data.dataset = "
-         f"{data.dataset!r}; the built-in ones scale their own inputs"),
         ("data.partition.alpha", part.alpha > 0, "Dirichlet concentration must be > 0"),
         ("data.partition.min_size", part.min_size >= 0, "must be >= 0"),
         ("data.partition.classes_per_client", part.classes_per_client >= 1, "must be >= 1"),
         ("data.partition.shards_per_client", part.shards_per_client >= 1, "must be >= 1"),
-        ("data.synthetic.alpha", data.synthetic.alpha >= 0, "must be >= 0"),
-        ("data.synthetic.beta", data.synthetic.beta >= 0, "must be >= 0"),
-        ("data.synthetic.dim", data.synthetic.dim >= 1, "must be >= 1"),
-        ("data.synthetic.num_classes", data.synthetic.num_classes >= 2, "must be >= 2"),
-        ("data.synthetic.mean_samples", data.synthetic.mean_samples >= 2, "must be >= 2"),
-        ("stream.rounds_per_task", run.stream.rounds_per_task >= 1, "must be at least 1"),
-        ("stream.num_tasks", run.stream.num_tasks >= 1, "must be at least 1"),
-        ("stream.classes_per_task", run.stream.classes_per_task >= 1, "must be at least 1"),
-        ("stream.initial_clients", 0 < run.stream.initial_clients <= 1, "must be in (0, 1]"),
-        ("stream.keep_old", 0 <= run.stream.keep_old < 1, "must be in [0, 1)"),
-        ("stream.period", run.stream.period >= 1, "must be at least 1"),
-        ("stream.alpha", run.stream.alpha > 0, "Dirichlet concentration must be > 0"),
-        ("client.lr", run.client.lr > 0, "learning rate must be > 0"),
-        ("client.momentum", 0 <= run.client.momentum < 1, "must be in [0, 1)"),
-        ("client.weight_decay", run.client.weight_decay >= 0, "must be >= 0"),
-        ("client.epochs", run.client.epochs >= 1, "must be at least 1"),
-        ("client.batch_size", run.client.batch_size >= 1, "must be at least 1"),
-        ("model.hidden", run.model.hidden >= 1, "must be at least 1"),
-        ("model.feature_dim", run.model.feature_dim >= 1, "must be at least 1"),
-        ("eval.every", run.eval.every >= 1, "must be at least 1"),
-        ("eval.batch_size", run.eval.batch_size >= 1, "must be at least 1"),
-        ("eval.client_test_size", run.eval.client_test_size >= 1, "must be at least 1"),
-        ("eval.max_clients", run.eval.max_clients >= 1, "must be at least 1"),
-        ("eval.probe_every", run.eval.probe_every is None or run.eval.probe_every >= 1, "must be at least 1 (null: task ends only)"),
-        ("eval.probe_samples", run.eval.probe_samples >= 2, "must be at least 2"),
-        ("engine.backend", run.engine.backend in ("ray", "local"), "expected 'ray' or 'local'"),
-        ("engine.num_actors", run.engine.num_actors >= 1, "must be at least 1"),
-        ("engine.num_cpus_per_actor", run.engine.num_cpus_per_actor > 0, "must be > 0"),
-        ("engine.num_gpus_per_actor", run.engine.num_gpus_per_actor >= 0, "must be >= 0"),
-        ("engine.torch_threads", run.engine.torch_threads >= 1, "must be at least 1"),
-        ("engine.checkpoint_every", run.engine.checkpoint_every >= 0, "must be >= 0"),
-        ("engine.client_state_memory_mb", run.engine.client_state_memory_mb >= 0, "must be >= 0"),
-        ("engine.client_timeout_s", run.engine.client_timeout_s is None or run.engine.client_timeout_s > 0,
-         "must be > 0 (null: no limit)"),
-        ("engine.max_actor_restarts", run.engine.max_actor_restarts >= 0, "must be >= 0"),
-        ("engine.on_nonfinite", run.engine.on_nonfinite in ("fail", "drop"), "expected 'fail' or 'drop'"),
+        ("stream.rounds_per_task", config.stream.rounds_per_task >= 1, "must be at least 1"),
+        ("client.lr", config.client.lr > 0, "learning rate must be > 0"),
+        ("client.momentum", 0 <= config.client.momentum < 1, "must be in [0, 1)"),
+        ("client.weight_decay", config.client.weight_decay >= 0, "must be >= 0"),
+        ("client.epochs", config.client.epochs >= 1, "must be at least 1"),
+        ("client.batch_size", config.client.batch_size >= 1, "must be at least 1"),
+        ("model.hidden", config.model.hidden >= 1, "must be at least 1"),
+        ("model.feature_dim", config.model.feature_dim >= 1, "must be at least 1"),
+        ("eval.every", config.eval.every >= 1, "must be at least 1"),
+        ("eval.batch_size", config.eval.batch_size >= 1, "must be at least 1"),
+        ("eval.client_test_size", config.eval.client_test_size >= 1, "must be at least 1"),
+        ("eval.max_clients", config.eval.max_clients >= 1, "must be at least 1"),
+        (
+            "eval.probe_every",
+            config.eval.probe_every is None or config.eval.probe_every >= 1,
+            "must be at least 1 (null: task ends only)",
+        ),
+        ("eval.probe_samples", config.eval.probe_samples >= 2, "must be at least 2"),
+        ("engine.backend", config.engine.backend in ("ray", "local"), "expected 'ray' or 'local'"),
+        ("engine.num_actors", config.engine.num_actors >= 1, "must be at least 1"),
+        ("engine.num_cpus_per_actor", config.engine.num_cpus_per_actor > 0, "must be > 0"),
+        ("engine.num_gpus_per_actor", config.engine.num_gpus_per_actor >= 0, "must be >= 0"),
+        ("engine.torch_threads", config.engine.torch_threads >= 1, "must be at least 1"),
+        ("engine.checkpoint_every", config.engine.checkpoint_every >= 0, "must be >= 0"),
+        ("engine.client_state_memory_mb", config.engine.client_state_memory_mb >= 0, "must be >= 0"),
+        (
+            "engine.client_timeout_s",
+            config.engine.client_timeout_s is None or config.engine.client_timeout_s > 0,
+            "must be > 0 (null: no limit)",
+        ),
+        ("engine.max_actor_restarts", config.engine.max_actor_restarts >= 0, "must be >= 0"),
+        ("engine.on_nonfinite", config.engine.on_nonfinite in ("fail", "drop"), "expected 'fail' or 'drop'"),
     ]
     return [(key, reason) for key, ok, reason in checks if not ok]
 
 
-def to_dict(run: RunConfig) -> dict[str, Any]:
-    """A plain-dict view of the run config (for logs and checkpoints)."""
-    return dataclasses.asdict(run)
+def to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """A plain-dict view of the experiment's config (for logs and checkpoints): each section's keys and its
+    plugin's settings, without the plugin sections as given (which the settings hold, checked)."""
+    plain = dataclasses.asdict(config)
+    for key, schema in _SECTIONS.items():
+        for f in dataclasses.fields(schema):
+            if f.metadata.get("plugin_sections"):
+                del plain[key][f.name]
+    return plain
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -488,14 +420,16 @@ def register_with_hydra() -> None:
     defaults list) make every key exist before the scenario file merges in, so
     ``key=value`` overrides any of them, whether the scenario sets it or not.
     """
-    defaults = {key: dataclasses.asdict(schema()) for key, schema in _SECTIONS.items()}
-    del defaults["client"]["settings"]  # built from the method's own section, client.<section>
-    del defaults["model"]["head_settings"]  # built from the head's own section, model.<section>
+    defaults = {
+        key: {k: v for k, v in dataclasses.asdict(schema()).items() if k in _keys(schema)}
+        for key, schema in _SECTIONS.items()
+    }
     node = OmegaConf.create(defaults)
-    # Open: client.<section>.<key>=... sets a method's settings without a "+", a user's
-    # method's too, and a misspelt key reaches load_config's error, which lists the valid ones.
-    OmegaConf.set_struct(node.client, False)
-    OmegaConf.set_struct(node.model, False)  # model.<head section>.<key>, likewise
+    # Open where plugins keep their settings: client.<section>.<key>=... sets a method's settings
+    # without a "+", a user's method's too, and a misspelt key reaches the error that lists the valid ones.
+    for key, schema in _SECTIONS.items():
+        if any(f.metadata.get("plugin_sections") for f in dataclasses.fields(schema)):
+            OmegaConf.set_struct(node[key], False)
     ConfigStore.instance().store(name="fedstream_defaults", node=node)
     # ``${fraction:a,b}`` in the strategy files: the share of clients sampled per round.
     OmegaConf.register_new_resolver("fraction", lambda part, whole: part / whole, replace=True)

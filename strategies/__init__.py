@@ -4,7 +4,7 @@ Flower's own strategies are chosen by short name through the config group
 ``scenarios/strategy/`` (one YAML file each); any ``flwr.serverapp.strategy.Strategy``
 subclass, a user's own included, by ``strategy._target_=pkg.Class``. FedStream's own
 server-side continual methods, ``fot`` and ``ccvr``, are FedAvg subclasses that also
-implement the task-end protocol (``on_task_end``, see ``simulator.engine``) and ask
+implement the task-end protocol (``simulator.protocol.TaskEndStrategy``) and ask
 clients for statistics through ``strategies.queries``.
 """
 

@@ -34,21 +34,36 @@ from torch.nn import functional as F
 
 from simulator.config import ConfigError
 from simulator.held_array import held_array_record
+from simulator.protocol import (
+    CLASS_FEATURE_STATISTICS,
+    CLASSES,
+    COUNTS,
+    COVARIANCES,
+    HEAD_BIAS,
+    HEAD_WEIGHT,
+    MEANS,
+)
 from strategies.queries import ask_clients
-
-HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
 
 
 class CCVR(FedAvg):
     """FedAvg with its linear head recalibrated on virtual features at every task end."""
 
     def __init__(
-        self, *args: Any, virtual_per_class: int = 100, calibration_lr: float = 0.01,
-        calibration_epochs: int = 10, calibration_batch_size: int = 64, **kwargs: Any,
+        self,
+        *args: Any,
+        virtual_per_class: int = 100,
+        calibration_lr: float = 0.01,
+        calibration_epochs: int = 10,
+        calibration_batch_size: int = 64,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        for key, value in (("virtual_per_class", virtual_per_class), ("calibration_epochs", calibration_epochs),
-                           ("calibration_batch_size", calibration_batch_size)):
+        for key, value in (
+            ("virtual_per_class", virtual_per_class),
+            ("calibration_epochs", calibration_epochs),
+            ("calibration_batch_size", calibration_batch_size),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"strategy.{key} = {value!r}: expected an integer >= 1")
         if not isinstance(calibration_lr, (int, float)) or calibration_lr <= 0:
@@ -62,13 +77,15 @@ class CCVR(FedAvg):
     def check_arrays(self, arrays: ArrayRecord) -> None:
         """Refuse, before any work, global arrays without a linear head to recalibrate."""
         if HEAD_WEIGHT not in arrays or HEAD_BIAS not in arrays:
-            raise ConfigError("strategy=ccvr recalibrates the global model's linear head (head.weight and "
-                              "head.bias), which the global arrays do not hold: use model.head=linear and a "
-                              "client method that shares the head")
+            raise ConfigError(
+                "strategy=ccvr recalibrates the global model's linear head (head.weight and "
+                "head.bias), which the global arrays do not hold: use model.head=linear and a "
+                "client method that shares the head"
+            )
 
     def on_task_end(self, task: int, arrays: ArrayRecord, grid: Grid) -> ArrayRecord:
         """The global arrays with the head retrained on virtual features of every class seen so far."""
-        self.class_statistics.update(pooled_statistics(ask_clients(grid, arrays, "class_feature_statistics")))
+        self.class_statistics.update(pooled_statistics(ask_clients(grid, arrays, CLASS_FEATURE_STATISTICS)))
         features, labels = self._virtual_features()
         weight, bias = self._calibrated(arrays[HEAD_WEIGHT].numpy(), arrays[HEAD_BIAS].numpy(), features, labels)
         updated = {k: v for k, v in zip(arrays.keys(), arrays.to_numpy_ndarrays())}
@@ -79,8 +96,9 @@ class CCVR(FedAvg):
         """``virtual_per_class`` draws from each class's Gaussian (np.random: seeded by the engine)."""
         features, labels = [], []
         for label, (_, mean, covariance) in sorted(self.class_statistics.items()):
-            features.append(np.random.multivariate_normal(mean, covariance, self.virtual_per_class,
-                                                          check_valid="ignore"))
+            features.append(
+                np.random.multivariate_normal(mean, covariance, self.virtual_per_class, check_valid="ignore")
+            )
             labels.append(np.full(self.virtual_per_class, label))
         return np.concatenate(features), np.concatenate(labels)
 
@@ -91,7 +109,9 @@ class CCVR(FedAvg):
         w = torch.tensor(weight, requires_grad=True)
         b = torch.tensor(bias, requires_grad=True)
         x, y = torch.tensor(features, dtype=w.dtype), torch.from_numpy(labels)
-        order = torch.from_numpy(np.concatenate([np.random.permutation(len(y)) for _ in range(self.calibration_epochs)]))
+        order = torch.from_numpy(
+            np.concatenate([np.random.permutation(len(y)) for _ in range(self.calibration_epochs)])
+        )
         for batch in order.split(self.calibration_batch_size):
             loss = F.cross_entropy(x[batch] @ w.T + b, y[batch])
             grad_w, grad_b = torch.autograd.grad(loss, (w, b))
@@ -105,8 +125,7 @@ def pooled_statistics(answers: list[dict[str, np.ndarray]]) -> dict[int, tuple[i
     """Per class, the count, mean and unbiased covariance of all clients' features together (exact)."""
     by_class: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
     for answer in answers:
-        for label, count, mean, covariance in zip(answer["classes"], answer["counts"], answer["means"],
-                                                   answer["covariances"]):
+        for label, count, mean, covariance in zip(answer[CLASSES], answer[COUNTS], answer[MEANS], answer[COVARIANCES]):
             by_class.setdefault(int(label), []).append((int(count), mean, covariance))
     pooled = {}
     for label, parts in by_class.items():

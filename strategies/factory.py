@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from typing import Any
@@ -13,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from simulator.config import ConfigError
+from simulator.registry import import_object
 
 # Keys Hydra's instantiate reads itself; every other key of a node is a constructor argument.
 _HYDRA_KEYS = ("_target_", "_recursive_", "_convert_", "_partial_", "_args_")
@@ -71,8 +71,11 @@ def build_strategy(node: DictConfig) -> Strategy:
     except InstantiationException as error:
         cause = _first_line(error)
         unexpected = re.search(r"unexpected keyword argument '(\w+)'", cause)
-        raise ConfigError(unexpected and _refused_key(node, "strategy", unexpected.group(1))
-                          or f"strategy._target_ = {target!r}: {cause}") from None
+        raise ConfigError(
+            unexpected
+            and _refused_key(node, "strategy", unexpected.group(1))
+            or f"strategy._target_ = {target!r}: {cause}"
+        ) from None
     if not isinstance(strategy, Strategy):
         raise ConfigError(
             f"strategy._target_ = {target!r}: built a {type(strategy).__name__}, "
@@ -84,30 +87,9 @@ def build_strategy(node: DictConfig) -> Strategy:
 def strategy_class(target: Any, path: str = "strategy") -> Any:
     """What the dotted path ``target`` names; a ConfigError saying which module or name is missing.
 
-    The longest prefix that imports is the module, the rest are attributes, as
-    Hydra resolves ``_target_``; Hydra's own message would call a module
-    without the class "not a package".
+    Hydra's own message would call a module without the class "not a package".
     """
-    parts = str(target).split(".")
-    for end in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:end])
-        try:
-            owner = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name and (module_name + ".").startswith(error.name + "."):
-                continue  # no module of this name: try a shorter prefix
-            raise ConfigError(f"{path}._target_ = {target!r}: importing {module_name} failed: {error}") from None
-        except Exception as error:  # noqa: BLE001 - the user's module fails as it imports
-            raise ConfigError(
-                f"{path}._target_ = {target!r}: importing {module_name} failed: {type(error).__name__}: {error}"
-            ) from None
-        for part in parts[end:]:
-            if not hasattr(owner, part):
-                raise ConfigError(f"{path}._target_ = {target!r}: {owner.__name__} has no {part!r}; "
-                                  f"{_strategies_in(owner)}")
-            owner = getattr(owner, part)
-        return owner
-    raise ConfigError(f"{path}._target_ = {target!r}: expected pkg.module.Class; no module named {parts[0]!r}")
+    return import_object(target, f"{path}._target_", _strategies_in)
 
 
 def strategy_arguments(target: Any, path: str = "strategy") -> list[str] | None:
@@ -128,8 +110,11 @@ def strategy_arguments(target: Any, path: str = "strategy") -> list[str] | None:
             return None
         if owners:
             parameters = parameters[1:]  # self
-        arguments += [p.name for p in parameters
-                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in arguments]
+        arguments += [
+            p.name
+            for p in parameters
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in arguments
+        ]
         if not any(p.kind is p.VAR_KEYWORD for p in parameters):
             return arguments
     return None
@@ -139,8 +124,11 @@ def takes_any_keyword(target: Any, path: str = "strategy") -> bool:
     """Whether the class's own constructor takes ``**kwargs``: then which keys it takes shows only when it is
     built (FOT passes them on to FedAvg, which refuses a typo; a user's class may keep them)."""
     named = strategy_class(target, path)
-    init = next((vars(k)["__init__"] for k in named.__mro__ if "__init__" in vars(k)), None) \
-        if isinstance(named, type) else named
+    init = (
+        next((vars(k)["__init__"] for k in named.__mro__ if "__init__" in vars(k)), None)
+        if isinstance(named, type)
+        else named
+    )
     try:
         return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())
     except (TypeError, ValueError):
@@ -159,8 +147,10 @@ def unknown_argument(target: Any, key: str) -> str | None:
 
 def _not_an_argument(key: str, target: Any, arguments: list[str]) -> str:
     path = key.rpartition(".")[0]
-    return (f"{key}: unknown key, not an argument of {path}._target_ = {target!r}; "
-            f"valid keys: {', '.join(arguments) or '(none)'}")
+    return (
+        f"{key}: unknown key, not an argument of {path}._target_ = {target!r}; "
+        f"valid keys: {', '.join(arguments) or '(none)'}"
+    )
 
 
 def _refused_key(node: DictConfig, path: str, name: str) -> str | None:
@@ -185,8 +175,11 @@ def _check_arguments(node: DictConfig, path: str) -> None:
 
 def _strategies_in(module: Any) -> str:
     """What a module offers as strategies, for a message about a name it lacks."""
-    found = sorted(name for name, value in vars(module).items()
-                   if isinstance(value, type) and issubclass(value, Strategy) and not name.startswith("_"))
+    found = sorted(
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type) and issubclass(value, Strategy) and not name.startswith("_")
+    )
     return f"it has {', '.join(found)}" if found else "it defines no Strategy subclass"
 
 

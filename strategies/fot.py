@@ -37,12 +37,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from clients.queries import NUM_SAMPLES
 from simulator.config import ConfigError
 from simulator.held_array import held_array_record
+from simulator.protocol import LAYER_INPUT_SKETCHES, NUM_SAMPLES
 from strategies.queries import ask_clients
-
-SKETCHES = "layer_input_sketches"
 
 
 class FOT(FedAvg):
@@ -76,13 +74,14 @@ class FOT(FedAvg):
 
     def on_task_end(self, task: int, arrays: ArrayRecord, grid: Grid) -> None:
         """Grow each layer's basis with the inputs it saw on the task just ended."""
-        answers = ask_clients(grid, arrays, SKETCHES, self.bases)
+        answers = ask_clients(grid, arrays, LAYER_INPUT_SKETCHES, self.bases)
         for name in (k for k in answers[0] if k != NUM_SAMPLES and "/" not in k):
             sketch = sum(a[name] for a in answers)
             energy = sum(float(a[f"{name}/energy"]) for a in answers)
             residual = sum(float(a[f"{name}/residual_energy"]) for a in answers)
-            self.bases[name] = grown_basis(self.bases.get(name), sketch, residual / energy if energy else 0.0,
-                                           self.threshold)
+            self.bases[name] = grown_basis(
+                self.bases.get(name), sketch, residual / energy if energy else 0.0, self.threshold
+            )
         self.threshold = min(1.0, self.threshold + self.threshold_step)
 
 
@@ -120,4 +119,4 @@ def project_updates(arrays: ArrayRecord, start: ArrayRecord, bases: dict[str, np
             update = update - (update @ bases[name]) @ bases[name].T
             array = (old + update.reshape(array.shape)).astype(array.dtype)
         projected[name] = array
-    return held_array_record(list(projected), [np.ascontiguousarray(v) for v in projected.values()])
+    return held_array_record(list(projected), [np.require(v, requirements="C") for v in projected.values()])

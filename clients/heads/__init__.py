@@ -9,40 +9,25 @@ frozen dataclass, ``Head.Settings``, read from the config section
 encoder's; anything else a head holds is a non-persistent buffer, which never
 travels and never goes into a checkpoint.
 
-A new head is one new file plus one line in ``HEADS``.
+A new head is one new file plus one line in ``HEADS``; a user's head is the dotted
+path of its class (``model.head=my_pkg.MyHead``), its settings under ``model.<section>``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from torch import nn
 
 from clients.heads.etf import ETFHead, ETFSettings
 from clients.heads.linear import LinearHead, LinearSettings
 from clients.heads.normalized import NormalizedHead, NormalizedSettings
-from simulator.config import ConfigError, section_settings
+from simulator.registry import Registry
 
-HEADS: dict[str, type[nn.Module]] = {
-    "linear": LinearHead,
-    "normalized": NormalizedHead,
-    "etf": ETFHead,
-}
+HEADS: Registry[type[nn.Module]] = Registry(
+    "head",
+    "model.head",
+    {"linear": LinearHead, "normalized": NormalizedHead, "etf": ETFHead},
+    "an nn.Module subclass built as Head(feature_dim, num_classes, settings, generator)",
+    lambda plugin: isinstance(plugin, type) and issubclass(plugin, nn.Module),
+)
 
-
-def resolve_head(name: str) -> type[nn.Module]:
-    """The head class registered as ``name``."""
-    if name not in HEADS:
-        raise ConfigError(f"model.head = {name!r}: unknown head; valid: {', '.join(sorted(HEADS))}")
-    return HEADS[name]
-
-
-def head_settings(name: str, sections: dict[str, Any], where: str) -> Any:
-    """The settings of head ``name`` from the ``model.<section>`` sections given (see ``section_settings``)."""
-    return section_settings(resolve_head(name), HEADS.values(), sections, "model", "head", where)
-
-
-__all__ = [
-    "HEADS", "ETFHead", "ETFSettings", "LinearHead", "LinearSettings", "NormalizedHead", "NormalizedSettings",
-    "head_settings", "resolve_head",
-]
+__all__ = ["HEADS", "ETFHead", "ETFSettings", "LinearHead", "LinearSettings", "NormalizedHead", "NormalizedSettings"]

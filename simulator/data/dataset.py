@@ -1,12 +1,15 @@
-"""The in-memory dataset every loader returns, and the helpers loaders share."""
+"""The in-memory dataset every loader returns, the dataset plugin's interface, and the helpers loaders share."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
+from simulator.config import DataConfig
 from simulator.data.ordering import by_label
+from simulator.registry import NoSettings
 
 
 @dataclass(frozen=True)
@@ -79,3 +82,22 @@ def split_dataset(
         y_test=y[is_test],
         num_classes=num_classes,
     )
+
+
+class DatasetSource:
+    """A dataset plugin: ``data.dataset`` names one (a short name, or a user's class by dotted path).
+
+    :meth:`load` returns the whole :class:`Dataset`; its random parts (a test
+    split, generated data) draw only from ``generator``, seeded from the run
+    seed. ``Settings``: its own hyperparameters, from ``data.<section>``.
+    ``reads_files``: it reads ``data.path``, and ``data.scale`` divides its inputs.
+    """
+
+    Settings: ClassVar[type] = NoSettings
+    section: ClassVar[str | None] = None  # None: the class name
+    reads_files: ClassVar[bool] = False
+
+    @classmethod
+    def load(cls, data: DataConfig, settings: Any, num_clients: int, generator: np.random.Generator) -> Dataset:
+        """The dataset, by ``data`` (its ``path``, ``scale``, ``test_fraction``) and ``settings``."""
+        raise NotImplementedError

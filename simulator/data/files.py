@@ -13,13 +13,14 @@ import gzip
 import logging
 import math
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from simulator.config import ConfigError
-from simulator.data.dataset import Dataset, scaled, split_dataset
+from simulator.config import ConfigError, DataConfig
+from simulator.data.dataset import Dataset, DatasetSource, scaled, split_dataset
 
 # idx type codes (the third magic byte) and the big-endian dtypes they stand for.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -38,8 +39,7 @@ def _existing_path(path: str | None, dataset: str, expected: str) -> Path:
     resolved = Path(path).expanduser()
     if not resolved.exists():
         raise ConfigError(
-            f"data.path = {path!r}: {resolved.resolve()} does not exist "
-            f"(data.dataset = {dataset!r} reads {expected})"
+            f"data.path = {path!r}: {resolved.resolve()} does not exist (data.dataset = {dataset!r} reads {expected})"
         )
     return resolved
 
@@ -81,7 +81,11 @@ def _inputs(source: Path, scale: float | None, *splits: np.ndarray) -> list[np.n
         log.warning(
             "data.path: %s holds %s inputs up to %g after dividing by %g (data.scale = %s): they look "
             "unscaled, which slows or stalls training; set data.scale to their largest value (e.g. data.scale=%g)",
-            source, splits[worst].dtype, largest, divisors[worst], "null" if scale is None else scale,
+            source,
+            splits[worst].dtype,
+            largest,
+            divisors[worst],
+            "null" if scale is None else scale,
             largest * divisors[worst],
         )
     return inputs
@@ -138,9 +142,7 @@ class _CifarLayout(NamedTuple):
     num_classes: int
 
 
-def _cifar_batches(
-    folder: Path, names: list[str], label_key: bytes, num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batches(folder: Path, names: list[str], label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate CIFAR pickles, each a dict with b"data" (N x 3072 uint8) and ``label_key``; pixels as stored.
 
     The official python version is pickled; like any pickle, load only files you trust.
@@ -215,10 +217,7 @@ def load_npz(path: str | None, test_fraction: float, rng: np.random.Generator, s
     missing = [key for key in keys if key not in arrays]
     if missing:
         raise _malformed(file, f"missing arrays {missing}; it has {sorted(arrays)}")
-    splits = [
-        (_npz_inputs(arrays[f"x{suffix}"], file), _labels(arrays[f"y{suffix}"], file))
-        for suffix in suffixes
-    ]
+    splits = [(_npz_inputs(arrays[f"x{suffix}"], file), _labels(arrays[f"y{suffix}"], file)) for suffix in suffixes]
     input_shape = splits[0][0].shape[1:]
     for x, y in splits:
         if len(x) != len(y):
@@ -235,3 +234,42 @@ def load_npz(path: str | None, test_fraction: float, rng: np.random.Generator, s
         return split_dataset("npz", *splits[0], num_classes, test_fraction, rng)
     (x_train, y_train), (x_test, y_test) = splits
     return Dataset("npz", x_train, y_train, x_test, y_test, num_classes)
+
+
+class FolderSource(DatasetSource):
+    """A dataset in its standard files under ``data.path``, read by ``reader(path, scale)``."""
+
+    reads_files = True
+    reader: ClassVar[Callable[[str | None, float | None], Dataset]]
+
+    @classmethod
+    def load(cls, data: DataConfig, settings: Any, num_clients: int, generator: np.random.Generator) -> Dataset:
+        return cls.reader(data.path, data.scale)
+
+
+class MNISTFiles(FolderSource):
+    """MNIST (or Fashion-MNIST) idx files in the folder ``data.path``."""
+
+    section, reader = "mnist", staticmethod(load_mnist)
+
+
+class CIFAR10Files(FolderSource):
+    """The CIFAR-10 python pickles in ``data.path``."""
+
+    section, reader = "cifar10", staticmethod(load_cifar10)
+
+
+class CIFAR100Files(FolderSource):
+    """The CIFAR-100 python pickles in ``data.path``."""
+
+    section, reader = "cifar100", staticmethod(load_cifar100)
+
+
+class NpzFile(DatasetSource):
+    """A user's ``.npz`` at ``data.path``."""
+
+    section, reads_files = "npz", True
+
+    @classmethod
+    def load(cls, data: DataConfig, settings: Any, num_clients: int, generator: np.random.Generator) -> Dataset:
+        return load_npz(data.path, data.test_fraction, generator, data.scale)

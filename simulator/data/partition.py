@@ -75,9 +75,7 @@ def classes(
     present, class_of = np.unique(labels, return_inverse=True)
     k, num_classes = classes_per_client, len(present)
     if k > num_classes:
-        raise ConfigError(
-            f"data.partition.classes_per_client = {k}: the dataset has only {num_classes} classes"
-        )
+        raise ConfigError(f"data.partition.classes_per_client = {k}: the dataset has only {num_classes} classes")
     if num_clients * k < num_classes:
         raise ConfigError(
             f"data.partition.classes_per_client = {k}: with federation.num_clients = "
@@ -145,48 +143,47 @@ def natural(labels: np.ndarray, num_clients: int, groups: np.ndarray | None) -> 
     return _by_owner(np.asarray(groups, dtype=np.int64), num_clients)
 
 
-Partitioner = Callable[
-    [np.ndarray, int, PartitionConfig, np.random.Generator, np.ndarray | None], list[np.ndarray]
-]
+Partitioner = Callable[[np.ndarray, int, PartitionConfig, np.random.Generator, np.ndarray | None], list[np.ndarray]]
 
 PARTITIONERS: dict[str, Partitioner] = {
-    "iid": lambda labels, n, cfg, rng, groups: iid(labels, n, rng),
-    "dirichlet": lambda labels, n, cfg, rng, groups: dirichlet(
-        labels, n, rng, alpha=cfg.alpha, min_size=cfg.min_size
+    "iid": lambda labels, n, partition_config, rng, groups: iid(labels, n, rng),
+    "dirichlet": lambda labels, n, partition_config, rng, groups: dirichlet(
+        labels, n, rng, alpha=partition_config.alpha, min_size=partition_config.min_size
     ),
-    "classes": lambda labels, n, cfg, rng, groups: classes(
-        labels, n, rng, classes_per_client=cfg.classes_per_client
+    "classes": lambda labels, n, partition_config, rng, groups: classes(
+        labels, n, rng, classes_per_client=partition_config.classes_per_client
     ),
-    "shards": lambda labels, n, cfg, rng, groups: shards(
-        labels, n, rng, shards_per_client=cfg.shards_per_client
+    "shards": lambda labels, n, partition_config, rng, groups: shards(
+        labels, n, rng, shards_per_client=partition_config.shards_per_client
     ),
-    "natural": lambda labels, n, cfg, rng, groups: natural(labels, n, groups),
+    "natural": lambda labels, n, partition_config, rng, groups: natural(labels, n, groups),
 }
 
 
 def partition(
     labels: np.ndarray,
     num_clients: int,
-    cfg: PartitionConfig,
+    partition_config: PartitionConfig,
     rng: np.random.Generator,
     groups: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Split the samples with ``labels`` over ``num_clients`` clients as ``cfg.kind`` says.
+    """Split the samples with ``labels`` over ``num_clients`` clients as ``partition_config.kind`` says.
 
     Returns one sorted int64 index array per client; together they hold every
     sample exactly once. ``groups`` is each sample's natural client, where the
     dataset has one (for ``kind = 'natural'``).
     """
-    if cfg.kind not in PARTITIONERS:
+    if partition_config.kind not in PARTITIONERS:
         raise ConfigError(
-            f"data.partition.kind = {cfg.kind!r}: unknown partition; valid: {sorted(PARTITIONERS)}"
+            f"data.partition.kind = {partition_config.kind!r}: unknown partition; valid: {sorted(PARTITIONERS)}"
         )
     if num_clients > len(labels):
         raise ConfigError(
-            f"federation.num_clients = {num_clients}: more clients than the "
-            f"{len(labels)} training samples"
+            f"federation.num_clients = {num_clients}: more clients than the {len(labels)} training samples"
         )
-    return PARTITIONERS[cfg.kind](np.asarray(labels, dtype=np.int64), num_clients, cfg, rng, groups)
+    return PARTITIONERS[partition_config.kind](
+        np.asarray(labels, dtype=np.int64), num_clients, partition_config, rng, groups
+    )
 
 
 def sample_by_label(

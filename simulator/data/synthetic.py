@@ -17,10 +17,35 @@ their own N(0, 1) draws.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
-from simulator.config import SyntheticConfig
-from simulator.data.dataset import Dataset
+from simulator.config import DataConfig
+from simulator.data.dataset import Dataset, DatasetSource
+
+
+@dataclass(frozen=True)
+class SyntheticSettings:
+    """``data.synthetic.*``: FedProx's Synthetic(alpha, beta), one group per client."""
+
+    alpha: float = 1.0  # how much the clients' models differ
+    beta: float = 1.0  # how much the clients' inputs differ
+    dim: int = 60
+    num_classes: int = 10
+    mean_samples: int = 100  # mean samples per client (lognormal sizes)
+
+    def problems(self) -> list[tuple[str, str]]:
+        checks = [
+            ("alpha", self.alpha >= 0, "must be >= 0"),
+            ("beta", self.beta >= 0, "must be >= 0"),
+            ("dim", self.dim >= 1, "must be >= 1"),
+            ("num_classes", self.num_classes >= 2, "must be >= 2"),
+            ("mean_samples", self.mean_samples >= 2, "must be >= 2"),
+        ]
+        return [(key, reason) for key, ok, reason in checks if not ok]
+
 
 SIZE_SIGMA = 1.0  # log-scale spread of the group sizes
 MIN_SAMPLES = 5  # every group gets at least this many samples, so at least one to train on
@@ -34,17 +59,17 @@ def group_sizes(num_groups: int, mean_samples: int, rng: np.random.Generator) ->
 
 
 def make_synthetic(
-    cfg: SyntheticConfig, num_clients: int, test_fraction: float, rng: np.random.Generator
+    settings: SyntheticSettings, num_clients: int, test_fraction: float, rng: np.random.Generator
 ) -> Dataset:
-    """Synthetic(cfg.alpha, cfg.beta) with ``num_clients`` groups.
+    """Synthetic(settings.alpha, settings.beta) with ``num_clients`` groups.
 
     ``round(test_fraction * size)`` samples of each group (never all of them)
     go to the global test set; ``groups_train`` records each training sample's
     group, for the ``natural`` partition.
     """
-    k, c, d = num_clients, cfg.num_classes, cfg.dim
-    u = rng.normal(0.0, cfg.alpha, k)
-    b_mean = rng.normal(0.0, cfg.beta, k)
+    k, c, d = num_clients, settings.num_classes, settings.dim
+    u = rng.normal(0.0, settings.alpha, k)
+    b_mean = rng.normal(0.0, settings.beta, k)
     # float32 throughout, like the inputs: mixing in float64 would upcast every product. The weights are
     # drawn in float32 too: at 100,000 clients, 60 million float64 draws took most of the load's 30 s.
     weights = rng.standard_normal((k, c, d), dtype=np.float32)
@@ -53,7 +78,7 @@ def make_synthetic(
     means = (b_mean[:, None] + rng.standard_normal((k, d))).astype(np.float32)
     input_sd = np.arange(1, d + 1, dtype=np.float32) ** -0.6  # sqrt of Sigma's diagonal j^-1.2
 
-    sizes = group_sizes(k, cfg.mean_samples, rng)
+    sizes = group_sizes(k, settings.mean_samples, rng)
     groups = np.repeat(np.arange(k), sizes)
     x = rng.standard_normal((len(groups), d), dtype=np.float32)  # the bulk of the time
     x *= input_sd
@@ -77,3 +102,14 @@ def make_synthetic(
         num_classes=c,
         groups_train=groups[~is_test],
     )
+
+
+class Synthetic(DatasetSource):
+    """Generated: one group of samples per client (``data.synthetic.*``)."""
+
+    Settings = SyntheticSettings
+    section = "synthetic"
+
+    @classmethod
+    def load(cls, data: DataConfig, settings: Any, num_clients: int, generator: np.random.Generator) -> Dataset:
+        return make_synthetic(settings, num_clients, data.test_fraction, generator)

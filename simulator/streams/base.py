@@ -9,11 +9,13 @@ domain-incremental stream stores once per domain.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import numpy as np
 
-from simulator.config import RunConfig
-from simulator.data import Dataset, sample_by_label, partition
+from simulator.config import ExperimentConfig
+from simulator.data import Dataset, partition, sample_by_label
+from simulator.registry import NoSettings
 from simulator.seeding import Purpose, rng
 
 
@@ -21,12 +23,15 @@ class Stream(ABC):
     """A sequence of tasks over ``num_clients`` clients."""
 
     num_tasks: int = 1
+    Settings: ClassVar[type] = NoSettings  # the kind's own settings, from stream.<section>
+    section: ClassVar[str | None] = None  # None: the class name
 
-    def __init__(self, run: RunConfig, dataset: Dataset) -> None:
-        self.run_cfg = run
-        self.cfg = run.stream
-        self.seed = run.seed
-        self.num_clients = run.federation.num_clients
+    def __init__(self, config: ExperimentConfig, dataset: Dataset) -> None:
+        self.config = config
+        self.rounds_per_task = config.stream.rounds_per_task
+        self.settings = config.stream.settings
+        self.seed = config.seed
+        self.num_clients = config.federation.num_clients
         self.num_classes = dataset.num_classes
         self.x_train, self.y_train = dataset.x_train, dataset.y_train
         self.x_test, self.y_test = dataset.x_test, dataset.y_test
@@ -42,16 +47,16 @@ class Stream(ABC):
     def split(self, labels: np.ndarray, groups: np.ndarray | None = None, *keys: int) -> list[np.ndarray]:
         """``data.partition`` applied to ``labels``; ``keys`` tell apart several splits of one run."""
         generator = rng(self.seed, Purpose.PARTITION, *keys)
-        return partition(labels, self.num_clients, self.run_cfg.data.partition, generator, groups)
+        return partition(labels, self.num_clients, self.config.data.partition, generator, groups)
 
     @property
     def default_rounds(self) -> int | None:
         """Rounds the stream lasts when the config leaves ``rounds`` unset (None: no default)."""
-        return self.num_tasks * self.cfg.rounds_per_task if self.num_tasks > 1 else None
+        return self.num_tasks * self.rounds_per_task if self.num_tasks > 1 else None
 
     def task_of_round(self, server_round: int) -> int:
         """The live task at ``server_round`` (1-based); the last task lasts past its rounds."""
-        return min((server_round - 1) // self.cfg.rounds_per_task, self.num_tasks - 1)
+        return min((server_round - 1) // self.rounds_per_task, self.num_tasks - 1)
 
     def seen_tasks(self, server_round: int) -> np.ndarray:
         """Boolean mask over tasks: which some client has trained on by ``server_round``."""

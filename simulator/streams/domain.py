@@ -12,23 +12,43 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simulator.config import ConfigError, RunConfig
+from simulator.config import ConfigError, ExperimentConfig
 from simulator.data import Dataset
 from simulator.seeding import Draw, Purpose, rng
 from simulator.streams.base import Stream
 
 
+@dataclass(frozen=True)
+class DomainSettings:
+    """``stream.permuted.*``."""
+
+    num_tasks: int = 5
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [("num_tasks", "must be at least 1")] if self.num_tasks < 1 else []
+
+
+@dataclass(frozen=True)
+class RotatedSettings(DomainSettings):
+    """``stream.rotated.*``."""
+
+    max_angle: float = 90.0  # task t rotates by t * max_angle / (num_tasks - 1) degrees
+
+
 class DomainStream(Stream):
     """Subclasses say how task t transforms a batch of inputs; the rest is shared."""
 
-    def __init__(self, run: RunConfig, dataset: Dataset) -> None:
-        super().__init__(run, dataset)
-        self.num_tasks = self.cfg.num_tasks
+    Settings = DomainSettings
+
+    def __init__(self, config: ExperimentConfig, dataset: Dataset) -> None:
+        super().__init__(config, dataset)
+        self.num_tasks = self.settings.num_tasks
         self.parts = self.split(self.y_train, dataset.groups_train)
         self.x_train = np.concatenate([self.transform(dataset.x_train, t) for t in range(self.num_tasks)])
         self.x_test = np.concatenate([self.transform(dataset.x_test, t) for t in range(self.num_tasks)])
@@ -53,6 +73,8 @@ class DomainStream(Stream):
 class PermutedStream(DomainStream):
     """Task t shuffles the input features with its own seeded permutation."""
 
+    section = "permuted"
+
     def transform(self, x: np.ndarray, task: int) -> np.ndarray:
         if task == 0:
             return x
@@ -64,15 +86,18 @@ class PermutedStream(DomainStream):
 class RotatedStream(DomainStream):
     """Task t rotates images by ``t * max_angle / (num_tasks - 1)`` degrees (bilinear)."""
 
+    Settings = RotatedSettings
+    section = "rotated"
+
     def transform(self, x: np.ndarray, task: int) -> np.ndarray:
         if x.ndim != 4:
             raise ConfigError(
                 f"stream.kind = 'rotated' needs images; data.dataset = "
-                f"{self.run_cfg.data.dataset!r} gives inputs of shape {x.shape[1:]}"
+                f"{self.config.data.dataset!r} gives inputs of shape {x.shape[1:]}"
             )
         if task == 0:
             return x
-        angle = math.radians(task * self.cfg.max_angle / max(self.num_tasks - 1, 1))
+        angle = math.radians(task * self.settings.max_angle / max(self.num_tasks - 1, 1))
         cos, sin = math.cos(angle), math.sin(angle)
         theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float32)
         images = torch.from_numpy(x)

@@ -18,9 +18,11 @@ model does on earlier label mixes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from simulator.config import ConfigError, RunConfig
+from simulator.config import ConfigError, ExperimentConfig
 from simulator.data import Dataset, sample_by_label
 from simulator.seeding import Draw, Purpose, rng
 from simulator.streams.base import Stream
@@ -28,24 +30,42 @@ from simulator.streams.base import Stream
 MODES = ("abrupt", "gradual", "swap")
 
 
+@dataclass(frozen=True)
+class LabelShiftSettings:
+    """``stream.label_shift.*``."""
+
+    mode: str = "abrupt"  # abrupt | gradual | swap
+    period: int = 10  # rounds between new (or swapped) label priors
+    alpha: float = 0.5  # Dirichlet concentration of each client's label prior
+
+    def problems(self) -> list[tuple[str, str]]:
+        checks = [
+            ("mode", self.mode in MODES, f"expected one of {', '.join(MODES)}"),
+            ("period", self.period >= 1, "must be at least 1"),
+            ("alpha", self.alpha > 0, "Dirichlet concentration must be > 0"),
+        ]
+        return [(key, reason) for key, ok, reason in checks if not ok]
+
+
 class LabelShiftStream(Stream):
     """Per-client label priors that change every ``period`` rounds."""
 
-    def __init__(self, run: RunConfig, dataset: Dataset) -> None:
-        super().__init__(run, dataset)
-        if self.cfg.mode not in MODES:
-            raise ConfigError(f"stream.mode = {self.cfg.mode!r}: expected one of {', '.join(MODES)}")
-        if run.rounds is None:
+    Settings = LabelShiftSettings
+    section = "label_shift"
+
+    def __init__(self, config: ExperimentConfig, dataset: Dataset) -> None:
+        super().__init__(config, dataset)
+        if config.rounds is None:
             raise ConfigError("rounds = None: a label_shift stream needs rounds set")
-        self.num_tasks = -(-run.rounds // self.cfg.period)
+        self.num_tasks = -(-config.rounds // self.settings.period)
         self.pools = self.split(self.y_train, dataset.groups_train)
         draws = self.num_tasks + 1  # gradual interpolates towards the next period's draw
         self.priors = np.stack([self._draw(k) for k in range(draws)])  # (periods, clients, classes)
         self.task_tests = [self._task_test(k) for k in range(self.num_tasks)]
 
     def _draw(self, period: int) -> np.ndarray:
-        concentration = np.full(self.num_classes, self.cfg.alpha)
-        if self.cfg.mode == "swap":
+        concentration = np.full(self.num_classes, self.settings.alpha)
+        if self.settings.mode == "swap":
             first = rng(self.seed, Purpose.DATA, Draw.LABEL_PRIOR, 0).dirichlet(concentration, self.num_clients)
             order = rng(self.seed, Purpose.DATA, Draw.PRIOR_SWAP, period).permutation(self.num_clients)
             return first[order] if period else first
@@ -60,22 +80,24 @@ class LabelShiftStream(Stream):
         return None
 
     def task_of_round(self, server_round: int) -> int:
-        return min((server_round - 1) // self.cfg.period, self.num_tasks - 1)
+        return min((server_round - 1) // self.settings.period, self.num_tasks - 1)
 
     def client_label_distribution(self, server_round: int, client: int) -> np.ndarray:
         period = self.task_of_round(server_round)
         prior = self.priors[period, client]
-        if self.cfg.mode == "gradual":
-            step = ((server_round - 1) % self.cfg.period) / self.cfg.period
+        if self.settings.mode == "gradual":
+            step = ((server_round - 1) % self.settings.period) / self.settings.period
             prior = (1 - step) * prior + step * self.priors[period + 1, client]
         return prior
 
     def train_indices(self, server_round: int, client: int) -> np.ndarray:
         pool = self.pools[client]
         generator = rng(self.seed, Purpose.CLIENT_TRAIN, server_round, client, Draw.LABEL_SHIFT_SAMPLE)
-        return pool[sample_by_label(
-            self.y_train[pool], self.client_label_distribution(server_round, client), len(pool), generator
-        )]
+        return pool[
+            sample_by_label(
+                self.y_train[pool], self.client_label_distribution(server_round, client), len(pool), generator
+            )
+        ]
 
     def task_test_indices(self, task: int) -> np.ndarray:
         return self.task_tests[task]

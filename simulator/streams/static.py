@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulator.config import RunConfig
+from simulator.config import ExperimentConfig
 from simulator.data import Dataset
 from simulator.streams.base import Stream
 
@@ -12,8 +12,8 @@ from simulator.streams.base import Stream
 class StaticStream(Stream):
     """``data.partition`` of the training set, the whole test set as the one task."""
 
-    def __init__(self, run: RunConfig, dataset: Dataset) -> None:
-        super().__init__(run, dataset)
+    def __init__(self, config: ExperimentConfig, dataset: Dataset) -> None:
+        super().__init__(config, dataset)
         self.parts = self.split(self.y_train, dataset.groups_train)
 
     def train_indices(self, server_round: int, client: int) -> np.ndarray:
