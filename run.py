@@ -44,8 +44,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from simulator.backends import ClientFailure
-from simulator.config import SCENARIO_DIR, ConfigError, load_config, valid_keys
+from simulator.config import SCENARIO_DIR, ConfigError, valid_keys
 from simulator.engine import Experiment
+from simulator.plugins import load_config
 from strategies import build_strategy
 from strategies.factory import strategy_arguments, strategy_class, unknown_argument
 
@@ -66,11 +67,11 @@ def main(cfg: DictConfig) -> float | None:
     # runs jobs in other processes gets a Ray per job, as a single run does.
     keep_warm = sweep and hydra_cfg.launcher._target_.endswith(".BasicLauncher")
     try:
-        run = load_config(cfg)
+        config = load_config(cfg)
         strategy = build_strategy(cfg.strategy)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        summary = Experiment(run, strategy, run_dir, resume=bool(cfg.resume), keep_warm=keep_warm).run()
+        summary = Experiment(config, strategy, run_dir, resume=bool(cfg.resume), keep_warm=keep_warm).run()
     except ConfigError as error:
         _to_log_file(str(error))
         return _fail(str(error), 2, sweep)
@@ -118,8 +119,10 @@ def composition_error(error: BaseException) -> str | None:
         missing = error.missing_cfg_file or ""
         group, _, name = missing.rpartition("/")
         if group and error.options:
-            return (f"{group}={name}: no {group} file {missing}.yaml in the config search path; "
-                    f"available: {', '.join(error.options)}")
+            return (
+                f"{group}={name}: no {group} file {missing}.yaml in the config search path; "
+                f"available: {', '.join(error.options)}"
+            )
         return _paragraph(str(error))
     if isinstance(error, OverrideParseException):
         return f"cannot parse the override {error.override!r}: {_paragraph(error.message)}"
@@ -150,12 +153,16 @@ def _unknown_key(key: str, parent: Any) -> str:
         if arguments is not None and name in arguments:
             return f"{key}: {class_name} takes it, but the strategy file does not set it; add it with +{key}=..."
         if arguments is None:  # **kwargs along its whole chain: never claim it takes the key
-            return (f"{key}: unknown key; the strategy file does not set it, and which arguments {class_name} "
-                    f"takes cannot be read (its constructor takes **kwargs); if it does take it, add it "
-                    f"with +{key}=...")
-        return (f"{key}: unknown key; the strategy file does not set it; valid keys: {', '.join(arguments)} "
-                f"(read up {class_name}'s parents: its constructor takes **kwargs, so another key is refused "
-                f"only when it is built; if it does take it, add it with +{key}=...)")
+            return (
+                f"{key}: unknown key; the strategy file does not set it, and which arguments {class_name} "
+                f"takes cannot be read (its constructor takes **kwargs); if it does take it, add it "
+                f"with +{key}=..."
+            )
+        return (
+            f"{key}: unknown key; the strategy file does not set it; valid keys: {', '.join(arguments)} "
+            f"(read up {class_name}'s parents: its constructor takes **kwargs, so another key is refused "
+            f"only when it is built; if it does take it, add it with +{key}=...)"
+        )
     keys = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
     keys = keys or valid_keys(key.rpartition(".")[0])
     return f"{key}: unknown key; valid keys: {', '.join(keys) or '(none)'}"
@@ -173,10 +180,10 @@ def _reporting(original: Callable[[Callable[[], Any]], Any]) -> Callable[[Callab
     def run_and_report(func: Callable[[], Any]) -> Any:
         try:
             return func()
-        except Exception as error:  # noqa: BLE001 - what is not a composition error goes to Hydra's report
+        except Exception as error:
             message = None if _task_started else composition_error(error)
             if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-                return original(lambda: _raise(error))
+                return original(lambda error=error: _raise(error))
             _fail(message, 2)
 
     return run_and_report

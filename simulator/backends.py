@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from simulator.config import ConfigError, RunConfig
-from simulator.worker import TRAIN, ClientJob, ClientOutcome, ClientWorker, WorkerData
-
+from simulator.config import ConfigError, ExperimentConfig
+from simulator.protocol import TRAIN, ClientJob, ClientOutcome
+from simulator.worker import ClientWorker, WorkerData
 
 ADDRESS_TIMEOUT_S = 3.0  # how long engine.ray_address may take to accept a connection
 CALL_GRACE_S = 30.0  # on top of the clients' time limits: what an actor call may take beyond them
@@ -51,9 +51,9 @@ class Backend(ABC):
 class LocalBackend(Backend):
     """One worker in the driver process: no Ray, same client code."""
 
-    def __init__(self, run: RunConfig, data: WorkerData) -> None:
+    def __init__(self, config: ExperimentConfig, data: WorkerData) -> None:
         self.data = data
-        self.worker = ClientWorker(run, data)
+        self.worker = ClientWorker(config, data)
 
     def execute(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
         return self.worker.execute(jobs, weights)
@@ -81,9 +81,9 @@ class WorkerHost:
         if token != self.token:
             import ray
 
-            run, data = ray.get(setup)
+            config, data = ray.get(setup)
             self.reset()  # the previous job's model and tensors go before the next's arrive
-            self.worker = ClientWorker(run, data, gpu=run.engine.num_gpus_per_actor > 0)
+            self.worker = ClientWorker(config, data, gpu=config.engine.num_gpus_per_actor > 0)
             self.token, self.device, self.gpu_share = token, str(self.worker.device), self.worker.gpu_share
         assert self.worker is not None
         started = time.perf_counter()
@@ -129,30 +129,30 @@ class RayBackend(Backend):
     cannot poison the next; the process's exit shuts down what is left.
     """
 
-    def __init__(self, run: RunConfig, data: WorkerData, keep_warm: bool = False) -> None:
+    def __init__(self, config: ExperimentConfig, data: WorkerData, keep_warm: bool = False) -> None:
         import ray  # imported here so the local backend never pays for it
 
         self.ray = ray
         self.keep_warm = keep_warm
-        engine = run.engine
+        engine = config.engine
         self.client_timeout_s = engine.client_timeout_s
         # Opt into Ray's coming default (and out of its warning about it): actors that ask
         # for no GPU leave CUDA_VISIBLE_DEVICES alone. A worker uses a GPU only if given one.
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        self.pool = _WARM.take(_pool_key(run)) or self._start(run)
+        self.pool = _WARM.take(_pool_key(config)) or self._start(config)
         try:
             # Held for the run's life: a restarted actor is built again from this reference.
             self.data_ref = data_ref = ray.put(data)
             self.data = ray.get(data_ref)  # read-only views of the object store's copy
-            self.setup = [ray.put(run), data_ref]
+            self.setup = [ray.put(config), data_ref]
         except BaseException:
             self.pool.release()  # a pool taken or started and then lost would hold Ray's CPUs
             raise
         self.token = uuid.uuid4().hex  # names this run's setup to the hosts
 
-    def _start(self, run: RunConfig) -> _ActorPool:
+    def _start(self, config: ExperimentConfig) -> _ActorPool:
         """Ray (unless one runs: a pool of another shape's, a test's, a cluster) and new actors."""
-        ray, engine = self.ray, run.engine
+        ray, engine = self.ray, config.engine
         owns_ray = not ray.is_initialized()  # shut down only a Ray we started
         if owns_ray:
             if engine.ray_address:
@@ -165,7 +165,10 @@ class RayBackend(Backend):
                     log.warning(
                         "engine.num_actors = %d x engine.num_cpus_per_actor = %g needs %g CPUs and this machine "
                         "has %d: the actors share them, each training slower; engine.num_actors = %d would not",
-                        engine.num_actors, engine.num_cpus_per_actor, needed, cores,
+                        engine.num_actors,
+                        engine.num_cpus_per_actor,
+                        needed,
+                        cores,
                         max(1, int(cores // engine.num_cpus_per_actor)),
                     )
                 ray.init(
@@ -176,7 +179,7 @@ class RayBackend(Backend):
                     configure_logging=True,
                 )
         try:
-            self._check_resources(run)
+            self._check_resources(config)
         except ConfigError:
             if owns_ray:
                 ray.shutdown()
@@ -184,18 +187,20 @@ class RayBackend(Backend):
         # A dead actor comes back (a new host) and Ray reruns its call, which names the job:
         # where and how often a share runs never changes its outcomes.
         host = ray.remote(WorkerHost).options(
-            num_cpus=engine.num_cpus_per_actor, num_gpus=engine.num_gpus_per_actor,
-            max_restarts=engine.max_actor_restarts, max_task_retries=engine.max_actor_restarts,
+            num_cpus=engine.num_cpus_per_actor,
+            num_gpus=engine.num_gpus_per_actor,
+            max_restarts=engine.max_actor_restarts,
+            max_task_retries=engine.max_actor_restarts,
         )
-        return _ActorPool(_pool_key(run), [host.remote() for _ in range(engine.num_actors)], owns_ray)
+        return _ActorPool(_pool_key(config), [host.remote() for _ in range(engine.num_actors)], owns_ray)
 
     @property
     def actors(self) -> list:
         return self.pool.actors
 
-    def _check_resources(self, run: RunConfig) -> None:
+    def _check_resources(self, config: ExperimentConfig) -> None:
         """Fail now, naming the keys, where not every actor can be placed (it would wait forever)."""
-        engine = run.engine
+        engine = config.engine
         available = self.ray.available_resources()
         if _WARM.freeing and _WARM.freeing[0] == self.ray.get_runtime_context().get_job_id():
             for resource, amount in _WARM.freeing[1].items():  # actors we killed hold them a moment longer
@@ -270,8 +275,10 @@ class _ActorPool:
         if self.owns_ray:
             ray.shutdown()
         else:  # Ray stays up and frees the actors' resources when they are gone, a moment later
-            _WARM.freeing = (ray.get_runtime_context().get_job_id(),
-                             {"CPU": len(self.actors) * self.key[1], "GPU": len(self.actors) * self.key[2]})
+            _WARM.freeing = (
+                ray.get_runtime_context().get_job_id(),
+                {"CPU": len(self.actors) * self.key[1], "GPU": len(self.actors) * self.key[2]},
+            )
 
 
 class _WarmPools:
@@ -310,10 +317,15 @@ class _WarmPools:
 _WARM = _WarmPools()
 
 
-def _pool_key(run: RunConfig) -> tuple:
-    engine = run.engine
-    return (engine.num_actors, engine.num_cpus_per_actor, engine.num_gpus_per_actor, engine.max_actor_restarts,
-            engine.ray_address)
+def _pool_key(config: ExperimentConfig) -> tuple:
+    engine = config.engine
+    return (
+        engine.num_actors,
+        engine.num_cpus_per_actor,
+        engine.num_gpus_per_actor,
+        engine.max_actor_restarts,
+        engine.ray_address,
+    )
 
 
 def release_gpu_cache() -> None:
@@ -363,8 +375,8 @@ def _ask_gcs(address: str, timeout_s: float) -> None:
 
     def ask() -> None:
         try:
-            GcsClient(address=address).cluster_id  # noqa: B018 - the call that needs an answer
-        except Exception as error:  # noqa: BLE001 - any failure means no GCS there
+            GcsClient(address=address).cluster_id
+        except Exception as error:
             failure.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
     saved = os.dup(2)  # Ray's C++ client logs each failed try to fd 2: the ConfigError says it once
@@ -419,8 +431,8 @@ def balanced_shares(jobs: list[ClientJob], num_actors: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-def make_backend(run: RunConfig, data: WorkerData, keep_warm: bool = False) -> Backend:
+def make_backend(config: ExperimentConfig, data: WorkerData, keep_warm: bool = False) -> Backend:
     """The backend ``engine.backend`` names (validated in the config); ``keep_warm``: see :class:`RayBackend`."""
-    if run.engine.backend == "ray":
-        return RayBackend(run, data, keep_warm)
-    return LocalBackend(run, data)
+    if config.engine.backend == "ray":
+        return RayBackend(config, data, keep_warm)
+    return LocalBackend(config, data)

@@ -36,7 +36,7 @@ import shutil
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from flwr.serverapp.strategy import Strategy
 from simulator.client_state import StoreSnapshot
 from simulator.config import ConfigError, to_dict
 from simulator.grid import Traffic
-from simulator.hooks import Hook, RoundView, RunContext
+from simulator.hooks import Hook, RoundView, RunSetup
 
 CLIENT_STATE_DIR = "client_state"  # beside checkpoints/ in the run directory
 ARRAYS, STRATEGY, STATE, MANIFEST = "arrays.npz", "strategy.pkl", "state.json", "manifest.json"
@@ -62,17 +62,26 @@ _TRUSTED_PACKAGES = ("flwr.app", "flwr.common", "flwr.serverapp")
 _TRUSTED_FUNCTIONS = {
     ("flwr.serverapp.strategy.strategy_utils", "aggregate_metricrecords"),  # FedAvg's metric defaults
     ("flwr.serverapp.strategy.multikrum", "select_multikrum"),
-    *((f"flwr.app.message.{record}", check) for record in ("arrayrecord", "metricrecord", "configrecord")
-      for check in ("_check_key", "_check_value")),
+    *(
+        (f"flwr.app.message.{record}", check)
+        for record in ("arrayrecord", "metricrecord", "configrecord")
+        for check in ("_check_key", "_check_value")
+    ),
 }
-_TRUSTED_GLOBALS = {
-    ("builtins", name) for name in ("complex", "set", "frozenset", "bytearray", "slice", "range", "object")
-} | {("collections", name) for name in ("OrderedDict", "defaultdict", "deque", "Counter")} | {
-    ("copyreg", "_reconstructor"), ("_codecs", "encode"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
-}
+_TRUSTED_GLOBALS = (
+    {("builtins", name) for name in ("complex", "set", "frozenset", "bytearray", "slice", "range", "object")}
+    | {("collections", name) for name in ("OrderedDict", "defaultdict", "deque", "Counter")}
+    | {
+        ("copyreg", "_reconstructor"),
+        ("_codecs", "encode"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,32 @@ class Checkpoint:
     records: list[dict[str, Any]]  # metrics.jsonl's records so far: resume rebuilds it from them
     nonfinite_dropped: int  # replies left out as non-finite so far (engine.on_nonfinite = drop)
     traffic: Traffic  # bytes sent and received so far: rounds since the last record count too
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where the rounds start: round 1 from the initial arrays, or after a checkpoint's round."""
+
+    arrays: ArrayRecord
+    round: int = 1
+    wall_s: float = 0.0
+    records: list[dict[str, Any]] = field(default_factory=list)
+    client_states: StoreSnapshot | None = None
+    nonfinite_dropped: int = 0
+    traffic: Traffic = Traffic()
+
+    @classmethod
+    def after(cls, saved: Checkpoint) -> Start:
+        """The round after ``saved``'s, with everything the run had by then."""
+        return cls(
+            saved.arrays,
+            saved.round + 1,
+            saved.wall_s,
+            saved.records,
+            saved.client_states,
+            saved.nonfinite_dropped,
+            saved.traffic,
+        )
 
 
 def save(directory: Path, checkpoint: Checkpoint) -> None:
@@ -155,14 +190,22 @@ def _read(folder: Path, strategy_modules: tuple[str, ...]) -> Checkpoint:
         strategy = _TrustedUnpickler(file, strategy_modules).load()
     with _reading(folder / STATE):
         state = json.loads((folder / STATE).read_text())
-        snapshot = StoreSnapshot(**{
-            field: {int(client): value for client, value in state["client_states"][field].items()}
-            for field in ("files", "last_round", "sizes")
-        })
+        snapshot = StoreSnapshot(
+            **{
+                field: {int(client): value for client, value in state["client_states"][field].items()}
+                for field in ("files", "last_round", "sizes")
+            }
+        )
         return Checkpoint(
-            round=state["round"], arrays=arrays, strategy=strategy, client_states=snapshot,
-            wall_s=state["wall_s"], config=state["config"], num_tasks=state["num_tasks"],
-            records=state["records"], nonfinite_dropped=state["nonfinite_dropped"],
+            round=state["round"],
+            arrays=arrays,
+            strategy=strategy,
+            client_states=snapshot,
+            wall_s=state["wall_s"],
+            config=state["config"],
+            num_tasks=state["num_tasks"],
+            records=state["records"],
+            nonfinite_dropped=state["nonfinite_dropped"],
             traffic=Traffic(**state["traffic"]),
         )
 
@@ -171,8 +214,11 @@ def _plain(checkpoint: Checkpoint) -> dict[str, Any]:
     """``state.json``'s content: everything but the arrays and the strategy."""
     snapshot = checkpoint.client_states
     return {
-        "round": checkpoint.round, "wall_s": checkpoint.wall_s, "config": checkpoint.config,
-        "num_tasks": checkpoint.num_tasks, "records": checkpoint.records,
+        "round": checkpoint.round,
+        "wall_s": checkpoint.wall_s,
+        "config": checkpoint.config,
+        "num_tasks": checkpoint.num_tasks,
+        "records": checkpoint.records,
         "nonfinite_dropped": checkpoint.nonfinite_dropped,
         "traffic": dataclasses.asdict(checkpoint.traffic),
         "client_states": {"files": snapshot.files, "last_round": snapshot.last_round, "sizes": snapshot.sizes},
@@ -195,8 +241,10 @@ class _TrustedUnpickler(pickle.Unpickler):
             # The object itself must be of a trusted module too: a dotted name or an import
             # may lead elsewhere; and a class, or a function of the strategy's own modules.
             own = getattr(found, "__module__", None)
-            if isinstance(found, type) and self._trusted_module(own) or (
-                inspect.isfunction(found) and own in self.strategy_modules
+            if (
+                isinstance(found, type)
+                and self._trusted_module(own)
+                or (inspect.isfunction(found) and own in self.strategy_modules)
             ):
                 return found
         if module.split(".")[0] == "numpy" and self._numpy_value_type(super().find_class(module, name)):
@@ -208,9 +256,10 @@ class _TrustedUnpickler(pickle.Unpickler):
         )
 
     def _trusted_module(self, module: str | None) -> bool:
-        return module is not None and (module in self.strategy_modules or any(
-            module == trusted or module.startswith(f"{trusted}.") for trusted in _TRUSTED_PACKAGES
-        ))
+        return module is not None and (
+            module in self.strategy_modules
+            or any(module == trusted or module.startswith(f"{trusted}.") for trusted in _TRUSTED_PACKAGES)
+        )
 
     @staticmethod
     def _numpy_value_type(found: Any) -> bool:
@@ -290,29 +339,38 @@ class Checkpoints(Hook):
     a finished round; then the client states' spill files that neither kept checkpoint names go.
     Without checkpoints nothing can continue the run, so its client-state files go at the end."""
 
-    def __init__(self, run: RunContext) -> None:
-        self.run = run
-        self.every = run.cfg.engine.checkpoint_every
-        self.previous_files = list(run.states.saved_files)  # what the previous kept checkpoint names
+    def __init__(self, setup: RunSetup) -> None:
+        self.setup = setup
+        self.every = setup.config.engine.checkpoint_every
+        self.previous_files = list(setup.states.saved_files)  # what the previous kept checkpoint names
 
     def after_log(self, view: RoundView, record: dict[str, Any] | None) -> None:
-        run, states = self.run, self.run.states
+        setup, states = self.setup, self.setup.states
         if not self.every:
             states.collect()
             return
-        if view.server_round % self.every and view.server_round != run.rounds:
+        if view.server_round % self.every and view.server_round != setup.rounds:
             return
         snapshot = states.snapshot()
-        save(run.outputs.path / "checkpoints", Checkpoint(
-            round=view.server_round, arrays=view.arrays, strategy=view.strategy, client_states=snapshot,
-            wall_s=run.elapsed(), config=to_dict(run.cfg), num_tasks=run.stream.num_tasks,
-            records=run.outputs.records, nonfinite_dropped=run.grid.nonfinite_dropped,
-            traffic=run.grid.traffic,
-        ))
+        save(
+            setup.outputs.path / "checkpoints",
+            Checkpoint(
+                round=view.server_round,
+                arrays=view.arrays,
+                strategy=view.strategy,
+                client_states=snapshot,
+                wall_s=setup.elapsed(),
+                config=to_dict(setup.config),
+                num_tasks=setup.stream.num_tasks,
+                records=setup.outputs.records,
+                nonfinite_dropped=setup.grid.nonfinite_dropped,
+                traffic=setup.grid.traffic,
+            ),
+        )
         states.collect(keep=self.previous_files)
         self.previous_files = list(snapshot.files.values())
 
     def at_end(self, view: RoundView) -> dict[str, Any]:
         if not self.every:
-            shutil.rmtree(self.run.states.directory, ignore_errors=True)
+            shutil.rmtree(self.setup.states.directory, ignore_errors=True)
         return {}

@@ -1,4 +1,4 @@
-"""The driver's store of client states, by client id (DESIGN.md, "Client state").
+"""The driver's store of client states, by client id (docs/architecture.md, "Client state").
 
 A client method's memory of a client (a replay buffer, a Fisher diagonal, a
 teacher) belongs to the client, not to the actor or the method object that
@@ -13,7 +13,7 @@ budget; past it, the least recently used leave memory, written first if they
 have no file yet. A checkpoint writes the states that changed since the last
 one and keeps only the file names, so it costs the cohort's states, not all of
 them; a named file stays valid until a later checkpoint supersedes it, and
-:meth:`ClientStates.collect` deletes the files no checkpoint needs any more.
+:meth:`ClientStateStore.collect` deletes the files no checkpoint needs any more.
 """
 
 from __future__ import annotations
@@ -24,35 +24,16 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-SCALARS = (bool, int, float, str, type(None))
+from simulator.protocol import RESERVED_STATE_KEY, ClientState
+
 STATE_FILE = "client{client}_round{round}.npz"  # one version of a client's state, never rewritten
 _STATE_FILE_PATTERN = re.compile(STATE_FILE.format(client=r"\d+", round=r"(\d+)").replace(".", r"\."))
-_SCALARS_KEY = "__scalars__"  # in a state file: the state's scalars, as JSON bytes
 
 
-class ClientStateError(TypeError):
-    """A client method left a value in its state that the store cannot keep."""
-
-
-def check_state(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` if every value is a numpy array (not of objects) or a scalar; else a clear error."""
-    for key, value in state.items():
-        if not isinstance(key, str) or key == _SCALARS_KEY:
-            raise ClientStateError(f"client state key {key!r}: keys must be strings other than {_SCALARS_KEY!r}")
-        if isinstance(value, np.ndarray) and value.dtype != object or isinstance(value, SCALARS):
-            continue
-        raise ClientStateError(
-            f"client state[{key!r}] is a {type(value).__name__}; a state holds numpy arrays and "
-            "Python scalars or strings (convert tensors with .cpu().numpy())"
-        )
-    return state
-
-
-def state_bytes(state: dict[str, Any]) -> int:
+def state_bytes(state: ClientState) -> int:
     """Bytes a state holds: its arrays' data, 8 per scalar, a string's length."""
     return sum(v.nbytes if isinstance(v, np.ndarray) else len(v) if isinstance(v, str) else 8 for v in state.values())
 
@@ -66,14 +47,14 @@ class StoreSnapshot:
     sizes: dict[int, int] = field(default_factory=dict)  # state_bytes of every state
 
 
-class ClientStates:
+class ClientStateStore:
     """Client states by id, in memory up to ``memory_budget`` bytes, in files under ``directory``."""
 
     def __init__(self, directory: Path, memory_budget: int, snapshot: StoreSnapshot | None = None) -> None:
         self.directory = directory
         self.memory_budget = memory_budget
         snapshot = snapshot or StoreSnapshot()
-        self._memory: OrderedDict[int, dict[str, Any]] = OrderedDict()  # least recently used first
+        self._memory: OrderedDict[int, ClientState] = OrderedDict()  # least recently used first
         self._files = dict(snapshot.files)  # the file of each state's current version, where written
         self.saved_files = list(snapshot.files.values())  # what the checkpoint it was restored from names
         self._last_round = dict(snapshot.last_round)
@@ -82,7 +63,7 @@ class ClientStates:
         self.memory_bytes = 0
         self._discard_newer_than(max(self._last_round.values(), default=0))
 
-    def get(self, client: int) -> dict[str, Any]:
+    def get(self, client: int) -> ClientState:
         """Client ``client``'s state (empty before it first trains); its arrays are read-only."""
         if client in self._memory:
             self._memory.move_to_end(client)
@@ -95,7 +76,7 @@ class ClientStates:
         """The last round ``client`` trained in, or None if it never did."""
         return self._last_round.get(client)
 
-    def put(self, client: int, server_round: int, state: dict[str, Any]) -> None:
+    def put(self, client: int, server_round: int, state: ClientState) -> None:
         """Keep a copy of ``state`` as ``client``'s after ``server_round``; evict others past the budget.
 
         A copy: the caller's arrays may be views of a live model (in-process) or
@@ -129,7 +110,7 @@ class ClientStates:
         scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
         arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
         temporary = self.directory / f".{name}.tmp.npz"
-        np.savez(temporary, **arrays, **{_SCALARS_KEY: np.frombuffer(json.dumps(scalars).encode(), np.uint8)})
+        np.savez(temporary, **arrays, **{RESERVED_STATE_KEY: np.frombuffer(json.dumps(scalars).encode(), np.uint8)})
         temporary.replace(self.directory / name)
         self._files[client] = name
 
@@ -170,7 +151,7 @@ class ClientStates:
         return self.total_bytes - self.memory_bytes
 
 
-def _freeze(state: dict[str, Any]) -> dict[str, Any]:
+def _freeze(state: ClientState) -> ClientState:
     """Make ``state``'s arrays read-only, as they arrive from Ray's object store: methods replace, never mutate."""
     for value in state.values():
         if isinstance(value, np.ndarray):
@@ -178,8 +159,8 @@ def _freeze(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path) -> ClientState:
     with np.load(path, allow_pickle=False) as file:
-        state = {k: file[k] for k in file.files if k != _SCALARS_KEY}
-        state.update(json.loads(file[_SCALARS_KEY].tobytes().decode()))
+        state = {k: file[k] for k in file.files if k != RESERVED_STATE_KEY}
+        state.update(json.loads(file[RESERVED_STATE_KEY].tobytes().decode()))
     return _freeze(state)

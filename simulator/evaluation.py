@@ -17,9 +17,9 @@ from flwr.app import ConfigRecord
 
 from clients.base import masked
 from clients.models import evaluate
-from simulator.hooks import Hook, RoundView, RunContext, evaluation_due, metric_value
-from simulator.keys import ACCURACY
+from simulator.hooks import Hook, RoundView, RunSetup, evaluation_due, metric_value
 from simulator.metrics import accuracy_spread
+from simulator.protocol import ACCURACY
 from simulator.seeding import Draw, Purpose, derive_seed, rng, seeded_global_state
 from simulator.streams import Stream
 
@@ -52,8 +52,13 @@ def seen_accuracy(stream: Stream, seen_tasks: np.ndarray, accuracies: list[float
 
 @torch.no_grad()
 def client_accuracies(
-    model: torch.nn.Module, stream: Stream, server_round: int, seed: int,
-    max_clients: int, test_size: int, batch_size: int,
+    model: torch.nn.Module,
+    stream: Stream,
+    server_round: int,
+    seed: int,
+    max_clients: int,
+    test_size: int,
+    batch_size: int,
     personalize: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Accuracy of each of up to ``max_clients`` present clients (a seeded sample) on its own mix.
@@ -88,28 +93,38 @@ class HeadEvaluation(Hook):
     """The global model on every task's test set and on each client's own data mix (and, where the
     client method keeps personal layers, each client's own model: ``client_acc_personal_*``)."""
 
-    def __init__(self, run: RunContext) -> None:
-        self.run = run
+    def __init__(self, setup: RunSetup) -> None:
+        self.setup = setup
 
     def after_round(self, view: RoundView) -> dict[str, Any]:
-        run, cfg = self.run, self.run.cfg
-        if not evaluation_due(cfg, view):
+        setup, config = self.setup, self.setup.config
+        if not evaluation_due(config, view):
             return {}
         model = view.global_model()
-        scored = (run.stream, view.server_round, cfg.seed, cfg.eval.max_clients, cfg.eval.client_test_size,
-                  cfg.eval.batch_size)
+        scored = (
+            setup.stream,
+            view.server_round,
+            config.seed,
+            config.eval.max_clients,
+            config.eval.client_test_size,
+            config.eval.batch_size,
+        )
         measured = {
-            **accuracy_record("acc", task_accuracies(model, run.stream, cfg.eval.batch_size), run.stream,
-                              run.stream.seen_tasks(view.server_round)),
+            **accuracy_record(
+                "acc",
+                task_accuracies(model, setup.stream, config.eval.batch_size),
+                setup.stream,
+                setup.stream.seen_tasks(view.server_round),
+            ),
             **accuracy_spread(client_accuracies(model, *scored)),
         }
-        if run.method.personal_prefixes:
+        if setup.method.personal_prefixes:
             measured.update(accuracy_spread(self._personal_accuracies(model, scored), "client_acc_personal"))
         return measured
 
     def _personal_accuracies(self, model: torch.nn.Module, scored: tuple) -> np.ndarray:
         """Each client's accuracy with its own model: the global encoder under its personal head."""
-        method, states = self.run.method, self.run.states
+        method, states = self.setup.method, self.setup.states
         initial = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(method.personal_prefixes)}
 
         def personalize(client: int) -> None:
@@ -126,17 +141,21 @@ class FederatedEvaluation(Hook):
     """The strategy's own client-side evaluation: sampled clients on their local test samples
     (each its own model where the client method keeps personal layers: ``federated_acc_personal``)."""
 
-    def __init__(self, run: RunContext) -> None:
-        self.run = run
-        self.key = "federated_acc_personal" if run.method.personal_prefixes else "federated_acc"
+    def __init__(self, setup: RunSetup) -> None:
+        self.setup = setup
+        self.key = "federated_acc_personal" if setup.method.personal_prefixes else "federated_acc"
 
     def after_round(self, view: RoundView) -> dict[str, Any]:
-        if not evaluation_due(self.run.cfg, view):
+        if not evaluation_due(self.setup.config, view):
             return {}
-        with self.run.grid.round(view.server_round), seeded_global_state(
-                derive_seed(self.run.cfg.seed, Purpose.STRATEGY, view.server_round, Draw.EVALUATE_CALL)):
-            messages = view.strategy.configure_evaluate(view.server_round, view.arrays, ConfigRecord(), self.run.grid)
-            aggregated = view.strategy.aggregate_evaluate(view.server_round, self.run.grid.send_and_receive(messages))
+        with (
+            self.setup.grid.round(view.server_round),
+            seeded_global_state(
+                derive_seed(self.setup.config.seed, Purpose.STRATEGY, view.server_round, Draw.EVALUATE_CALL)
+            ),
+        ):
+            messages = view.strategy.configure_evaluate(view.server_round, view.arrays, ConfigRecord(), self.setup.grid)
+            aggregated = view.strategy.aggregate_evaluate(view.server_round, self.setup.grid.send_and_receive(messages))
         return {self.key: metric_value(aggregated, ACCURACY)}
 
 

@@ -1,15 +1,14 @@
 """Flower's ``Grid`` over our backends, so any Flower strategy runs unchanged.
 
 Node ``c`` is client ``c``; the nodes are the clients the stream has present
-this round, and each job carries the samples the stream gives its client, its
-live task and its state from the driver's store (with, on its first round of a
-new task, the task it left). :meth:`SimulationGrid.send_and_receive` turns the
-strategy's messages into client jobs, runs them in one backend call (each
-distinct ArrayRecord is converted once, however many messages share it), keeps
-the states the trained clients return, and wraps the outcomes as Flower reply
-messages in the order the messages came. Nothing waits or polls: replies exist
-as soon as the call returns. It also counts the bytes the messages carry
-(:class:`Traffic`).
+this round. :meth:`SimulationGrid.send_and_receive` reads each message's
+records (``simulator.protocol`` names them), has ``simulator.jobs`` plan each
+client's job, runs them all in one backend call (each distinct ArrayRecord is
+converted once, however many messages share it), stops the run on a failed or
+diverged client, has the trained clients' states kept, and wraps the outcomes
+as Flower reply messages in the order the messages came. Nothing waits or
+polls: replies exist as soon as the call returns. It also counts the bytes the
+messages carry (:class:`Traffic`).
 """
 
 from __future__ import annotations
@@ -26,15 +25,23 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from simulator.backends import Backend, ClientFailure
-from simulator.client_state import ClientStates
+from simulator.client_state import ClientStateStore
 from simulator.held_array import held_array_record
+from simulator.jobs import JobPlanner
+from simulator.protocol import (
+    EVALUATE,
+    GLOBAL_ARRAYS,
+    QUERY,
+    REPLY_ARRAYS,
+    REPLY_METRICS,
+    TRAIN,
+    ClientJob,
+    ClientOutcome,
+)
+from simulator.run_dir import MB
 from simulator.streams import Stream
-from simulator.task_change import task_change
-from simulator.worker import EVALUATE, QUERY, TRAIN, ClientJob, ClientOutcome
 
 _KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE, MessageType.QUERY: QUERY}
-GLOBAL_ARRAYS, QUERY_ARRAYS = "arrays", "query"  # a query message's records: the model, and the query's own
-MB = 2**20  # bytes in the megabytes (MiB) reported: client_state_mb, uplink_mb, downlink_mb
 
 
 @dataclass(frozen=True)
@@ -66,17 +73,22 @@ class SimulationGrid(Grid):
     """A Grid whose nodes are simulated clients run by a :class:`Backend`."""
 
     def __init__(
-        self, backend: Backend, stream: Stream, states: ClientStates, client_test_size: int, run_id: int,
-        on_nonfinite: str = "fail", nonfinite_dropped: int = 0, personal: bool = False,
+        self,
+        backend: Backend,
+        stream: Stream,
+        states: ClientStateStore,
+        client_test_size: int,
+        run_id: int,
+        on_nonfinite: str = "fail",
+        nonfinite_dropped: int = 0,
+        personal: bool = False,
         traffic: Traffic = Traffic(),
     ) -> None:
         self.backend = backend
         self.stream = stream
-        self.states = states
+        self.jobs = JobPlanner(stream, states, client_test_size, personal)
         self.on_nonfinite = on_nonfinite  # fail | drop: what a client's NaN/inf loss or weights do
         self.nonfinite_dropped = nonfinite_dropped  # replies left out so far (on_nonfinite = drop)
-        self.client_test_size = client_test_size
-        self.personal = personal  # the client method keeps personal layers: evaluation needs the state too
         self.traffic = traffic  # bytes sent and received so far (a resumed run's included)
         self._run = Run.create_empty(run_id)
         self._ids = itertools.count()
@@ -128,9 +140,7 @@ class SimulationGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Run every message's client now; ``timeout`` has nothing to wait for."""
         return [reply for reply in self._execute(list(messages)) if reply is not None]
 
@@ -148,8 +158,9 @@ class SimulationGrid(Grid):
         outcomes = self.backend.execute(jobs, weights)
         self.traffic = self.traffic.plus(
             uplink_bytes=sum(_nbytes(outcome.arrays or ()) for outcome in outcomes),
-            downlink_bytes=sum(_nbytes(weights[job.weights_index]) + _nbytes(job.query_arrays.values())
-                               for job in jobs),
+            downlink_bytes=sum(
+                _nbytes(weights[job.weights_index]) + _nbytes(job.query_arrays.values()) for job in jobs
+            ),
         )
         failed = next((o for o in outcomes if o.error is not None), None)
         if failed is not None:
@@ -166,9 +177,7 @@ class SimulationGrid(Grid):
                 "nothing is left to aggregate"
             )
         self.nonfinite_dropped += len(diverged)
-        for job, outcome in zip(jobs, outcomes):
-            if outcome.state is not None and outcome.finite:
-                self.states.put(job.client_id, job.server_round, outcome.state)
+        self.jobs.keep_states(jobs, outcomes)
         return [
             self._reply(message, outcome, list(records[job.weights_index].keys())) if outcome.finite else None
             for message, job, outcome in zip(messages, jobs, outcomes)
@@ -185,8 +194,9 @@ class SimulationGrid(Grid):
         content = message.content
         records_in = dict(content.array_records)
         if len(records_in) > 1 and GLOBAL_ARRAYS not in records_in:
-            raise ValueError(f"a message with several ArrayRecords ({', '.join(records_in)}) must name the "
-                             f"model's {GLOBAL_ARRAYS!r}")
+            raise ValueError(
+                f"a message with several ArrayRecords ({', '.join(records_in)}) must name the model's {GLOBAL_ARRAYS!r}"
+            )
         arrays = records_in.pop(GLOBAL_ARRAYS) if len(records_in) > 1 else records_in.popitem()[1]
         query_arrays = {k: v for record in records_in.values() for k, v in zip(record, record.to_numpy_ndarrays())}
         config: dict[str, Any] = {}
@@ -195,36 +205,13 @@ class SimulationGrid(Grid):
         index = next((i for i, r in enumerate(records) if r is arrays), len(records))
         if index == len(records):
             records.append(arrays)
-        task = self.stream.client_task(self.server_round, client)
-        new_task, previous = False, None
-        if kind == TRAIN:
-            indices = self.stream.train_indices(self.server_round, client)
-            new_task, previous = task_change(self.stream, client, task, self.states.last_round(client))
-        elif kind == QUERY:  # on the data the client trains on this round: at a task end, the task's
-            indices = self.stream.train_indices(self.server_round, client)
-        else:
-            indices = self.stream.client_test_indices(self.server_round, client, self.client_test_size)
-        return ClientJob(
-            client_id=client,
-            kind=kind,
-            server_round=self.server_round,
-            weights_index=index,
-            indices=indices,
-            task=task,
-            class_mask=self.stream.class_mask(self.server_round, client),
-            config=config,
-            # Only the cohort's states travel, and to evaluation only for a client's own layers.
-            state=self.states.get(client) if kind == TRAIN or self.personal else {},
-            new_task=new_task,
-            previous=previous,
-            query_arrays=query_arrays,
-        )
+        return self.jobs.job(kind, client, self.server_round, index, config, query_arrays)
 
     def _reply(self, message: Message, outcome: ClientOutcome, keys: list[str]) -> Message:
-        content = RecordDict({"metrics": MetricRecord(outcome.metrics)})
+        content = RecordDict({REPLY_METRICS: MetricRecord(outcome.metrics)})
         if outcome.arrays is not None:  # the weights as the message's, or a query's named answer
             names = keys if outcome.array_names is None else outcome.array_names
-            content["arrays"] = held_array_record(names, outcome.arrays)
+            content[REPLY_ARRAYS] = held_array_record(names, outcome.arrays)
         reply = Message(content, reply_to=message)
         _stamp(reply, f"r{message.metadata.message_id}")
         return reply

@@ -23,7 +23,7 @@ from flwr.common.constant import SType
 class HeldArray(Array):
     """An ``Array`` holding its ndarray; ``data`` (the ``.npy`` bytes) is made on first use."""
 
-    def __init__(self, ndarray: np.ndarray) -> None:  # noqa: D107 - Array.__init__ would serialize
+    def __init__(self, ndarray: np.ndarray) -> None:
         # Straight into __dict__: Array.__setattr__ would redo its dirty-state work per field.
         self.__dict__.update(
             _ndarray=ndarray, dtype=_dtype_name(ndarray.dtype), shape=tuple(ndarray.shape), stype=SType.NUMPY

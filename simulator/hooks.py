@@ -9,11 +9,16 @@ reaching into the engine:
 - :meth:`Hook.at_task_end`: the same, at the last round of a task;
 - :meth:`Hook.after_log`: once the round's record, if any, is written (checkpoints, progress);
 - :meth:`Hook.at_end`: entries for ``summary.json`` (and files of its own);
-- :meth:`Hook.finished`: once ``summary.json`` is written (plots).
+- :meth:`Hook.finished`: once ``summary.json`` is written (plots);
+- :meth:`Hook.close`: always, last, whether the run finished or failed.
 
-The loop merges what the hooks return, in their order, into one record per
-round. A new measurement (a metric at every task end, say) is one new hook in
-:func:`default_hooks`; the engine does not change.
+:class:`Hooks` calls them by the same names, in order, merging what they
+return into one record per round. This module holds only that protocol; the
+hooks live with what they measure (``evaluation``, ``probes``, ``checkpoint``,
+``reporting_hooks``) and the engine assembles them. A user's hook is a
+:class:`Hook` subclass built as ``Hook(setup)``, named by dotted path in
+``eval.hooks`` (``eval.hooks=[my_pkg.MyHook]``): its metrics join the records
+after the shipped measurements, before checkpoints save them.
 """
 
 from __future__ import annotations
@@ -27,28 +32,28 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Strategy
-from tqdm import tqdm
 
 from clients.base import ClientMethod
-from simulator.client_state import ClientStates
-from simulator.config import RunConfig
-from simulator.grid import MB, SimulationGrid
-from simulator.keys import NUM_EXAMPLES, TRAIN_LOSS
-from simulator.run_dir import RunDirectory
+from simulator.client_state import ClientStateStore
+from simulator.config import ExperimentConfig
+from simulator.grid import SimulationGrid
+from simulator.protocol import NUM_EXAMPLES, TRAIN_LOSS
+from simulator.registry import Registry
+from simulator.run_dir import MB, RunDirectory
 from simulator.streams import Stream
 
 
 @dataclass
-class RunContext:
+class RunSetup:
     """What stays the same across a run's rounds."""
 
-    cfg: RunConfig
+    config: ExperimentConfig
     stream: Stream
     rounds: int
     first_round: int  # 1, or the round a resumed run continues with
     model: torch.nn.Module  # the server's copy: hooks load the global weights into it (RoundView.global_model)
     method: ClientMethod  # the server's instance of the client method (it personalises models for evaluation)
-    states: ClientStates
+    states: ClientStateStore
     grid: SimulationGrid
     outputs: RunDirectory
     elapsed: Callable[[], float]  # seconds of the run so far (a resumed run's included)
@@ -58,7 +63,7 @@ class RunContext:
 class RoundView:
     """One finished round, as hooks see it: after training and, at a task end, the strategy's own step."""
 
-    run: RunContext
+    setup: RunSetup
     server_round: int
     task: int
     task_ended: bool
@@ -73,26 +78,28 @@ class RoundView:
         ``uplink_mb``/``downlink_mb`` are the run's totals so far, through this round (its federated
         evaluation included): records come only at evaluations, so per-round values would skip rounds.
         """
-        run = self.run
+        setup = self.setup
         return {
             "round": self.server_round,
             "task": self.task,
             "train_loss": metric_value(self.train_metrics, TRAIN_LOSS),
             **measured,
             **client_method_metrics(self.train_metrics),
-            "nonfinite_dropped": run.grid.nonfinite_dropped,
-            "client_state_mb": round(run.states.total_bytes / MB, 6),
-            "client_state_spilled_mb": round(run.states.spilled_bytes / MB, 6),
-            **run.grid.traffic.megabytes(),
-            "wall_s": round(run.elapsed(), 3),
+            "nonfinite_dropped": setup.grid.nonfinite_dropped,
+            "client_state_mb": round(setup.states.total_bytes / MB, 6),
+            "client_state_spilled_mb": round(setup.states.spilled_bytes / MB, 6),
+            **setup.grid.traffic.megabytes(),
+            "wall_s": round(setup.elapsed(), 3),
         }
 
     def global_model(self) -> torch.nn.Module:
         """The server's model holding the global weights (its personal layers: the initial ones)."""
         if not self._loaded:
-            self.run.model.load_state_dict(self.arrays.to_torch_state_dict(), strict=not self.run.method.personal_prefixes)
+            self.setup.model.load_state_dict(
+                self.arrays.to_torch_state_dict(), strict=not self.setup.method.personal_prefixes
+            )
             self._loaded = True
-        return self.run.model
+        return self.setup.model
 
 
 class Hook:
@@ -126,8 +133,8 @@ class Hooks:
     def __init__(self, hooks: Sequence[Hook]) -> None:
         self.hooks = list(hooks)
 
-    def measure(self, view: RoundView) -> dict[str, Any]:
-        """Every hook's metrics for this round (and, at a task end, for the task's end)."""
+    def after_round(self, view: RoundView) -> dict[str, Any]:
+        """Every hook's metrics for this round (and, at a task end, its ``at_task_end``'s after its own)."""
         measured: dict[str, Any] = {}
         for hook in self.hooks:
             measured.update(hook.after_round(view))
@@ -135,12 +142,12 @@ class Hooks:
                 measured.update(hook.at_task_end(view))
         return measured
 
-    def logged(self, view: RoundView, record: dict[str, Any] | None) -> None:
+    def after_log(self, view: RoundView, record: dict[str, Any] | None) -> None:
         """Tell every hook the round's record (None: none) was written."""
         for hook in self.hooks:
             hook.after_log(view, record)
 
-    def summary(self, view: RoundView) -> dict[str, Any]:
+    def at_end(self, view: RoundView) -> dict[str, Any]:
         """Every hook's entries for ``summary.json``."""
         entries: dict[str, Any] = {}
         for hook in self.hooks:
@@ -159,58 +166,13 @@ class Hooks:
                 stack.callback(hook.close)
 
 
-class Progress(Hook):
-    """A progress bar over rounds, with the last evaluation's task, loss and accuracy."""
-
-    def __init__(self, run: RunContext) -> None:
-        self.bar = tqdm(total=run.rounds, initial=run.first_round - 1, desc="round", unit="round",
-                        dynamic_ncols=True)
-
-    def after_log(self, view: RoundView, record: dict[str, Any] | None) -> None:
-        if record is not None and "acc_seen" in record:
-            self.bar.set_postfix(task=view.task, loss=record["train_loss"], acc=f"{record['acc_seen']:.3f}")
-        self.bar.update()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-class Communication(Hook):
-    """The run's totals ``uplink_mb`` and ``downlink_mb`` in the summary (see ``grid.Traffic``)."""
-
-    def __init__(self, run: RunContext) -> None:
-        self.run = run
-
-    def at_end(self, view: RoundView) -> dict[str, Any]:
-        return self.run.grid.traffic.megabytes()
-
-
-class ForgettingPlot(Hook):
-    """``plots/forgetting.png``: accuracy per task over rounds (and the probes beside it, where they ran)."""
-
-    def __init__(self, run: RunContext) -> None:
-        self.run = run
-
-    def finished(self, view: RoundView) -> None:
-        from simulator.plot import plot_forgetting  # matplotlib: only where a run finishes
-
-        plot_forgetting(self.run.outputs.records, self.run.outputs.path / "plots" / "forgetting.png",
-                        title=f"{self.run.cfg.scenario} / {type(view.strategy).__name__}")
-
-
-def default_hooks(run: RunContext) -> Hooks:
-    """The hooks of a run, in the order they measure and then act on the round's record."""
-    from simulator.checkpoint import Checkpoints
-    from simulator.evaluation import FederatedEvaluation, HeadEvaluation
-    from simulator.probes import Probes
-
-    hooks: list[Hook] = [HeadEvaluation(run)]
-    if run.cfg.eval.probes:
-        hooks.append(Probes(run))
-    if run.cfg.eval.federated:
-        hooks.append(FederatedEvaluation(run))
-    hooks += [Communication(run), Checkpoints(run), Progress(run), ForgettingPlot(run)]
-    return Hooks(hooks)
+HOOKS: Registry[type[Hook]] = Registry(
+    "hook",
+    "eval.hooks",
+    {},
+    "a simulator.hooks.Hook subclass",
+    lambda plugin: isinstance(plugin, type) and issubclass(plugin, Hook),
+)
 
 
 def metric_value(record: MetricRecord | None, key: str) -> float | None:
@@ -225,14 +187,18 @@ def client_method_metrics(record: MetricRecord | None) -> dict[str, float]:
     if record is None:
         return {}
     return {
-        f"train/{key}": float(value) for key, value in record.items()
+        f"train/{key}": float(value)
+        for key, value in record.items()
         if key not in (NUM_EXAMPLES, TRAIN_LOSS) and isinstance(value, (int, float))
     }
 
 
-def evaluation_due(cfg: RunConfig, view: RoundView) -> bool:
+def evaluation_due(config: ExperimentConfig, view: RoundView) -> bool:
     """Whether the global model is scored this round: every ``eval.every`` rounds, at every task end,
     and wherever the probes run, so that every record has the head's accuracy."""
-    every_probe = cfg.eval.probe_every if cfg.eval.probes else None
-    return (view.server_round % cfg.eval.every == 0 or view.task_ended
-            or bool(every_probe and view.server_round % every_probe == 0))
+    every_probe = config.eval.probe_every if config.eval.probes else None
+    return (
+        view.server_round % config.eval.every == 0
+        or view.task_ended
+        or bool(every_probe and view.server_round % every_probe == 0)
+    )

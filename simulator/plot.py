@@ -74,8 +74,8 @@ from simulator.runs import (
 )
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file backend
-from matplotlib.lines import Line2D  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 
 PlotError = RunError  # input the plots cannot use; the message names the path at fault
 MARKERS_UP_TO = 40  # evaluations; more than this and markers clutter the line
@@ -183,13 +183,13 @@ def metric_curve(records: Records, metric: str = "acc_seen", task: int | None = 
     """
     if not any(metric in r for r in records):
         numeric = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float))})
-        raise PlotError(f"unknown metric {metric!r}; metrics.jsonl has {', '.join(numeric)} "
-                        "(and --task J for acc_per_task[J])")
+        raise PlotError(
+            f"unknown metric {metric!r}; metrics.jsonl has {', '.join(numeric)} (and --task J for acc_per_task[J])"
+        )
     if task is None:
         points = [(r["round"], r.get(metric)) for r in records]
     else:
-        points = [(r["round"], r[metric][task] if 0 <= task < len(r.get(metric) or ()) else None)
-                  for r in records]
+        points = [(r["round"], r[metric][task] if 0 <= task < len(r.get(metric) or ()) else None) for r in records]
     points = [(x, y) for x, y in points if y is not None]
     if any(isinstance(y, list) for _, y in points):
         raise PlotError(f"{metric} is a list per task; choose one with --task J")
@@ -213,8 +213,7 @@ def seed_band(curves: Sequence[Curve], band: str = "minmax") -> Band:
     return Band(common, mean, mean - std, mean + std)
 
 
-def group_band(group: Group, metric: str = "acc_seen", task: int | None = None,
-               band: str = "minmax") -> Band:
+def group_band(group: Group, metric: str = "acc_seen", task: int | None = None, band: str = "minmax") -> Band:
     """The band of a group's curves (see :func:`seed_band`); errors name the runs at fault."""
     curves = []
     for run in group.runs:
@@ -346,9 +345,9 @@ def _num_tasks(records: Records, metric: str) -> int:
     return max((len(r.get(metric) or ()) for r in records), default=0)
 
 
-def _draw_per_task(ax: plt.Axes, records: Records, metric: str,
-                   colors: Mapping[int, str] | None = None, name: str = "",
-                   **style: Any) -> dict[int, Line2D]:
+def _draw_per_task(
+    ax: plt.Axes, records: Records, metric: str, colors: Mapping[int, str] | None = None, name: str = "", **style: Any
+) -> dict[int, Line2D]:
     """One line per task of a list-valued metric, skipping tasks it never has a value for.
 
     Parameters
@@ -376,19 +375,20 @@ def _draw_per_task(ax: plt.Axes, records: Records, metric: str,
     for task in range(_num_tasks(records, metric)):
         curve = metric_curve(records, metric, task)
         if curve.rounds.size:
-            lines[task], = ax.plot(curve.rounds, curve.values, color=colors.get(task),
-                                   label=f"task {task} {name}".rstrip(), **style)
+            (lines[task],) = ax.plot(
+                curve.rounds, curve.values, color=colors.get(task), label=f"task {task} {name}".rstrip(), **style
+            )
     return lines
 
 
 def _name_line_ends(ax: plt.Axes, lines: Mapping[int, Line2D]) -> None:
     """Write ``task J`` after each line's last point, in its colour, labels kept apart."""
-    ends = [(task, line.get_xdata()[-1], line.get_ydata()[-1], line.get_color())
-            for task, line in lines.items()]
+    ends = [(task, line.get_xdata()[-1], line.get_ydata()[-1], line.get_color()) for task, line in lines.items()]
     heights = spread_labels([y for _, _, y, _ in ends], gap=0.045, low=0.02, high=1.0)
     for (task, x, _, color), y in zip(ends, heights):
-        ax.annotate(f"task {task}", (x, y), color=color, xytext=(4, 0), textcoords="offset points",
-                    va="center", fontsize=8)
+        ax.annotate(
+            f"task {task}", (x, y), color=color, xytext=(4, 0), textcoords="offset points", va="center", fontsize=8
+        )
 
 
 def _frame_accuracy(ax: plt.Axes, records: Records, title: str) -> None:
@@ -416,10 +416,12 @@ def _draw_representation(ax: plt.Axes, probed: Records, colors: Mapping[int, str
         if not any(style.metric in r for r in probed):
             continue
         marker = style.marker if markers else None
-        _draw_per_task(ax, probed, style.metric, colors, style.label,
-                       linestyle=style.linestyle, marker=marker, markersize=4)
-        legend.append(Line2D([], [], color="dimgrey", linestyle=style.linestyle, marker=marker,
-                             markersize=4, label=style.label))
+        _draw_per_task(
+            ax, probed, style.metric, colors, style.label, linestyle=style.linestyle, marker=marker, markersize=4
+        )
+        legend.append(
+            Line2D([], [], color="dimgrey", linestyle=style.linestyle, marker=marker, markersize=4, label=style.label)
+        )
     ax.legend(handles=legend, loc="best", fontsize=7)
 
 
@@ -431,8 +433,9 @@ def forgetting_figure(records: Records, title: str = "") -> plt.Figure:
     per task at the probed rounds, in the left panel's task colours, same axes.
     """
     probed = probe_records(records)
-    fig, axes = plt.subplots(1, 2 if probed else 1, figsize=(13, 4) if probed else (7, 4),
-                             layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if probed else 1, figsize=(13, 4) if probed else (7, 4), layout="constrained", squeeze=False
+    )
     head, representation = axes[0, 0], axes[0, -1]
     marker = "." if len(records) <= MARKERS_UP_TO else None
     lines = _draw_per_task(head, records, HEAD_KEY, marker=marker)
@@ -450,8 +453,13 @@ def plot_forgetting(records: Records, out: Path, title: str = "") -> None:
     _save(forgetting_figure(records, title), out)
 
 
-def overlay_figure(groups: Sequence[Group], metric: str = "acc_seen", task: int | None = None,
-                   band: str = "minmax", title: str | None = None) -> plt.Figure:
+def overlay_figure(
+    groups: Sequence[Group],
+    metric: str = "acc_seen",
+    task: int | None = None,
+    band: str = "minmax",
+    title: str | None = None,
+) -> plt.Figure:
     """One line per group over rounds: the mean over its seeds, shaded by ``band`` (see
     :func:`seed_band`); ``title`` replaces :func:`describe`'s (the caller closes the figure)."""
     bands = [group_band(group, metric, task, band) for group in groups]
@@ -460,10 +468,9 @@ def overlay_figure(groups: Sequence[Group], metric: str = "acc_seen", task: int 
     for group, curve in zip(groups, bands):
         seeds = len(group.runs)
         label = group.label + (f"  ({seeds} seeds)" if seeds > 1 else "")
-        line, = ax.plot(curve.rounds, curve.mean, marker=markers, label=label)
+        (line,) = ax.plot(curve.rounds, curve.mean, marker=markers, label=label)
         if seeds > 1:
-            ax.fill_between(curve.rounds, curve.low, curve.high, color=line.get_color(),
-                            alpha=0.2, linewidth=0)
+            ax.fill_between(curve.rounds, curve.low, curve.high, color=line.get_color(), alpha=0.2, linewidth=0)
     _mark_tasks(ax, groups[0].runs[0].records)
     shown = metric_label(metric, task)
     ax.set(xlabel="round", ylabel=shown, title=describe(groups, shown) if title is None else title)
@@ -472,13 +479,24 @@ def overlay_figure(groups: Sequence[Group], metric: str = "acc_seen", task: int 
     labels = ax.get_legend_handles_labels()[1]
     columns = max(1, min(len(labels), 3, LEGEND_CHARS // (max(map(len, labels)) + 6)))
     shading = "min..max" if band == "minmax" else "± one standard deviation"
-    fig.legend(loc="outside lower center", ncols=columns, fontsize=9,
-               title=f"mean over seeds, shaded {shading}" if several else None, title_fontsize=8)
+    fig.legend(
+        loc="outside lower center",
+        ncols=columns,
+        fontsize=9,
+        title=f"mean over seeds, shaded {shading}" if several else None,
+        title_fontsize=8,
+    )
     return fig
 
 
-def plot_overlay(groups: Sequence[Group], out: Path, metric: str = "acc_seen",
-                 task: int | None = None, band: str = "minmax", title: str | None = None) -> None:
+def plot_overlay(
+    groups: Sequence[Group],
+    out: Path,
+    metric: str = "acc_seen",
+    task: int | None = None,
+    band: str = "minmax",
+    title: str | None = None,
+) -> None:
     """Save :func:`overlay_figure`."""
     _save(overlay_figure(groups, metric, task, band, title), out)
 
@@ -490,19 +508,26 @@ def heatmap_figure(groups: Sequence[Group], title: str | None = None) -> plt.Fig
     cols = min(len(groups), 3)
     rows = math.ceil(len(groups) / cols)
     side = max(3.0, 0.6 * max(m.shape[1] for m in matrices) + 1.5)
-    fig, axes = plt.subplots(rows, cols, figsize=(side * cols + 1, side * rows + 0.6),
-                             layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(side * cols + 1, side * rows + 0.6), layout="constrained", squeeze=False
+    )
     for ax, group, R in zip(axes.flat, groups, matrices):
         image = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
         for (i, j), value in np.ndenumerate(R):
             if not np.isnan(value):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if value < 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if value < 0.6 else "black",
+                )
         seeds = len(group.runs)
         ax.set_title(group.label + (f"\nmean of {seeds} seeds" if seeds > 1 else ""), fontsize=9)
-        ax.set(xticks=range(R.shape[1]), yticks=range(R.shape[0]),
-               xlabel="accuracy on task j", ylabel="after task i")
-    for ax in axes.flat[len(groups):]:
+        ax.set(xticks=range(R.shape[1]), yticks=range(R.shape[0]), xlabel="accuracy on task j", ylabel="after task i")
+    for ax in axes.flat[len(groups) :]:
         ax.set_visible(False)
     fig.suptitle(describe(groups, "accuracy matrix") if title is None else title, fontsize=10)
     fig.colorbar(image, ax=axes, label="test accuracy", shrink=0.8)
@@ -521,29 +546,44 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m simulator.plot",
         description="Compare run directories: a metric over rounds per group of seeds "
-                    "(mean, shaded min..max or ± one standard deviation), or their accuracy "
-                    "matrices.",
+        "(mean, shaded min..max or ± one standard deviation), or their accuracy "
+        "matrices.",
         epilog="Runs whose .hydra/overrides.yaml differ only by seed= are one group.",
     )
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="a run directory (has metrics.jsonl) or a multirun directory of them")
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="a run directory (has metrics.jsonl) or a multirun directory of them",
+    )
     parser.add_argument("--out", type=Path, required=True, help="the image to write, e.g. runs.png")
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--metric", default="acc_seen",
-                      help="a numeric key of metrics.jsonl: acc_seen (default), train_loss, "
-                           "wall_s, ...")
-    what.add_argument("--task", type=int, metavar="J",
-                      help="plot acc_per_task[J], the accuracy on task J")
-    what.add_argument("--heatmap", action="store_true",
-                      help="draw each group's accuracy matrix instead (mean over seeds)")
-    parser.add_argument("--band", choices=BANDS, default="minmax",
-                        help="the shading around each group's mean: minmax (default), the "
-                             "lowest to the highest seed; std, ± one sample standard deviation")
-    parser.add_argument("--title", help="the figure's title, in place of the one naming what "
-                                        "differs between the groups")
-    parser.add_argument("--label", action="append", metavar="TEXT",
-                        help="a group's name in place of its overrides; repeat once per group, "
-                             "in the order the groups are drawn")
+    what.add_argument(
+        "--metric",
+        default="acc_seen",
+        help="a numeric key of metrics.jsonl: acc_seen (default), train_loss, wall_s, ...",
+    )
+    what.add_argument("--task", type=int, metavar="J", help="plot acc_per_task[J], the accuracy on task J")
+    what.add_argument(
+        "--heatmap", action="store_true", help="draw each group's accuracy matrix instead (mean over seeds)"
+    )
+    parser.add_argument(
+        "--band",
+        choices=BANDS,
+        default="minmax",
+        help="the shading around each group's mean: minmax (default), the "
+        "lowest to the highest seed; std, ± one sample standard deviation",
+    )
+    parser.add_argument(
+        "--title", help="the figure's title, in place of the one naming what differs between the groups"
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        metavar="TEXT",
+        help="a group's name in place of its overrides; repeat once per group, in the order the groups are drawn",
+    )
     return parser
 
 
@@ -553,8 +593,7 @@ def relabel(groups: Sequence[Group], labels: Sequence[str] | None) -> list[Group
         return list(groups)
     if len(labels) != len(groups):
         names = "; ".join(group.label for group in groups)
-        raise PlotError(f"{len(labels)} --label for {len(groups)} groups ({names}): "
-                        "give one per group, in that order")
+        raise PlotError(f"{len(labels)} --label for {len(groups)} groups ({names}): give one per group, in that order")
     return [replace(group, label=label) for group, label in zip(groups, labels)]
 
 

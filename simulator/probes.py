@@ -31,7 +31,7 @@ import torch
 
 from simulator import metrics
 from simulator.evaluation import accuracy_record
-from simulator.hooks import Hook, RoundView, RunContext
+from simulator.hooks import Hook, RoundView, RunSetup
 from simulator.seeding import Purpose, rng
 from simulator.streams import Stream
 
@@ -114,9 +114,7 @@ def _nesterov(curvature: float, convexity: float) -> tuple[float, float]:
 FIT: dict[str, Callable[[np.ndarray, np.ndarray], FittedProbe]] = {"probe": fit_linear_probe, "ncm": fit_ncm}
 
 
-def stratified_sample(
-    indices: np.ndarray, labels: np.ndarray, size: int, generator: np.random.Generator
-) -> np.ndarray:
+def stratified_sample(indices: np.ndarray, labels: np.ndarray, size: int, generator: np.random.Generator) -> np.ndarray:
     """About ``size`` of ``indices``, each label in proportion to its share but never fewer than one.
 
     A class left out of the sample could never be predicted, and its task would
@@ -139,11 +137,11 @@ class Probes(Hook):
     """The probes at every task end and every ``eval.probe_every`` rounds; at the end, their
     matrices (``probe_matrix.csv``, ``ncm_matrix.csv``) and metrics in the summary."""
 
-    def __init__(self, run: RunContext) -> None:
-        self.run = run
+    def __init__(self, setup: RunSetup) -> None:
+        self.setup = setup
 
     def after_round(self, view: RoundView) -> dict[str, Any]:
-        every = self.run.cfg.eval.probe_every
+        every = self.setup.config.eval.probe_every
         due = every and view.server_round % every == 0 and not view.task_ended  # task ends: at_task_end
         return self._probe(view) if due else {}
 
@@ -151,14 +149,20 @@ class Probes(Hook):
         return self._probe(view)
 
     def _probe(self, view: RoundView) -> dict[str, Any]:
-        cfg = self.run.cfg
-        return probe_record(view.global_model(), self.run.stream, view.server_round, cfg.seed,
-                            cfg.eval.probe_samples, cfg.eval.batch_size)
+        config = self.setup.config
+        return probe_record(
+            view.global_model(),
+            self.setup.stream,
+            view.server_round,
+            config.seed,
+            config.eval.probe_samples,
+            config.eval.batch_size,
+        )
 
     def at_end(self, view: RoundView) -> dict[str, Any]:
         """Each probe's matrix and its metrics as ``<probe>_<metric>``; no forward transfer (the
         untrained encoder is not probed). Probes run at every task end, so each task's last record has them."""
-        outputs, summary = self.run.outputs, {}
+        outputs, summary = self.setup.outputs, {}
         for probe in PROBES:
             R = outputs.accuracy_matrix(f"{probe}_acc")
             outputs.write_matrix(R, f"{probe}_matrix.csv")
@@ -174,7 +178,9 @@ def probe_record(
     seen = stream.seen_tasks(server_round)
     indices = np.unique(np.concatenate([stream.task_train_indices(t) for t in np.flatnonzero(seen)]))
     if len(indices) > max_samples:
-        indices = stratified_sample(indices, stream.y_train[indices], max_samples, rng(seed, Purpose.PROBE, server_round))
+        indices = stratified_sample(
+            indices, stream.y_train[indices], max_samples, rng(seed, Purpose.PROBE, server_round)
+        )
     features, labels = encode(model, stream.x_train[indices], batch_size), stream.y_train[indices]
     probes = {name: FIT[name](features, labels) for name in PROBES}
     accuracies: dict[str, list[float]] = {name: [] for name in probes}

@@ -128,8 +128,12 @@ def unfinished(dirs: Sequence[Path]) -> list[Path]:
     """Subdirectories of the multirun directories given that Hydra started but that have no
     ``summary.json``: jobs that failed or have not finished."""
     sweeps = [d for d in dirs if d.is_dir() and not (d / SUMMARY).is_file()]
-    return [job for d in sweeps for job in sorted(d.iterdir())
-            if (job / ".hydra").is_dir() and not (job / SUMMARY).is_file()]
+    return [
+        job
+        for d in sweeps
+        for job in sorted(d.iterdir())
+        if (job / ".hydra").is_dir() and not (job / SUMMARY).is_file()
+    ]
 
 
 def config_value(run: Run, key: str) -> str | None:
@@ -139,8 +143,7 @@ def config_value(run: Run, key: str) -> str | None:
     it, else its override, else as written; None where the run has no such key."""
     if key in run.choices:
         return run.choices[key]
-    given = {override_key(o): normal_override(o).split("=", 1)[1]
-             for o in run.overrides or () if "=" in o}
+    given = {override_key(o): normal_override(o).split("=", 1)[1] for o in run.overrides or () if "=" in o}
     value: Any = run.config or {}
     for part in key.split("."):
         value = value.get(part, _ABSENT) if isinstance(value, Mapping) else _ABSENT
@@ -151,8 +154,9 @@ def config_value(run: Run, key: str) -> str | None:
         return given.get(key)
     if isinstance(value, str) and "${" in value:
         try:
-            resolved = OmegaConf.select(OmegaConf.create(dict(run.config or {})), key,
-                                        default=None, throw_on_resolution_failure=False)
+            resolved = OmegaConf.select(
+                OmegaConf.create(dict(run.config or {})), key, default=None, throw_on_resolution_failure=False
+            )
         except OmegaConfBaseException:  # not an interpolation OmegaConf can read
             resolved = None
         if resolved is None:  # e.g. a resolver only the run's process had
@@ -189,12 +193,17 @@ def _check_metrics(runs: Sequence[Run], metrics: Sequence[str]) -> None:
     """Every metric is a key of some run's summary; else an error listing those there are."""
     for metric in metrics:
         if not any(metric in (run.summary or {}) for run in runs):
-            numeric = sorted({k for run in runs for k, v in (run.summary or {}).items()
-                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            numeric = sorted(
+                {
+                    k
+                    for run in runs
+                    for k, v in (run.summary or {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+            )
             where = ", ".join(str(run.path) for run in runs[:3])
             where += ", ..." if len(runs) > 3 else ""
-            raise RunError(f"unknown metric {metric!r}: in no {SUMMARY} of {where}; "
-                           f"they have {', '.join(numeric)}")
+            raise RunError(f"unknown metric {metric!r}: in no {SUMMARY} of {where}; they have {', '.join(numeric)}")
 
 
 def _order(value: str | None) -> tuple[int, float, str]:
@@ -215,16 +224,22 @@ def build_table(runs: Sequence[Run], metrics: Sequence[str], by: Sequence[str] =
     groups = group_runs(runs, hide=by)
     for key in by:
         if all(config_value(run, key) is None for run in runs):
-            raise RunError(f"unknown --by key {key!r}: in no run's config, Hydra "
-                           f"choices or overrides (e.g. {runs[0].path})")
+            raise RunError(
+                f"unknown --by key {key!r}: in no run's config, Hydra choices or overrides (e.g. {runs[0].path})"
+            )
     keys = [tuple(config_value(group.runs[0], key) for key in by) for group in groups]
     # Groups that differ only by how a --by key was given (left at its default, or set to it) would
     # read as two equal rows: those keep the overrides that tell them apart.
     seen = Counter(zip(keys, (group.label for group in groups)))
     full = group_runs(runs) if any(count > 1 for count in seen.values()) else groups
-    rows = [Row(group.label if seen[key, group.label] == 1 else whole.label, key,
-                tuple(cell(metric_values(group, metric)) for metric in metrics))
-            for group, whole, key in zip(groups, full, keys)]
+    rows = [
+        Row(
+            group.label if seen[key, group.label] == 1 else whole.label,
+            key,
+            tuple(cell(metric_values(group, metric)) for metric in metrics),
+        )
+        for group, whole, key in zip(groups, full, keys)
+    ]
     rows.sort(key=lambda row: [_order(value) for value in row.keys])
     shared = shared_overrides([group.runs[0] for group in groups])
     return Table(tuple(by), tuple(metrics), tuple(rows), tuple(shared))
@@ -278,6 +293,7 @@ def _cells(table: Table, row: Row, digits: int, pattern: str, missing: str) -> l
 
 def to_markdown(table: Table, digits: int = 3) -> str:
     """A Markdown table, metrics right-aligned, with a line on what the cells are."""
+
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n"
 
@@ -304,7 +320,10 @@ def to_csv(table: Table, digits: int = 3) -> str:
 
 
 LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {
-    "\\": r"\textbackslash{}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+    "\\": r"\textbackslash{}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def _latex(text: str) -> str:
@@ -314,18 +333,20 @@ def _latex(text: str) -> str:
 def to_latex(table: Table, digits: int = 3) -> str:
     """A booktabs ``tabular`` (``\\usepackage{booktabs}``), what the cells are in a comment."""
     headers = _text_headers(table)
-    lines = [f"% {_footer(table)}; -- where no run has it",
-             "\\begin{tabular}{" + "l" * len(headers) + "r" * len(table.metrics) + "}", "\\toprule",
-             " & ".join(_latex(c) for c in [*headers, *table.metrics]) + " \\\\",
-             "\\midrule"]
+    lines = [
+        f"% {_footer(table)}; -- where no run has it",
+        "\\begin{tabular}{" + "l" * len(headers) + "r" * len(table.metrics) + "}",
+        "\\toprule",
+        " & ".join(_latex(c) for c in [*headers, *table.metrics]) + " \\\\",
+        "\\midrule",
+    ]
     for row in table.rows:
         cells = _cells(table, row, digits, "${mean} \\pm {std}$", "--")
         lines.append(" & ".join([*map(_latex, _text_columns(table, row)), *cells]) + " \\\\")
     return "\n".join([*lines, "\\bottomrule", "\\end{tabular}"]) + "\n"
 
 
-FORMATS: dict[str, Callable[[Table, int], str]] = {
-    "markdown": to_markdown, "csv": to_csv, "latex": to_latex}
+FORMATS: dict[str, Callable[[Table, int], str]] = {"markdown": to_markdown, "csv": to_csv, "latex": to_latex}
 
 
 # --- Command line ---------------------------------------------------------------------------
@@ -343,21 +364,37 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m simulator.report",
         description="A results table from run directories: one row per configuration, each "
-                    f"metric of summary.json as {SPREAD}.",
+        f"metric of summary.json as {SPREAD}.",
         epilog="Runs whose .hydra/overrides.yaml differ only by seed= or resume= (values compared as "
-               "Hydra parses them) are one row.",
+        "Hydra parses them) are one row.",
     )
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="DIR",
-                        help="a run directory (has summary.json) or a multirun directory of them")
-    parser.add_argument("--metrics", type=_names, default=DEFAULT_METRICS, metavar="A,B,...",
-                        help=f"summary.json keys (default {','.join(DEFAULT_METRICS)})")
-    parser.add_argument("--by", type=_names, default=(), metavar="KEY,...",
-                        help="a column per config key, rows sorted by them: strategy (the name "
-                             "chosen, or the class put in its place), scenario, client.method, "
-                             "model.head, strategy.eta, ...")
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="a run directory (has summary.json) or a multirun directory of them",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=_names,
+        default=DEFAULT_METRICS,
+        metavar="A,B,...",
+        help=f"summary.json keys (default {','.join(DEFAULT_METRICS)})",
+    )
+    parser.add_argument(
+        "--by",
+        type=_names,
+        default=(),
+        metavar="KEY,...",
+        help="a column per config key, rows sorted by them: strategy (the name "
+        "chosen, or the class put in its place), scenario, client.method, "
+        "model.head, strategy.eta, ...",
+    )
     parser.add_argument("--format", choices=FORMATS, default="markdown")
-    parser.add_argument("--digits", type=int, default=3,
-                        help="decimals in Markdown and LaTeX (default 3; CSV keeps them all)")
+    parser.add_argument(
+        "--digits", type=int, default=3, help="decimals in Markdown and LaTeX (default 3; CSV keeps them all)"
+    )
     return parser
 
 
@@ -371,8 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunError as error:
         parser.error(str(error))
     for job in unfinished(args.run_dirs):
-        print(f"left out {job}: no {SUMMARY} (the job failed or has not finished)",
-              file=sys.stderr)
+        print(f"left out {job}: no {SUMMARY} (the job failed or has not finished)", file=sys.stderr)
     print(FORMATS[args.format](table, args.digits), end="")
     return 0
 

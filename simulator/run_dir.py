@@ -1,4 +1,4 @@
-"""Writes the run directory contract of DESIGN.md: metrics, matrix, summary, TensorBoard.
+"""Writes the run directory contract (docs/architecture.md, "The run directory"): metrics, matrix, summary, TensorBoard.
 
 ``metrics.jsonl`` gets one line per evaluation as it happens (flushed, so a
 crash keeps every finished round); the accuracy matrix and summary are written
@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from simulator import metrics
+
+MB = 2**20  # bytes in the megabytes (MiB) the records report: client_state_mb, uplink_mb, downlink_mb
 
 
 class RunDirectory:
@@ -85,7 +87,11 @@ class RunDirectory:
             writer.writerows([[repr(float(a)) for a in row] for row in R])
 
     def finish(
-        self, wall_time_s: float, rounds: int, initial: list[float], entries: dict[str, Any],
+        self,
+        wall_time_s: float,
+        rounds: int,
+        initial: list[float],
+        entries: dict[str, Any],
         config: dict[str, Any],
     ) -> dict[str, Any]:
         """Write the accuracy matrix, summary.json and the hyperparameters; ``initial``: the untrained
@@ -106,8 +112,11 @@ class RunDirectory:
             "wall_time_s": round(wall_time_s, 3),
         }
         summary = finite_or_null(summary)
-        scalars = {f"summary/{key}": value for key, value in summary.items()
-                   if isinstance(value, float) and key != "wall_time_s"}
+        scalars = {
+            f"summary/{key}": value
+            for key, value in summary.items()
+            if isinstance(value, float) and key != "wall_time_s"
+        }
         for tag, value in scalars.items():
             self.tensorboard.add_scalar(tag, value, rounds)
         # Into tb/ itself (add_hparams would open a subfolder); the metrics are the scalars above.

@@ -70,8 +70,7 @@ class Run:
         (:func:`normal_override`), sorted: equal settings differ only by seed."""
         if self.overrides is None:
             return None
-        return tuple(sorted(normal_override(o) for o in self.overrides
-                            if override_key(o) not in NOT_SETTINGS))
+        return tuple(sorted(normal_override(o) for o in self.overrides if override_key(o) not in NOT_SETTINGS))
 
 
 @dataclass(frozen=True)
@@ -123,9 +122,11 @@ def read_hydra(path: Path) -> Run:
     strategy = _class_name(_section(config, "strategy").get("_target_"))
     hydra_yaml = read_yaml(hydra / "hydra.yaml", dict) or {}
     runtime = _section(_section(hydra_yaml, "hydra"), "runtime")
-    choices = {group: _chosen(group, choice, config or {}, overrides or (), runtime)
-               for group, choice in _section(runtime, "choices").items()
-               if isinstance(choice, str)}
+    choices = {
+        group: _chosen(group, choice, config or {}, overrides or (), runtime)
+        for group, choice in _section(runtime, "choices").items()
+        if isinstance(choice, str)
+    }
     return Run(path, overrides=overrides, strategy=strategy, choices=choices, config=config)
 
 
@@ -157,8 +158,9 @@ def _class_name(target: Any) -> str | None:
     return target.rsplit(".", 1)[-1] if isinstance(target, str) and target else None
 
 
-def _chosen(group: str, choice: str, config: Mapping[str, Any], overrides: Sequence[str],
-            runtime: Mapping[str, Any]) -> str:
+def _chosen(
+    group: str, choice: str, config: Mapping[str, Any], overrides: Sequence[str], runtime: Mapping[str, Any]
+) -> str:
     """What the run used for a config group: the choice, or the class it ran instead
     where it replaced the group's ``_target_``, by an override or otherwise (the config's
     target is not the one the group's file, as it is now, names)."""
@@ -226,8 +228,7 @@ def group_runs(runs: Sequence[Run], hide: Sequence[str] = ()) -> list[Group]:
     firsts = [group[0] for group in members.values()]
     shared = set(shared_overrides(firsts))
     name_strategy = _strategies_differ(firsts)
-    return [Group(_label(group[0], shared, name_strategy, set(hide)), tuple(group))
-            for group in members.values()]
+    return [Group(_label(group[0], shared, name_strategy, set(hide)), tuple(group)) for group in members.values()]
 
 
 def _strategies_differ(runs: Sequence[Run]) -> bool:
@@ -241,9 +242,9 @@ def _label(run: Run, shared: set[str], name_strategy: bool, hide: set[str]) -> s
         return run.path.name
     strategy_apart = name_strategy or "strategy" in hide
     parts = [
-        o for o in run.setting or ()
-        if o not in shared and override_key(o) not in hide
-        and not (strategy_apart and override_key(o) in STRATEGY_KEYS)
+        o
+        for o in run.setting or ()
+        if o not in shared and override_key(o) not in hide and not (strategy_apart and override_key(o) in STRATEGY_KEYS)
     ]
     if "strategy" in hide:
         return " ".join(parts)

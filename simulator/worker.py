@@ -1,7 +1,7 @@
 """What runs clients: one reused model, the data, and a list of client jobs per call.
 
 A :class:`ClientWorker` lives in a Ray actor (ray backend) or in the driver
-(local backend); both call the same :meth:`ClientWorker.run`, so both give the
+(local backend); both call the same :meth:`ClientWorker.execute`, so both give the
 same numbers. Per the speed rules: the model is built once and weights are
 loaded into it in place; the data arrives once (zero-copy numpy from Ray's
 object store) and each client is a slice of it by index; a call carries the
@@ -13,58 +13,33 @@ from __future__ import annotations
 import math
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from clients import resolve_method
-from clients.base import Batch, PreviousTask, TrainContext, masked, shared_keys
+from clients import METHODS
+from clients.base import Batch, ReadOnlyState, TrainContext, shared_keys
 from clients.clipping import clip_if_asked
-from clients.queries import QUERY_NAME, Query
 from clients.models import build_model, evaluate
-from simulator.client_state import check_state
-from simulator.config import RunConfig
+from simulator.config import ExperimentConfig
 from simulator.deadline import ClientTimeout, deadline
-from simulator.keys import (
-    ACCURACY, EVAL_LOSS, LEARNING_RATE, NUM_EXAMPLES, TRAIN_LOSS,
+from simulator.protocol import (
+    ACCURACY,
+    EVAL_LOSS,
+    LEARNING_RATE,
+    NUM_EXAMPLES,
+    QUERY,
+    QUERY_NAME,
+    TRAIN,
+    TRAIN_LOSS,
+    ClientJob,
+    ClientOutcome,
+    Query,
+    check_state,
 )
 from simulator.seeding import Purpose, derive_seed, seed_torch_global, torch_generator
-
-TRAIN, EVALUATE, QUERY = "train", "evaluate", "query"
-
-
-@dataclass(frozen=True)
-class ClientJob:
-    """One client's work in a call: train or evaluate, on which of the call's weights."""
-
-    client_id: int
-    kind: str  # TRAIN | EVALUATE | QUERY
-    server_round: int
-    weights_index: int  # into the list of weight sets sent with the call
-    indices: np.ndarray  # into x_train (TRAIN) or x_test (EVALUATE): the stream's choice
-    task: int = 0  # the client's live task
-    class_mask: np.ndarray | None = None  # labels the logits are restricted to
-    config: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)  # the client's state, from the driver's store (TRAIN;
-    # EVALUATE too where the method keeps personal layers)
-    new_task: bool = False  # TRAIN: the client's first round on ``task``
-    previous: PreviousTask | None = None  # with new_task: the task it left
-    query_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # QUERY: the server's arrays for it
-
-
-@dataclass(frozen=True)
-class ClientOutcome:
-    """A client's reply: new weights and state (train), an answer (query), metrics, or the traceback of its failure."""
-
-    client_id: int
-    arrays: list[np.ndarray] | None
-    metrics: dict[str, float]
-    error: str | None = None
-    state: dict[str, Any] | None = None  # TRAIN: the state to keep for the client's next round
-    finite: bool = True  # TRAIN: its loss and weights are finite numbers
-    array_names: list[str] | None = None  # QUERY: the answer's names (TRAIN: the weights', as sent)
 
 
 @dataclass(frozen=True)
@@ -89,18 +64,16 @@ class WorkerData:
 class ClientWorker:
     """Trains and evaluates clients on one reused model."""
 
-    def __init__(self, run: RunConfig, data: WorkerData, gpu: bool = False) -> None:
-        torch.set_num_threads(run.engine.torch_threads)
-        self.run_cfg = run
+    def __init__(self, config: ExperimentConfig, data: WorkerData, gpu: bool = False) -> None:
+        torch.set_num_threads(config.engine.torch_threads)
+        self.config = config
         self.data = data
-        self.gpu_share = run.engine.num_gpus_per_actor if gpu else None  # the card's share it capped itself at
-        self.device = gpu_device(run.engine.num_gpus_per_actor) if gpu else torch.device("cpu")
-        generator = torch_generator(run.seed, Purpose.MODEL_INIT)
-        self.model = build_model(
-            data.x_train.shape[1:], data.num_classes, run.model, generator
-        ).to(self.device)
-        method = resolve_method(run.client.method)
-        self.method = method(run.client)
+        self.gpu_share = config.engine.num_gpus_per_actor if gpu else None  # the card's share it capped itself at
+        self.device = gpu_device(config.engine.num_gpus_per_actor) if gpu else torch.device("cpu")
+        generator = torch_generator(config.seed, Purpose.MODEL_INIT)
+        self.model = build_model(data.x_train.shape[1:], data.num_classes, config.model, generator).to(self.device)
+        method = METHODS.resolve(config.client.method)
+        self.method = method(config.client)
         self.shared = shared_keys(self.model, method)  # the names of what the server sends and gets
         # Personal tensors restart from the initial model for each client: its own come from its state.
         self.initial_personal = {
@@ -112,14 +85,15 @@ class ClientWorker:
         return [self._run_one(job, weights[job.weights_index]) for job in jobs]
 
     def _run_one(self, job: ClientJob, weights: list[np.ndarray]) -> ClientOutcome:
-        limit = self.run_cfg.engine.client_timeout_s
+        limit = self.config.engine.client_timeout_s
         late = f"client {job.client_id} ran longer than engine.client_timeout_s = {limit} s in round {job.server_round}"
         try:
             with deadline(limit, late):
                 # Randomness a user's model or method draws from torch's global generator
                 # (dropout) is the client's, whatever actor runs it.
-                seed_torch_global(derive_seed(self.run_cfg.seed, Purpose.CLIENT_GLOBAL, job.server_round,
-                                              job.client_id), self.device)
+                seed_torch_global(
+                    derive_seed(self.config.seed, Purpose.CLIENT_GLOBAL, job.server_round, job.client_id), self.device
+                )
                 self._load(weights)
                 if job.kind == TRAIN:
                     return self._train(job, weights)
@@ -128,7 +102,7 @@ class ClientWorker:
                 return self._evaluate(job)
         # Reported with the client id, failing the run; SystemExit too: a client's sys.exit(0)
         # must not end the run as a success.
-        except (Exception, SystemExit, ClientTimeout):  # noqa: BLE001
+        except (Exception, SystemExit, ClientTimeout):
             return ClientOutcome(job.client_id, None, {}, error=traceback.format_exc())
 
     def _load(self, weights: list[np.ndarray]) -> None:
@@ -152,7 +126,8 @@ class ClientWorker:
         """Training samples by index, masked as their task(s) are (methods fetch replayed data so)."""
         masks = self.data.task_masks
         return Batch(
-            self._tensor(self.data.x_train[indices]), self._tensor(self.data.y_train[indices]),
+            self._tensor(self.data.x_train[indices]),
+            self._tensor(self.data.y_train[indices]),
             None if masks is None else self._tensor(masks[task]),
         )
 
@@ -164,11 +139,9 @@ class ClientWorker:
             client_id=job.client_id,
             task=job.task,
             config=job.config,
-            generator=torch_generator(
-                self.run_cfg.seed, Purpose.CLIENT_TRAIN, job.server_round, job.client_id
-            ),
-            lr=float(job.config.get(LEARNING_RATE, self.run_cfg.client.lr)),
-            state=dict(job.state),
+            generator=torch_generator(self.config.seed, Purpose.CLIENT_TRAIN, job.server_round, job.client_id),
+            lr=float(job.config.get(LEARNING_RATE, self.config.client.lr)),
+            state=job.state,
             samples=self._samples,
             new_task=job.new_task,
             previous=job.previous,
@@ -179,7 +152,7 @@ class ClientWorker:
         metrics = {**result.metrics, NUM_EXAMPLES: float(result.num_examples), TRAIN_LOSS: result.train_loss}
         metrics.update(clip_if_asked(arrays, global_weights, job.config))
         finite = math.isfinite(result.train_loss) and all_finite(arrays)
-        return ClientOutcome(job.client_id, arrays, metrics, state=check_state(context.state), finite=finite)
+        return ClientOutcome(job.client_id, arrays, metrics, state=check_state(result.state), finite=finite)
 
     def _answer(self, job: ClientJob) -> ClientOutcome:
         query = Query(
@@ -187,18 +160,20 @@ class ClientWorker:
             arrays=job.query_arrays,
             x=self._tensor(self.data.x_train[job.indices]),
             y=self._tensor(self.data.y_train[job.indices]),
-            generator=torch_generator(self.run_cfg.seed, Purpose.CLIENT_QUERY, job.server_round, job.client_id),
+            generator=torch_generator(self.config.seed, Purpose.CLIENT_QUERY, job.server_round, job.client_id),
+            state=ReadOnlyState(job.state),
         )
         answer = self.method.answer(self.model, query)
-        return ClientOutcome(job.client_id, list(answer.values()), {NUM_EXAMPLES: float(len(job.indices))},
-                             array_names=list(answer))
+        return ClientOutcome(
+            job.client_id, list(answer.values()), {NUM_EXAMPLES: float(len(job.indices))}, array_names=list(answer)
+        )
 
     def _evaluate(self, job: ClientJob) -> ClientOutcome:
         self.method.personalize(self.model, job.state)  # the client's own model, where it has one
         x = self._tensor(self.data.x_test[job.indices])
         y = self._tensor(self.data.y_test[job.indices])
         mask = self._tensor(job.class_mask)
-        loss, accuracy = evaluate(self.model, x, y, self.run_cfg.eval.batch_size, mask)
+        loss, accuracy = evaluate(self.model, x, y, self.config.eval.batch_size, mask)
         metrics = {NUM_EXAMPLES: float(len(job.indices)), ACCURACY: accuracy, EVAL_LOSS: loss}
         return ClientOutcome(job.client_id, None, metrics)
 

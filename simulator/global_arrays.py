@@ -1,0 +1,37 @@
+"""What a strategy returns as the global model, checked: the model's arrays, in its order, all finite."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord
+
+from simulator.backends import ClientFailure
+from simulator.worker import all_finite
+
+
+def as_global_arrays(returned: ArrayRecord, expected: ArrayRecord, call: str) -> ArrayRecord:
+    """A strategy's new global arrays in the model's order; stop where they are not the model's or not numbers.
+
+    Clients load the global arrays in order, so a record with the model's keys in
+    another order is put in order. One with other keys or shapes would otherwise
+    fail a round later, inside every client's ``load_state_dict``, with no word of
+    the strategy that made it.
+    """
+    shapes = {name: tuple(array.shape) for name, array in returned.items()}
+    wanted = {name: tuple(array.shape) for name, array in expected.items()}
+    if shapes != wanted:
+        missing, extra = sorted(wanted.keys() - shapes.keys()), sorted(shapes.keys() - wanted.keys())
+        reshaped = [
+            f"{k} has shape {shapes[k]}, expected {wanted[k]}"
+            for k in wanted.keys() & shapes.keys()
+            if wanted[k] != shapes[k]
+        ]
+        found = [f"missing {missing}"] * bool(missing) + [f"not the model's {extra}"] * bool(extra) + sorted(reshaped)
+        raise ClientFailure(
+            f"{call} returned an ArrayRecord that is not the model's global weights ({'; '.join(found)}); "
+            f"return one with the keys and shapes of the ArrayRecord it was given: {', '.join(wanted)}"
+        )
+    if not all_finite(returned.to_numpy_ndarrays()):
+        raise ClientFailure(f"{call} returned non-finite global weights (training diverged)")
+    if list(returned) != list(expected):
+        return ArrayRecord({name: returned[name] for name in expected})
+    return returned

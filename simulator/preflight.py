@@ -1,0 +1,153 @@
+"""The checks that run before any client trains: each refuses a run that could only fail, hang or mislead.
+
+The engine calls them in order once the data, stream and model exist, and,
+for ``resume=true``, against the checkpoint: a stream whose sampling the
+strategy could never satisfy, a model without what probes or personal layers
+need, a strategy that refuses the model's arrays, a checkpoint of another
+config, strategy or model. Method-specific warnings (a proximal term the
+client method ignores, a personal head's meaning for the global accuracy)
+come from here too, so the engine stays the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from clients.base import ClientMethod
+from clients.fedprox import FedProxClient
+from simulator.checkpoint import Checkpoint
+from simulator.config import ConfigError, ExperimentConfig, to_dict
+from simulator.protocol import PROXIMAL_MU
+from simulator.streams import Stream
+from simulator.worker import all_finite
+from strategies import check_sampling, strategy_layers
+
+log = logging.getLogger("fedstream")
+
+
+def stream_rounds(config: ExperimentConfig, stream: Stream, strategy: Strategy) -> int:
+    """The run's rounds (``rounds``, else the stream's own length); refuse sampling the stream cannot satisfy."""
+    rounds = config.rounds or stream.default_rounds
+    if rounds is None:
+        raise ConfigError(f"rounds = None: stream.kind = {config.stream.kind!r} needs rounds set")
+    check_sampling(
+        strategy,
+        fewest_present(stream, rounds),
+        f"the fewest in any round of stream.kind = {config.stream.kind!r}",
+        config.eval.federated,
+    )
+    return rounds
+
+
+def fewest_present(stream: Stream, rounds: int) -> int:
+    """The fewest clients present in any round: more is what a strategy would wait for forever."""
+    return min(len(stream.available_clients(r)) for r in range(1, rounds + 1))
+
+
+def check_model_serves(model: torch.nn.Module, method: type[ClientMethod], config: ExperimentConfig) -> None:
+    """Refuse, before any client trains, a model that lacks what probes or personal layers need."""
+    if config.eval.probes and not callable(getattr(model, "features", None)):
+        raise ConfigError(
+            f"model.name = {config.model.name!r}: the model has no features(x) method, which the "
+            "representation probes need; add one or set eval.probes=false"
+        )
+    if not method.personal_prefixes:
+        return
+    personal = [k for k in model.state_dict() if k.startswith(method.personal_prefixes)]
+    # The server scores each client's own model as its head on the shared features.
+    if not (
+        callable(getattr(model, "features", None))
+        and isinstance(getattr(model, "head", None), torch.nn.Module)
+        and personal
+        and all(k.startswith("head.") for k in personal)
+    ):
+        raise ConfigError(
+            f"client.method = {config.client.method!r} keeps {', '.join(method.personal_prefixes)}* for each "
+            f"client: it needs a model with features(x) and a head holding those weights, and "
+            f"model.name = {config.model.name!r} has none"
+        )
+    log.warning(
+        "client.method = %s keeps each client's head: the global model is the global encoder under the "
+        "initial head, never trained, and acc_* and the accuracy matrix score that; client_acc_personal_* "
+        "scores each client's own model, the probes the encoder",
+        config.client.method,
+    )
+
+
+def warn_if_proximal_term_unused(strategy: Strategy, method: type[ClientMethod], method_name: str) -> None:
+    """Say so where the strategy sends a proximal term (Flower's FedProx) that ``method`` ignores."""
+    mu = max(getattr(layer, "proximal_mu", 0.0) for _, layer in strategy_layers(strategy))
+    if mu and not issubclass(method, FedProxClient):
+        log.warning(
+            "the strategy sends %s=%s but client.method=%s ignores it; "
+            "set client.method=fedprox to apply the proximal term",
+            PROXIMAL_MU,
+            mu,
+            method_name,
+        )
+
+
+def check_strategy_serves(strategy: Strategy, arrays: ArrayRecord) -> None:
+    """A strategy (or one it wraps) may refuse the global arrays before any work: ``check_arrays(arrays)``
+    (``simulator.protocol.TaskEndStrategy``)."""
+    for _, layer in strategy_layers(strategy):
+        if callable(getattr(layer, "check_arrays", None)):
+            layer.check_arrays(arrays)
+
+
+def check_resumable(
+    saved: Checkpoint,
+    where: Path,
+    config: ExperimentConfig,
+    strategy: Strategy,
+    stream: Stream,
+    rounds: int,
+    initial: ArrayRecord,
+) -> None:
+    """Refuse a checkpoint (in ``where``) that this config cannot continue exactly, or that would hang or
+    poison the run. ``initial``: the configured model's global arrays, whose names and shapes it must have."""
+    _check_same_config(saved.config, config, where)
+    if rounds < saved.round:
+        raise ConfigError(
+            f"rounds = {rounds}: the checkpoint in {where} has finished round {saved.round}; "
+            f"resume with rounds >= {saved.round}"
+        )
+    if saved.num_tasks != stream.num_tasks:
+        raise ConfigError(
+            f"rounds = {rounds}: resuming would change the stream from {saved.num_tasks} to "
+            f"{stream.num_tasks} tasks, so the finished rounds would not be those of this run"
+        )
+    shapes = {name: tuple(array.shape) for name, array in saved.arrays.items()}
+    if shapes != {name: tuple(array.shape) for name, array in initial.items()}:
+        raise ConfigError(
+            f"resume = true: the global weights in {where} are not the configured model's "
+            f"(names and shapes differ from model.name = {config.model.name!r}'s shared weights)"
+        )
+    configured = [type(layer) for _, layer in strategy_layers(strategy)]
+    found = [type(layer) for _, layer in strategy_layers(saved.strategy)]
+    if found != configured:
+        raise ConfigError(
+            f"resume = true: the checkpoint in {where} holds a {' around '.join(t.__name__ for t in found)} "
+            f"strategy; the config builds {' around '.join(t.__name__ for t in configured)}"
+        )
+    check_sampling(saved.strategy, fewest_present(stream, rounds), f"the checkpoint in {where}", config.eval.federated)
+    if not all_finite(saved.arrays.to_numpy_ndarrays()):
+        raise ConfigError(f"resume = true: the checkpoint in {where} holds non-finite global weights")
+
+
+def _check_same_config(saved: dict[str, Any], config: ExperimentConfig, where: Path) -> None:
+    """Refuse to resume a checkpoint of a different config; rounds may grow, engines differ."""
+    current = to_dict(config)
+    may_differ = {"rounds", "engine"}  # the numbers do not depend on the engine
+    differing = sorted(k for k in current if k not in may_differ and current[k] != saved.get(k))
+    if differing:
+        raise ConfigError(
+            f"resume=true: the checkpoint in {where} was written "
+            f"with different {', '.join(differing)}; resume with the same config"
+        )
