@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from benchmarks.workloads import WORKLOADS, RoundClock
-from simulator.keys import NUM_EXAMPLES, SERVER_ROUND
+from simulator.protocol import NUM_EXAMPLES, SERVER_ROUND
 
 PARTITION_ID = "partition-id"
 
@@ -52,9 +52,7 @@ class FixedCohortFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.samples += self.epochs * sum(
-            int(r.content["metrics"][NUM_EXAMPLES]) for r in replies if r.has_content()
-        )
+        self.samples += self.epochs * sum(int(r.content["metrics"][NUM_EXAMPLES]) for r in replies if r.has_content())
         result = super().aggregate_train(server_round, replies)
         self.final = result[0] if result[0] is not None else self.final
         self.clock.tick()

@@ -20,11 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cohort_strategy import FixedCohortFedAvg  # noqa: E402
-from benchmarks.workloads import WORKLOADS  # noqa: E402
-from simulator import backends  # noqa: E402
-from simulator.config import compose_config, load_config  # noqa: E402
-from simulator.engine import Experiment  # noqa: E402
+from benchmarks.cohort_strategy import FixedCohortFedAvg
+from benchmarks.workloads import WORKLOADS
+from simulator import backends
+from simulator.config import compose_config
+from simulator.engine import Experiment
+from simulator.plugins import load_config
 
 ACTORS = (1, 2, 4)
 
@@ -34,13 +35,17 @@ def check(actors: int, gpu: bool, rounds: int) -> list[dict]:
     import ray
 
     workload = replace(WORKLOADS["A"], rounds=rounds)
-    engine = [f"engine.num_actors={actors}", "engine.num_cpus_per_actor=1",
-              f"engine.num_gpus_per_actor={1 / actors if gpu else 0}", "engine.backend=ray"]
-    run = load_config(compose_config([*workload.overrides(), *engine]))
+    engine = [
+        f"engine.num_actors={actors}",
+        "engine.num_cpus_per_actor=1",
+        f"engine.num_gpus_per_actor={1 / actors if gpu else 0}",
+        "engine.backend=ray",
+    ]
+    config = load_config(compose_config([*workload.overrides(), *engine]))
     strategy = FixedCohortFedAvg(workload.name, epochs=workload.epochs, fraction_evaluate=0.0)
     try:
         with tempfile.TemporaryDirectory() as run_dir:
-            summary = Experiment(run, strategy, Path(run_dir), keep_warm=True).run()
+            summary = Experiment(config, strategy, Path(run_dir), keep_warm=True).run()
         stats = ray.get([actor.stats.remote() for actor in backends._WARM.pool.actors])
     finally:
         backends._WARM.release()
@@ -56,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'actors':>6} {'actor':>5} {'device':>8} {'cap':>6} {'peak GPU MB':>11} {'samples/s':>10} {'accuracy':>8}")
     for r in rows:
         cap = "-" if r["gpu_memory_cap"] is None else f"{r['gpu_memory_cap']:.3f}"
-        print(f"{r['actors']:>6} {r['actor']:>5} {r['device']:>8} {cap:>6} {r['peak_gpu_mb']:>11.1f} "
-              f"{r['samples_per_s']:>10.1f} {r['accuracy']:>8.3f}")
+        print(
+            f"{r['actors']:>6} {r['actor']:>5} {r['device']:>8} {cap:>6} {r['peak_gpu_mb']:>11.1f} "
+            f"{r['samples_per_s']:>10.1f} {r['accuracy']:>8.3f}"
+        )
     print(json.dumps(rows))
 
 

@@ -15,19 +15,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks.workloads import WORKLOADS, RoundClock, report, save_weights, shared_data  # noqa: E402
-from clients import resolve_method  # noqa: E402
-from clients.base import Batch, ClientState, TrainContext  # noqa: E402
-from clients.models import build_model  # noqa: E402
-from simulator.config import RunConfig  # noqa: E402
-from simulator.seeding import Purpose, torch_generator  # noqa: E402
-from simulator.streams import Stream  # noqa: E402
-from simulator.task_change import task_change  # noqa: E402
-from clients.models import evaluate  # noqa: E402
-from simulator.worker import WorkerData  # noqa: E402
+from benchmarks.workloads import WORKLOADS, RoundClock, report, save_weights, shared_data
+from clients import METHODS
+from clients.base import Batch, ReadOnlyState, TrainContext
+from clients.models import (
+    build_model,
+    evaluate,
+)
+from simulator.config import ExperimentConfig
+from simulator.jobs import task_change
+from simulator.protocol import ClientState
+from simulator.seeding import Purpose, torch_generator
+from simulator.streams import Stream
+from simulator.worker import WorkerData
 
 
 def as_tensor(array: np.ndarray | None) -> torch.Tensor | None:
@@ -38,7 +41,7 @@ def as_tensor(array: np.ndarray | None) -> torch.Tensor | None:
 class ClientMemory:
     """What the engine keeps per client, in plain dicts: its state and the last round it trained in."""
 
-    run: RunConfig
+    config: ExperimentConfig
     stream: Stream
     states: dict[int, ClientState] = field(default_factory=dict)
     last_round: dict[int, int] = field(default_factory=dict)
@@ -50,23 +53,33 @@ class ClientMemory:
     def samples(self, indices: np.ndarray, task: np.ndarray | int) -> Batch:
         """Stored training samples by index, masked as their task(s) are: ``ClientWorker._samples``."""
         masks = self.task_masks
-        return Batch(as_tensor(self.stream.x_train[indices]), as_tensor(self.stream.y_train[indices]),
-                     None if masks is None else as_tensor(masks[task]))
+        return Batch(
+            as_tensor(self.stream.x_train[indices]),
+            as_tensor(self.stream.y_train[indices]),
+            None if masks is None else as_tensor(masks[task]),
+        )
 
     def context(self, server_round: int, client: int) -> TrainContext:
         """The context the engine's worker would build for ``client`` in ``server_round``."""
         task = self.stream.client_task(server_round, client)
         new_task, previous = task_change(self.stream, client, task, self.last_round.get(client))
         return TrainContext(
-            server_round, client, {}, torch_generator(self.run.seed, Purpose.CLIENT_TRAIN, server_round, client),
-            self.run.client.lr, task=task, state=dict(self.states.get(client, {})), samples=self.samples,
-            new_task=new_task, previous=previous,
+            server_round,
+            client,
+            {},
+            torch_generator(self.config.seed, Purpose.CLIENT_TRAIN, server_round, client),
+            self.config.client.lr,
+            task=task,
+            state=ReadOnlyState(self.states.get(client, {})),
+            samples=self.samples,
+            new_task=new_task,
+            previous=previous,
             class_mask=as_tensor(self.stream.class_mask(server_round, client)),
         )
 
-    def keep(self, context: TrainContext) -> None:
-        """Store the state the client left in ``context`` after training."""
-        self.states[context.client_id] = context.state
+    def keep(self, context: TrainContext, state: ClientState) -> None:
+        """Store the state the client's training returned."""
+        self.states[context.client_id] = dict(state)
         self.last_round[context.client_id] = context.server_round
 
 
@@ -89,13 +102,14 @@ def fedavg(trained: list[tuple[list[torch.Tensor], int]]) -> list[torch.Tensor]:
 def main(name: str) -> None:
     torch.set_num_threads(1)
     workload = WORKLOADS[name]
-    run, stream = shared_data(workload)
-    model = build_model(stream.x_train.shape[1:], stream.num_classes, run.model,
-                        torch_generator(run.seed, Purpose.MODEL_INIT))
+    config, stream = shared_data(workload)
+    model = build_model(
+        stream.x_train.shape[1:], stream.num_classes, config.model, torch_generator(config.seed, Purpose.MODEL_INIT)
+    )
     state = model.state_dict()
     global_weights = [t.clone() for t in state.values()]
-    method, clock, samples = resolve_method(run.client.method)(run.client), RoundClock(), 0
-    memory = ClientMemory(run, stream)
+    method, clock, samples = METHODS.resolve(config.client.method)(config.client), RoundClock(), 0
+    memory = ClientMemory(config, stream)
     for server_round in range(1, workload.rounds + 1):
         trained: list[tuple[list[torch.Tensor], int]] = []
         for client in workload.cohort(server_round):
@@ -106,7 +120,7 @@ def main(name: str) -> None:
             x, y = torch.from_numpy(stream.x_train[idx]), torch.from_numpy(stream.y_train[idx])
             context = memory.context(server_round, client)
             result = method.train(model, x, y, context)
-            memory.keep(context)
+            memory.keep(context, result.state)
             trained.append(([t.detach().clone() for t in state.values()], result.num_examples))
         samples += sum(n for _, n in trained) * workload.epochs
         if trained:
@@ -117,7 +131,7 @@ def main(name: str) -> None:
             tensor.copy_(weights)
     save_weights([t.numpy() for t in global_weights])
     x_test, y_test = torch.from_numpy(stream.x_test), torch.from_numpy(stream.y_test)
-    report(clock, evaluate(model, x_test, y_test, run.eval.batch_size)[1], samples)
+    report(clock, evaluate(model, x_test, y_test, config.eval.batch_size)[1], samples)
 
 
 if __name__ == "__main__":

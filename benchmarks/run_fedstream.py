@@ -12,19 +12,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cohort_strategy import FixedCohortFedAvg  # noqa: E402
-from benchmarks.workloads import WORKLOADS, report, save_weights  # noqa: E402
-from simulator.config import compose_config, load_config  # noqa: E402
-from simulator.engine import Experiment  # noqa: E402
+from benchmarks.cohort_strategy import FixedCohortFedAvg
+from benchmarks.workloads import WORKLOADS, report, save_weights
+from simulator.config import compose_config
+from simulator.engine import Experiment
+from simulator.plugins import load_config
 
 
 def main(name: str, backend: str) -> None:
     workload = WORKLOADS[name]
     engine = [f"engine.backend={backend}", "engine.num_actors=2", "engine.num_cpus_per_actor=1"]
-    run = load_config(compose_config([*workload.overrides(), *engine]))
+    config = load_config(compose_config([*workload.overrides(), *engine]))
     strategy = FixedCohortFedAvg(workload.name, epochs=workload.epochs, fraction_evaluate=0.0)
     with tempfile.TemporaryDirectory() as run_dir:
-        summary = Experiment(run, strategy, Path(run_dir)).run()
+        summary = Experiment(config, strategy, Path(run_dir)).run()
     save_weights(strategy.final.to_numpy_ndarrays())
     report(strategy.clock, summary["final_accuracy"], strategy.samples)
 

@@ -46,15 +46,15 @@ from benchmarks.workloads import WORKLOADS, Workload, report, save_weights, shar
 from clients.base import TrainContext
 from clients.models import RepresentationModel, build_model, evaluate
 from clients.sgd import SGDClient
-from simulator.config import RunConfig
-from simulator.keys import NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
+from simulator.config import ExperimentConfig
+from simulator.protocol import NUM_EXAMPLES, SERVER_ROUND, TRAIN_LOSS
 from simulator.seeding import Purpose, torch_generator
 from simulator.streams.base import Stream
 
 WORKLOAD_ENV = "FEDSTREAM_BENCHMARK_WORKLOAD"
 NODE_WAIT_S = 60.0
 
-_data: dict[str, tuple[RunConfig, Stream]] = {}  # per process: workload name -> (run config, stream)
+_data: dict[str, tuple[ExperimentConfig, Stream]] = {}  # per process: workload name -> (run config, stream)
 
 
 @dataclass
@@ -73,7 +73,7 @@ def workload() -> Workload:
     return WORKLOADS[os.environ[WORKLOAD_ENV]]
 
 
-def data() -> tuple[RunConfig, Stream]:
+def data() -> tuple[ExperimentConfig, Stream]:
     """The workload's run config and stream, loaded once per process."""
     bench = workload()
     if bench.name not in _data:
@@ -81,10 +81,10 @@ def data() -> tuple[RunConfig, Stream]:
     return _data[bench.name]
 
 
-def new_model(run: RunConfig, stream: Stream) -> RepresentationModel:
+def new_model(experiment: ExperimentConfig, stream: Stream) -> RepresentationModel:
     """The model with FedStream's initial weights."""
-    generator = torch_generator(run.seed, Purpose.MODEL_INIT)
-    return build_model(stream.x_train.shape[1:], stream.num_classes, run.model, generator)
+    generator = torch_generator(experiment.seed, Purpose.MODEL_INIT)
+    return build_model(stream.x_train.shape[1:], stream.num_classes, experiment.model, generator)
 
 
 client_app = ClientApp()
@@ -94,16 +94,16 @@ client_app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Train the partition the message names on the arrays it carries."""
     torch.set_num_threads(1)
-    run, stream = data()
+    experiment, stream = data()
     config = msg.content["config"]
     server_round, client = int(config[SERVER_ROUND]), int(config[PARTITION_ID])
-    model = new_model(run, stream)
+    model = new_model(experiment, stream)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     indices = stream.train_indices(server_round, client)
     x, y = torch.from_numpy(stream.x_train[indices]), torch.from_numpy(stream.y_train[indices])
-    generator = torch_generator(run.seed, Purpose.CLIENT_TRAIN, server_round, client)
-    result = SGDClient(run.client).train(
-        model, x, y, TrainContext(server_round, client, dict(config), generator, run.client.lr)
+    generator = torch_generator(experiment.seed, Purpose.CLIENT_TRAIN, server_round, client)
+    result = SGDClient(experiment.client).train(
+        model, x, y, TrainContext(server_round, client, dict(config), generator, experiment.client.lr)
     )
     metrics = MetricRecord({NUM_EXAMPLES: result.num_examples, TRAIN_LOSS: result.train_loss})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
@@ -116,17 +116,20 @@ server_app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run FedAvg on the workload's cohorts, then evaluate the final model on the test set."""
     bench = workload()
-    run, stream = data()
-    model = new_model(run, stream)
+    experiment, stream = data()
+    model = new_model(experiment, stream)
     strategy = FixedCohortFedAvg(
-        bench.name, by_partition=True, epochs=bench.epochs, fraction_evaluate=0.0,
+        bench.name,
+        by_partition=True,
+        epochs=bench.epochs,
+        fraction_evaluate=0.0,
         min_available_nodes=bench.num_clients,
     )
     await_nodes(grid, bench.num_clients)
     result = strategy.start(grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=bench.rounds)
     model.load_state_dict(result.arrays.to_torch_state_dict())
     x_test, y_test = torch.from_numpy(stream.x_test), torch.from_numpy(stream.y_test)
-    _, accuracy = evaluate(model, x_test, y_test, run.eval.batch_size)
+    _, accuracy = evaluate(model, x_test, y_test, experiment.eval.batch_size)
     outcomes.append(Outcome(strategy, accuracy))
 
 

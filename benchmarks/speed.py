@@ -34,9 +34,14 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.workloads import (  # noqa: E402
-    WEIGHTS_ENV, WEIGHTS_TOLERANCE, load_weights, max_difference, parse_report,
+from benchmarks.workloads import (
+    WEIGHTS_ENV,
+    WEIGHTS_TOLERANCE,
+    load_weights,
+    max_difference,
+    parse_report,
 )
+
 IMPLEMENTATIONS = {
     "fedstream_ray": ["benchmarks/run_fedstream.py", "{workload}", "ray"],
     "fedstream_local": ["benchmarks/run_fedstream.py", "{workload}", "local"],
@@ -48,9 +53,16 @@ PSS_EVERY = 10  # PSS on every 10th sample
 # Stateful methods: Flower's baseline trains plain SGD and keeps no client state, so it is left out.
 STATEFUL = ["fedstream_ray", "fedstream_local", "bare_loop"]
 SCALE = STATEFUL  # C: Flower's simulation is left out at 100,000 clients; the bare loop checks the weights
-COMPARED = {"A": list(IMPLEMENTATIONS), "B": list(IMPLEMENTATIONS), "quick": list(IMPLEMENTATIONS),
-            "tiny": list(IMPLEMENTATIONS), "C": SCALE, "C1k": SCALE,
-            "A_ewc": STATEFUL, "tiny_ewc": STATEFUL}
+COMPARED = {
+    "A": list(IMPLEMENTATIONS),
+    "B": list(IMPLEMENTATIONS),
+    "quick": list(IMPLEMENTATIONS),
+    "tiny": list(IMPLEMENTATIONS),
+    "C": SCALE,
+    "C1k": SCALE,
+    "A_ewc": STATEFUL,
+    "tiny_ewc": STATEFUL,
+}
 FULL = ["A", "B", "A_ewc", "C", "C1k"]
 QUICK = ["quick", "A_ewc", "C", "C1k"]  # A_ewc whole: a run is mostly start-up, its ten rounds ~3 s
 PROBED_SCENARIO = "scenario=digits_class_incremental"  # probe_overhead's
@@ -133,8 +145,14 @@ def measure(implementation: str, workload: str, weights_path: str | None = None)
     result = parse_report(out)
     ends = result["round_ends"]
     return Run(
-        ended - started, ends[0] - started, [b - a for a, b in zip(ends, ends[1:])], peak_pss, peak_rss,
-        result["accuracy"], result["samples"], 100 * stolen / ((ended - started) * (psutil.cpu_count() or 1)),
+        ended - started,
+        ends[0] - started,
+        [b - a for a, b in zip(ends, ends[1:])],
+        peak_pss,
+        peak_rss,
+        result["accuracy"],
+        result["samples"],
+        100 * stolen / ((ended - started) * (psutil.cpu_count() or 1)),
     )
 
 
@@ -148,13 +166,17 @@ def combine(implementation: str, workload: str, runs: list[Run]) -> Measurement:
         raise RuntimeError(f"{implementation} on {workload}: repeats trained different samples: {runs}")
     warm = [w for r in runs for w in r.warm_rounds_s]
     return Measurement(
-        implementation, workload,
+        implementation,
+        workload,
         round(statistics.median(r.end_to_end_s for r in runs), 3),
         round(statistics.median(r.first_round_s for r in runs), 3),
         round(statistics.median(warm), 4) if warm else float("nan"),
-        round(max(r.peak_pss for r in runs) / 2**20, 1), round(max(r.peak_rss for r in runs) / 2**20, 1),
-        round(statistics.median(r.accuracy for r in runs), 4), runs[0].samples,
-        round(statistics.mean(r.steal_percent for r in runs), 1), len(runs),
+        round(max(r.peak_pss for r in runs) / 2**20, 1),
+        round(max(r.peak_rss for r in runs) / 2**20, 1),
+        round(statistics.median(r.accuracy for r in runs), 4),
+        runs[0].samples,
+        round(statistics.mean(r.steal_percent for r in runs), 1),
+        len(runs),
     )
 
 
@@ -187,14 +209,18 @@ def same_samples(results: dict[str, dict[str, Measurement]]) -> dict[str, bool]:
 
 
 def table(results: dict[str, dict[str, Measurement]]) -> str:
-    header = (f"{'workload':9}{'implementation':17}{'end to end s':>13}{'1st round s':>12}{'warm round s':>13}"
-              f"{'PSS MB':>8}{'RSS MB':>8}{'accuracy':>9}{'samples':>9}{'steal %':>8}")
+    header = (
+        f"{'workload':9}{'implementation':17}{'end to end s':>13}{'1st round s':>12}{'warm round s':>13}"
+        f"{'PSS MB':>8}{'RSS MB':>8}{'accuracy':>9}{'samples':>9}{'steal %':>8}"
+    )
     rows = [header, "-" * len(header)]  # one row per implementation, over its repeats
     for by_impl in results.values():
         for m in by_impl.values():
-            rows.append(f"{m.workload:9}{m.implementation:17}{m.end_to_end_s:13.2f}{m.first_round_s:12.2f}"
-                        f"{m.warm_round_s:13.4f}{m.peak_memory_mb:8.0f}{m.peak_rss_mb:8.0f}"
-                        f"{m.accuracy:9.3f}{m.samples:9d}{m.steal_percent:8.1f}")
+            rows.append(
+                f"{m.workload:9}{m.implementation:17}{m.end_to_end_s:13.2f}{m.first_round_s:12.2f}"
+                f"{m.warm_round_s:13.4f}{m.peak_memory_mb:8.0f}{m.peak_rss_mb:8.0f}"
+                f"{m.accuracy:9.3f}{m.samples:9d}{m.steal_percent:8.1f}"
+            )
     return "\n".join(rows)
 
 
@@ -213,8 +239,11 @@ def run(workloads: list[str], repeat: int = 1) -> dict:
         weights = {step: f"{weights_dir}/{step[0]}-{step[1]}.npz" for step in plan}
         for repetition in range(repeat):
             for workload, implementation in plan if repetition % 2 == 0 else reversed(plan):
-                print(f"running {implementation} on {workload} ({repetition + 1}/{repeat}) ...",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"running {implementation} on {workload} ({repetition + 1}/{repeat}) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 step = (workload, implementation)
                 runs[step].append(measure(implementation, workload, weights[step]))
         differences = weight_differences(workloads, weights)
@@ -226,8 +255,10 @@ def run(workloads: list[str], repeat: int = 1) -> dict:
         "same_samples": same_samples(results),
         "weights_max_abs_diff": differences,
         # FedStream's own: Flower's simulation aggregates in arrival order, so its last bits may differ.
-        "same_weights": {w: all(d <= WEIGHTS_TOLERANCE for i, d in by.items() if i.startswith("fedstream"))
-                         for w, by in differences.items()},
+        "same_weights": {
+            w: all(d <= WEIGHTS_TOLERANCE for i, d in by.items() if i.startswith("fedstream"))
+            for w, by in differences.items()
+        },
     }
 
 
@@ -238,7 +269,8 @@ def weight_differences(workloads: list[str], weights: dict[tuple[str, str], str]
         reference = load_weights(weights[workload, "bare_loop"])
         differences[workload] = {
             implementation: max_difference(load_weights(weights[workload, implementation]), reference)
-            for implementation in COMPARED[workload] if implementation != "bare_loop"
+            for implementation in COMPARED[workload]
+            if implementation != "bare_loop"
         }
     return differences
 
@@ -253,21 +285,34 @@ def probe_overhead(repeat: int, extra: tuple[str, ...] = ()) -> dict[str, float]
     seconds: dict[bool, list[float]] = {True: [], False: []}
     for repetition in range(repeat):
         for probes in (True, False) if repetition % 2 == 0 else (False, True):
-            print(f"running run.py {PROBED_SCENARIO} eval.probes={probes} ({repetition + 1}/{repeat}) ...",
-                  file=sys.stderr, flush=True)
+            print(
+                f"running run.py {PROBED_SCENARIO} eval.probes={probes} ({repetition + 1}/{repeat}) ...",
+                file=sys.stderr,
+                flush=True,
+            )
             with tempfile.TemporaryDirectory() as run_dir:
-                command = [sys.executable, "run.py", PROBED_SCENARIO, f"eval.probes={str(probes).lower()}",
-                           f"hydra.run.dir={run_dir}", *extra]
+                command = [
+                    sys.executable,
+                    "run.py",
+                    PROBED_SCENARIO,
+                    f"eval.probes={str(probes).lower()}",
+                    f"hydra.run.dir={run_dir}",
+                    *extra,
+                ]
                 started = time.time()
                 subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
                 seconds[probes].append(time.time() - started)
     on, off = statistics.median(seconds[True]), statistics.median(seconds[False])
-    return {"probes.end_to_end_on_s": round(on, 3), "probes.end_to_end_off_s": round(off, 3),
-            "probes.on_over_off": round(on / off, 3)}
+    return {
+        "probes.end_to_end_on_s": round(on, 3),
+        "probes.end_to_end_off_s": round(off, 3),
+        "probes.on_over_off": round(on / off, 3),
+    }
 
 
-def sweep(strategies: tuple[str, ...] = SWEEP_STRATEGIES, seeds: tuple[int, ...] = SWEEP_SEEDS,
-          extra: tuple[str, ...] = ()) -> dict[str, float]:
+def sweep(
+    strategies: tuple[str, ...] = SWEEP_STRATEGIES, seeds: tuple[int, ...] = SWEEP_SEEDS, extra: tuple[str, ...] = ()
+) -> dict[str, float]:
     """The default scenario x ``strategies`` x ``seeds``, three ways, end to end (process start to exit):
 
     one FedStream ``--multirun`` (its jobs share one Ray and warm actors), one
@@ -285,14 +330,30 @@ def sweep(strategies: tuple[str, ...] = SWEEP_STRATEGIES, seeds: tuple[int, ...]
 
     print(f"running the sweep of {len(jobs)} jobs three ways ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as out:
-        multirun = timed([["run.py", "--multirun", f"strategy={','.join(strategies)}",
-                           f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={out}/multirun", *extra]])
-        separate = timed([["run.py", f"strategy={s}", f"seed={seed}", f"hydra.run.dir={out}/{s}-{seed}", *extra]
-                          for s, seed in jobs])
+        multirun = timed(
+            [
+                [
+                    "run.py",
+                    "--multirun",
+                    f"strategy={','.join(strategies)}",
+                    f"seed={','.join(map(str, seeds))}",
+                    f"hydra.sweep.dir={out}/multirun",
+                    *extra,
+                ]
+            ]
+        )
+        separate = timed(
+            [["run.py", f"strategy={s}", f"seed={seed}", f"hydra.run.dir={out}/{s}-{seed}", *extra] for s, seed in jobs]
+        )
     flower = timed([["benchmarks/run_flower_sweep.py", s, str(seed), *extra] for s, seed in jobs])
-    return {"sweep.jobs": len(jobs), "sweep.multirun_s": round(multirun, 2), "sweep.separate_s": round(separate, 2),
-            "sweep.flower_s": round(flower, 2), "sweep.flower_over_multirun": round(flower / multirun, 3),
-            "sweep.separate_over_multirun": round(separate / multirun, 3)}
+    return {
+        "sweep.jobs": len(jobs),
+        "sweep.multirun_s": round(multirun, 2),
+        "sweep.separate_s": round(separate, 2),
+        "sweep.flower_s": round(flower, 2),
+        "sweep.flower_over_multirun": round(flower / multirun, 3),
+        "sweep.separate_over_multirun": round(separate / multirun, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -300,10 +361,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller workload, A_ewc and C, once each")
     parser.add_argument("--workloads", nargs="+", choices=sorted(COMPARED), help="which workloads to run")
     parser.add_argument("--repeat", type=int, help="runs of each implementation (default: 3, --quick: 1)")
-    parser.add_argument("--no-probes", action="store_true",
-                        help="skip timing the representation probes on the class-incremental scenario")
-    parser.add_argument("--no-sweep", action="store_true",
-                        help="skip the sweep workload (12 jobs, three ways: about 10 minutes)")
+    parser.add_argument(
+        "--no-probes",
+        action="store_true",
+        help="skip timing the representation probes on the class-incremental scenario",
+    )
+    parser.add_argument(
+        "--no-sweep", action="store_true", help="skip the sweep workload (12 jobs, three ways: about 10 minutes)"
+    )
     args = parser.parse_args(argv)
     workloads = args.workloads or (QUICK if args.quick else FULL)
     repeat = args.repeat or (1 if args.quick else 3)

@@ -45,14 +45,23 @@ class Workload:
         """FedStream config overrides (run.py / tests.conftest.compose_config) for this workload."""
         return [
             f"data.dataset={self.dataset}",
-            "data.partition.kind=dirichlet", "data.partition.alpha=0.5", "data.partition.min_size=0",
+            "data.partition.kind=dirichlet",
+            "data.partition.alpha=0.5",
+            "data.partition.min_size=0",
             f"federation.num_clients={self.num_clients}",
             f"federation.clients_per_round={self.clients_per_round}",
             f"model.name={self.model}",
-            f"client.method={self.method}", f"client.lr={self.lr}", "client.momentum=0.0",
-            f"client.epochs={self.epochs}", f"client.batch_size={self.batch_size}",
-            f"rounds={self.rounds}", f"seed={self.seed}",
-            f"eval.every={self.rounds}", "eval.max_clients=10", "eval.probes=false", "engine.checkpoint_every=0",
+            f"client.method={self.method}",
+            f"client.lr={self.lr}",
+            "client.momentum=0.0",
+            f"client.epochs={self.epochs}",
+            f"client.batch_size={self.batch_size}",
+            f"rounds={self.rounds}",
+            f"seed={self.seed}",
+            f"eval.every={self.rounds}",
+            "eval.max_clients=10",
+            "eval.probes=false",
+            "engine.checkpoint_every=0",
             *self.extra,
         ]
 
@@ -74,7 +83,7 @@ def with_ewc(base: Workload, name: str, rounds_per_task: int) -> Workload:
     model-sized float32 vectors).
     """
     tasks = 5
-    stream = ("stream.kind=permuted", f"stream.num_tasks={tasks}", f"stream.rounds_per_task={rounds_per_task}")
+    stream = ("stream.kind=permuted", f"stream.permuted.num_tasks={tasks}", f"stream.rounds_per_task={rounds_per_task}")
     return replace(base, name=name, rounds=tasks * rounds_per_task, method="ewc", extra=stream)
 
 
@@ -110,9 +119,10 @@ class RoundClock:
 
 def report(clock: RoundClock, accuracy: float, samples: int, **extra: Any) -> None:
     """Print the child's result as the last stdout line, for the parent to read."""
-    print(REPORT_PREFIX + json.dumps(
-        {"round_ends": clock.ends, "accuracy": accuracy, "samples": int(samples), **extra}
-    ), flush=True)
+    print(
+        REPORT_PREFIX + json.dumps({"round_ends": clock.ends, "accuracy": accuracy, "samples": int(samples), **extra}),
+        flush=True,
+    )
 
 
 def save_weights(arrays: list[np.ndarray]) -> None:
@@ -141,19 +151,20 @@ def parse_report(stdout: str) -> dict[str, Any]:
     """The JSON object a child printed with :func:`report`."""
     for line in reversed(stdout.splitlines()):
         if line.startswith(REPORT_PREFIX):
-            return json.loads(line[len(REPORT_PREFIX):])
+            return json.loads(line[len(REPORT_PREFIX) :])
     raise RuntimeError("the implementation printed no report:\n" + stdout[-3000:])
 
 
 def shared_data(workload: Workload):
-    """(run config, stream) as FedStream builds them: the data and partition every implementation uses."""
-    from simulator.config import compose_config, load_config
+    """(experiment config, stream) as FedStream builds them: the data and partition every implementation uses."""
+    from simulator.config import compose_config
     from simulator.data import load_dataset
+    from simulator.plugins import load_config
     from simulator.streams import build_stream
 
-    run = load_config(compose_config(workload.overrides()))
-    stream = build_stream(run, load_dataset(run.data, run.federation.num_clients, run.seed))
-    return run, stream
+    config = load_config(compose_config(workload.overrides()))
+    stream = build_stream(config, load_dataset(config.data, config.federation.num_clients, config.seed))
+    return config, stream
 
 
 def samples_of(stream, workload: Workload) -> int:
