@@ -42,7 +42,7 @@ class Workload:
     extra: tuple[str, ...] = ()  # further config overrides (the stream)
 
     def overrides(self) -> list[str]:
-        """FedStream config overrides (run.py / tests.conftest.compose_config) for this workload."""
+        """FedStream config overrides (as run.py takes them; simulator.config.compose_config) for this workload."""
         return [
             f"data.dataset={self.dataset}",
             "data.partition.kind=dirichlet",

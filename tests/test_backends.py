@@ -7,9 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from clients.base import PreviousTask
 from simulator.backends import balanced_shares
-from simulator.worker import TRAIN, ClientJob
+from simulator.protocol import TRAIN, ClientJob, PreviousTask
 
 
 def _jobs(sizes):

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import speed
 from benchmarks.workloads import WEIGHTS_TOLERANCE, WORKLOADS, samples_of, shared_data
-from simulator.task_change import task_change
+from simulator.jobs import task_change
 
 pytestmark = pytest.mark.ray
 
@@ -38,8 +38,12 @@ def _measured(name: str) -> dict:
 
 def test_all_four_implementations_train_the_same_samples_to_a_sane_accuracy():
     result = _measured("tiny")
-    assert set(result["ratios"]) >= {"tiny.warm_round_ray_over_bare", "tiny.end_to_end_flower_over_ray",
-                                     "tiny.memory_ray_over_flower", "tiny.end_to_end_flower_over_local"}
+    assert set(result["ratios"]) >= {
+        "tiny.warm_round_ray_over_bare",
+        "tiny.end_to_end_flower_over_ray",
+        "tiny.memory_ray_over_flower",
+        "tiny.end_to_end_flower_over_local",
+    }
 
 
 def test_ewc_crosses_task_boundaries_and_the_bare_loop_matches_fedstream():
@@ -68,9 +72,16 @@ def _run(warm, peak_pss, accuracy=0.5, end_to_end=10.0):
 
 
 def test_repeats_combine_into_pooled_median_rounds_and_the_highest_peak():
-    row = speed.combine("x", "A", [_run([1.0, 5.0, 6.0], 2**20 * 100, end_to_end=10.0),
-                                   _run([2.0, 3.0], 2**20 * 300, end_to_end=14.0)])
-    assert (row.warm_round_s, row.peak_memory_mb, row.peak_rss_mb, row.end_to_end_s, row.runs) == (3.0, 300.0, 600.0, 12.0, 2)
+    row = speed.combine(
+        "x", "A", [_run([1.0, 5.0, 6.0], 2**20 * 100, end_to_end=10.0), _run([2.0, 3.0], 2**20 * 300, end_to_end=14.0)]
+    )
+    assert (row.warm_round_s, row.peak_memory_mb, row.peak_rss_mb, row.end_to_end_s, row.runs) == (
+        3.0,
+        300.0,
+        600.0,
+        12.0,
+        2,
+    )
     assert speed.combine("x", "A", [_run([1.0], 1, accuracy=a) for a in (0.5, 0.7, 0.6)]).accuracy == 0.6
     with pytest.raises(RuntimeError, match="different samples"):
         speed.combine("x", "A", [_run([1.0], 1), speed.Run(1.0, 1.0, [1.0], 1, 1, 0.5, 99, 0.0)])
@@ -106,7 +117,10 @@ def test_the_weight_check_flags_an_aggregate_perturbed_past_the_tolerance(tmp_pa
     files["tiny", "flower"] = files["tiny", "fedstream_local"]
     differences = speed.weight_differences(["tiny"], files)["tiny"]
     assert differences["fedstream_local"] == 0.0 and differences["flower"] == 0.0
-    assert differences["fedstream_ray"] == pytest.approx(1e-5, rel=0.1) and differences["fedstream_ray"] > WEIGHTS_TOLERANCE
+    assert (
+        differences["fedstream_ray"] == pytest.approx(1e-5, rel=0.1)
+        and differences["fedstream_ray"] > WEIGHTS_TOLERANCE
+    )
 
 
 def test_the_sweep_workload_times_a_multirun_separate_runs_and_flower_runs_of_the_same_jobs():
@@ -114,4 +128,5 @@ def test_the_sweep_workload_times_a_multirun_separate_runs_and_flower_runs_of_th
     assert timings["sweep.jobs"] == 2
     assert min(timings["sweep.multirun_s"], timings["sweep.separate_s"], timings["sweep.flower_s"]) > 0
     assert timings["sweep.separate_over_multirun"] == pytest.approx(
-        timings["sweep.separate_s"] / timings["sweep.multirun_s"], abs=2e-3)
+        timings["sweep.separate_s"] / timings["sweep.multirun_s"], abs=2e-3
+    )

@@ -12,14 +12,20 @@ import numpy as np
 import pytest
 import ray
 from flwr.serverapp.strategy import FedAdam
+from helpers import numbers_of, run_experiment
 
-from conftest import numbers_of, run_experiment
 from simulator import checkpoint
 from simulator.config import ConfigError
 
 # EWC keeps two model-sized arrays per client; with no memory budget every state is a file.
-EWC = ["scenario=digits_class_incremental", "stream.rounds_per_task=2", "client.epochs=1",
-       "engine.backend=local", "client.method=ewc", "engine.client_state_memory_mb=0"]
+EWC = [
+    "scenario=digits_class_incremental",
+    "stream.rounds_per_task=2",
+    "client.epochs=1",
+    "engine.backend=local",
+    "client.method=ewc",
+    "engine.client_state_memory_mb=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +60,20 @@ def _crafted_pickle(module: str, name: str, marker: Path) -> bytes:
     return b"\x80\x04c" + f"{module}\n{name}\n".encode() + f"(Vtouch {marker}\ntR.".encode()
 
 
-@pytest.mark.parametrize(("module", "name"), [
-    ("os", "system"),
-    ("posix", "system"),
-    ("simulator.checkpoint", "os.system"),  # a trusted module's import, by dotted name
-    ("strategies.factory", "instantiate"),  # Hydra's, imported into a trusted module
-    ("numpy", "load"),  # numpy reads pickles and writes files: only its arrays are trusted
-    ("builtins", "eval"),
-    ("strategies.factory", "build_strategy"),  # builds any _target_ from a dict: a gadget
-    ("flwr.common.args", "_try_obtain_flwr_app_token_from_stdin"),  # a Flower function, not a class
-    ("pathlib", "Path"),
-])
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("os", "system"),
+        ("posix", "system"),
+        ("simulator.checkpoint", "os.system"),  # a trusted module's import, by dotted name
+        ("strategies.factory", "instantiate"),  # Hydra's, imported into a trusted module
+        ("numpy", "load"),  # numpy reads pickles and writes files: only its arrays are trusted
+        ("builtins", "eval"),
+        ("strategies.factory", "build_strategy"),  # builds any _target_ from a dict: a gadget
+        ("flwr.common.args", "_try_obtain_flwr_app_token_from_stdin"),  # a Flower function, not a class
+        ("pathlib", "Path"),
+    ],
+)
 def test_a_crafted_strategy_pickle_runs_nothing_and_names_the_file_and_the_global(run_copy, module, name):
     marker = run_copy / "marker"
     (_last(run_copy) / "strategy.pkl").write_bytes(_crafted_pickle(module, name, marker))
@@ -105,6 +114,7 @@ def test_one_flipped_byte_in_any_checkpoint_file_is_an_error_naming_it(run_copy,
     assert str(path) in str(error.value)
 
 
+@pytest.mark.slow
 def test_every_flipped_byte_of_the_manifest_is_caught(run_copy):
     path = _last(run_copy) / "manifest.json"
     original = path.read_bytes()
@@ -174,8 +184,10 @@ def test_only_the_last_two_checkpoints_are_kept_with_the_state_files_they_name(e
 
 
 def test_a_damaged_state_file_both_kept_checkpoints_name_is_reported_as_such(run_copy):
-    named = [set(json.loads((run_copy / "checkpoints" / f / "manifest.json").read_text())["client_state"])
-             for f in ("round-000009", "round-000010")]
+    named = [
+        set(json.loads((run_copy / "checkpoints" / f / "manifest.json").read_text())["client_state"])
+        for f in ("round-000009", "round-000010")
+    ]
     shared = sorted(named[0] & named[1])[0]
     path = run_copy / "client_state" / shared
     data = bytearray(path.read_bytes())

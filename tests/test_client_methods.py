@@ -5,18 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_images, train_context
+from helpers import tiny_model as _model
 from torch.nn import functional as F
 
-from clients.base import Batch, PreviousTask, TrainContext, flat_parameters
+from clients.base import Batch, ReadOnlyState, TrainContext, flat_parameters
 from clients.ewc import EWCClient
 from clients.lwf import LwFClient
-from clients.models import build_model
 from clients.replay import ReplayClient
 from clients.sgd import SGDClient
-from simulator.config import ClientConfig, ModelConfig
+from simulator.config import ClientConfig
+from simulator.protocol import PreviousTask
 
-X = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-Y = torch.arange(40) % 10
+X, Y = tiny_images()
 TASK_MASKS = torch.tensor([[c < 5 for c in range(10)], [c >= 5 for c in range(10)]])
 
 
@@ -24,14 +25,11 @@ def _samples(indices, task):
     return Batch(X[indices], Y[indices], TASK_MASKS[task])
 
 
-def _model(seed: int = 0) -> torch.nn.Module:
-    return build_model((1, 8, 8), 10, ModelConfig(hidden=16, feature_dim=8), torch.Generator().manual_seed(seed))
-
-
 def _context(state=None, previous=None, new_task=False, lr=0.1, round_=2, config=None) -> TrainContext:
-    return TrainContext(server_round=round_, client_id=0, config=config or {},
-                        generator=torch.Generator().manual_seed(5), lr=lr, task=1, state={} if state is None else state,
-                        samples=_samples, new_task=new_task, previous=previous)
+    """Task 1's context, with this module's samples by index."""
+    return train_context(
+        state, server_round=round_, lr=lr, config=config, task=1, samples=_samples, new_task=new_task, previous=previous
+    )
 
 
 def _method(cls, epochs=1, **settings):
@@ -41,10 +39,10 @@ def _method(cls, epochs=1, **settings):
 def test_replay_keeps_a_reservoir_of_the_tasks_it_left_and_never_more_than_its_size():
     replay = _method(ReplayClient, buffer_size=6)
     state: dict = {}
-    replay.begin_task(_model(), _context(state, PreviousTask(0, np.arange(4)), True))
+    state = replay.begin_task(_model(), _context(state, PreviousTask(0, np.arange(4)), True))
     assert state["indices"].tolist() == [0, 1, 2, 3] and state["tasks"].tolist() == [0] * 4
     assert state["seen"] == 4
-    replay.begin_task(_model(), _context(state, PreviousTask(1, np.arange(10, 30)), True))
+    state = replay.begin_task(_model(), _context(state, PreviousTask(1, np.arange(10, 30)), True))
     assert len(state["indices"]) == 6 and state["seen"] == 24
     assert set(state["indices"].tolist()) <= set(range(4)) | set(range(10, 30))
     kept = {i: t for i, t in zip(state["indices"].tolist(), state["tasks"].tolist())}
@@ -58,8 +56,9 @@ def test_reservoir_sampling_keeps_each_sample_with_equal_probability():
     for seed in range(400):
         state: dict = {}
         context = TrainContext(1, 0, {}, torch.Generator().manual_seed(seed), 0.1, state=state)
-        replay.begin_task(_model(), TrainContext(**{**context.__dict__, "previous": PreviousTask(0, np.arange(20)),
-                                                    "new_task": True}))
+        state = replay.begin_task(
+            _model(), TrainContext(**{**context.__dict__, "previous": PreviousTask(0, np.arange(20)), "new_task": True})
+        )
         counts[state["indices"]] += 1
     assert np.all(np.abs(counts / 400 - 0.25) < 0.08), counts / 400
 
@@ -79,7 +78,7 @@ def test_replay_joins_each_batch_with_as_many_samples_from_memory_masked_by_thei
 def test_ewc_fisher_is_the_mean_squared_per_sample_gradient_and_the_anchor_the_weights_held():
     model, ewc = _model(), _method(EWCClient, fisher_samples=100)
     state: dict = {}
-    ewc.begin_task(model, _context(state, PreviousTask(0, np.arange(6)), True))
+    state = ewc.begin_task(model, _context(state, PreviousTask(0, np.arange(6)), True))
     expected = torch.zeros_like(torch.from_numpy(state["fisher"]))
     for i in range(6):
         model.zero_grad()
@@ -89,7 +88,7 @@ def test_ewc_fisher_is_the_mean_squared_per_sample_gradient_and_the_anchor_the_w
     torch.testing.assert_close(torch.from_numpy(state["fisher"]), expected / 6)
     assert np.array_equal(state["anchor"], flat_parameters(model))
     ewc_decayed = _method(EWCClient, fisher_samples=100, gamma=0.5)
-    ewc_decayed.begin_task(model, _context(state, PreviousTask(0, np.arange(6)), True))
+    state = ewc_decayed.begin_task(model, _context(state, PreviousTask(0, np.arange(6)), True))
     torch.testing.assert_close(torch.from_numpy(state["fisher"]), 1.5 * expected / 6)
 
 
@@ -111,20 +110,24 @@ def test_ewc_gradient_adds_the_penalty_and_takes_it_implicitly():
 def test_ewc_holds_weights_that_mattered_closer_to_its_anchor_than_sgd():
     start = _model()
     state: dict = {}
-    _method(EWCClient, strength=1000.0).begin_task(start, _context(state, PreviousTask(0, np.arange(20)), True))
+    state = _method(EWCClient, strength=1000.0).begin_task(start, _context(state, PreviousTask(0, np.arange(20)), True))
     moved = {}
     for name, cls in [("sgd", SGDClient), ("ewc", EWCClient)]:
         model = _model()
         _method(cls, epochs=3).train(model, X[20:], Y[20:], _context(dict(state)))
-        moved[name] = float((torch.from_numpy(state["fisher"]) * (torch.from_numpy(flat_parameters(model))
-                                                                  - torch.from_numpy(state["anchor"])) ** 2).sum())
+        moved[name] = float(
+            (
+                torch.from_numpy(state["fisher"])
+                * (torch.from_numpy(flat_parameters(model)) - torch.from_numpy(state["anchor"])) ** 2
+            ).sum()
+        )
     assert moved["ewc"] < 0.2 * moved["sgd"], moved
 
 
 def test_lwf_takes_the_weights_held_at_the_boundary_as_teacher_and_distills_old_classes_only():
     model, lwf = _model(), _method(LwFClient, temperature=2.0, alpha=1.0)
     state: dict = {}
-    lwf.begin_task(model, _context(state, PreviousTask(0, np.arange(5)), True))  # labels 0..4
+    state = lwf.begin_task(model, _context(state, PreviousTask(0, np.arange(5)), True))  # labels 0..4
     assert np.array_equal(state["teacher"], flat_parameters(model))
     assert state["old_heads"].tolist() == [0, 0, 0, 0, 0]  # class-IL: one head over the old classes
     context = _context(state)
@@ -147,8 +150,8 @@ def test_lwf_in_task_incremental_streams_distills_each_old_head_on_its_own():
     model, lwf = _model(), _method(LwFClient)
     state: dict = {}
     masked_context = lambda **kw: TrainContext(**{**_context(state).__dict__, "class_mask": TASK_MASKS[1], **kw})  # noqa: E731
-    lwf.begin_task(model, masked_context(previous=PreviousTask(0, np.array([0, 1])), new_task=True))
-    lwf.begin_task(model, masked_context(previous=PreviousTask(1, np.array([2, 3])), new_task=True))
+    state = lwf.begin_task(model, masked_context(previous=PreviousTask(0, np.array([0, 1])), new_task=True))
+    state = lwf.begin_task(model, masked_context(previous=PreviousTask(1, np.array([2, 3])), new_task=True))
     assert state["old_heads"].tolist() == [0, 0, 1, 1]
     lwf.begin(model, masked_context())
     assert [h.tolist() for h in lwf.old_classes] == [[0, 1], [2, 3]]
@@ -157,7 +160,7 @@ def test_lwf_in_task_incremental_streams_distills_each_old_head_on_its_own():
 def test_lwf_keeps_its_old_classes_when_the_task_it_left_had_no_samples():
     model, lwf = _model(), _method(LwFClient)
     state: dict = {}
-    lwf.begin_task(model, _context(state, PreviousTask(0, np.zeros(0, np.int64)), True))
+    state = lwf.begin_task(model, _context(state, PreviousTask(0, np.zeros(0, np.int64)), True))
     assert state["old_heads"].tolist() == []
     lwf.begin(model, _context(state))
     assert lwf.old_classes is None  # nothing to distill: plain cross-entropy
@@ -179,3 +182,19 @@ def test_the_learning_rate_in_the_context_sets_the_step():
         moved[lr] = flat_parameters(model) - flat_parameters(_model())
     assert not moved[0.0].any()
     np.testing.assert_allclose(moved[0.2], 2 * moved[0.1], rtol=1e-4, atol=1e-7)
+
+
+def test_a_methods_new_state_is_returned_and_writing_into_the_contexts_state_is_refused():
+    replay, state = _method(ReplayClient, buffer_size=4), {"seen": 0}
+    context = _context(ReadOnlyState(state), PreviousTask(0, np.arange(3)), True)
+    result = replay.train(_model(), X[20:28], Y[20:28], context)
+    assert result.state["indices"].tolist() == [0, 1, 2] and result.state["seen"] == 3
+    assert state == {"seen": 0} and dict(context.state) == {"seen": 0}  # what came in is left as it was
+
+    class OldStyle(SGDClient):  # a method written the pre-0.2 way: it writes into context.state
+        def end(self, model, context):
+            context.state["rounds"] = 1
+            return {}
+
+    with pytest.raises(TypeError, match="read-only: return the new state from begin_task .* or new_state"):
+        _method(OldStyle).train(_model(), X[20:28], Y[20:28], _context(ReadOnlyState({})))

@@ -6,25 +6,34 @@ import numpy as np
 import pytest
 import torch
 
-from simulator.client_state import ClientStateError, ClientStates, check_state, state_bytes
+from simulator.client_state import ClientStateStore, state_bytes
+from simulator.protocol import ClientStateError, check_state
 
 
 def _state(client: int) -> dict:
-    return {"fisher": np.full(100, client, np.float32), "seen": client * 3, "decay": 0.1 * client,
-            "name": f"c{client}", "done": client % 2 == 0, "none": None}
+    return {
+        "fisher": np.full(100, client, np.float32),
+        "seen": client * 3,
+        "decay": 0.1 * client,
+        "name": f"c{client}",
+        "done": client % 2 == 0,
+        "none": None,
+    }
 
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         np.array_equal(a[k], b[k]) and np.asarray(a[k]).dtype == np.asarray(b[k]).dtype
-        if isinstance(a[k], np.ndarray) else (a[k] == b[k] and type(a[k]) is type(b[k])) for k in a
+        if isinstance(a[k], np.ndarray)
+        else (a[k] == b[k] and type(a[k]) is type(b[k]))
+        for k in a
     )
 
 
 def test_states_spill_past_the_budget_and_come_back_with_the_same_values_and_types(tmp_path):
     size = state_bytes(_state(0))
     assert size == 100 * 4 + 8 + 8 + 2 + 8 + 8
-    store = ClientStates(tmp_path, memory_budget=2 * size)
+    store = ClientStateStore(tmp_path, memory_budget=2 * size)
     for client in range(5):
         store.put(client, server_round=1, state=_state(client))
     assert store.memory_bytes == 2 * size and store.total_bytes == 5 * size
@@ -38,18 +47,18 @@ def test_states_spill_past_the_budget_and_come_back_with_the_same_values_and_typ
 
 
 def test_state_arrays_are_read_only_as_they_arrive_from_rays_object_store(tmp_path):
-    store = ClientStates(tmp_path, memory_budget=0)  # every state spills
+    store = ClientStateStore(tmp_path, memory_budget=0)  # every state spills
     store.put(3, 2, {"a": np.zeros(4)})
     with pytest.raises(ValueError, match="read-only"):
         store.get(3)["a"][0] = 1.0
-    in_memory = ClientStates(tmp_path / "m", memory_budget=10**6)
+    in_memory = ClientStateStore(tmp_path / "m", memory_budget=10**6)
     in_memory.put(3, 2, {"a": np.zeros(4)})
     with pytest.raises(ValueError, match="read-only"):
         in_memory.get(3)["a"][0] = 1.0
 
 
 def test_a_snapshot_writes_changed_states_once_and_restores_the_store_as_it_was(tmp_path):
-    store = ClientStates(tmp_path, memory_budget=10**6)
+    store = ClientStateStore(tmp_path, memory_budget=10**6)
     for client in range(3):
         store.put(client, 1, _state(client))
     snapshot = store.snapshot()  # as the checkpoint after round 1 keeps it: names, no states
@@ -59,7 +68,7 @@ def test_a_snapshot_writes_changed_states_once_and_restores_the_store_as_it_was(
     assert store.snapshot().files[0] == "client0_round2.npz"
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name in written} == written  # unchanged
 
-    resumed = ClientStates(tmp_path, memory_budget=10**6, snapshot=snapshot)
+    resumed = ClientStateStore(tmp_path, memory_budget=10**6, snapshot=snapshot)
     for client in range(3):  # ... resumes with round 1's states, whatever round 2 wrote
         assert _same(resumed.get(client), _state(client))
         assert resumed.last_round(client) == 1
@@ -69,7 +78,7 @@ def test_a_snapshot_writes_changed_states_once_and_restores_the_store_as_it_was(
 
 def test_the_store_keeps_a_copy_not_the_callers_array(tmp_path):
     live = np.zeros(3)  # e.g. a view of the worker's model, which the next client trains
-    store = ClientStates(tmp_path, memory_budget=10**6)
+    store = ClientStateStore(tmp_path, memory_budget=10**6)
     store.put(1, 1, {"bias": live})
     live += 1.0
     assert store.get(1)["bias"].tolist() == [0.0, 0.0, 0.0]

@@ -5,20 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_model as _model
+from helpers import train_context
 
-from clients import resolve_method
+from clients import METHODS
 from clients.base import TrainContext
+from clients.clipping import clip_update
 from clients.fedprox import FedProxClient
 from clients.models import build_model
 from clients.sgd import SGDClient
 from simulator.config import ClientConfig, ConfigError, ModelConfig
-from simulator.keys import PROXIMAL_MU
-from clients.clipping import clip_update
-
-
-def _model(seed: int = 0) -> torch.nn.Module:
-    return build_model((1, 8, 8), 10, ModelConfig(name="mlp", hidden=16, feature_dim=8),
-                       torch.Generator().manual_seed(seed))
+from simulator.protocol import PROXIMAL_MU
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,8 +24,8 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _context(config: dict | None = None, lr: float = 0.1) -> TrainContext:
-    return TrainContext(server_round=1, client_id=0, config=config or {},
-                        generator=torch.Generator().manual_seed(5), lr=lr)
+    """Round 1's context."""
+    return train_context(server_round=1, config=config, lr=lr)
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:
@@ -52,10 +49,11 @@ def test_fedprox_with_mu_zero_is_exactly_sgd_and_with_mu_stays_closer_to_the_glo
     x, y = _data()
     start = _flat(_model())
     trained = {}
-    for name, method, mu in [("sgd", SGDClient, 0.0), ("prox0", FedProxClient, 0.0),
-                             ("prox", FedProxClient, 5.0)]:
+    for name, method, mu in [("sgd", SGDClient, 0.0), ("prox0", FedProxClient, 0.0), ("prox", FedProxClient, 5.0)]:
         model = _model()
-        method(ClientConfig(lr=0.1, epochs=3, batch_size=8, settings=method.Settings())).train(model, x, y, _context({PROXIMAL_MU: mu}))
+        method(ClientConfig(lr=0.1, epochs=3, batch_size=8, settings=method.Settings())).train(
+            model, x, y, _context({PROXIMAL_MU: mu})
+        )
         trained[name] = _flat(model)
     assert torch.equal(trained["sgd"], trained["prox0"])
     assert (trained["prox"] - start).norm() < 0.8 * (trained["sgd"] - start).norm()
@@ -100,12 +98,12 @@ def test_models_split_into_encoder_and_head_and_init_is_seeded():
 
 
 def test_client_methods_resolve_by_short_name_or_dotted_path():
-    assert resolve_method("fedprox") is FedProxClient
-    assert resolve_method("clients.sgd.SGDClient") is SGDClient
-    with pytest.raises(ConfigError, match="expected a subclass"):
-        resolve_method("collections.OrderedDict")
-    with pytest.raises(ConfigError, match="cannot import"):
-        resolve_method("no_such_pkg.Method")
+    assert METHODS.resolve("fedprox") is FedProxClient
+    assert METHODS.resolve("clients.sgd.SGDClient") is SGDClient
+    with pytest.raises(ConfigError, match="expected a clients.ClientMethod subclass"):
+        METHODS.resolve("collections.OrderedDict")
+    with pytest.raises(ConfigError, match="no module named 'no_such_pkg'"):
+        METHODS.resolve("no_such_pkg.Method")
 
 
 @pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.0), (0.5, 1e-3)])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideAdaptiveClipping, FedAvg
-from flwr.supercore.task_identity import TaskIdentity
+from helpers import flower_task_identity, train_reply
 
 from clients.clipping import clip_if_asked
-from simulator.keys import CLIPPING_NORM, NUM_EXAMPLES
+from simulator.protocol import CLIPPING_NORM, NUM_EXAMPLES
 
 NORMS = [float(n) for n in range(1, 11)]  # each client's update has the same L2 norm every round
 
@@ -19,18 +19,20 @@ def _reply(node: int, update_norm: float, clipping_norm: float) -> Message:
     reference = [np.zeros(4, np.float32)]
     arrays = [np.array([update_norm, 0.0, 0.0, 0.0], np.float32)]
     metrics = clip_if_asked(arrays, reference, {CLIPPING_NORM: clipping_norm})
-    sent = Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
-    sent.metadata.__dict__["_message_id"] = f"m{node}"
-    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({NUM_EXAMPLES: 1, **metrics})})
-    return Message(content, reply_to=sent)
+    return train_reply(node, ArrayRecord(arrays), {NUM_EXAMPLES: 1, **metrics})
 
 
 @pytest.mark.parametrize(("target", "initial"), [(0.5, 0.1), (0.5, 100.0), (0.8, 1.0), (0.2, 30.0)])
 def test_the_clipping_norm_settles_where_the_unclipped_share_meets_its_target(target, initial):
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
+    flower_task_identity()
     strategy = DifferentialPrivacyClientSideAdaptiveClipping(
-        FedAvg(), noise_multiplier=0.0, num_sampled_clients=len(NORMS), initial_clipping_norm=initial,
-        target_clipped_quantile=target, clip_norm_lr=0.2, clipped_count_stddev=0.0,
+        FedAvg(),
+        noise_multiplier=0.0,
+        num_sampled_clients=len(NORMS),
+        initial_clipping_norm=initial,
+        target_clipped_quantile=target,
+        clip_norm_lr=0.2,
+        clipped_count_stddev=0.0,
     )
     for server_round in range(1, 201):
         replies = [_reply(node, norm, strategy.clipping_norm) for node, norm in enumerate(NORMS, start=2)]

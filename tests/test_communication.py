@@ -10,20 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.supercore.task_identity import TaskIdentity
+from helpers import compose_run, dataset_of, local_grid, numbers_of, read_metrics, run_experiment, stream_of
 
 from clients.models import build_model
-from conftest import compose_run, numbers_of, read_metrics, run_experiment
 from simulator import metrics
-from simulator.backends import LocalBackend
-from simulator.client_state import ClientStates
-from simulator.data import load_dataset
-from simulator.grid import MB, SimulationGrid
 from simulator.held_array import held_array_record
 from simulator.plot import read_accuracy_matrix
-from simulator.run_dir import scalar_leaves
-from simulator.streams import build_stream
-from simulator.worker import WorkerData
+from simulator.run_dir import MB, scalar_leaves
 from strategies.queries import ask_clients
 
 COHORT = 3
@@ -33,7 +26,7 @@ SMALL = ["engine.backend=local", "eval.probes=false", f"federation.clients_per_r
 def _model_arrays(overrides: list[str]) -> dict[str, np.ndarray]:
     """The configured model's arrays, by name (their sizes are what the messages carry)."""
     run = compose_run(overrides)
-    dataset = load_dataset(run.data, run.federation.num_clients, run.seed)
+    dataset = dataset_of(run)
     model = build_model(dataset.input_shape, 10, run.model, torch.Generator().manual_seed(0))
     return {name: tensor.numpy() for name, tensor in model.state_dict().items()}
 
@@ -75,10 +68,7 @@ def test_an_encoder_only_method_counts_only_the_arrays_it_shares(tmp_path):
 
 def test_a_query_counts_the_model_and_its_own_arrays_out_and_the_answers_back(tmp_path):
     run = compose_run(["engine.backend=local"])
-    stream = build_stream(run, load_dataset(run.data, run.federation.num_clients, run.seed))
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
-    grid = SimulationGrid(LocalBackend(run, WorkerData.of(stream)), stream, ClientStates(tmp_path, 0),
-                          client_test_size=50, run_id=1)
+    grid = local_grid(run, stream_of(run), tmp_path)
     model = _model_arrays(["engine.backend=local"])
     basis = np.ones((64, 2), dtype=np.float32)
     arrays = held_array_record(list(model), list(model.values()))
@@ -102,8 +92,16 @@ def test_totals_after_a_resume_between_evaluations_equal_the_uninterrupted_runs(
 
 
 def test_the_summary_recomputes_exactly_from_the_written_accuracy_matrix(tmp_path):
-    summary = run_experiment(tmp_path, ["scenario=digits_class_incremental", "engine.backend=local",
-                                        "eval.probes=false", "stream.rounds_per_task=1", "client.epochs=1"])
+    summary = run_experiment(
+        tmp_path,
+        [
+            "scenario=digits_class_incremental",
+            "engine.backend=local",
+            "eval.probes=false",
+            "stream.rounds_per_task=1",
+            "client.epochs=1",
+        ],
+    )
     R = read_accuracy_matrix(tmp_path)
     assert R.shape == (5, 5)
     recomputed = metrics.summarize(R, np.array(summary["initial_acc_per_task"]))
@@ -131,7 +129,5 @@ def test_tensorboard_holds_the_config_as_hparams_with_the_summary_as_their_metri
 
 
 def test_scalar_leaves_flattens_nested_keys_and_leaves_out_what_hparams_cannot_take():
-    config = {"seed": 0, "client": {"method": "sgd", "lr": 0.05, "ewc": {"on": True}},
-              "rounds": None, "tasks": [1]}
-    assert scalar_leaves(config) == {"seed": 0, "client.method": "sgd", "client.lr": 0.05,
-                                     "client.ewc.on": True}
+    config = {"seed": 0, "client": {"method": "sgd", "lr": 0.05, "ewc": {"on": True}}, "rounds": None, "tasks": [1]}
+    assert scalar_leaves(config) == {"seed": 0, "client.method": "sgd", "client.lr": 0.05, "client.ewc.on": True}

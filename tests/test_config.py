@@ -5,9 +5,9 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+from helpers import compose_run
 
-from conftest import compose_config, compose_run
-from simulator.config import ConfigError
+from simulator.config import ConfigError, compose_config
 
 USER_SCENARIO = """
 # @package _global_
@@ -37,7 +37,9 @@ def test_a_scenario_outside_the_repo_can_pick_a_strategy_and_set_its_arguments(u
 def test_the_command_line_wins_over_the_scenario_which_wins_over_the_strategy_file(user_scenarios):
     cfg = compose_config(["scenario=adam_digits", user_scenarios, "strategy.eta=0.5", "rounds=2"])
     assert cfg.strategy.eta == 0.5 and cfg.rounds == 2
-    assert compose_config(["scenario=adam_digits", user_scenarios, "strategy=fedavg"]).strategy._target_.endswith("FedAvg")
+    assert compose_config(["scenario=adam_digits", user_scenarios, "strategy=fedavg"]).strategy._target_.endswith(
+        "FedAvg"
+    )
 
 
 def test_synthetic_defaults_to_fedprox_and_its_clients_apply_the_term():

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from helpers import read_metrics, run_experiment
 
-from conftest import read_metrics, run_experiment
 from simulator import metrics
 
 
@@ -67,18 +67,28 @@ def test_tensorboard_has_every_task_and_the_summary(class_incremental_run):
     assert [e.step for e in events.Scalars("acc_task/4")][0] == 41
 
 
+@pytest.mark.slow
 def test_resuming_a_task_stream_across_a_boundary_matches_the_uninterrupted_run(tmp_path):
-    common = ["scenario=digits_async_tasks", "engine.backend=local", "stream.rounds_per_task=2",
-              "stream.min_rounds_per_task=1", "stream.max_rounds_per_task=3", "client.epochs=1"]
+    common = [
+        "scenario=digits_async_tasks",
+        "engine.backend=local",
+        "stream.rounds_per_task=2",
+        "stream.class_incremental.min_rounds_per_task=1",
+        "stream.class_incremental.max_rounds_per_task=3",
+        "client.epochs=1",
+    ]
     whole = run_experiment(tmp_path / "whole", common)
     run_experiment(tmp_path / "split", [*common, "rounds=5"])
     resumed = run_experiment(tmp_path / "split", [*common, "rounds=10"], resume=True)
-    assert {k: v for k, v in resumed.items() if k != "wall_time_s"} == \
-        {k: v for k, v in whole.items() if k != "wall_time_s"}
-    assert (tmp_path / "split" / "accuracy_matrix.csv").read_text() == \
-        (tmp_path / "whole" / "accuracy_matrix.csv").read_text()
+    assert {k: v for k, v in resumed.items() if k != "wall_time_s"} == {
+        k: v for k, v in whole.items() if k != "wall_time_s"
+    }
+    assert (tmp_path / "split" / "accuracy_matrix.csv").read_text() == (
+        tmp_path / "whole" / "accuracy_matrix.csv"
+    ).read_text()
 
 
+@pytest.mark.slow
 def test_task_incremental_masks_keep_old_tasks_accurate(class_incremental_run, tmp_path):
     run_experiment(tmp_path, ["scenario=digits_task_incremental", "engine.backend=local"])
     masked, single_head = read_matrix(tmp_path), read_matrix(class_incremental_run)

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import cifar_images, compose_run, idx_bytes, write_idx_files, write_pickle
 
-from conftest import compose_run
-from simulator.config import DATASET_NAMES, ConfigError, DataConfig, PartitionConfig, SyntheticConfig
+from simulator.config import ConfigError, DataConfig, PartitionConfig
 from simulator.data import DATASETS, Dataset, load_dataset, partition
+from simulator.data.synthetic import SyntheticSettings
 
 
 def load(dataset: str, path: Path | None = None, seed: int = 0, num_clients: int = 10, **fields):
-    cfg = DataConfig(dataset=dataset, path=None if path is None else str(path), **fields)
+    settings = fields.pop("settings", None) or DATASETS.resolve(dataset).Settings() if dataset in DATASETS else None
+    cfg = DataConfig(dataset=dataset, path=None if path is None else str(path), settings=settings, **fields)
     return load_dataset(cfg, num_clients, seed)
 
 
@@ -76,20 +75,17 @@ def test_unknown_dataset_lists_valid_names():
         load("imagenet")
     assert all(name in str(error.value) for name in DATASETS)
     names = ["digits", "mnist5k", "mnist", "cifar10", "cifar100", "npz", "synthetic"]
-    assert sorted(DATASETS) == sorted(names) == sorted(DATASET_NAMES)  # what the config check accepts
+    assert sorted(DATASETS) == sorted(names)
 
 
 def test_an_unknown_dataset_is_refused_with_the_config_checks_before_its_scale():
-    with pytest.raises(ConfigError, match=r"data.dataset = 'digitz': unknown dataset; valid: \['cifar10'"):
+    with pytest.raises(
+        ConfigError, match=r"data.dataset = 'digitz': unknown dataset; valid: cifar10, cifar100, digits"
+    ):
         compose_run(["data.dataset=digitz", "data.scale=2"])
 
 
 # ----- MNIST idx files -----
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    magic = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)  # two zero bytes, uint8, ndim
-    return magic + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
 
 
 def write_mnist(folder: Path, gz: bool) -> dict[str, np.ndarray]:
@@ -100,12 +96,7 @@ def write_mnist(folder: Path, gz: bool) -> dict[str, np.ndarray]:
         "t10k-images-idx3-ubyte": rng.integers(0, 256, (6, 5, 4), dtype=np.uint8),
         "t10k-labels-idx1-ubyte": rng.integers(0, 10, 6, dtype=np.uint8),
     }
-    for name, array in arrays.items():
-        data = idx_bytes(array)
-        if gz:
-            (folder / f"{name}.gz").write_bytes(gzip.compress(data))
-        else:
-            (folder / name).write_bytes(data)
+    write_idx_files(folder, arrays, gz)
     return arrays
 
 
@@ -164,15 +155,6 @@ def test_missing_file_in_folder_is_named(tmp_path):
 
 
 # ----- CIFAR pickles -----
-
-
-def write_pickle(file: Path, data: np.ndarray, labels: dict[bytes, list[int]]) -> None:
-    with file.open("wb") as handle:
-        pickle.dump({b"batch_label": b"x", b"data": data, **labels}, handle)
-
-
-def cifar_images(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
 
 
 def test_cifar10_round_trip_channel_first(tmp_path):
@@ -322,12 +304,12 @@ def test_npz_bad_contents(tmp_path, arrays, message):
 
 # ----- synthetic -----
 
-SMALL = SyntheticConfig(dim=12, num_classes=5, mean_samples=40)
+SMALL = SyntheticSettings(dim=12, num_classes=5, mean_samples=40)
 
 
 def synthetic(seed: int = 0, num_clients: int = 30, **fields) -> Dataset:
     cfg = dataclasses.replace(SMALL, **fields)
-    return load("synthetic", seed=seed, num_clients=num_clients, synthetic=cfg)
+    return load("synthetic", seed=seed, num_clients=num_clients, settings=cfg)
 
 
 def test_synthetic_shapes_groups_and_labels():

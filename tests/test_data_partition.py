@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from simulator.config import ConfigError, PartitionConfig
-from simulator.data import PARTITIONERS, sample_by_label, partition
+from simulator.data import PARTITIONERS, partition, sample_by_label
 
 NUM_SAMPLES, NUM_CLASSES, NUM_CLIENTS = 2000, 10, 20
 

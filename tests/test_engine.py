@@ -6,16 +6,11 @@ from pathlib import Path
 
 import pytest
 import ray
+from helpers import ROOT, TINY, USER_CODE, numbers_of, read_metrics, run_experiment, timeless_records
+from helpers import without_wall_time as _numbers
 
-from conftest import ROOT, TINY, numbers_of, read_metrics, run_experiment
 from simulator.backends import ClientFailure
 from simulator.config import ConfigError
-
-USER_CODE = ROOT / "tests" / "user_code"
-
-
-def _numbers(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k != "wall_time_s"}
 
 
 def _curve(run_dir: Path) -> list[tuple]:
@@ -67,11 +62,11 @@ def test_a_run_may_resume_on_another_backend_with_the_same_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
-def test_a_failing_client_fails_the_run_with_its_id_and_traceback(tmp_path, monkeypatch, backend):
-    monkeypatch.syspath_prepend(str(USER_CODE))
-    monkeypatch.setenv("PYTHONPATH", f"{USER_CODE}:{ROOT}")  # Ray workers import it too
+def test_a_failing_client_fails_the_run_with_its_id_and_traceback(tmp_path, user_code, backend):
     overrides = [
-        "rounds=2", f"engine.backend={backend}", "federation.clients_per_round=20",
+        "rounds=2",
+        f"engine.backend={backend}",
+        "federation.clients_per_round=20",
         "client.method=failing_client.FailsOnClientThree",
     ]
     with pytest.raises(ClientFailure) as failure:
@@ -92,6 +87,7 @@ STRATEGIES = sorted(p.stem for p in (ROOT / "scenarios" / "strategy").glob("*.ya
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.slow
 def test_every_shipped_strategy_trains_the_global_model_through_our_grid(tmp_path, name):
     # IID data: this checks the aggregation path, not robustness to skew. The best round,
     # not the last: adaptive server optimizers (FedAdagrad at eta=0.1) oscillate.
@@ -103,10 +99,24 @@ def test_every_shipped_strategy_trains_the_global_model_through_our_grid(tmp_pat
 
 def test_all_flower_strategies_and_ours_have_a_short_name():
     expected = {
-        "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "qfedavg",
-        "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
-        "dp_fixed_server", "dp_fixed_client", "dp_adaptive_server", "dp_adaptive_client",
-        "fot", "ccvr",  # FedStream's server-side continual methods (strategies/)
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedavgm",
+        "qfedavg",
+        "fedmedian",
+        "fedtrimmedavg",
+        "krum",
+        "multikrum",
+        "bulyan",
+        "dp_fixed_server",
+        "dp_fixed_client",
+        "dp_adaptive_server",
+        "dp_adaptive_client",
+        "fot",
+        "ccvr",  # FedStream's server-side continual methods (strategies/)
     }
     assert set(STRATEGIES) == expected
 
@@ -137,7 +147,7 @@ def test_strategy_minimums_above_the_clients_present_are_rejected_not_waited_for
 
 
 def test_resuming_with_rounds_that_change_the_streams_tasks_is_refused(tmp_path):
-    common = ["scenario=digits_label_shift", "engine.backend=local", "stream.period=2", "client.epochs=1"]
+    common = ["scenario=digits_label_shift", "engine.backend=local", "stream.label_shift.period=2", "client.epochs=1"]
     run_experiment(tmp_path, [*common, "rounds=3"])
     with pytest.raises(ConfigError, match="from 2 to 3 tasks"):
         run_experiment(tmp_path, [*common, "rounds=6"], resume=True)
@@ -146,15 +156,23 @@ def test_resuming_with_rounds_that_change_the_streams_tasks_is_refused(tmp_path)
 @pytest.mark.ray
 def test_a_continual_stream_gives_the_same_numbers_in_process_and_on_3_actors(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr("simulator.backends.os.cpu_count", lambda: 2)  # as here; CI machines may have more
-    common = ["scenario=digits_joining_clients", "stream.task_incremental=true", "strategy=fedadam",
-              "eval.federated=true", "eval.every=3", "stream.rounds_per_task=2", "client.epochs=1"]
+    common = [
+        "scenario=digits_joining_clients",
+        "stream.class_incremental.task_incremental=true",
+        "strategy=fedadam",
+        "eval.federated=true",
+        "eval.every=3",
+        "stream.rounds_per_task=2",
+        "client.epochs=1",
+    ]
     run_experiment(tmp_path / "local", [*common, "engine.backend=local"])
     run_experiment(tmp_path / "ray", [*common, "engine.backend=ray", "engine.num_actors=3"])
-    strip = lambda records: [{k: v for k, v in r.items() if k != "wall_s"} for r in records]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "local")) == strip(read_metrics(tmp_path / "ray"))
+    assert timeless_records(tmp_path / "local") == timeless_records(tmp_path / "ray")
     oversubscribed = [r.getMessage() for r in caplog.records if "needs 3 CPUs" in r.getMessage()]
-    assert oversubscribed == ["engine.num_actors = 3 x engine.num_cpus_per_actor = 1 needs 3 CPUs and this machine "
-                              "has 2: the actors share them, each training slower; engine.num_actors = 2 would not"]
+    assert oversubscribed == [
+        "engine.num_actors = 3 x engine.num_cpus_per_actor = 1 needs 3 CPUs and this machine "
+        "has 2: the actors share them, each training slower; engine.num_actors = 2 would not"
+    ]
 
 
 def test_a_strategy_returning_other_keys_is_named_in_its_round_with_the_keys_expected(tmp_path, monkeypatch):
@@ -162,9 +180,13 @@ def test_a_strategy_returning_other_keys_is_named_in_its_round_with_the_keys_exp
     with pytest.raises(ClientFailure) as failure:
         run_experiment(tmp_path, [*TINY, "strategy._target_=record_strategies.RenamesAKey"])
     message = str(failure.value)
-    assert message.startswith("round 1: RenamesAKey.aggregate_train returned an ArrayRecord that is not the "
-                              "model's global weights (missing ['encoder.1.weight']; not the model's ['renamed'])")
-    assert message.endswith("given: encoder.1.weight, encoder.1.bias, encoder.3.weight, encoder.3.bias, head.weight, head.bias")
+    assert message.startswith(
+        "round 1: RenamesAKey.aggregate_train returned an ArrayRecord that is not the "
+        "model's global weights (missing ['encoder.1.weight']; not the model's ['renamed'])"
+    )
+    assert message.endswith(
+        "given: encoder.1.weight, encoder.1.bias, encoder.3.weight, encoder.3.bias, head.weight, head.bias"
+    )
 
 
 def test_a_strategy_returning_the_keys_in_another_order_gives_fedavgs_numbers(tmp_path, monkeypatch):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -12,44 +10,67 @@ import numpy as np
 import psutil
 import pytest
 import ray
+from helpers import (
+    ROOT,
+    TINY,
+    USER_PYTHONPATH,
+    compose_run,
+    read_metrics,
+    run_command_line,
+    run_experiment,
+    timeless_records,
+)
 
-from conftest import ROOT, TINY, compose_run, read_metrics, run_experiment
 from simulator.backends import ClientFailure
 from simulator.config import ConfigError
 
-USER_CODE = ROOT / "tests" / "user_code"
 EVERY_CLIENT = ["federation.clients_per_round=20", "strategy.min_available_nodes=20"]
 
 
-@pytest.fixture
-def user_code(monkeypatch):
-    monkeypatch.syspath_prepend(str(USER_CODE))
-    monkeypatch.setenv("PYTHONPATH", f"{USER_CODE}:{ROOT}")  # Ray workers import it too
-
-
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["strategy.fraction_train=2.0"], r"strategy\.fraction_train = 2\.0: must be in \(0, 1\]; Flower would wait"),
-    (["strategy.fraction_evaluate=2.0", "eval.federated=true"], r"strategy\.fraction_evaluate = 2\.0: must be in \[0, 1\]"),
-    (["strategy.fraction_train=0", "strategy.min_train_nodes=0"], r"strategy\.fraction_train = 0: must be in \(0, 1\]"),
-    (["strategy.fraction_train=0.01", "strategy.min_train_nodes=0"], r"fraction_train = 0\.01 with strategy\.min_train_nodes = 0 samples no client"),
-    (["strategy.min_train_nodes=21"], r"strategy\.min_train_nodes = 21: only 20 clients are present"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["strategy.fraction_train=2.0"], r"strategy\.fraction_train = 2\.0: must be in \(0, 1\]; Flower would wait"),
+        (
+            ["strategy.fraction_evaluate=2.0", "eval.federated=true"],
+            r"strategy\.fraction_evaluate = 2\.0: must be in \[0, 1\]",
+        ),
+        (
+            ["strategy.fraction_train=0", "strategy.min_train_nodes=0"],
+            r"strategy\.fraction_train = 0: must be in \(0, 1\]",
+        ),
+        (
+            ["strategy.fraction_train=0.01", "strategy.min_train_nodes=0"],
+            r"fraction_train = 0\.01 with strategy\.min_train_nodes = 0 samples no client",
+        ),
+        (["strategy.min_train_nodes=21"], r"strategy\.min_train_nodes = 21: only 20 clients are present"),
+    ],
+)
 def test_sampling_flower_would_wait_on_forever_or_that_trains_nobody_is_rejected(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         run_experiment(tmp_path, [*TINY, *overrides])
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize(("backend", "method"), [
-    ("local", "BlocksOnClientThree"),
-    ("local", "SwallowsErrorsAndBlocksOnClientThree"),
-    pytest.param("ray", "BlocksOnClientThree", marks=pytest.mark.ray),
-])
+@pytest.mark.parametrize(
+    ("backend", "method"),
+    [
+        ("local", "BlocksOnClientThree"),
+        ("local", "SwallowsErrorsAndBlocksOnClientThree"),
+        pytest.param("ray", "BlocksOnClientThree", marks=pytest.mark.ray),
+    ],
+)
+@pytest.mark.slow
 def test_a_blocking_client_fails_the_run_within_its_timeout_naming_client_and_round(
     tmp_path, user_code, backend, method
 ):
-    overrides = ["rounds=3", f"engine.backend={backend}", *EVERY_CLIENT, "engine.client_timeout_s=2",
-                 f"client.method=faulty_clients.{method}"]
+    overrides = [
+        "rounds=3",
+        f"engine.backend={backend}",
+        *EVERY_CLIENT,
+        "engine.client_timeout_s=2",
+        f"client.method=faulty_clients.{method}",
+    ]
     started = time.monotonic()
     with pytest.raises(ClientFailure, match=r"client 3 ran longer than engine.client_timeout_s = 2\.0 s in round 2"):
         run_experiment(tmp_path, overrides)
@@ -60,17 +81,22 @@ def test_a_blocking_client_fails_the_run_within_its_timeout_naming_client_and_ro
 
 @pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
 def test_a_client_that_exits_fails_the_run_instead_of_ending_it_as_a_success(tmp_path, user_code, backend):
-    overrides = ["rounds=2", f"engine.backend={backend}", *EVERY_CLIENT,
-                 "client.method=faulty_clients.ExitsOnClientThree"]
+    overrides = [
+        "rounds=2",
+        f"engine.backend={backend}",
+        *EVERY_CLIENT,
+        "client.method=faulty_clients.ExitsOnClientThree",
+    ]
     with pytest.raises(ClientFailure, match=r"client 3 failed in round 1"):
         run_experiment(tmp_path, overrides)
 
 
+@pytest.mark.slow
 def test_a_client_exit_gives_a_nonzero_exit_code_from_the_command_line(tmp_path):
-    command = [sys.executable, "run.py", f"hydra.run.dir={tmp_path}", *TINY, *EVERY_CLIENT,
-               "client.method=faulty_clients.ExitsOnClientThree"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": f"{USER_CODE}:{ROOT}"})
+    done = run_command_line(
+        [f"hydra.run.dir={tmp_path}", *TINY, *EVERY_CLIENT, "client.method=faulty_clients.ExitsOnClientThree"],
+        pythonpath=USER_PYTHONPATH,
+    )
     assert done.returncode == 1 and "error: client 3 failed in round 1" in done.stderr
     assert not (tmp_path / "summary.json").exists()
 
@@ -82,8 +108,7 @@ def test_a_nan_client_stops_the_run_naming_round_and_client(tmp_path, user_code)
 
 
 def test_with_on_nonfinite_drop_a_nan_client_is_left_out_and_counted(tmp_path, user_code):
-    overrides = [*TINY, *EVERY_CLIENT, "client.method=faulty_clients.NaNOnClientThree",
-                 "engine.on_nonfinite=drop"]
+    overrides = [*TINY, *EVERY_CLIENT, "client.method=faulty_clients.NaNOnClientThree", "engine.on_nonfinite=drop"]
     summary = run_experiment(tmp_path, overrides)
     assert [r["nonfinite_dropped"] for r in read_metrics(tmp_path)] == [0, 1, 2]
     assert summary["final_accuracy"] > 0.5  # the global model stayed numbers and learned
@@ -98,16 +123,22 @@ def test_a_round_where_every_reply_is_dropped_fails_instead_of_carrying_on(tmp_p
         run_experiment(tmp_path, [*TINY, "client.lr=1e6", "engine.on_nonfinite=drop"])
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["client.lr=inf"], r"client\.lr = inf: expected a finite number"),
-    (["stream.max_angle=nan"], r"stream\.max_angle = nan: expected a finite number"),
-    (["+foo=1"], r"foo: unknown key; valid keys: data, stream"),
-    (["+round=20"], r"round: unknown key"),
-    (["strategy=fedadam", "strategy.eta=nan"], r"strategy\.eta = nan: expected a finite number"),
-    (["strategy=fedprox", "strategy.proximal_mu=inf"], r"strategy\.proximal_mu = inf: expected a finite number"),
-    (["engine.client_timeout_s=0"], r"engine\.client_timeout_s = 0\.0: must be > 0"),
-    (["engine.on_nonfinite=ignore"], r"engine\.on_nonfinite = 'ignore': expected 'fail' or 'drop'"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["client.lr=inf"], r"client\.lr = inf: expected a finite number"),
+        (
+            ["stream.kind=rotated", "stream.rotated.max_angle=nan"],
+            r"stream\.rotated\.max_angle = nan: expected a finite number",
+        ),
+        (["+foo=1"], r"foo: unknown key; valid keys: data, stream"),
+        (["+round=20"], r"round: unknown key"),
+        (["strategy=fedadam", "strategy.eta=nan"], r"strategy\.eta = nan: expected a finite number"),
+        (["strategy=fedprox", "strategy.proximal_mu=inf"], r"strategy\.proximal_mu = inf: expected a finite number"),
+        (["engine.client_timeout_s=0"], r"engine\.client_timeout_s = 0\.0: must be > 0"),
+        (["engine.on_nonfinite=ignore"], r"engine\.on_nonfinite = 'ignore': expected 'fail' or 'drop'"),
+    ],
+)
 def test_non_finite_values_and_unknown_keys_are_rejected_with_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_run(overrides)
@@ -118,9 +149,17 @@ def test_an_npz_with_nan_inputs_is_rejected_before_training(tmp_path):
     x[7, 2] = np.nan
     np.savez(tmp_path / "bad.npz", x=x, y=np.arange(50) % 2)
     with pytest.raises(ConfigError, match=r"data.path = '.*bad.npz': 1 samples of x_train hold NaN"):
-        run_experiment(tmp_path / "run", ["scenario=npz", f"data.path={tmp_path / 'bad.npz'}",
-                                          "engine.backend=local", "rounds=1", "federation.num_clients=4",
-                                          "federation.clients_per_round=2"])
+        run_experiment(
+            tmp_path / "run",
+            [
+                "scenario=npz",
+                f"data.path={tmp_path / 'bad.npz'}",
+                "engine.backend=local",
+                "rounds=1",
+                "federation.num_clients=4",
+                "federation.clients_per_round=2",
+            ],
+        )
 
 
 def _actor_processes(pid: int) -> list[psutil.Process]:
@@ -139,8 +178,14 @@ def _actor_processes(pid: int) -> list[psutil.Process]:
 def test_a_killed_actor_is_restarted_and_the_run_ends_with_the_uninterrupted_numbers(tmp_path):
     common = ["rounds=12", "seed=4"]
     run_experiment(tmp_path / "whole", [*common, "engine.backend=local"])
-    command = [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'killed'}", *common,
-               "engine.backend=ray", "engine.num_actors=2"]
+    command = [
+        sys.executable,
+        "run.py",
+        f"hydra.run.dir={tmp_path / 'killed'}",
+        *common,
+        "engine.backend=ray",
+        "engine.num_actors=2",
+    ]
     run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics, deadline = tmp_path / "killed" / "metrics.jsonl", time.monotonic() + 120
     actors: list[psutil.Process] = []
@@ -152,14 +197,18 @@ def test_a_killed_actor_is_restarted_and_the_run_ends_with_the_uninterrupted_num
     killed_after = len(metrics.read_text().splitlines())
     assert run.wait(timeout=300) == 0, run.stderr.read()[-3000:]
     assert killed_after < 12
-    strip = lambda records: [{k: v for k, v in r.items() if k != "wall_s"} for r in records]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "killed")) == strip(read_metrics(tmp_path / "whole"))
+    assert timeless_records(tmp_path / "killed") == timeless_records(tmp_path / "whole")
 
 
 @pytest.mark.ray
 def test_an_actor_that_keeps_dying_fails_the_run_naming_its_clients_after_the_restarts(tmp_path, user_code):
-    overrides = ["rounds=2", "engine.backend=ray", *EVERY_CLIENT, "engine.max_actor_restarts=1",
-                 "client.method=faulty_clients.KillsItsProcessOnClientThree"]
+    overrides = [
+        "rounds=2",
+        "engine.backend=ray",
+        *EVERY_CLIENT,
+        "engine.max_actor_restarts=1",
+        "client.method=faulty_clients.KillsItsProcessOnClientThree",
+    ]
     with pytest.raises(ClientFailure, match=r"the actor running clients \[[\d, ]*\b3\b[\d, ]*\] failed"):
         run_experiment(tmp_path, overrides)
     assert not ray.is_initialized()
@@ -174,5 +223,4 @@ def test_an_actor_that_dies_mid_call_reruns_its_share_with_the_same_numbers(tmp_
     (tmp_path / "died").unlink()
     run_experiment(tmp_path / "rerun", [*common, "engine.backend=ray", "engine.num_actors=2"])
     assert (tmp_path / "died").exists()  # it did die once, mid-call
-    strip = lambda records: [{k: v for k, v in r.items() if k != "wall_s"} for r in records]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "rerun")) == strip(read_metrics(tmp_path / "whole"))
+    assert timeless_records(tmp_path / "rerun") == timeless_records(tmp_path / "whole")

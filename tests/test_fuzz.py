@@ -21,9 +21,9 @@ import numpy as np
 import psutil
 import pytest
 import ray
+from helpers import ROOT
 
 import run as cli
-from conftest import ROOT
 
 LIMIT_S = 60  # a case that runs longer hangs (most take well under a second)
 
@@ -49,7 +49,9 @@ CASES: dict[str, Case] = {
     # Composition: Hydra's own errors, before our code sees a config.
     "unknown scenario": Case(["scenario=nope"], ["scenario=nope", "digits", "permuted_digits"]),
     "unknown strategy": Case(["strategy=fedsgd"], ["strategy=fedsgd", "fedavg", "krum"]),
-    "unknown federation key": Case(["federation.clients_per_rnd=5"], ["federation.clients_per_rnd", "clients_per_round"]),
+    "unknown federation key": Case(
+        ["federation.clients_per_rnd=5"], ["federation.clients_per_rnd", "clients_per_round"]
+    ),
     "unknown partition key": Case(["data.partition.alph=1"], ["data.partition.alph", "alpha"]),
     "unknown synthetic key": Case(["data.synthetic.dimm=3"], ["data.synthetic.dimm", "dim"]),
     "unknown data key": Case(["data.pth=x"], ["data.pth", "path"]),
@@ -75,8 +77,9 @@ CASES: dict[str, Case] = {
     "scenario misspells round and seeds": user("misspelt", "round: unknown key"),
     "scenario section is a number": user("section_number", "user/scenario/section_number.yaml", "federation = 5"),
     "scenario names a missing strategy": user("missing_strategy", "strategy/fedsgd"),
-    "unknown scenario in searchpath": Case(["scenario=nope", "hydra.searchpath=[file://{files}/user]"],
-                                           ["scenario=nope", "unclosed"]),
+    "unknown scenario in searchpath": Case(
+        ["scenario=nope", "hydra.searchpath=[file://{files}/user]"], ["scenario=nope", "unclosed"]
+    ),
     # Wrong types.
     "rounds a word": Case(["rounds=abc"], ["rounds = 'abc'", "expected int"]),
     "seed a fraction": Case(["seed=1.5"], ["seed = 1.5", "expected int"]),
@@ -85,8 +88,14 @@ CASES: dict[str, Case] = {
     "epochs a fraction": Case(["client.epochs=1.5"], ["client.epochs = 1.5", "expected int"]),
     "num_clients a word": Case(["federation.num_clients=abc"], ["federation.num_clients", "expected int"]),
     "federated maybe": Case(["eval.federated=maybe"], ["eval.federated = 'maybe'", "expected bool"]),
-    "tasks a number": Case(["stream.kind=class_incremental", "stream.tasks=5"], ["stream.tasks = 5", "expected a list"]),
-    "tasks of words": Case(["stream.kind=class_incremental", "stream.tasks=[[a]]"], ["stream.tasks[0][0]", "expected int"]),
+    "tasks a number": Case(
+        ["stream.kind=class_incremental", "stream.class_incremental.tasks=5"],
+        ["stream.class_incremental.tasks = 5", "expected a list"],
+    ),
+    "tasks of words": Case(
+        ["stream.kind=class_incremental", "stream.class_incremental.tasks=[[a]]"],
+        ["stream.class_incremental.tasks[0][0]", "expected int"],
+    ),
     "section replaced by a number": Case(["federation=5"], ["federation"]),
     "backend a bool": Case(["engine.backend=true"], ["engine.backend = True", "expected str"]),
     "ray_address a list": Case(["engine.ray_address=[1]"], ["engine.ray_address", "expected str or null"]),
@@ -110,15 +119,26 @@ CASES: dict[str, Case] = {
     "dirichlet alpha zero": Case(["data.partition.alpha=0"], ["data.partition.alpha = 0.0"]),
     "min size negative": Case(["data.partition.min_size=-1"], ["data.partition.min_size = -1"]),
     "more classes per client than classes": Case(
-        ["data.partition.kind=classes", "data.partition.classes_per_client=11"], ["data.partition.classes_per_client"]),
+        ["data.partition.kind=classes", "data.partition.classes_per_client=11"], ["data.partition.classes_per_client"]
+    ),
     "shards zero": Case(["data.partition.shards_per_client=0"], ["data.partition.shards_per_client = 0"]),
-    "synthetic one class": Case(["scenario=synthetic", "data.synthetic.num_classes=1"], ["data.synthetic.num_classes = 1"]),
+    "synthetic one class": Case(
+        ["scenario=synthetic", "data.synthetic.num_classes=1"], ["data.synthetic.num_classes = 1"]
+    ),
     "rounds per task zero": Case(["stream.rounds_per_task=0"], ["stream.rounds_per_task = 0"]),
-    "no tasks": Case(["stream.num_tasks=0"], ["stream.num_tasks = 0"]),
-    "nobody at the start": Case(["stream.initial_clients=0"], ["stream.initial_clients = 0.0"]),
-    "everyone stays behind": Case(["stream.keep_old=1"], ["stream.keep_old = 1.0"]),
-    "label prior alpha zero": Case(["stream.alpha=0"], ["stream.alpha = 0.0"]),
-    "period zero": Case(["stream.period=0"], ["stream.period = 0"]),
+    "no tasks": Case(["stream.kind=permuted", "stream.permuted.num_tasks=0"], ["stream.permuted.num_tasks = 0"]),
+    "nobody at the start": Case(
+        ["stream.kind=class_incremental", "stream.class_incremental.initial_clients=0"],
+        ["stream.class_incremental.initial_clients = 0.0"],
+    ),
+    "everyone stays behind": Case(
+        ["stream.kind=class_incremental", "stream.class_incremental.keep_old=1"],
+        ["stream.class_incremental.keep_old = 1.0"],
+    ),
+    "label prior alpha zero": Case(
+        ["stream.kind=label_shift", "stream.label_shift.alpha=0"], ["stream.label_shift.alpha = 0.0"]
+    ),
+    "period zero": Case(["stream.kind=label_shift", "stream.label_shift.period=0"], ["stream.label_shift.period = 0"]),
     "hidden zero": Case(["model.hidden=0"], ["model.hidden = 0"]),
     "feature dim negative": Case(["model.feature_dim=-1"], ["model.feature_dim = -1"]),
     "no actors": Case(["engine.num_actors=0"], ["engine.num_actors = 0"]),
@@ -133,7 +153,15 @@ CASES: dict[str, Case] = {
     # Non-finite numbers.
     "lr inf": Case(["client.lr=inf"], ["client.lr = inf", "finite"]),
     "lr nan": Case(["client.lr=nan"], ["client.lr = nan", "finite"]),
-    "max angle nan": Case(["stream.max_angle=nan"], ["stream.max_angle = nan", "finite"]),
+    "max angle nan": Case(
+        ["stream.kind=rotated", "stream.rotated.max_angle=nan"], ["stream.rotated.max_angle = nan", "finite"]
+    ),
+    "settings of another stream kind": Case(
+        ["stream.kind=permuted", "stream.rotated.max_angle=45"], ["stream.rotated", "another stream", "stream.permuted"]
+    ),
+    "stream setting misspelt": Case(
+        ["stream.kind=permuted", "stream.permuted.num_task=3"], ["stream.permuted.num_task", "unknown key", "num_tasks"]
+    ),
     "alpha nan": Case(["data.partition.alpha=nan"], ["data.partition.alpha = nan"]),
     "test fraction -inf": Case(["data.test_fraction=-inf"], ["data.test_fraction = -inf"]),
     "timeout inf": Case(["engine.client_timeout_s=inf"], ["engine.client_timeout_s = inf"]),
@@ -141,33 +169,62 @@ CASES: dict[str, Case] = {
     "unknown dataset": Case(["data.dataset=imagenet"], ["data.dataset = 'imagenet'", "digits"]),
     "unknown partition": Case(["data.partition.kind=zipf"], ["data.partition.kind", "dirichlet"]),
     "unknown stream kind": Case(["stream.kind=spiral"], ["stream.kind", "static"]),
-    "unknown label shift mode": Case(["stream.kind=label_shift", "stream.mode=sideways"], ["stream.mode", "abrupt"]),
+    "unknown label shift mode": Case(
+        ["stream.kind=label_shift", "stream.label_shift.mode=sideways"], ["stream.label_shift.mode", "abrupt"]
+    ),
     "unknown model": Case(["model.name=resnet"], ["model.name", "mlp", "cnn"]),
     "unknown method": Case(["client.method=adam"], ["client.method", "sgd", "fedprox"]),
     "method module missing": Case(["client.method=no_such_module.Method"], ["client.method", "no_such_module"]),
     "unknown backend": Case(["engine.backend=gpu"], ["engine.backend = 'gpu'", "'local'"]),
-    "strategy class missing": Case(["strategy._target_=no_such_module.Strategy"], ["strategy._target_", "no_such_module"]),
+    "strategy class missing": Case(
+        ["strategy._target_=no_such_module.Strategy"], ["strategy._target_", "no_such_module"]
+    ),
     "strategy not a strategy": Case(["strategy._target_=collections.OrderedDict"], ["strategy._target_", "Strategy"]),
-    "class of an unknown task": Case(["stream.kind=class_incremental", "stream.tasks=[[0,1],[1,99]]"], ["stream.tasks", "99"]),
+    "class of an unknown task": Case(
+        ["stream.kind=class_incremental", "stream.class_incremental.tasks=[[0,1],[1,99]]"],
+        ["stream.class_incremental.tasks", "99"],
+    ),
     # Client method settings.
-    "method section misspelt": Case(["client.method=replay", "+client.replya.buffer_size=10"], ["client.replya", "client.replay"]),
-    "method setting misspelt": Case(["client.method=replay", "+client.replay.bufer_size=10"], ["client.replay.bufer_size", "buffer_size"]),
-    "method setting impossible": Case(["client.method=ewc", "client.ewc.gamma=2"], ["client.ewc.gamma = 2.0", "[0, 1]"]),
-    "method setting wrong type": Case(["client.method=lwf", "client.lwf.temperature=hot"], ["client.lwf.temperature", "expected float"]),
-    "method setting non-finite": Case(["client.method=fedprox", "client.fedprox.proximal_mu=nan"], ["client.fedprox.proximal_mu = nan"]),
+    "method section misspelt": Case(
+        ["client.method=replay", "+client.replya.buffer_size=10"], ["client.replya", "client.replay"]
+    ),
+    "method setting misspelt": Case(
+        ["client.method=replay", "+client.replay.bufer_size=10"], ["client.replay.bufer_size", "buffer_size"]
+    ),
+    "method setting impossible": Case(
+        ["client.method=ewc", "client.ewc.gamma=2"], ["client.ewc.gamma = 2.0", "[0, 1]"]
+    ),
+    "method setting wrong type": Case(
+        ["client.method=lwf", "client.lwf.temperature=hot"], ["client.lwf.temperature", "expected float"]
+    ),
+    "method setting non-finite": Case(
+        ["client.method=fedprox", "client.fedprox.proximal_mu=nan"], ["client.fedprox.proximal_mu = nan"]
+    ),
     # Sampling that waits forever or trains nobody.
     "fraction train two": Case(["strategy.fraction_train=2.0"], ["strategy.fraction_train = 2.0", "wait forever"]),
-    "fraction evaluate two": Case(["strategy.fraction_evaluate=2.0", "eval.federated=true"], ["strategy.fraction_evaluate = 2.0"]),
-    "fraction and minimum zero": Case(["strategy.fraction_train=0", "strategy.min_train_nodes=0"], ["strategy.fraction_train = 0"]),
-    "samples no client": Case(["strategy.fraction_train=0.01", "strategy.min_train_nodes=0"], ["strategy.min_train_nodes = 0", "no client"]),
+    "fraction evaluate two": Case(
+        ["strategy.fraction_evaluate=2.0", "eval.federated=true"], ["strategy.fraction_evaluate = 2.0"]
+    ),
+    "fraction and minimum zero": Case(
+        ["strategy.fraction_train=0", "strategy.min_train_nodes=0"], ["strategy.fraction_train = 0"]
+    ),
+    "samples no client": Case(
+        ["strategy.fraction_train=0.01", "strategy.min_train_nodes=0"], ["strategy.min_train_nodes = 0", "no client"]
+    ),
     "minimum above clients": Case(["strategy.min_train_nodes=21"], ["strategy.min_train_nodes = 21", "wait forever"]),
     "available above clients": Case(["strategy.min_available_nodes=50"], ["strategy.min_available_nodes = 50"]),
     "fraction train nan": Case(["strategy.fraction_train=nan"], ["strategy.fraction_train = nan"]),
     # Where Ray would run: checks that need no Ray cluster.
-    "ray address refused": Case(["engine.ray_address=127.0.0.1:1"], ["engine.ray_address = '127.0.0.1:1'", "cannot reach"]),
+    "ray address refused": Case(
+        ["engine.ray_address=127.0.0.1:1"], ["engine.ray_address = '127.0.0.1:1'", "cannot reach"]
+    ),
     "ray address no port": Case(["engine.ray_address=somewhere"], ["engine.ray_address = 'somewhere'", "host:port"]),
-    "ray address unknown host": Case(["engine.ray_address=no-such-host.invalid:6379"], ["engine.ray_address", "no-such-host.invalid"]),
-    "more gpus than the machine": Case(["engine.num_gpus_per_actor=64"], ["engine.num_gpus_per_actor = 64", "128 GPUs"]),
+    "ray address unknown host": Case(
+        ["engine.ray_address=no-such-host.invalid:6379"], ["engine.ray_address", "no-such-host.invalid"]
+    ),
+    "more gpus than the machine": Case(
+        ["engine.num_gpus_per_actor=64"], ["engine.num_gpus_per_actor = 64", "128 GPUs"]
+    ),
     # Data files.
     "npz missing": npz("no_such.npz", "does not exist"),
     "npz a folder": npz("user", "not a .npz"),
@@ -188,9 +245,15 @@ CASES: dict[str, Case] = {
     "npz one class": npz("one_class.npz", "2 classes"),
     "npz without path": Case(["scenario=npz"], ["data.path = None"]),
     "mnist folder missing": Case(["data.dataset=mnist", "data.path=/no/such/folder"], ["data.path", "/no/such/folder"]),
-    "mnist folder empty": Case(["data.dataset=mnist", "data.path={files}/empty_dir"], ["data.path", "empty_dir", "train-images"]),
-    "mnist bad magic": Case(["data.dataset=mnist", "data.path={files}/bad_mnist"], ["train-images-idx3-ubyte", "magic"]),
-    "mnist bad gzip": Case(["data.dataset=mnist", "data.path={files}/bad_gzip"], ["train-images-idx3-ubyte.gz", "gzip"]),
+    "mnist folder empty": Case(
+        ["data.dataset=mnist", "data.path={files}/empty_dir"], ["data.path", "empty_dir", "train-images"]
+    ),
+    "mnist bad magic": Case(
+        ["data.dataset=mnist", "data.path={files}/bad_mnist"], ["train-images-idx3-ubyte", "magic"]
+    ),
+    "mnist bad gzip": Case(
+        ["data.dataset=mnist", "data.path={files}/bad_gzip"], ["train-images-idx3-ubyte.gz", "gzip"]
+    ),
     "cifar garbage batch": Case(["data.dataset=cifar10", "data.path={files}/bad_cifar"], ["data_batch_1", "CIFAR"]),
     # Resuming.
     "resume without checkpoint": Case(["resume=true", "hydra.run.dir={files}/empty_dir"], ["checkpoints"]),
@@ -198,8 +261,13 @@ CASES: dict[str, Case] = {
 }
 
 # A handful also through the real command: the same code and message, and no Ray left behind.
-SUBPROCESS = ["yaml flow not closed", "unknown federation key", "unknown top-level key", "ray address refused",
-              "more gpus than the machine"]
+SUBPROCESS = [
+    "yaml flow not closed",
+    "unknown federation key",
+    "unknown top-level key",
+    "ray address refused",
+    "more gpus than the machine",
+]
 
 USER_SCENARIOS = {
     "unclosed": "# @package _global_\ndefaults:\n  - /scenario/digits\nrounds: [1\n",
@@ -328,10 +396,17 @@ def commands(files, tmp_path_factory) -> dict[str, tuple[subprocess.Popen, str]]
     for name in SUBPROCESS:
         marker = f"{os.getpid()}-{name}"
         run_dir = tmp_path_factory.mktemp("command") / "run"
-        started[name] = (subprocess.Popen(
-            [sys.executable, "run.py", *_args(CASES[name], files, run_dir)], cwd=ROOT, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "FEDSTREAM_FUZZ": marker},
-        ), marker)
+        started[name] = (
+            subprocess.Popen(
+                [sys.executable, "run.py", *_args(CASES[name], files, run_dir)],
+                cwd=ROOT,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={**os.environ, "FEDSTREAM_FUZZ": marker},
+            ),
+            marker,
+        )
     yield started
     for process, _ in started.values():
         process.kill()
@@ -339,6 +414,7 @@ def commands(files, tmp_path_factory) -> dict[str, tuple[subprocess.Popen, str]]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS)
+@pytest.mark.slow
 def test_the_command_gives_the_same_code_and_message_and_starts_no_ray(name, commands):
     process, marker = commands[name]
     stdout, stderr = process.communicate(timeout=LIMIT_S)

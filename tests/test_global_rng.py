@@ -6,13 +6,13 @@ it the draws would go on from wherever the process's generator was, run to run.
 
 from __future__ import annotations
 
-from conftest import ROOT, numbers_of, run_experiment
+from helpers import USER_CODE, numbers_of, run_experiment
 
 OVERRIDES = ["engine.backend=local", "rounds=2"]
 
 
 def test_global_generator_draws_repeat_with_the_seed_and_matter(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "tests" / "user_code"))
+    monkeypatch.syspath_prepend(str(USER_CODE))
     noisy = [*OVERRIDES, "client.method=global_rng_method.NoisyGradients"]
     run_experiment(tmp_path / "first", noisy)
     run_experiment(tmp_path / "second", noisy)

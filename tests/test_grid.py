@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from helpers import compose_run, dataset_of, local_grid
 
 from clients.models import build_model
-from conftest import compose_run
 from simulator.backends import LocalBackend
-from simulator.client_state import ClientStates
-from simulator.data import load_dataset
-from simulator.grid import SimulationGrid
-from simulator.keys import ACCURACY, CLIPPING_NORM, NORM_BIT, NUM_EXAMPLES
+from simulator.protocol import ACCURACY, CLIPPING_NORM, NORM_BIT, NUM_EXAMPLES
 from simulator.streams import build_stream
-from simulator.worker import WorkerData
 
 
 class CountingBackend(LocalBackend):
@@ -32,14 +27,11 @@ class CountingBackend(LocalBackend):
 @pytest.fixture(scope="module")
 def grid_and_weights(tmp_path_factory):
     run = compose_run(["engine.backend=local"])
-    dataset = load_dataset(run.data, run.federation.num_clients, run.seed)
+    dataset = dataset_of(run)
     stream = build_stream(run, dataset)
-    backend = CountingBackend(run, WorkerData.of(stream))
-    backend.calls = []
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
+    grid = local_grid(run, stream, tmp_path_factory.mktemp("states"), CountingBackend)
+    grid.backend.calls = []
     model = build_model(dataset.input_shape, 10, run.model, torch.Generator().manual_seed(0))
-    grid = SimulationGrid(backend, stream, ClientStates(tmp_path_factory.mktemp("states"), 0),
-                          client_test_size=50, run_id=1)
     return grid, ArrayRecord(model.state_dict()), stream.parts
 
 
@@ -58,8 +50,7 @@ def test_replies_come_in_message_order_from_one_backend_call_with_the_weights_on
     for node, reply in zip(nodes, replies):
         assert reply.content["metrics"][NUM_EXAMPLES] == len(parts[node])
         assert list(reply.content["arrays"].keys()) == list(arrays.keys())
-        assert not np.array_equal(reply.content["arrays"].to_numpy_ndarrays()[0],
-                                  arrays.to_numpy_ndarrays()[0])
+        assert not np.array_equal(reply.content["arrays"].to_numpy_ndarrays()[0], arrays.to_numpy_ndarrays()[0])
 
 
 def test_push_then_pull_returns_the_same_replies(grid_and_weights):

@@ -7,20 +7,24 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, compose_run, run_experiment, stream_of
 from torch import nn
 from torch.nn import functional as F
 
 from clients.heads import (
-    HEADS, ETFHead, ETFSettings, LinearHead, LinearSettings, NormalizedHead, NormalizedSettings, resolve_head,
+    HEADS,
+    ETFHead,
+    ETFSettings,
+    LinearHead,
+    LinearSettings,
+    NormalizedHead,
+    NormalizedSettings,
 )
 from clients.heads.etf import simplex_etf
 from clients.models import build_model
 from simulator.config import ConfigError, ModelConfig
-from simulator.data import load_dataset
-from simulator.streams import build_stream
-from simulator.worker import ClientWorker, WorkerData
 from simulator.seeding import Purpose, torch_generator
-from tests.conftest import TINY, compose_run, run_experiment
+from simulator.worker import ClientWorker, WorkerData
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -127,15 +131,15 @@ def test_linear_head_is_nn_linear_with_bias():
 
 
 def test_every_head_maps_features_to_logits_and_names_its_section():
-    for name, head_class in HEADS.items():
-        assert resolve_head(name) is head_class and head_class.section == name
+    for name, head_class in HEADS.shipped.items():
+        assert HEADS.resolve(name) is head_class and head_class.section == name
         head = head_class(8, 10, head_class.Settings(), _generator())
         assert head(torch.randn(3, 8, generator=_generator(1))).shape == (3, 10)
 
 
 def test_an_unknown_head_names_the_key_and_the_valid_heads():
     with pytest.raises(ConfigError, match=r"model.head = 'cosine': unknown head; valid: etf, linear, normalized"):
-        resolve_head("cosine")
+        HEADS.resolve("cosine")
 
 
 def test_settings_problems_flag_a_temperature_that_is_not_positive():
@@ -161,7 +165,10 @@ def test_heads_move_to_the_gpu_with_their_etf():
     [
         ("model.head=cosine", "model.head = 'cosine': unknown head; valid: etf, linear, normalized"),
         ("model.normalized.temperature=0", "model.normalized.temperature = 0.0: must be > 0"),
-        ("model.normalised.temperature=0.1", "model.normalised: no head has this section; did you mean model.normalized?"),
+        (
+            "model.normalised.temperature=0.1",
+            "model.normalised: no head has this section; did you mean model.normalized?",
+        ),
         ("model.etf.dimension=4", "model.etf.dimension: unknown key; valid keys: temperature, dim"),
         ("model.temperature=0.1", "model.temperature = 0.1: unknown key; valid keys: name, hidden, feature_dim, head"),
     ],
@@ -186,7 +193,7 @@ def test_an_etf_run_sends_the_projection_but_never_the_fixed_frame(tmp_path):
     assert head_arrays == ["head.projection.bias", "head.projection.weight"]
     # The frame a worker builds from the seed is the server's, and its encoder starts as a linear head's does.
     cfg = compose_run([*TINY, "model.head=etf"])
-    stream = build_stream(cfg, load_dataset(cfg.data, cfg.federation.num_clients, cfg.seed))
+    stream = stream_of(cfg)
     worker = ClientWorker(cfg, WorkerData.of(stream))
     server = build_model(stream.x_train.shape[1:], 10, cfg.model, torch_generator(cfg.seed, Purpose.MODEL_INIT))
     assert torch.equal(worker.model.head.etf, server.head.etf)
@@ -196,5 +203,9 @@ def test_an_etf_run_sends_the_projection_but_never_the_fixed_frame(tmp_path):
 
 def test_a_users_model_builds_its_own_head():
     with pytest.raises(ConfigError, match="model.head = 'etf': heads go on the shipped encoders"):
-        build_model((1, 8, 8), 10, ModelConfig(name="tests.user_code.plain_models.with_features", head="etf"),
-                    torch.Generator().manual_seed(0))
+        build_model(
+            (1, 8, 8),
+            10,
+            ModelConfig(name="tests.user_code.plain_models.with_features", head="etf"),
+            torch.Generator().manual_seed(0),
+        )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg, FedMedian
-from flwr.supercore.task_identity import TaskIdentity
+from helpers import flower_task_identity, train_reply
 
 from simulator.held_array import HeldArray, held_array_record
 
@@ -34,14 +34,11 @@ def test_setting_data_replaces_the_content():
 
 
 def _replies(records: list[ArrayRecord], sizes: list[int]) -> list[Message]:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
-    replies = []
-    for node, (record, size) in enumerate(zip(records, sizes), start=2):
-        sent = Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
-        sent.metadata.__dict__["_message_id"] = f"m{node}"
-        content = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": size})})
-        replies.append(Message(content, reply_to=sent))
-    return replies
+    flower_task_identity()
+    return [
+        train_reply(node, record, {"num-examples": size})
+        for node, (record, size) in enumerate(zip(records, sizes), start=2)
+    ]
 
 
 def test_flower_strategies_aggregate_held_arrays_to_the_same_bits_as_their_own():

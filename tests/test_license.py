@@ -1,9 +1,9 @@
 """The license a user or a packager reads: Apache-2.0 (as Flower and pfl-research), in the file and the metadata."""
 
 import importlib.metadata
-import tomllib
 
-from conftest import ROOT
+import tomllib
+from helpers import ROOT
 
 
 def test_the_license_file_and_the_package_metadata_say_apache_2():

@@ -6,11 +6,13 @@ import pytest
 from simulator import metrics
 
 # R[i][j]: accuracy on task j after task i.
-R3 = np.array([
-    [0.9, 0.1, 0.0],
-    [0.6, 0.8, 0.2],
-    [0.7, 0.5, 0.9],
-])
+R3 = np.array(
+    [
+        [0.9, 0.1, 0.0],
+        [0.6, 0.8, 0.2],
+        [0.7, 0.5, 0.9],
+    ]
+)
 
 
 def test_three_tasks_match_hand_computed_values():
@@ -69,4 +71,3 @@ def test_accuracy_spread_of_clients():
     assert spread["client_acc_mean"] == pytest.approx(accuracies.mean())
     assert spread["client_acc_std"] == pytest.approx(accuracies.std())
     assert spread["client_acc_worst10"] == pytest.approx((0.1 + 0.2) / 2)  # ceil(10% of 11) = 2
-

@@ -9,41 +9,39 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    USER_CODE,
+    compose_run,
+    kill_after_records,
+    numbers_of,
+    read_metrics,
+    run_experiment,
+    run_py_to_the_end,
+    stream_of,
+    tiny_images,
+    wait_for_free_cpus,
+)
+from helpers import final_checkpoint as _final
+from helpers import tiny_model as _model
+from helpers import train_context as _context
 
-from clients.base import ClientMethod, TrainContext, shared_keys
+from clients.base import ClientMethod, shared_keys
 from clients.fedper import FedPerClient
 from clients.fedrep import FedRepClient, FedRepSettings
 from clients.models import build_model
-from conftest import (
-    ROOT, compose_run, kill_after_records, numbers_of, read_metrics, run_experiment, start_run_py,
-    wait_for_free_cpus,
-)
 from simulator import checkpoint
-from simulator.client_state import ClientStates
-from simulator.config import ClientConfig, ConfigError, ModelConfig
-from simulator.data import load_dataset
+from simulator.config import ClientConfig, ConfigError
 from simulator.grid import SimulationGrid
 from simulator.seeding import Purpose, torch_generator
-from simulator.streams import build_stream
 
-USER_CODE = ROOT / "tests" / "user_code"
 HEAD = ("head.",)
 # Digits, 20 clients, few per round: clients come back after missed rounds, some never train.
 SMALL = ["engine.backend=local", "eval.probes=false", "federation.clients_per_round=3"]
 FEDREP = ["client.method=fedrep", "client.fedrep.head_epochs=2"]
-
-
-def _final(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[int, dict]]:
-    """The global arrays and every client's state, as the run's last checkpoint left them."""
-    saved = checkpoint.load(run_dir / "checkpoints")
-    store = ClientStates(run_dir / "client_state", 0, saved.client_states)
-    arrays = {key: array.numpy() for key, array in saved.arrays.items()}
-    return arrays, {client: store.get(client) for client in saved.client_states.files}
 
 
 def _same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
@@ -60,13 +58,15 @@ def _head(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def _stream_and_model(overrides: list[str]):
     run = compose_run(overrides)
-    stream = build_stream(run, load_dataset(run.data, run.federation.num_clients, run.seed))
-    model = build_model(stream.x_train.shape[1:], stream.num_classes, run.model,
-                        torch_generator(run.seed, Purpose.MODEL_INIT))
+    stream = stream_of(run)
+    model = build_model(
+        stream.x_train.shape[1:], stream.num_classes, run.model, torch_generator(run.seed, Purpose.MODEL_INIT)
+    )
     return run, stream, model
 
 
 # 1. Encoder-only aggregation; the server never changes a head.
+
 
 def test_only_the_encoder_travels_and_each_head_is_what_its_client_last_trained(tmp_path, monkeypatch):
     overrides = [*SMALL, "rounds=4", "client.method=fedper"]
@@ -85,8 +85,10 @@ def test_only_the_encoder_travels_and_each_head_is_what_its_client_last_trained(
         result = train(self, model, x, y, context)
         key = context.client_id, context.server_round
         trained[key] = _head(model)
-        encoders[key] = ({k: v.detach().numpy().copy() for k, v in model.state_dict().items()
-                          if not k.startswith(HEAD)}, result.num_examples)
+        encoders[key] = (
+            {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if not k.startswith(HEAD)},
+            result.num_examples,
+        )
         return result
 
     def recording_send(self, messages, **kwargs):
@@ -143,22 +145,18 @@ def test_only_the_encoder_travels_and_each_head_is_what_its_client_last_trained(
 
 # 4. FedRep's two phases, on their own.
 
-X = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-Y = torch.arange(40) % 10
-
-
-def _model(seed: int = 0) -> torch.nn.Module:
-    return build_model((1, 8, 8), 10, ModelConfig(hidden=16, feature_dim=8), torch.Generator().manual_seed(seed))
-
-
-def _context(state=None) -> TrainContext:
-    return TrainContext(server_round=2, client_id=0, config={}, generator=torch.Generator().manual_seed(5),
-                        lr=0.1, state={} if state is None else state)
+X, Y = tiny_images()
 
 
 def _client_config(epochs=1, head_epochs=2) -> ClientConfig:
-    return ClientConfig(lr=0.1, momentum=0.5, weight_decay=0.01, epochs=epochs, batch_size=8,
-                        settings=FedRepSettings(head_epochs=head_epochs))
+    return ClientConfig(
+        lr=0.1,
+        momentum=0.5,
+        weight_decay=0.01,
+        epochs=epochs,
+        batch_size=8,
+        settings=FedRepSettings(head_epochs=head_epochs),
+    )
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -174,8 +172,12 @@ class RecordingFedRep(FedRepClient):
 
     def run_epochs(self, model, params, x, y, context, epochs):
         names = {id(p): n for n, p in model.named_parameters()}
-        call = {"trains": [names[id(p)] for p in params], "epochs": epochs, "before": _parameters(model),
-                "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()}}
+        call = {
+            "trains": [names[id(p)] for p in params],
+            "epochs": epochs,
+            "before": _parameters(model),
+            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        }
         self.calls.append(call)
         if len(self.calls) == self.fail_in_phase:
             raise RuntimeError("failed mid-phase")
@@ -206,6 +208,7 @@ def test_fedrep_trains_the_head_on_a_frozen_encoder_then_the_encoder_under_the_n
     assert all(not torch.equal(final[name], start[name]) for name in body)
     assert all(p.requires_grad for p in model.parameters())  # unfrozen afterwards
     assert result.num_examples == 40 and np.isfinite(result.train_loss)
+    state = result.state  # the new state is returned, the one it came with left as it was
     assert set(state) == set(heads) and all(np.array_equal(state[n], final[n].numpy()) for n in heads)
 
     # The same numbers as two plain runs of SGD: head_epochs on the head, then epochs on the rest.
@@ -244,8 +247,7 @@ def test_fedper_loads_the_clients_head_over_the_global_encoder_and_trains_both()
     method.personalize(model, own)
     assert np.array_equal(model.head.weight.detach().numpy(), own["head.weight"])
     assert all(torch.equal(model.state_dict()[k], v) for k, v in encoder_before.items())
-    state = dict(own)
-    method.train(model, X, Y, _context(state))
+    state = method.train(model, X, Y, _context(dict(own))).state
     assert set(state) == {"head.weight", "head.bias"}
     assert not np.array_equal(state["head.weight"], own["head.weight"])
     assert np.array_equal(own["head.weight"], np.full((10, 8), 0.25, np.float32))  # the stored one untouched
@@ -260,12 +262,14 @@ def test_fedrep_head_epochs_is_checked_with_its_key():
 
 # 5. Personalised client accuracy.
 
+
 def _client_accuracies(stream, run, server_round, arrays, states, personal: bool) -> np.ndarray:
     """Each client's accuracy on its own test sample, computed here from the stored weights alone."""
     accuracies = []
     for client in stream.available_clients(server_round):
-        model = build_model(stream.x_train.shape[1:], stream.num_classes, run.model,
-                            torch_generator(run.seed, Purpose.MODEL_INIT))
+        model = build_model(
+            stream.x_train.shape[1:], stream.num_classes, run.model, torch_generator(run.seed, Purpose.MODEL_INIT)
+        )
         weights = {k: torch.from_numpy(v) for k, v in arrays.items()}
         if personal:
             weights.update({k: torch.from_numpy(np.array(v)) for k, v in states.get(client, {}).items()})
@@ -278,9 +282,17 @@ def _client_accuracies(stream, run, server_round, arrays, states, personal: bool
     return np.array(accuracies)
 
 
+@pytest.mark.slow
 def test_personal_heads_beat_the_global_model_on_each_clients_own_classes(tmp_path):
-    skewed = ["engine.backend=local", "eval.probes=false", "data.partition.kind=classes",
-              "data.partition.classes_per_client=2", "rounds=15", "client.epochs=1", "eval.federated=true"]
+    skewed = [
+        "engine.backend=local",
+        "eval.probes=false",
+        "data.partition.kind=classes",
+        "data.partition.classes_per_client=2",
+        "rounds=15",
+        "client.epochs=1",
+        "eval.federated=true",
+    ]
     summaries = {m: run_experiment(tmp_path / m, [*skewed, f"client.method={m}"]) for m in ("fedper", "sgd")}
     personal_keys = {"client_acc_personal_mean", "client_acc_personal_std", "client_acc_personal_worst10"}
     fedper, sgd = read_metrics(tmp_path / "fedper"), read_metrics(tmp_path / "sgd")
@@ -317,11 +329,15 @@ def test_personal_heads_beat_the_global_model_on_each_clients_own_classes(tmp_pa
 
 # 6. Models that cannot serve a personal head or the probes.
 
-@pytest.mark.parametrize(("model", "method", "probes", "message"), [
-    ("plain_models.sequential", "fedper", "false", r"client\.method = 'fedper' keeps head\.\*"),
-    ("plain_models.with_features", "fedrep", "false", r"client\.method = 'fedrep' keeps head\.\*"),
-    ("plain_models.sequential", "sgd", "true", r"no features\(x\) method.*eval\.probes=false"),
-])
+
+@pytest.mark.parametrize(
+    ("model", "method", "probes", "message"),
+    [
+        ("plain_models.sequential", "fedper", "false", r"client\.method = 'fedper' keeps head\.\*"),
+        ("plain_models.with_features", "fedrep", "false", r"client\.method = 'fedrep' keeps head\.\*"),
+        ("plain_models.sequential", "sgd", "true", r"no features\(x\) method.*eval\.probes=false"),
+    ],
+)
 def test_a_model_that_cannot_serve_the_run_is_refused_before_any_client_trains(
     tmp_path, monkeypatch, model, method, probes, message
 ):
@@ -329,8 +345,16 @@ def test_a_model_that_cannot_serve_the_run_is_refused_before_any_client_trains(
     trained = []
     monkeypatch.setattr(ClientMethod, "train", lambda *args: trained.append(args))
     with pytest.raises(ConfigError, match=message):
-        run_experiment(tmp_path / "run", ["rounds=2", "engine.backend=local", f"model.name={model}",
-                                          f"client.method={method}", f"eval.probes={probes}"])
+        run_experiment(
+            tmp_path / "run",
+            [
+                "rounds=2",
+                "engine.backend=local",
+                f"model.name={model}",
+                f"client.method={method}",
+                f"eval.probes={probes}",
+            ],
+        )
     assert not trained and not (tmp_path / "run").exists()  # a refused run writes nothing
 
 
@@ -351,11 +375,18 @@ def test_a_users_model_with_features_is_probed_and_one_with_a_head_keeps_it_pers
 
 # 3. A kill -9 and resume.
 
+
+@pytest.mark.slow
 def test_a_fedper_run_killed_with_sigkill_resumes_to_the_uninterrupted_heads_andnumbers_of(tmp_path):
     # Checkpoints every 3 rounds, killed after round 5 is logged: resume goes back past logged rounds
     # whose client states were already written, and must redo them to the same heads.
-    overrides = [*SMALL, "rounds=20", "client.method=fedper", "engine.checkpoint_every=3",
-                 "engine.client_state_memory_mb=0.005"]  # some heads spill to files
+    overrides = [
+        *SMALL,
+        "rounds=20",
+        "client.method=fedper",
+        "engine.checkpoint_every=3",
+        "engine.client_state_memory_mb=0.005",
+    ]  # some heads spill to files
     run_experiment(tmp_path / "whole", overrides)
 
     done = kill_after_records(tmp_path / "killed", overrides, 5)
@@ -363,8 +394,7 @@ def test_a_fedper_run_killed_with_sigkill_resumes_to_the_uninterrupted_heads_and
     saved = checkpoint.load(tmp_path / "killed" / "checkpoints")
     assert saved.round in (3, 6, 9, 12, 15, 18) and saved.client_states.files  # heads were saved
 
-    resumed = start_run_py(tmp_path / "killed", [*overrides, "resume=true"])
-    assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()[-2000:]
+    run_py_to_the_end(tmp_path / "killed", [*overrides, "resume=true"], timeout_s=120)
     assert numbers_of(tmp_path / "killed") == numbers_of(tmp_path / "whole")
     whole_arrays, whole_states = _final(tmp_path / "whole")
     killed_arrays, killed_states = _final(tmp_path / "killed")
@@ -374,9 +404,11 @@ def test_a_fedper_run_killed_with_sigkill_resumes_to_the_uninterrupted_heads_and
 
 # 2. The same numbers on 1, 2 and 3 Ray actors as in-process.
 
+
 @pytest.mark.ray
-@pytest.mark.parametrize(("method", "actors"), [(["client.method=fedper"], (1, 2, 3)), (FEDREP, (3,))],
-                         ids=["fedper", "fedrep"])
+@pytest.mark.parametrize(
+    ("method", "actors"), [(["client.method=fedper"], (1, 2, 3)), (FEDREP, (3,))], ids=["fedper", "fedrep"]
+)
 def test_personal_heads_are_bit_identical_in_process_and_on_1_2_and_3_actors(
     tmp_path, ray_with_three_cpus, method, actors
 ):

@@ -10,15 +10,14 @@ import json
 import math
 import struct
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from helpers import run_module, write_hydra_overrides
 
-from conftest import ROOT
 from simulator.plot import (
     Curve,
     PlotError,
@@ -47,49 +46,66 @@ HEAD_TASK = "acc_per_task"
 
 def record(round_: int, task: int, acc_per_task: list[float | None], **more: Any) -> dict[str, Any]:
     seen = [a for a in acc_per_task if a is not None]
-    return {"round": round_, "task": task, "wall_s": 0.1 * round_, "train_loss": 1.0 / round_,
-            "acc_per_task": acc_per_task, "acc_seen": sum(seen) / len(seen), **more}
+    return {
+        "round": round_,
+        "task": task,
+        "wall_s": 0.1 * round_,
+        "train_loss": 1.0 / round_,
+        "acc_per_task": acc_per_task,
+        "acc_seen": sum(seen) / len(seen),
+        **more,
+    }
 
 
 # Two tasks, three rounds each: task 0 is learnt, then partly forgotten.
 TWO_TASKS = [
-    record(1, 0, [0.5, None]), record(2, 0, [0.7, None]), record(3, 0, [0.8, None]),
-    record(4, 1, [0.6, 0.4]), record(5, 1, [0.5, 0.6]), record(6, 1, [0.4, 0.9]),
+    record(1, 0, [0.5, None]),
+    record(2, 0, [0.7, None]),
+    record(3, 0, [0.8, None]),
+    record(4, 1, [0.6, 0.4]),
+    record(5, 1, [0.5, 0.6]),
+    record(6, 1, [0.4, 0.9]),
 ]
 
 
-
-def probed(rec: dict[str, Any], probe: list[float | None], ncm: list[float | None] | None = None
-           ) -> dict[str, Any]:
+def probed(rec: dict[str, Any], probe: list[float | None], ncm: list[float | None] | None = None) -> dict[str, Any]:
     """``rec`` with a linear probe's accuracy per task and, if given, the NCM's."""
-    more: dict[str, Any] = {"probe_acc_per_task": probe,
-                            "probe_acc_seen": float(np.mean([a for a in probe if a is not None]))}
+    more: dict[str, Any] = {
+        "probe_acc_per_task": probe,
+        "probe_acc_seen": float(np.mean([a for a in probe if a is not None])),
+    }
     if ncm is not None:
-        more |= {"ncm_acc_per_task": ncm,
-                 "ncm_acc_seen": float(np.mean([a for a in ncm if a is not None]))}
+        more |= {"ncm_acc_per_task": ncm, "ncm_acc_seen": float(np.mean([a for a in ncm if a is not None]))}
     return rec | more
 
 
 # TWO_TASKS probed at each task's end (rounds 3 and 6): the encoder keeps more of task 0
 # (probe 0.75, NCM 0.7 after task 1) than the head does (0.4).
 PROBED_AT_TASK_ENDS = [
-    *TWO_TASKS[:2], probed(TWO_TASKS[2], [0.85, None], [0.8, None]),
-    *TWO_TASKS[3:5], probed(TWO_TASKS[5], [0.75, 0.92], [0.7, 0.88]),
+    *TWO_TASKS[:2],
+    probed(TWO_TASKS[2], [0.85, None], [0.8, None]),
+    *TWO_TASKS[3:5],
+    probed(TWO_TASKS[5], [0.75, 0.92], [0.7, 0.88]),
 ]
 
 
-def write_run(path: Path, records: list[dict[str, Any]], overrides: list[str] | None = None,
-              strategy: str | None = None, matrix: list[list[float]] | None = None) -> Path:
+def write_run(
+    path: Path,
+    records: list[dict[str, Any]],
+    overrides: list[str] | None = None,
+    strategy: str | None = None,
+    matrix: list[list[float]] | None = None,
+) -> Path:
     """A run directory as the engine and Hydra leave it, holding only what is given."""
     path.mkdir(parents=True)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if overrides is not None:
-        (path / ".hydra").mkdir()
-        (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        write_hydra_overrides(path, overrides)
     if strategy is not None:
         (path / ".hydra" / "config.yaml").write_text(
             "seed: 0\nscenario_name: ${hydra:runtime.choices.scenario}\n"
-            f"strategy:\n  _target_: {strategy}\n  fraction_train: ${{fraction:10,20}}\n")
+            f"strategy:\n  _target_: {strategy}\n  fraction_train: ${{fraction:10,20}}\n"
+        )
     if matrix is not None:
         header = ",".join(f"task_{j}" for j in range(len(matrix[0])))
         rows = "".join(",".join(f"{a:.6f}" for a in row) + "\n" for row in matrix)
@@ -99,8 +115,7 @@ def write_run(path: Path, records: list[dict[str, Any]], overrides: list[str] | 
 
 def run(name: str, overrides: list[str] | None, strategy: str | None = None) -> Run:
     """A run of TWO_TASKS at /runs/NAME, as read_run returns it."""
-    return Run(Path("/runs") / name, TWO_TASKS,
-               None if overrides is None else tuple(overrides), strategy)
+    return Run(Path("/runs") / name, TWO_TASKS, None if overrides is None else tuple(overrides), strategy)
 
 
 # --- Reading --------------------------------------------------------------------------------
@@ -124,8 +139,9 @@ def test_a_path_without_runs_is_an_error_naming_it(tmp_path):
 
 
 def test_read_run_takes_the_overrides_and_the_strategy_class_from_hydra_files(tmp_path):
-    path = write_run(tmp_path / "a", TWO_TASKS, ["strategy=fedadam", "seed=3"],
-                     strategy="flwr.serverapp.strategy.FedAdam")
+    path = write_run(
+        tmp_path / "a", TWO_TASKS, ["strategy=fedadam", "seed=3"], strategy="flwr.serverapp.strategy.FedAdam"
+    )
     bare = write_run(tmp_path / "b", TWO_TASKS)
 
     a = read_run(path)
@@ -162,8 +178,10 @@ def test_runs_that_differ_only_by_seed_form_one_group_named_by_its_strategy():
 
 def test_a_resumed_run_and_a_value_spelt_otherwise_stay_in_their_group():
     # resume=true continues a killed run (its overrides then say so); False and false are one value.
-    runs = [run("0", ["seed=0", "eval.probes=false"], "FOT"),
-            run("1", ["seed=1", "eval.probes=False", "resume=true"], "FOT")]
+    runs = [
+        run("0", ["seed=0", "eval.probes=false"], "FOT"),
+        run("1", ["seed=1", "eval.probes=False", "resume=true"], "FOT"),
+    ]
     (group,) = group_runs(runs)
 
     assert [r.path.name for r in group.runs] == ["0", "1"]
@@ -171,8 +189,10 @@ def test_a_resumed_run_and_a_value_spelt_otherwise_stay_in_their_group():
 
 
 def test_groups_of_one_strategy_are_named_by_the_overrides_they_do_not_share():
-    runs = [run(str(i), [f"seed={i % 2}", "strategy=fedadam", f"strategy.eta={eta}"], "FedAdam")
-            for i, eta in enumerate([0.1, 0.1, 0.01, 0.01])]
+    runs = [
+        run(str(i), [f"seed={i % 2}", "strategy=fedadam", f"strategy.eta={eta}"], "FedAdam")
+        for i, eta in enumerate([0.1, 0.1, 0.01, 0.01])
+    ]
     groups = group_runs(runs)
 
     assert [g.label for g in groups] == ["strategy.eta=0.1", "strategy.eta=0.01"]
@@ -180,8 +200,7 @@ def test_groups_of_one_strategy_are_named_by_the_overrides_they_do_not_share():
 
 
 def test_a_run_without_overrides_is_its_own_group_named_by_its_directory():
-    runs = [run("baseline", None), run("0_seed=0", ["seed=0", "rounds=6"], "FedAvg"),
-            run("other", None)]
+    runs = [run("baseline", None), run("0_seed=0", ["seed=0", "rounds=6"], "FedAvg"), run("other", None)]
     groups = group_runs(runs)
 
     # Strategies differ (None vs FedAvg), and the bare runs share no override.
@@ -262,10 +281,8 @@ def test_task_segments_end_half_a_round_after_each_tasks_last_evaluation():
 
 def test_end_labels_are_spread_at_least_a_gap_apart_within_bounds():
     assert spread_labels([0.5, 0.1, 0.9], gap=0.1, low=0.0, high=1.0) == [0.5, 0.1, 0.9]
-    np.testing.assert_allclose(spread_labels([0.52, 0.5, 0.5], gap=0.1, low=0.0, high=1.0),
-                               [0.7, 0.5, 0.6])
-    np.testing.assert_allclose(spread_labels([1.0, 0.98, 0.0], gap=0.1, low=0.05, high=1.0),
-                               [1.0, 0.9, 0.05])
+    np.testing.assert_allclose(spread_labels([0.52, 0.5, 0.5], gap=0.1, low=0.0, high=1.0), [0.7, 0.5, 0.6])
+    np.testing.assert_allclose(spread_labels([1.0, 0.98, 0.0], gap=0.1, low=0.05, high=1.0), [1.0, 0.9, 0.05])
 
 
 # --- Drawing and the command line -----------------------------------------------------------
@@ -302,9 +319,11 @@ def figure():
 
 def data_lines(ax: plt.Axes) -> dict[str, tuple[list[float], list[float], str, str]]:
     """The axes' data lines by label (task boundaries have none): x, y, line style, colour."""
-    return {line.get_label(): (line.get_xdata().tolist(), line.get_ydata().tolist(),
-                               line.get_linestyle(), line.get_color())
-            for line in ax.lines if not line.get_label().startswith("_")}
+    return {
+        line.get_label(): (line.get_xdata().tolist(), line.get_ydata().tolist(), line.get_linestyle(), line.get_color())
+        for line in ax.lines
+        if not line.get_label().startswith("_")
+    }
 
 
 def test_without_probes_the_forgetting_figure_is_the_head_panel_alone(figure):
@@ -339,16 +358,15 @@ def test_probes_add_a_representation_panel_of_head_probe_and_ncm_per_task(figure
         "task 1 nearest class mean": ([6], [0.88], ":", colour[1]),
     }
     assert data_lines(right) == expected
-    assert all(line.get_marker() not in ("None", "", None) for line in right.lines
-               if not line.get_label().startswith("_"))  # a one-point line still shows
+    assert all(
+        line.get_marker() not in ("None", "", None) for line in right.lines if not line.get_label().startswith("_")
+    )  # a one-point line still shows
     legend = right.get_legend()
-    assert [t.get_text() for t in legend.get_texts()] == ["head", "linear probe",
-                                                          "nearest class mean"]
+    assert [t.get_text() for t in legend.get_texts()] == ["head", "linear probe", "nearest class mean"]
     assert [h.get_linestyle() for h in legend.legend_handles] == ["-", "--", ":"]
     # Task boundaries are marked on both panels: the dashed line between rounds 3 and 4.
     for ax in (head, right):
-        assert [line.get_xdata()[0] for line in ax.lines
-                if line.get_label().startswith("_")] == [3.5]
+        assert [line.get_xdata()[0] for line in ax.lines if line.get_label().startswith("_")] == [3.5]
 
     out = tmp_path / "plots" / "forgetting.png"
     plot_forgetting(PROBED_AT_TASK_ENDS, out, title="split / FedAvg")
@@ -380,8 +398,8 @@ def test_without_ncm_the_legend_names_only_the_drawn_styles(figure):
 
 
 def plot_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "simulator.plot", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    """``python -m simulator.plot ARGS``."""
+    return run_module("simulator.plot", *args)
 
 
 @pytest.fixture
@@ -391,13 +409,18 @@ def sweep(tmp_path) -> Path:
     for job, (name, target) in enumerate([("fedavg", "FedAvg"), ("fedadam", "FedAdam")] * 2):
         seed = job // 2
         shifted = [dict(r, acc_seen=r["acc_seen"] + 0.05 * job) for r in TWO_TASKS]
-        write_run(root / f"{job}_seed={seed},strategy={name}", shifted,
-                  [f"seed={seed}", f"strategy={name}"], f"flwr.serverapp.strategy.{target}",
-                  matrix=[[0.8, NAN], [0.4 + 0.1 * seed, 0.9]])
+        write_run(
+            root / f"{job}_seed={seed},strategy={name}",
+            shifted,
+            [f"seed={seed}", f"strategy={name}"],
+            f"flwr.serverapp.strategy.{target}",
+            matrix=[[0.8, NAN], [0.4 + 0.1 * seed, 0.9]],
+        )
     (root / "multirun.yaml").write_text("{}\n")
     return root
 
 
+@pytest.mark.slow
 def test_the_cli_overlays_groups_and_draws_heatmaps(sweep, tmp_path):
     modes = [([], "overlay.png"), (["--task", "0"], "task0.png"), (["--heatmap"], "heatmap.png")]
     for args, name in modes:
@@ -409,6 +432,7 @@ def test_the_cli_overlays_groups_and_draws_heatmaps(sweep, tmp_path):
         assert width >= 600 and height >= 300
 
 
+@pytest.mark.slow
 def test_the_cli_exits_2_naming_a_path_without_runs_or_an_unknown_metric(sweep, tmp_path):
     missing = tmp_path / "no_such_run"
     result = plot_cli(str(sweep), str(missing), "--out", str(tmp_path / "x.png"))
@@ -453,8 +477,10 @@ ACC_SEEN = [r["acc_seen"] for r in TWO_TASKS]
 
 
 def three_seeds() -> list[Run]:
-    return [Run(Path(f"/runs/{seed}"), shifted(offset), (f"seed={seed}", "strategy=fot"), "FOT")
-            for seed, offset in enumerate(OFFSETS)]
+    return [
+        Run(Path(f"/runs/{seed}"), shifted(offset), (f"seed={seed}", "strategy=fot"), "FOT")
+        for seed, offset in enumerate(OFFSETS)
+    ]
 
 
 def test_the_std_band_is_the_mean_plus_minus_the_sample_standard_deviation():
@@ -481,8 +507,7 @@ def band_extent(ax: plt.Axes) -> tuple[list[float], list[float]]:
     (shade,) = ax.collections
     vertices = shade.get_paths()[0].vertices
     xs = sorted(set(vertices[:, 0].tolist()))
-    return ([vertices[vertices[:, 0] == x, 1].min() for x in xs],
-            [vertices[vertices[:, 0] == x, 1].max() for x in xs])
+    return ([vertices[vertices[:, 0] == x, 1].min() for x in xs], [vertices[vertices[:, 0] == x, 1].max() for x in xs])
 
 
 def test_the_overlay_shades_the_band_asked_for_and_says_which(close_figures):
@@ -500,12 +525,13 @@ def test_the_overlay_shades_the_band_asked_for_and_says_which(close_figures):
 
 
 def test_titles_name_what_differs_in_words_and_the_shared_overrides_below(close_figures):
-    runs = [run(f"{i}", [f"seed={i}", f"strategy={s}", f"client.method={m}", "rounds=6"], c)
-            for i, (s, c, m) in enumerate([("fedavg", "FedAvg", "sgd"), ("fot", "FOT", "replay")])]
+    runs = [
+        run(f"{i}", [f"seed={i}", f"strategy={s}", f"client.method={m}", "rounds=6"], c)
+        for i, (s, c, m) in enumerate([("fedavg", "FedAvg", "sgd"), ("fot", "FOT", "replay")])
+    ]
     groups = group_runs(runs)
     assert [g.label for g in groups] == ["FedAvg client.method=sgd", "FOT client.method=replay"]
-    assert describe(groups, "training loss") == (
-        "training loss by strategy, client method\nrounds=6")
+    assert describe(groups, "training loss") == ("training loss by strategy, client method\nrounds=6")
 
     (ax,) = close_figures(overlay_figure(groups, "train_loss")).axes
     assert ax.get_ylabel() == "training loss"
@@ -513,34 +539,50 @@ def test_titles_name_what_differs_in_words_and_the_shared_overrides_below(close_
     (ax,) = close_figures(overlay_figure(groups, HEAD_TASK, task=1, title="Split digits")).axes
     assert (ax.get_ylabel(), ax.get_title()) == ("accuracy on task 1", "Split digits")
 
-    heads = group_runs([run(str(i), [f"model.head={h}"], "FedAvg")
-                        for i, h in enumerate(["linear", "etf"])])
+    heads = group_runs([run(str(i), [f"model.head={h}"], "FedAvg") for i, h in enumerate(["linear", "etf"])])
     assert describe(heads, "accuracy matrix") == "accuracy matrix by head"
 
 
 def test_labels_replace_the_group_names_one_per_group_in_order(close_figures, tmp_path):
-    groups = relabel(group_runs([run("a", ["seed=0", "strategy=fedavg"], "FedAvg"),
-                                 run("b", ["seed=0", "strategy=fot"], "FOT")]),
-                     ["plain averaging", "orthogonal"])
+    groups = relabel(
+        group_runs([run("a", ["seed=0", "strategy=fedavg"], "FedAvg"), run("b", ["seed=0", "strategy=fot"], "FOT")]),
+        ["plain averaging", "orthogonal"],
+    )
     assert [g.label for g in groups] == ["plain averaging", "orthogonal"]
     fig = close_figures(overlay_figure(groups))
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["plain averaging", "orthogonal"]
-    with pytest.raises(PlotError, match=r"1 --label for 2 groups \(plain averaging; "
-                                        r"orthogonal\)"):
+    with pytest.raises(
+        PlotError,
+        match=r"1 --label for 2 groups \(plain averaging; "
+        r"orthogonal\)",
+    ):
         relabel(groups, ["one"])
 
     for name in "ab":
         write_run(tmp_path / name, TWO_TASKS, matrix=[[0.8, NAN], [0.4, 0.9]])
-    fig = close_figures(heatmap_figure(relabel(group_runs([read_run(tmp_path / n) for n in "ab"]),
-                                               ["A", "B"]), title="R"))
+    fig = close_figures(
+        heatmap_figure(relabel(group_runs([read_run(tmp_path / n) for n in "ab"]), ["A", "B"]), title="R")
+    )
     assert fig.get_suptitle() == "R"
     assert [ax.get_title() for ax in fig.axes[:2]] == ["A", "B"]
 
 
+@pytest.mark.slow
 def test_the_cli_takes_band_title_and_labels_and_exits_2_on_a_wrong_label_count(sweep, tmp_path):
     out = tmp_path / "std.png"
-    result = plot_cli(str(sweep), "--out", str(out), "--band", "std", "--title", "Digits",
-                      "--label", "averaging", "--label", "adaptive")
+    result = plot_cli(
+        str(sweep),
+        "--out",
+        str(out),
+        "--band",
+        "std",
+        "--title",
+        "Digits",
+        "--label",
+        "averaging",
+        "--label",
+        "adaptive",
+    )
     assert result.returncode == 0, result.stderr
     assert png_size(out)[0] >= 600
 

@@ -6,15 +6,14 @@ import math
 
 import numpy as np
 import pytest
+from helpers import read_metrics, run_experiment
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from simulator import metrics
 from simulator.plot import read_accuracy_matrix
 from simulator.probes import fit_linear_probe, fit_ncm, stratified_sample
-from tests.conftest import read_metrics, run_experiment
 
-CLASS_IL = ["scenario=digits_class_incremental", "engine.backend=local", "stream.rounds_per_task=2",
-            "client.epochs=1"]
+CLASS_IL = ["scenario=digits_class_incremental", "engine.backend=local", "stream.rounds_per_task=2", "client.epochs=1"]
 
 
 def test_ncm_predicts_the_class_of_the_nearest_normalised_mean():
@@ -102,12 +101,14 @@ def test_a_class_incremental_run_writes_probe_and_ncm_matrices_like_the_accuracy
     assert {"probe_task/0", "ncm_task/4", "probe_acc_seen", "summary/probe_forgetting"} <= set(tags)
 
 
+@pytest.mark.slow
 def test_the_encoder_forgets_far_less_than_the_head_in_class_incremental_learning(tmp_path):
     # Davari et al. 2022: after the last task the head scores ~0 on task 0; its features still separate it.
     run_experiment(tmp_path, ["scenario=digits_class_incremental", "engine.backend=local"])
-    head, probe, ncm = (read_accuracy_matrix(tmp_path)[-1, 0],
-                        *(np.loadtxt(tmp_path / f"{p}_matrix.csv", delimiter=",", skiprows=1)[-1, 0]
-                          for p in ("probe", "ncm")))
+    head, probe, ncm = (
+        read_accuracy_matrix(tmp_path)[-1, 0],
+        *(np.loadtxt(tmp_path / f"{p}_matrix.csv", delimiter=",", skiprows=1)[-1, 0] for p in ("probe", "ncm")),
+    )
     assert head < 0.05 and probe > 0.7 and ncm > 0.4
 
 

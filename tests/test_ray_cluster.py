@@ -11,18 +11,14 @@ from pathlib import Path
 
 import pytest
 import ray
+from helpers import read_metrics, run_experiment, timeless_records
 from ray.cluster_utils import Cluster
 
-from conftest import ROOT, read_metrics, run_experiment
 from simulator import backends
 from simulator.backends import ClientFailure
-from simulator.config import compose_config, load_config
-from simulator.engine import Experiment
-from strategies import build_strategy
 
 pytestmark = pytest.mark.ray
 RAY = str(Path(sys.executable).parent / "ray")
-USER_CODE = ROOT / "tests" / "user_code"
 PROBE = ["rounds=2", "engine.backend=ray", "client.method=cluster_probe_client.OnlyInTheTestCluster"]
 
 
@@ -44,19 +40,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def running_cluster(monkeypatch):
+def running_cluster(monkeypatch, user_code):
     """A head node started outside this process, as a user's cluster would be.
 
     Its worker processes, and only they, carry FEDSTREAM_TEST_CLUSTER=1.
     """
-    monkeypatch.syspath_prepend(str(USER_CODE))
-    monkeypatch.setenv("PYTHONPATH", f"{USER_CODE}:{ROOT}")
     monkeypatch.delenv("FEDSTREAM_TEST_CLUSTER", raising=False)
     port = _free_port()
     env = {**os.environ, "FEDSTREAM_TEST_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run(
         [RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"],
-        check=True, capture_output=True, env=env, timeout=120,
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=120,
     )
     try:
         yield f"127.0.0.1:{port}"
@@ -64,9 +61,7 @@ def running_cluster(monkeypatch):
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
-def test_a_run_with_ray_address_trains_in_the_running_cluster_and_leaves_it_up(
-    tmp_path, running_cluster
-):
+def test_a_run_with_ray_address_trains_in_the_running_cluster_and_leaves_it_up(tmp_path, running_cluster):
     summary = run_experiment(tmp_path / "joined", [*PROBE, f"engine.ray_address={running_cluster}"])
     assert summary["rounds"] == 2 and len(read_metrics(tmp_path / "joined")) == 2
     assert not ray.is_initialized()  # the driver disconnected...
@@ -93,15 +88,16 @@ def test_a_two_node_cluster_spreads_the_actors_sends_the_data_to_each_node_once_
         cluster.wait_for_nodes()
         common = ["rounds=3", "eval.probes=false"]
         run_experiment(tmp_path / "local", [*common, "engine.backend=local"])
-        composed = compose_config([*common, "engine.backend=ray", "engine.num_actors=2",
-                                   f"engine.ray_address={cluster.address}"])
-        Experiment(load_config(composed), build_strategy(composed.strategy), tmp_path / "cluster", keep_warm=True).run()
+        run_experiment(
+            tmp_path / "cluster",
+            [*common, "engine.backend=ray", "engine.num_actors=2", f"engine.ray_address={cluster.address}"],
+            keep_warm=True,
+        )
         nodes = {s["node"] for s in ray.get([a.stats.remote() for a in backends._WARM.pool.actors])}
         assert len(nodes) == 2  # one actor on each node
         (where,) = locations
         assert len(set(where["node_ids"])) == 2 and len(where["node_ids"]) == 2  # one copy per node
-        strip = lambda records: [{k: v for k, v in r.items() if k != "wall_s"} for r in records]  # noqa: E731
-        assert strip(read_metrics(tmp_path / "cluster")) == strip(read_metrics(tmp_path / "local"))
+        assert timeless_records(tmp_path / "cluster") == timeless_records(tmp_path / "local")
     finally:
         backends._WARM.release()
         cluster.shutdown()

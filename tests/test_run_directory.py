@@ -1,15 +1,22 @@
-"""The run directory contract of DESIGN.md, read back from a real (tiny) run."""
+"""The run directory contract (docs/architecture.md), read back from a real (tiny) run."""
 
 import csv
 import json
 
-from conftest import read_metrics
+from helpers import read_metrics
+
 from simulator import checkpoint
 
 METRIC_KEYS = {"round", "task", "wall_s", "train_loss", "acc_per_task", "acc_seen"}
 SUMMARY_KEYS = {
-    "final_accuracy", "average_accuracy", "average_incremental_accuracy",
-    "forgetting", "bwt", "fwt", "rounds", "wall_time_s",
+    "final_accuracy",
+    "average_accuracy",
+    "average_incremental_accuracy",
+    "forgetting",
+    "bwt",
+    "fwt",
+    "rounds",
+    "wall_time_s",
 }
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, cifar_images, compose_run, read_metrics, run_experiment, write_idx_files, write_pickle
 
-from conftest import ROOT, compose_run, read_metrics, run_experiment
 from simulator.data.embedded import load_digits, load_mnist5k
-from test_data_datasets import cifar_images, idx_bytes, write_pickle
 
 SCENARIOS = sorted(p.stem for p in (ROOT / "scenarios" / "scenario").glob("*.yaml"))
 
@@ -25,8 +23,7 @@ def mnist_folder(folder: Path) -> Path:
         "t10k-images-idx3-ubyte": pixels(data.x_test),
         "t10k-labels-idx1-ubyte": data.y_test.astype(np.uint8),
     }
-    for name, array in files.items():
-        (folder / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array)))
+    write_idx_files(folder, files, gz=True)
     return folder
 
 
@@ -67,12 +64,15 @@ def tiny_budget(name: str) -> tuple[list[str], int]:
     if kind == "static":
         return ["rounds=2"], 2
     if kind == "label_shift":
-        return ["rounds=3", "stream.period=1"], 3
-    fast = ["stream.rounds_per_task=1", "stream.min_rounds_per_task=1", "stream.max_rounds_per_task=2"]
+        return ["rounds=3", "stream.label_shift.period=1"], 3
+    fast = ["stream.rounds_per_task=1"]
+    if kind == "class_incremental":
+        fast += ["stream.class_incremental.min_rounds_per_task=1", "stream.class_incremental.max_rounds_per_task=2"]
     return fast, 5  # five tasks in every shipped task stream
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
+@pytest.mark.slow
 def test_scenario_runs_every_task_on_a_tiny_budget(tmp_path, name):
     budget, rounds = tiny_budget(name)
     overrides = [f"scenario={name}", "engine.backend=local", "client.epochs=1", *budget]

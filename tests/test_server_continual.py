@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
+from helpers import kill_after_records, numbers_of, run_experiment, run_py_to_the_end, wait_for_free_cpus
 
-from clients.queries import NUM_SAMPLES, Query, class_feature_statistics, layer_input_sketches
+from clients.queries import class_feature_statistics, layer_input_sketches
 from simulator import checkpoint
 from simulator.backends import ClientFailure
 from simulator.config import ConfigError
 from simulator.held_array import held_array_record
+from simulator.protocol import NUM_SAMPLES, Query
 from strategies.ccvr import pooled_statistics
 from strategies.fot import grown_basis, project_updates
-from tests.conftest import kill_after_records, numbers_of, run_experiment, start_run_py, wait_for_free_cpus
 
-PERMUTED = ["scenario=permuted_digits", "engine.backend=local", "eval.probes=false", "stream.num_tasks=3",
-            "stream.rounds_per_task=2", "client.epochs=1", "federation.clients_per_round=4"]
+PERMUTED = [
+    "scenario=permuted_digits",
+    "engine.backend=local",
+    "eval.probes=false",
+    "stream.permuted.num_tasks=3",
+    "stream.rounds_per_task=2",
+    "client.epochs=1",
+    "federation.clients_per_round=4",
+]
 FOT = [*PERMUTED, "strategy=fot"]
 
 
@@ -49,8 +56,13 @@ def test_a_basis_grows_by_gpms_energy_rule_and_stays_orthonormal():
 def test_clients_sketch_each_layers_inputs_with_their_residual_outside_the_servers_basis():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
     x = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
-    query = Query("layer_input_sketches", {"0.weight": np.eye(3)[:, :1]}, x, torch.zeros(2, dtype=torch.long),
-                  torch.Generator().manual_seed(0))
+    query = Query(
+        "layer_input_sketches",
+        {"0.weight": np.eye(3)[:, :1]},
+        x,
+        torch.zeros(2, dtype=torch.long),
+        torch.Generator().manual_seed(0),
+    )
     answer = layer_input_sketches(model, query)
     assert answer["0.weight"].shape == (3, 3) and answer["2.weight"].shape == (2, 2)
     assert answer["0.weight/energy"] == 5.0 and answer["0.weight/residual_energy"] == 0.0  # inputs lie in e1
@@ -62,9 +74,19 @@ def test_pooled_class_statistics_equal_those_of_all_clients_data_together():
     rng = np.random.default_rng(1)
     features, labels = rng.normal(size=(60, 4)), rng.integers(0, 3, 60)
     model = type("Features", (), {"features": lambda self, x: x, "eval": lambda self: None})()
-    answers = [class_feature_statistics(model, Query("class_feature_statistics", {}, torch.from_numpy(features[part]),
-                                                     torch.from_numpy(labels[part]), torch.Generator()))
-               for part in np.array_split(np.arange(60), 3)]
+    answers = [
+        class_feature_statistics(
+            model,
+            Query(
+                "class_feature_statistics",
+                {},
+                torch.from_numpy(features[part]),
+                torch.from_numpy(labels[part]),
+                torch.Generator(),
+            ),
+        )
+        for part in np.array_split(np.arange(60), 3)
+    ]
     pooled = pooled_statistics(answers)
     for label in range(3):
         mine = features[labels == label]
@@ -99,16 +121,23 @@ def test_ccvr_retrains_only_the_head_and_refuses_a_head_it_cannot_retrain(tmp_pa
 
 
 def test_fot_inside_flowers_dp_wrapper_still_gathers_its_bases(tmp_path):
-    wrapped = [*PERMUTED, "strategy=dp_fixed_server", "strategy.strategy._target_=strategies.fot.FOT",
-               "strategy.noise_multiplier=0.0"]
+    wrapped = [
+        *PERMUTED,
+        "strategy=dp_fixed_server",
+        "strategy.strategy._target_=strategies.fot.FOT",
+        "strategy.noise_multiplier=0.0",
+    ]
     run_experiment(tmp_path, wrapped)
     saved = checkpoint.load(tmp_path / "checkpoints", {"strategies.fot"}).strategy
     assert sorted(saved.strategy.bases) == ["encoder.1.weight", "encoder.3.weight", "head.weight"]
 
 
 def test_an_unknown_query_fails_the_run_naming_the_client_and_the_queries_it_answers(tmp_path, monkeypatch):
-    monkeypatch.setattr("strategies.fot.SKETCHES", "layer_inputs")
-    with pytest.raises(ClientFailure, match=r"(?s)client \d+ failed .*query 'layer_inputs': SGDClient answers"):
+    monkeypatch.setattr("strategies.fot.LAYER_INPUT_SKETCHES", "layer_inputs")
+    with pytest.raises(
+        ClientFailure,
+        match=r"(?s)client \d+ failed .*query = 'layer_inputs': unknown query; valid: class_feature_statistics, layer_input_sketches",
+    ):
         run_experiment(tmp_path, FOT)
 
 
@@ -121,13 +150,13 @@ def test_a_plain_flower_strategy_gives_the_numbers_it_gave_before_the_task_end_h
     assert summary["probe_final_accuracy"] == 0.9610027855153204
 
 
+@pytest.mark.slow
 def test_a_fot_run_killed_with_sigkill_resumes_to_the_uninterrupted_bases_and_numbers(tmp_path):
-    overrides = [*FOT, "stream.num_tasks=4", "engine.checkpoint_every=3"]
+    overrides = [*FOT, "stream.permuted.num_tasks=4", "engine.checkpoint_every=3"]
     run_experiment(tmp_path / "whole", overrides)
     kill_after_records(tmp_path / "killed", overrides, 4)
     assert not (tmp_path / "killed" / "summary.json").exists()
-    resumed = start_run_py(tmp_path / "killed", [*overrides, "resume=true"])
-    assert resumed.wait(timeout=120) == 0, resumed.stderr.read().decode()[-2000:]
+    run_py_to_the_end(tmp_path / "killed", [*overrides, "resume=true"], timeout_s=120)
     assert numbers_of(tmp_path / "killed") == numbers_of(tmp_path / "whole")
     whole = checkpoint.load(tmp_path / "whole" / "checkpoints", {"strategies.fot"}).strategy.bases
     resumed_bases = checkpoint.load(tmp_path / "killed" / "checkpoints", {"strategies.fot"}).strategy.bases

@@ -7,18 +7,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import (
-    ROOT, compose_run, kill_after_records, numbers_of, read_metrics, run_experiment, start_run_py,
+from helpers import (
+    USER_CODE,
+    compose_run,
+    final_checkpoint,
+    kill_after_records,
+    numbers_of,
+    read_metrics,
+    run_experiment,
+    run_py_to_the_end,
     wait_for_free_cpus,
 )
+
 from simulator import checkpoint
-from simulator.client_state import ClientStates
 from simulator.config import ConfigError
 from simulator.data import load_dataset
 from simulator.streams import build_stream
 
-USER_CODE = ROOT / "tests" / "user_code"
 # Class-incremental digits in 10 rounds: a boundary every 2 rounds, 10 of 20 clients a round,
 # so clients come back after missed rounds, some after a whole missed task.
 SHORT_TASKS = ["scenario=digits_class_incremental", "stream.rounds_per_task=2", "client.epochs=1"]
@@ -27,9 +32,7 @@ STATEFUL = ["replay", "ewc", "lwf"]
 
 def _final_states(run_dir: Path) -> dict[int, dict]:
     """Every client's state as the run's last checkpoint left it."""
-    snapshot = checkpoint.load(run_dir / "checkpoints").client_states
-    store = ClientStates(run_dir / "client_state", 0, snapshot)
-    return {client: store.get(client) for client in snapshot.files}
+    return final_checkpoint(run_dir)[1]
 
 
 def _same_states(a: dict[int, dict], b: dict[int, dict]) -> bool:
@@ -54,6 +57,7 @@ def test_a_stateful_method_gives_the_same_numbers_in_process_and_on_1_2_and_3_ac
 
 
 @pytest.mark.parametrize("method", STATEFUL)
+@pytest.mark.slow
 def test_spilling_every_client_state_to_files_gives_the_same_numbers(tmp_path, method):
     common = [*SHORT_TASKS, "engine.backend=local", f"client.method={method}"]
     run_experiment(tmp_path / "memory", common)
@@ -64,43 +68,67 @@ def test_spilling_every_client_state_to_files_gives_the_same_numbers(tmp_path, m
     strip = lambda records: [{k: v for k, v in r.items() if k != "client_state_spilled_mb"} for r in records]  # noqa: E731
     assert strip(spilled[0]) == strip(kept[0]) and spilled[1] == kept[1]
     files = {p.name for p in (tmp_path / "spilled" / "client_state").glob("*.npz")}
-    kept = [json.loads(m.read_text())["client_state"] for m in (tmp_path / "spilled").glob("checkpoints/*/manifest.json")]
-    assert len(kept) == 2 and files == set(kept[0]) | set(kept[1])  # superseded versions go once no kept checkpoint names them
+    kept = [
+        json.loads(m.read_text())["client_state"] for m in (tmp_path / "spilled").glob("checkpoints/*/manifest.json")
+    ]
+    assert len(kept) == 2 and files == set(kept[0]) | set(
+        kept[1]
+    )  # superseded versions go once no kept checkpoint names them
     assert _same_states(_final_states(tmp_path / "spilled"), _final_states(tmp_path / "memory"))
 
 
 def test_without_checkpoints_the_state_files_go_at_the_end(tmp_path):
-    run_experiment(tmp_path, [*SHORT_TASKS, "engine.backend=local", "client.method=ewc",
-                              "engine.client_state_memory_mb=0", "engine.checkpoint_every=0"])
+    run_experiment(
+        tmp_path,
+        [
+            *SHORT_TASKS,
+            "engine.backend=local",
+            "client.method=ewc",
+            "engine.client_state_memory_mb=0",
+            "engine.checkpoint_every=0",
+        ],
+    )
     assert read_metrics(tmp_path)[-1]["client_state_spilled_mb"] > 0
     assert not (tmp_path / "client_state").exists()
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_uninterrupted_numbers(tmp_path):
     # EWC: two model-sized arrays per client; a small budget makes some of them leave memory, and
     # checkpoints every 2 rounds, so the kill may land between a state file's write and the
     # checkpoint that names it, and resume goes back past rounds whose files exist.
-    overrides = ["scenario=digits_class_incremental", "stream.rounds_per_task=6", "client.epochs=1",
-                 "client.method=ewc", "engine.backend=local", "engine.client_state_memory_mb=1",
-                 "engine.checkpoint_every=2"]
-    whole = start_run_py(tmp_path / "whole", overrides)
-    assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()[-2000:]
+    overrides = [
+        "scenario=digits_class_incremental",
+        "stream.rounds_per_task=6",
+        "client.epochs=1",
+        "client.method=ewc",
+        "engine.backend=local",
+        "engine.client_state_memory_mb=1",
+        "engine.checkpoint_every=2",
+    ]
+    run_py_to_the_end(tmp_path / "whole", overrides, timeout_s=300)
 
     done = kill_after_records(tmp_path / "killed", overrides, 9, timeout_s=120)  # round 9: mid task 1
     assert not (tmp_path / "killed" / "summary.json").exists() and done < 30, done
     assert checkpoint.load(tmp_path / "killed" / "checkpoints").client_states.files  # states were saved
 
-    resumed = start_run_py(tmp_path / "killed", [*overrides, "resume=true"])
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    run_py_to_the_end(tmp_path / "killed", [*overrides, "resume=true"], timeout_s=300)
     assert numbers_of(tmp_path / "killed") == numbers_of(tmp_path / "whole")
     assert _same_states(_final_states(tmp_path / "killed"), _final_states(tmp_path / "whole"))
 
 
 def test_a_clients_own_task_schedule_drives_begin_task_with_the_task_and_data_it_left(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(USER_CODE))
-    overrides = ["scenario=digits_async_tasks", "stream.min_rounds_per_task=1", "stream.max_rounds_per_task=3",
-                 "rounds=12", "client.epochs=1", "engine.backend=local",
-                 "client.method=task_recorder.RecordsTasks", "client.recorder.label=async"]
+    overrides = [
+        "scenario=digits_async_tasks",
+        "stream.class_incremental.min_rounds_per_task=1",
+        "stream.class_incremental.max_rounds_per_task=3",
+        "rounds=12",
+        "client.epochs=1",
+        "engine.backend=local",
+        "client.method=task_recorder.RecordsTasks",
+        "client.recorder.label=async",
+    ]
     run_experiment(tmp_path, overrides)
     stream = build_stream(run := compose_run(overrides), load_dataset(run.data, 20, run.seed))
     states = _final_states(tmp_path)
@@ -121,20 +149,26 @@ def test_a_clients_own_task_schedule_drives_begin_task_with_the_task_and_data_it
     assert read_metrics(tmp_path)[-1]["train/recorded_rounds"] > 1  # the method's own metric, aggregated
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("client.replay.bufer_size=5", r"client\.replay\.bufer_size: unknown key; valid keys: buffer_size, batch_size"),
-    ("client.ewc.strength=strong", r"client\.ewc\.strength = 'strong': expected float"),
-    ("client.replay.buffer_size=0", r"client\.replay\.buffer_size = 0: must be at least 1"),
-    ("client.lwf.temperature=0", r"client\.lwf\.temperature = 0\.0: must be > 0"),
-    ("client.fedprox.proximal_mu=-1", r"client\.fedprox\.proximal_mu = -1\.0: must be >= 0"),
-    ("client.recorder.repeat=0", r"client\.recorder\.repeat = 0: must be at least 1"),
-    ("client.recorder.lable=x", r"client\.recorder\.lable: unknown key; valid keys: label, repeat"),
-    ("client.lr_typo=0.1", r"client\.lr_typo = 0\.1: unknown key; valid keys: method, lr"),
-    ("client.replay.batch_size=0", r"client\.replay\.batch_size = 0: must be at least 1"),
-    ("client.ewc.strength=inf", r"client\.ewc\.strength = inf: expected a finite number"),
-    ("client.replya.buffer_size=5", r"client\.replya: no client method has this section; did you mean client\.replay\?"),
-    ("client.replay=5", r"client\.replay = 5: unknown key; .* or a client method's section"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("client.replay.bufer_size=5", r"client\.replay\.bufer_size: unknown key; valid keys: buffer_size, batch_size"),
+        ("client.ewc.strength=strong", r"client\.ewc\.strength = 'strong': expected float"),
+        ("client.replay.buffer_size=0", r"client\.replay\.buffer_size = 0: must be at least 1"),
+        ("client.lwf.temperature=0", r"client\.lwf\.temperature = 0\.0: must be > 0"),
+        ("client.fedprox.proximal_mu=-1", r"client\.fedprox\.proximal_mu = -1\.0: must be >= 0"),
+        ("client.recorder.repeat=0", r"client\.recorder\.repeat = 0: must be at least 1"),
+        ("client.recorder.lable=x", r"client\.recorder\.lable: unknown key; valid keys: label, repeat"),
+        ("client.lr_typo=0.1", r"client\.lr_typo = 0\.1: unknown key; valid keys: method, lr"),
+        ("client.replay.batch_size=0", r"client\.replay\.batch_size = 0: must be at least 1"),
+        ("client.ewc.strength=inf", r"client\.ewc\.strength = inf: expected a finite number"),
+        (
+            "client.replya.buffer_size=5",
+            r"client\.replya: no client method has this section; did you mean client\.replay\?",
+        ),
+        ("client.replay=5", r"client\.replay = 5: unknown key; .* or a plugin's section"),
+    ],
+)
 def test_a_methods_settings_are_checked_with_the_key_before_any_work(monkeypatch, override, message):
     monkeypatch.syspath_prepend(str(USER_CODE))
     with pytest.raises(ConfigError, match=message):
@@ -149,6 +183,7 @@ def test_settings_reach_the_method_and_proximal_mu_lives_under_fedprox():
         compose_run(["+client.proximal_mu=0.3"])
 
 
+@pytest.mark.slow
 def test_a_learning_rate_the_strategy_sends_overrides_client_lr_for_the_round(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(USER_CODE))
     common = ["rounds=2", "engine.backend=local", "client.lr=0.05"]

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import compose_run, stream_of
 
-from conftest import compose_run
 from simulator.config import ConfigError
-from simulator.data import load_dataset
-from simulator.streams import build_stream
 from simulator.streams.class_incremental import ABSENT
 
 
 def make_stream(overrides: list[str]):
     run = compose_run(overrides)
-    return build_stream(run, load_dataset(run.data, run.federation.num_clients, run.seed)), run
+    return stream_of(run), run
 
 
 CLASS_IL = ["scenario=digits_class_incremental"]
@@ -41,17 +39,19 @@ def test_each_tasks_samples_are_split_once_over_the_clients():
 
 
 def test_class_order_is_seeded_and_explicit_tasks_are_kept():
-    shuffled = [c.tolist() for c in make_stream([*CLASS_IL, "stream.shuffle_classes=true"])[0].classes]
-    again = [c.tolist() for c in make_stream([*CLASS_IL, "stream.shuffle_classes=true"])[0].classes]
+    shuffled = [
+        c.tolist() for c in make_stream([*CLASS_IL, "stream.class_incremental.shuffle_classes=true"])[0].classes
+    ]
+    again = [c.tolist() for c in make_stream([*CLASS_IL, "stream.class_incremental.shuffle_classes=true"])[0].classes]
     assert shuffled == again and shuffled != [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     assert sorted(c for task in shuffled for c in task) == list(range(10))
-    explicit, _ = make_stream([*CLASS_IL, "stream.tasks=[[9,8,7],[0,1,2]]"])
+    explicit, _ = make_stream([*CLASS_IL, "stream.class_incremental.tasks=[[9,8,7],[0,1,2]]"])
     assert [c.tolist() for c in explicit.classes] == [[9, 8, 7], [0, 1, 2]]
     assert explicit.default_rounds == 20
 
 
 def test_task_incremental_masks_logits_to_the_live_tasks_classes():
-    stream, _ = make_stream([*CLASS_IL, "stream.task_incremental=true"])
+    stream, _ = make_stream([*CLASS_IL, "stream.class_incremental.task_incremental=true"])
     assert np.flatnonzero(stream.class_mask(15, 0)).tolist() == [2, 3]
     assert np.flatnonzero(stream.task_mask(4)).tolist() == [8, 9]
     assert make_stream(CLASS_IL)[0].class_mask(15, 0) is None
@@ -94,8 +94,8 @@ def test_clients_join_at_boundaries_and_some_stay_on_old_classes():
 
 
 def test_too_few_clients_at_the_start_is_rejected():
-    with pytest.raises(ConfigError, match="stream.initial_clients = 0.3: only 6 clients"):
-        make_stream(["scenario=digits_joining_clients", "stream.initial_clients=0.3"])
+    with pytest.raises(ConfigError, match="stream.class_incremental.initial_clients = 0.3: only 6 clients"):
+        make_stream(["scenario=digits_joining_clients", "stream.class_incremental.initial_clients=0.3"])
 
 
 def test_permuted_tasks_shuffle_the_same_pixels_of_the_same_images():
@@ -112,11 +112,14 @@ def test_permuted_tasks_shuffle_the_same_pixels_of_the_same_images():
 
 
 def test_rotated_by_90_degrees_is_the_image_turned_a_quarter():
-    stream, run = make_stream(["scenario=rotated_digits", "stream.num_tasks=2"])
+    stream, run = make_stream(["scenario=rotated_digits", "stream.rotated.num_tasks=2"])
     n = stream.train_size
     turned = stream.x_train[n:]
     expected = np.rot90(stream.x_train[:n], k=1, axes=(2, 3))
-    assert np.abs(turned - expected).max() < 1e-5 or np.abs(turned - np.rot90(stream.x_train[:n], k=-1, axes=(2, 3))).max() < 1e-5
+    assert (
+        np.abs(turned - expected).max() < 1e-5
+        or np.abs(turned - np.rot90(stream.x_train[:n], k=-1, axes=(2, 3))).max() < 1e-5
+    )
 
 
 def test_rotation_needs_images():
@@ -143,11 +146,11 @@ def test_under_label_shift_the_trained_labels_follow_each_clients_prior():
 
 
 def test_swap_exchanges_priors_between_clients_and_gradual_interpolates():
-    swap, _ = make_stream([*LABEL_SHIFT, "stream.mode=swap"])
+    swap, _ = make_stream([*LABEL_SHIFT, "stream.label_shift.mode=swap"])
     first = {tuple(p) for p in swap.priors[0]}
     assert {tuple(p) for p in swap.priors[3]} == first
     assert not np.array_equal(swap.priors[3], swap.priors[0])
-    gradual, _ = make_stream([*LABEL_SHIFT, "stream.mode=gradual"])
+    gradual, _ = make_stream([*LABEL_SHIFT, "stream.label_shift.mode=gradual"])
     halfway = gradual.client_label_distribution(6, 4)  # 5 of 10 rounds into period 0
     np.testing.assert_allclose(halfway, 0.5 * gradual.priors[0, 4] + 0.5 * gradual.priors[1, 4])
 
@@ -164,8 +167,9 @@ def test_label_shift_task_tests_follow_the_periods_mean_prior():
     assert np.abs(drawn - expected).sum() / expected.sum() < 0.08  # 1,800 draws in all
 
 
-@pytest.mark.parametrize("scenario", ["digits", "digits_class_incremental", "digits_async_tasks",
-                                      "permuted_digits", "digits_label_shift"])
+@pytest.mark.parametrize(
+    "scenario", ["digits", "digits_class_incremental", "digits_async_tasks", "permuted_digits", "digits_label_shift"]
+)
 def test_asking_a_stream_twice_or_rebuilding_it_gives_the_same_answers(scenario):
     first, _ = make_stream([f"scenario={scenario}"])
     second, _ = make_stream([f"scenario={scenario}"])
@@ -174,5 +178,7 @@ def test_asking_a_stream_twice_or_rebuilding_it_gives_the_same_answers(scenario)
             a = first.train_indices(server_round, client)
             np.testing.assert_array_equal(a, first.train_indices(server_round, client))
             np.testing.assert_array_equal(a, second.train_indices(server_round, client))
-            np.testing.assert_array_equal(first.client_test_indices(server_round, client, 20),
-                                          second.client_test_indices(server_round, client, 20))
+            np.testing.assert_array_equal(
+                first.client_test_indices(server_round, client, 20),
+                second.client_test_indices(server_round, client, 20),
+            )

@@ -6,14 +6,11 @@ import json
 
 import pytest
 import ray
+from helpers import numbers_of, run_experiment
 
 import run as run_py
 from simulator import backends
 from simulator.backends import ClientFailure
-from simulator.config import compose_config, load_config
-from simulator.engine import Experiment
-from strategies import build_strategy
-from tests.conftest import ROOT, numbers_of, run_experiment
 
 pytestmark = pytest.mark.ray
 SHORT = ["rounds=3", "eval.probes=false"]
@@ -27,18 +24,14 @@ def warm_pools():
     assert not ray.is_initialized()
 
 
-def _run(run_dir, overrides, keep_warm):
-    cfg = compose_config(overrides)
-    return Experiment(load_config(cfg), build_strategy(cfg.strategy), run_dir, keep_warm=keep_warm).run()
-
-
 def test_a_two_job_sweep_starts_one_ray_and_one_pool_and_gives_each_job_its_solo_numbers(
     tmp_path, monkeypatch, warm_pools
 ):
     started = []
     original = backends.RayBackend._start
-    monkeypatch.setattr(backends.RayBackend, "_start",
-                        lambda self, run: started.append(run.seed) or original(self, run))
+    monkeypatch.setattr(
+        backends.RayBackend, "_start", lambda self, run: started.append(run.seed) or original(self, run)
+    )
     code = run_py.main_cli(["--multirun", "seed=0,1", *SHORT, f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert code == 0 and started == [0]  # the second job reused the first job's Ray and actors
     assert backends._WARM.pool is not None and ray.is_initialized()  # kept for a next job until exit
@@ -48,22 +41,23 @@ def test_a_two_job_sweep_starts_one_ray_and_one_pool_and_gives_each_job_its_solo
         assert numbers_of(job) == numbers_of(tmp_path / f"solo{seed}"), f"seed {seed}"
 
 
-def test_a_failing_job_releases_its_pool_so_the_next_job_runs_as_if_alone(tmp_path, monkeypatch, warm_pools):
-    monkeypatch.syspath_prepend(str(ROOT / "tests" / "user_code"))
-    monkeypatch.setenv("PYTHONPATH", f"{ROOT / 'tests' / 'user_code'}:{ROOT}")  # Ray workers import it too
+def test_a_failing_job_releases_its_pool_so_the_next_job_runs_as_if_alone(tmp_path, user_code, warm_pools):
     with pytest.raises(ClientFailure):
-        _run(tmp_path / "failing", [*SHORT, "client.method=failing_client.FailsOnClientThree",
-                                       "federation.clients_per_round=20"], keep_warm=True)
+        run_experiment(
+            tmp_path / "failing",
+            [*SHORT, "client.method=failing_client.FailsOnClientThree", "federation.clients_per_round=20"],
+            keep_warm=True,
+        )
     assert backends._WARM.pool is None and not ray.is_initialized()  # nothing of it is left to reuse
-    _run(tmp_path / "next", SHORT, keep_warm=True)
+    run_experiment(tmp_path / "next", SHORT, keep_warm=True)
     run_experiment(tmp_path / "solo", [*SHORT, "engine.backend=local"])
     assert numbers_of(tmp_path / "next") == numbers_of(tmp_path / "solo")
 
 
 def test_a_pool_of_another_shape_is_replaced_and_the_job_keeps_its_numbers(tmp_path, warm_pools):
-    _run(tmp_path / "two", SHORT, keep_warm=True)
+    run_experiment(tmp_path / "two", SHORT, keep_warm=True)
     first = backends._WARM.pool
-    _run(tmp_path / "three", [*SHORT, "engine.num_actors=1"], keep_warm=True)
+    run_experiment(tmp_path / "three", [*SHORT, "engine.num_actors=1"], keep_warm=True)
     assert backends._WARM.pool is not first and len(backends._WARM.pool.actors) == 1
     assert numbers_of(tmp_path / "three") == numbers_of(tmp_path / "two")
     summary = json.loads((tmp_path / "three" / "summary.json").read_text())
@@ -71,17 +65,17 @@ def test_a_pool_of_another_shape_is_replaced_and_the_job_keeps_its_numbers(tmp_p
 
 
 def test_a_failing_job_in_a_command_line_sweep_lets_the_others_run_and_the_command_says_so(
-    tmp_path, monkeypatch, capsys, warm_pools
+    tmp_path, user_code, capsys, warm_pools
 ):
-    monkeypatch.syspath_prepend(str(ROOT / "tests" / "user_code"))
-    monkeypatch.setenv("PYTHONPATH", f"{ROOT / 'tests' / 'user_code'}:{ROOT}")  # Ray workers import it too
     methods = "client.method=sgd,failing_client.FailsOnClientThree,lwf"
-    code = run_py.main_cli(["--multirun", methods, *SHORT, "federation.clients_per_round=20",
-                            f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    code = run_py.main_cli(
+        ["--multirun", methods, *SHORT, "federation.clients_per_round=20", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    )
     assert code == 1  # a client failed: the sweep's exit code says so
     assert "client 3 failed" in capsys.readouterr().err
     jobs = sorted((tmp_path / "sweep").glob("[0-9]_*"))
     assert [(job / "summary.json").exists() for job in jobs] == [True, False, True]
-    run_experiment(tmp_path / "solo", [*SHORT, "federation.clients_per_round=20", "client.method=lwf",
-                                       "engine.backend=local"])
+    run_experiment(
+        tmp_path / "solo", [*SHORT, "federation.clients_per_round=20", "client.method=lwf", "engine.backend=local"]
+    )
     assert numbers_of(jobs[2]) == numbers_of(tmp_path / "solo")  # the job after the failure, as if alone

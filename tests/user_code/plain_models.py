@@ -7,8 +7,9 @@ from torch import nn
 
 def sequential(input_shape, num_classes, cfg):
     """A plain nn.Sequential: no features(x), no head."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), cfg.hidden), nn.ReLU(),
-                         nn.Linear(cfg.hidden, num_classes))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(math.prod(input_shape), cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, num_classes)
+    )
 
 
 class WithFeatures(nn.Module):

@@ -23,15 +23,19 @@ class RecordsTasks(SGDClient):
     section = "recorder"
 
     def begin_task(self, model, context):
-        state, previous = context.state, context.previous
+        state, previous = dict(context.state), context.previous
         left = -1 if previous is None else previous.task
         state["changes"] = np.append(state.get("changes", np.zeros(0, np.int64)), [context.server_round, left])
         if previous is not None:
             state[f"left_at_{context.server_round}"] = previous.indices
+        return state
 
     def end(self, model, context):
-        state = context.state
+        return {"recorded_rounds": float(len(context.state.get("rounds", ())) + self.settings.repeat)}
+
+    def new_state(self, model, context):
+        state = dict(context.state)
         for key, value in (("rounds", context.server_round), ("tasks", context.task)):
             state[key] = np.append(state.get(key, np.zeros(0, np.int64)), [value] * self.settings.repeat)
         state["label"] = self.settings.label
-        return {"recorded_rounds": float(len(state["rounds"]))}
+        return state
