@@ -10,7 +10,7 @@ and sends it in with the client's job), and a method returns the new one from
 :meth:`ClientMethod.new_state` (after the round); :meth:`ClientMethod.train`
 hands it back in its :class:`LocalResult`, and the driver stores it again
 (docs/architecture.md, "Client state"). Writing into ``context.state`` (the
-pre-0.2 way) raises a ``TypeError`` that says so. Values a method sets on
+way methods were written before) raises a ``TypeError`` that says so. Values a method sets on
 ``self`` in :meth:`ClientMethod.begin` are scratch for the client in
 training now.
 
@@ -20,6 +20,7 @@ the generator in it, so a client's result does not depend on which actor ran it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,15 @@ class ReadOnlyState(dict):
         )
 
     __setitem__ = __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _refuse
+
+    def __reduce__(self) -> tuple:  # a copy, a deep copy or a pickle is a plain (writable) dict
+        return dict, (dict(self),)
+
+    def __copy__(self) -> dict[str, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return copy.deepcopy(dict(self), memo)
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,7 @@ class LocalResult:
     num_examples: int
     train_loss: float
     metrics: dict[str, float]  # the method's own, sent to the strategy with the reply
-    state: Mapping[str, Any] = field(default_factory=dict)  # the client's new state, kept for its next round
+    state: Mapping[str, Any] | None = None  # the client's new state, kept for its next round (None: unchanged)
 
 
 def masked(logits: torch.Tensor, class_mask: torch.Tensor | None) -> torch.Tensor:
@@ -178,8 +188,8 @@ class ClientMethod:
         """Finish the round; return metrics to send to the strategy."""
         return {}
 
-    def new_state(self, model: nn.Module, context: TrainContext) -> Mapping[str, Any]:
-        """The client's state to keep after this round, its training done (default: as it came)."""
+    def new_state(self, model: nn.Module, context: TrainContext) -> Mapping[str, Any] | None:
+        """The client's state to keep after this round, its training done (default: as it came; None too)."""
         return context.state
 
     def answer(self, model: nn.Module, query: Query) -> dict[str, np.ndarray]:
@@ -198,7 +208,8 @@ class ClientMethod:
         self.begin(model, context)
         mean_loss = self.fit(model, x, y, context)
         metrics = self.end(model, context)
-        return LocalResult(len(y), mean_loss, metrics, self.new_state(model, context))
+        state = self.new_state(model, context)
+        return LocalResult(len(y), mean_loss, metrics, context.state if state is None else state)
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: TrainContext) -> float:
         """The round's optimisation: every parameter for ``client.epochs``; returns the mean loss."""

@@ -95,9 +95,14 @@ def build_model(
     # The head draws after the encoder: every head starts from the same encoder.
     head = HEADS.resolve(config.head)
     settings = head.Settings() if config.head_settings is None else config.head_settings
-    return RepresentationModel(
-        encoder, _initialized(head(config.feature_dim, num_classes, settings, generator), generator)
-    )
+    try:
+        built = head(config.feature_dim, num_classes, settings, generator)
+    except Exception as error:  # a user's class that is no head: name the key, not a traceback
+        raise ConfigError(
+            f"model.head = {config.head!r}: Head(feature_dim, num_classes, settings, generator) failed: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    return RepresentationModel(encoder, _initialized(built, generator))
 
 
 def _initialized(module: nn.Module, generator: torch.Generator) -> nn.Module:

@@ -340,7 +340,7 @@ class Checkpoints(Hook):
     Without checkpoints nothing can continue the run, so its client-state files go at the end."""
 
     def __init__(self, setup: RunSetup) -> None:
-        self.setup = setup
+        super().__init__(setup)
         self.every = setup.config.engine.checkpoint_every
         self.previous_files = list(setup.states.saved_files)  # what the previous kept checkpoint names
 

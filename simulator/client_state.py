@@ -63,10 +63,15 @@ class ClientStateStore:
         self.memory_bytes = 0
         self._discard_newer_than(max(self._last_round.values(), default=0))
 
-    def get(self, client: int) -> ClientState:
-        """Client ``client``'s state (empty before it first trains); its arrays are read-only."""
+    def get(self, client: int, use: bool = True) -> ClientState:
+        """Client ``client``'s state (empty before it first trains); its arrays are read-only.
+
+        ``use``: the state is used by the client's training (or evaluation), so it becomes the
+        most recently used; a look that is not (a query) leaves the eviction order as it was.
+        """
         if client in self._memory:
-            self._memory.move_to_end(client)
+            if use:
+                self._memory.move_to_end(client)
             return self._memory[client]
         if client in self._files:
             return _read(self.directory / self._files[client])

@@ -10,6 +10,7 @@ starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -200,7 +201,7 @@ def parse_config(cfg: DictConfig) -> ExperimentConfig:
     checks them against the chosen plugins' own ``Settings``.
     """
     try:
-        return _load_config(cfg)
+        return _parse_config(cfg)
     except OmegaConfBaseException as error:  # e.g. an interpolation ${...} that names no key
         key = error.full_key or next((k for k in cfg if _fails_to_resolve(cfg, k)), "?")
         reason = (error.msg or str(error)).splitlines()[0]
@@ -232,7 +233,7 @@ def _fails_to_resolve(cfg: DictConfig, key: Any) -> bool:
     return False
 
 
-def _load_config(cfg: DictConfig) -> ExperimentConfig:
+def _parse_config(cfg: DictConfig) -> ExperimentConfig:
     where = scenario_source(cfg)
     known = [*_SECTIONS, *_TOP_LEVEL]
     for key in cfg:
@@ -280,6 +281,8 @@ def build_section(schema: type, given: Any, path: str, where: str) -> Any:
         if key in valid:
             values[key] = _typed(hints[key], value, f"{path}.{key}", where)
         elif takes_sections and isinstance(value, dict):
+            if close := difflib.get_close_matches(key, valid, n=1, cutoff=0.75):
+                raise ConfigError(f"{where}: {path}.{key}: unknown key; did you mean {path}.{close[0]}?")
             plugin_sections[key] = value
         elif takes_sections:
             raise ConfigError(

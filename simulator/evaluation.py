@@ -93,9 +93,6 @@ class HeadEvaluation(Hook):
     """The global model on every task's test set and on each client's own data mix (and, where the
     client method keeps personal layers, each client's own model: ``client_acc_personal_*``)."""
 
-    def __init__(self, setup: RunSetup) -> None:
-        self.setup = setup
-
     def after_round(self, view: RoundView) -> dict[str, Any]:
         setup, config = self.setup, self.setup.config
         if not evaluation_due(config, view):
@@ -142,7 +139,7 @@ class FederatedEvaluation(Hook):
     (each its own model where the client method keeps personal layers: ``federated_acc_personal``)."""
 
     def __init__(self, setup: RunSetup) -> None:
-        self.setup = setup
+        super().__init__(setup)
         self.key = "federated_acc_personal" if setup.method.personal_prefixes else "federated_acc"
 
     def after_round(self, view: RoundView) -> dict[str, Any]:

@@ -105,6 +105,10 @@ class RoundView:
 class Hook:
     """A part of what happens around rounds; override the points it needs."""
 
+    def __init__(self, setup: RunSetup) -> None:
+        """Built once per run, before the first round, with what stays the same across its rounds."""
+        self.setup = setup
+
     def after_round(self, view: RoundView) -> dict[str, Any]:
         """Metrics for this round's record; ``{}`` when there is nothing to report."""
         return {}

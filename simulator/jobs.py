@@ -4,8 +4,10 @@ The Grid (``simulator/grid.py``) turns Flower messages into calls of
 :meth:`JobPlanner.job`: which samples the client holds this round (training
 data for training and queries, a test sample drawn like its data for
 evaluation), its live task, whether it starts a new task and which one it left
-(:func:`task_change`), and which state travels with it: only the cohort's, and
-to evaluation only where the method keeps personal layers. Once the backend
+(:func:`task_change`), and which state travels with it: the cohort's to
+training, a queried client's to its query (without making it recently used, so
+queries never change which states spill), and to evaluation only where the
+method keeps personal layers. Once the backend
 returns, :meth:`JobPlanner.keep_states` writes the trained clients' new states
 back to the store.
 """
@@ -67,6 +69,7 @@ class JobPlanner:
         if kind == TRAIN:
             new_task, previous = task_change(stream, client, task, self.states.last_round(client))
         travels = kind in (TRAIN, QUERY) or self.personal
+        state = self.states.get(client, use=kind != QUERY) if travels else {}
         return ClientJob(
             client_id=client,
             kind=kind,
@@ -76,7 +79,7 @@ class JobPlanner:
             task=task,
             class_mask=stream.class_mask(server_round, client),
             config=config,
-            state=self.states.get(client) if travels else {},
+            state=state,
             new_task=new_task,
             previous=previous,
             query_arrays=query_arrays,

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from clients import METHODS
 from clients.heads import HEADS
-from clients.models import ENCODERS, MODELS
+from clients.models import MODELS
 from simulator.config import ConfigError, ExperimentConfig, parse_config, scenario_source
 from simulator.data import DATASETS
 from simulator.hooks import HOOKS
@@ -28,11 +28,10 @@ def load_config(cfg: DictConfig) -> ExperimentConfig:
     config = parse_config(cfg)
     where = scenario_source(cfg)
     client, model, stream, data = config.client, config.model, config.stream, config.data
-    if model.name not in ENCODERS:
-        MODELS.resolve(model.name)
+    MODELS.resolve(model.name, where)
     for hook in config.eval.hooks:
-        HOOKS.resolve(hook)
-    source = DATASETS.resolve(data.dataset)
+        HOOKS.resolve(hook, where)
+    source = DATASETS.resolve(data.dataset, where)
     if data.scale is not None and not source.reads_files:
         readers = [name for name in DATASETS if DATASETS.resolve(name).reads_files]
         raise ConfigError(

@@ -31,7 +31,7 @@ import torch
 
 from simulator import metrics
 from simulator.evaluation import accuracy_record
-from simulator.hooks import Hook, RoundView, RunSetup
+from simulator.hooks import Hook, RoundView
 from simulator.seeding import Purpose, rng
 from simulator.streams import Stream
 
@@ -136,9 +136,6 @@ def encode(model: torch.nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray
 class Probes(Hook):
     """The probes at every task end and every ``eval.probe_every`` rounds; at the end, their
     matrices (``probe_matrix.csv``, ``ncm_matrix.csv``) and metrics in the summary."""
-
-    def __init__(self, setup: RunSetup) -> None:
-        self.setup = setup
 
     def after_round(self, view: RoundView) -> dict[str, Any]:
         every = self.setup.config.eval.probe_every

@@ -100,18 +100,23 @@ class Registry(Generic[Plugin]):
     def __iter__(self) -> Iterable[str]:
         return iter(self.shipped)
 
-    def resolve(self, name: str) -> Plugin:
-        """The plugin ``name`` names: a shipped one, or a user's by dotted path."""
+    def resolve(self, name: str, where: str = "") -> Plugin:
+        """The plugin ``name`` names: a shipped one, or a user's by dotted path. ``where``: the
+        config's source (the scenario file), for messages."""
         if name in self.shipped:
             return self.shipped[name]
+        source = f"{where}: " if where else ""
         if "." not in name:
+            shipped = f"valid: {', '.join(sorted(self.shipped))} or " if self.shipped else "expected "
             raise ConfigError(
-                f"{self.key} = {name!r}: unknown {self.kind}; valid: "
-                f"{', '.join(sorted(self.shipped))} or the dotted path of {self.expected}"
+                f"{source}{self.key} = {name!r}: unknown {self.kind}; {shipped}the dotted path of {self.expected}"
             )
-        plugin = import_object(name, self.key)
+        try:
+            plugin = import_object(name, self.key)
+        except ConfigError as error:
+            raise ConfigError(f"{source}{error}") from None
         if not self.accepts(plugin):
-            raise ConfigError(f"{self.key} = {name!r}: expected {self.expected}, found {plugin!r}")
+            raise ConfigError(f"{source}{self.key} = {name!r}: expected {self.expected}, found {plugin!r}")
         return plugin
 
     def settings(self, name: str, sections: dict[str, Any], path: str, where: str, strict: bool = False) -> Any:
@@ -125,7 +130,7 @@ class Registry(Generic[Plugin]):
         plugin but the chosen one is refused (a stream kind's keys mean nothing
         to another kind).
         """
-        chosen = self.resolve(name)
+        chosen = self.resolve(name, where)
         known = {section_name(p): p for p in (*self.shipped.values(), chosen)}
         mine = section_name(chosen)
         if strict:

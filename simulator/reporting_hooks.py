@@ -13,6 +13,7 @@ class Progress(Hook):
     """A progress bar over rounds, with the last evaluation's task, loss and accuracy."""
 
     def __init__(self, setup: RunSetup) -> None:
+        super().__init__(setup)
         self.bar = tqdm(
             total=setup.rounds, initial=setup.first_round - 1, desc="round", unit="round", dynamic_ncols=True
         )
@@ -29,18 +30,12 @@ class Progress(Hook):
 class Communication(Hook):
     """The run's totals ``uplink_mb`` and ``downlink_mb`` in the summary (see ``grid.Traffic``)."""
 
-    def __init__(self, setup: RunSetup) -> None:
-        self.setup = setup
-
     def at_end(self, view: RoundView) -> dict[str, Any]:
         return self.setup.grid.traffic.megabytes()
 
 
 class ForgettingPlot(Hook):
     """``plots/forgetting.png``: accuracy per task over rounds (and the probes beside it, where they ran)."""
-
-    def __init__(self, setup: RunSetup) -> None:
-        self.setup = setup
 
     def finished(self, view: RoundView) -> None:
         from simulator.plot import plot_forgetting  # matplotlib loads only where a run finishes: not a cycle

@@ -36,7 +36,7 @@ class Draw:
     used: renaming changes no number). A draw per task or period adds its index to its key."""
 
     PIXEL_PERMUTATION = 1000  # DATA: a permuted stream's task t permutes with key 1000 + t
-    CLASS_ORDER = 2000  # DATA: stream.shuffle_classes
+    CLASS_ORDER = 2000  # DATA: stream.class_incremental.shuffle_classes
     JOIN_ORDER = 3000  # DATA: which clients join at which task boundary
     STAY_BEHIND = 4000  # DATA: which clients keep their old classes at a boundary
     OWN_SCHEDULE = 5000  # DATA: a client's own task order and pace

@@ -152,11 +152,17 @@ class ClientWorker:
         metrics = {**result.metrics, NUM_EXAMPLES: float(result.num_examples), TRAIN_LOSS: result.train_loss}
         metrics.update(clip_if_asked(arrays, global_weights, job.config))
         finite = math.isfinite(result.train_loss) and all_finite(arrays)
-        return ClientOutcome(job.client_id, arrays, metrics, state=check_state(result.state), finite=finite)
+        return ClientOutcome(
+            job.client_id,
+            arrays,
+            metrics,
+            state=check_state(job.state if result.state is None else result.state),
+            finite=finite,
+        )
 
     def _answer(self, job: ClientJob) -> ClientOutcome:
         query = Query(
-            name=str(job.config.get(QUERY_NAME, "")),  # none: the method names the queries it answers
+            name=str(job.config.get(QUERY_NAME, "")),  # none: an unknown query, which the error lists
             arrays=job.query_arrays,
             x=self._tensor(self.data.x_train[job.indices]),
             y=self._tensor(self.data.y_train[job.indices]),

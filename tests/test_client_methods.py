@@ -191,10 +191,20 @@ def test_a_methods_new_state_is_returned_and_writing_into_the_contexts_state_is_
     assert result.state["indices"].tolist() == [0, 1, 2] and result.state["seen"] == 3
     assert state == {"seen": 0} and dict(context.state) == {"seen": 0}  # what came in is left as it was
 
-    class OldStyle(SGDClient):  # a method written the pre-0.2 way: it writes into context.state
+    class OldStyle(SGDClient):  # a method written the old way: it writes into context.state
         def end(self, model, context):
             context.state["rounds"] = 1
             return {}
 
     with pytest.raises(TypeError, match="read-only: return the new state from begin_task .* or new_state"):
         _method(OldStyle).train(_model(), X[20:28], Y[20:28], _context(ReadOnlyState({})))
+
+
+def test_a_new_state_of_none_keeps_the_state_the_round_trained_with():
+    class KeepsAll(ReplayClient):
+        def new_state(self, model, context):
+            return None
+
+    context = _context(ReadOnlyState({"seen": 0}), PreviousTask(0, np.arange(3)), True)
+    state = _method(KeepsAll, buffer_size=4).train(_model(), X[20:28], Y[20:28], context).state
+    assert state["indices"].tolist() == [0, 1, 2] and state["seen"] == 3  # begin_task's, not the one it came with

@@ -46,6 +46,20 @@ def test_states_spill_past_the_budget_and_come_back_with_the_same_values_and_typ
     assert store.get(7) == {} and store.last_round(7) is None
 
 
+def test_a_look_that_is_not_a_use_leaves_which_state_spills_next_as_it_was(tmp_path):
+    size = state_bytes(_state(0))
+    looked, used = ClientStateStore(tmp_path / "looked", 2 * size), ClientStateStore(tmp_path / "used", 2 * size)
+    for store in (looked, used):
+        store.put(0, server_round=1, state=_state(0))
+        store.put(1, server_round=1, state=_state(1))
+    assert _same(looked.get(0, use=False), _state(0))  # a query's look: client 0 stays the least recently used
+    used.get(0)  # a training's use: client 1 becomes the least recently used
+    for store in (looked, used):
+        store.put(2, server_round=2, state=_state(2))
+    assert [p.name for p in (tmp_path / "looked").iterdir()] == ["client0_round1.npz"]
+    assert [p.name for p in (tmp_path / "used").iterdir()] == ["client1_round1.npz"]
+
+
 def test_state_arrays_are_read_only_as_they_arrive_from_rays_object_store(tmp_path):
     store = ClientStateStore(tmp_path, memory_budget=0)  # every state spills
     store.put(3, 2, {"a": np.zeros(4)})

@@ -172,6 +172,10 @@ CASES: dict[str, Case] = {
     "unknown label shift mode": Case(
         ["stream.kind=label_shift", "stream.label_shift.mode=sideways"], ["stream.label_shift.mode", "abrupt"]
     ),
+    "partition section misspelt": Case(["+data.partitoin.kind=iid"], ["data.partitoin", "did you mean data.partition"]),
+    "head that is no head": Case(
+        ["model.head=torch.nn.Linear"], ["model.head = 'torch.nn.Linear'", "Head(feature_dim"]
+    ),
     "unknown model": Case(["model.name=resnet"], ["model.name", "mlp", "cnn"]),
     "unknown method": Case(["client.method=adam"], ["client.method", "sgd", "fedprox"]),
     "method module missing": Case(["client.method=no_such_module.Method"], ["client.method", "no_such_module"]),

@@ -7,6 +7,8 @@ import json
 import pytest
 from helpers import ROOT, compose_run, read_metrics, run_experiment
 
+from simulator.config import ConfigError
+
 CLASS_IL = [
     "scenario=digits_class_incremental",
     "engine.backend=local",
@@ -38,12 +40,19 @@ def test_a_users_end_of_task_metric_is_one_hook_by_dotted_path_and_reaches_the_r
 
 def test_a_hook_that_is_not_a_hook_is_refused_naming_the_key(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "tests" / "user_code"))
-    from simulator.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"eval.hooks = 'task_end_hook.BUILT': expected a simulator.hooks.Hook"):
         compose_run(["eval.hooks=[task_end_hook.BUILT]"])
     with pytest.raises(ConfigError, match=r"eval.hooks = 'no_such_module.Hook'"):
         compose_run(["eval.hooks=[no_such_module.Hook]"])
+
+
+def test_a_hook_with_one_point_and_no_constructor_of_its_own_runs_beside_another(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "user_code"))
+    hooks = "eval.hooks=[task_end_hook.RoundsSeen,task_end_hook.TaskEndMetric]"
+    summary = run_experiment(tmp_path, [*CLASS_IL, hooks])
+    assert summary["rounds_seen_by_hook"] == 10 and summary["tasks_seen_by_hook"] == 5
+    with pytest.raises(ConfigError, match=r"eval.hooks = 'nohook': unknown hook; expected the dotted path"):
+        compose_run(["eval.hooks=[nohook]"])
 
 
 def test_a_finished_run_resumed_rewrites_its_outputs_and_closes_its_hooks(tmp_path):

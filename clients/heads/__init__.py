@@ -15,6 +15,8 @@ path of its class (``model.head=my_pkg.MyHead``), its settings under ``model.<se
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from clients.heads.etf import ETFHead, ETFSettings
@@ -27,7 +29,18 @@ HEADS: Registry[type[nn.Module]] = Registry(
     "model.head",
     {"linear": LinearHead, "normalized": NormalizedHead, "etf": ETFHead},
     "an nn.Module subclass built as Head(feature_dim, num_classes, settings, generator)",
-    lambda plugin: isinstance(plugin, type) and issubclass(plugin, nn.Module),
+    lambda plugin: isinstance(plugin, type) and issubclass(plugin, nn.Module) and _takes_head_arguments(plugin),
 )
+
+
+def _takes_head_arguments(head: type) -> bool:
+    """Whether ``head(feature_dim, num_classes, settings, generator)`` binds: refused at the config check, not
+    inside the model's construction."""
+    try:
+        inspect.signature(head).bind(0, 0, None, None)
+    except (TypeError, ValueError):
+        return False
+    return True
+
 
 __all__ = ["HEADS", "ETFHead", "ETFSettings", "LinearHead", "LinearSettings", "NormalizedHead", "NormalizedSettings"]

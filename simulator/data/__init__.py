@@ -46,7 +46,8 @@ def load_dataset(data: DataConfig, num_clients: int, seed: int) -> Dataset:
     ``num_clients`` matters only to a dataset that makes one group per client (``synthetic``).
     """
     source = DATASETS.resolve(data.dataset)
-    dataset = source.load(data, data.settings, num_clients, rng(seed, Purpose.DATA))
+    settings = source.Settings() if data.settings is None else data.settings  # None: not read by plugins
+    dataset = source.load(data, settings, num_clients, rng(seed, Purpose.DATA))
     for name in ("x_train", "x_test"):
         inputs = getattr(dataset, name)
         if not np.isfinite(inputs).all():

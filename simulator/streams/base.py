@@ -29,7 +29,8 @@ class Stream(ABC):
     def __init__(self, config: ExperimentConfig, dataset: Dataset) -> None:
         self.config = config
         self.rounds_per_task = config.stream.rounds_per_task
-        self.settings = config.stream.settings
+        # None where the config was not read through simulator.plugins (a script's own): the defaults.
+        self.settings = self.Settings() if config.stream.settings is None else config.stream.settings
         self.seed = config.seed
         self.num_clients = config.federation.num_clients
         self.num_classes = dataset.num_classes

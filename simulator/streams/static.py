@@ -12,6 +12,8 @@ from simulator.streams.base import Stream
 class StaticStream(Stream):
     """``data.partition`` of the training set, the whole test set as the one task."""
 
+    section = "static"
+
     def __init__(self, config: ExperimentConfig, dataset: Dataset) -> None:
         super().__init__(config, dataset)
         self.parts = self.split(self.y_train, dataset.groups_train)

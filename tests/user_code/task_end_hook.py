@@ -13,6 +13,7 @@ class TaskEndMetric(Hook):
     """The global weights' norm at every task end, and every record it was told of."""
 
     def __init__(self, setup: RunSetup) -> None:
+        super().__init__(setup)
         self.logged: list[tuple[int, dict[str, Any] | None]] = []
         self.closed = False
         BUILT.append(self)
@@ -28,3 +29,10 @@ class TaskEndMetric(Hook):
 
     def close(self) -> None:
         self.closed = True
+
+
+class RoundsSeen(Hook):
+    """The least a hook can be: one point, no constructor of its own."""
+
+    def at_end(self, view: RoundView) -> dict[str, Any]:
+        return {"rounds_seen_by_hook": view.server_round - self.setup.first_round + 1}
