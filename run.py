@@ -13,10 +13,14 @@ What a run directory holds when the run does not finish:
 
 - An error composing the config (an unknown key or file, an override that does
   not parse) stops before Hydra makes the run directory: there is none.
-- Any later error leaves the directory Hydra made before our task function
-  ran (``.hydra/``, ``run.log``), marked: no ``summary.json``, and ``run.log``
-  ends with the ``error: ...`` paragraph, followed by the traceback for a
-  client failure or any other error (a config error needs none).
+- The run directory is the run's own (``simulator/run_guard.py``): a second
+  live run into it, a fresh run over an old one (without ``overwrite=true``)
+  and a symbolic link out of it are refused (exit 2) before this run writes
+  anything there; ``.hydra/`` is written once the run holds the directory.
+- Any later error leaves ``.hydra/`` and ``run.log`` marked: no
+  ``summary.json``, and ``run.log`` ends with the ``error: ...`` paragraph,
+  followed by the traceback for a client failure or any other error (a config
+  error needs none).
 - ``config_resolved.yaml``: the job's config with every ``${...}``
   interpolation resolved (``.hydra/config.yaml`` keeps them), written once the
   config passes its checks and the strategy builds, before the run starts
@@ -44,9 +48,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from simulator.backends import ClientFailure
-from simulator.config import SCENARIO_DIR, ConfigError, valid_keys
+from simulator.config import SCENARIO_DIR, ConfigError, run_flags, valid_keys
 from simulator.engine import Experiment
 from simulator.plugins import load_config
+from simulator.run_guard import RunDirectoryBusy, claim_run_directory
 from strategies import build_strategy
 from strategies.factory import strategy_arguments, strategy_class, unknown_argument
 
@@ -67,11 +72,15 @@ def main(cfg: DictConfig) -> float | None:
     # runs jobs in other processes gets a Ray per job, as a single run does.
     keep_warm = sweep and hydra_cfg.launcher._target_.endswith(".BasicLauncher")
     try:
-        config = load_config(cfg)
-        strategy = build_strategy(cfg.strategy)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        summary = Experiment(config, strategy, run_dir, resume=bool(cfg.resume), keep_warm=keep_warm).run()
+        resume, overwrite = run_flags(cfg)
+        with claim_run_directory(run_dir, resume, overwrite):
+            _save_hydra_files(run_dir, cfg, hydra_cfg)
+            config = load_config(cfg)
+            strategy = build_strategy(cfg.strategy)
+            (run_dir / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            summary = Experiment(config, strategy, run_dir, resume=resume, keep_warm=keep_warm).run()
+    except RunDirectoryBusy as error:  # the directory, its run.log included, is another live run's
+        return _fail(str(error), 2, sweep)
     except ConfigError as error:
         _to_log_file(str(error))
         return _fail(str(error), 2, sweep)
@@ -84,6 +93,16 @@ def main(cfg: DictConfig) -> float | None:
     print(f"run directory: {run_dir}")
     print(json.dumps(summary, indent=2))
     return summary["final_accuracy"]
+
+
+def _save_hydra_files(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+    """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, as Hydra writes them, but only once this
+    run holds its directory (``hydra.output_subdir`` is null: Hydra would write them over a live run's)."""
+    folder = run_dir / ".hydra"
+    folder.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
 
 
 def _to_log_file(message: str, error: BaseException | None = None) -> None:

@@ -171,7 +171,7 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-_TOP_LEVEL = ("seed", "rounds", "resume", "strategy", "scenario_name", "hydra")  # besides the sections
+_TOP_LEVEL = ("seed", "rounds", "resume", "overwrite", "strategy", "scenario_name", "hydra")  # besides the sections
 
 
 def _keys(schema: type) -> list[str]:
@@ -225,6 +225,13 @@ def _scenario_file(scenario: str) -> str:
     return f"scenarios/scenario/{scenario}.yaml"
 
 
+def run_flags(cfg: DictConfig) -> tuple[bool, bool]:
+    """``resume`` and ``overwrite``, type-checked: run.py needs them before the rest is parsed."""
+    where = scenario_source(cfg)
+    flags = [_typed(bool, cfg.get(key, False), key, where) for key in ("resume", "overwrite")]
+    return flags[0], flags[1]
+
+
 def _fails_to_resolve(cfg: DictConfig, key: Any) -> bool:
     try:
         cfg.get(key)
@@ -244,7 +251,7 @@ def _parse_config(cfg: DictConfig) -> ExperimentConfig:
         node = cfg.get(key)
         given = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
         sections[key] = build_section(schema, {} if given is None else given, key, where)
-    _typed(bool, cfg.get("resume", False), "resume", where)  # run.py reads it; "maybe" is no yes
+    run_flags(cfg)  # run.py reads them; "maybe" is no yes
     strategy = cfg.get("strategy")
     if not isinstance(strategy, DictConfig) or "_target_" not in strategy:
         raise ConfigError(f"{where}: 'strategy' must be a node with a '_target_' class path")
