@@ -55,13 +55,21 @@ def mlp(input_shape: tuple[int, ...], config: ModelConfig) -> nn.Module:
 
 
 def cnn(input_shape: tuple[int, ...], config: ModelConfig) -> nn.Module:
-    """Two 3x3 conv blocks with 2x2 pooling, then a dense layer to the features."""
+    """Two 3x3 conv blocks with 2x2 pooling, then a dense layer to the features.
+
+    Needs (channels, height, width) inputs of at least 4x4 pixels; a ConfigError otherwise.
+    """
     if len(input_shape) != 3:
         raise ConfigError(
             f"model.name = 'cnn' needs image inputs (channels, height, width); "
             f"the dataset gives shape {input_shape}: use model.name=mlp"
         )
     channels, height, width = input_shape
+    if height < 4 or width < 4:
+        raise ConfigError(
+            f"model.name = 'cnn' pools twice by 2x2, so it needs images of at least 4x4 pixels; "
+            f"the dataset gives shape {input_shape} (channels, height, width): use model.name=mlp"
+        )
     return nn.Sequential(
         nn.Conv2d(channels, 16, 3, padding=1),
         nn.ReLU(),

@@ -61,10 +61,30 @@ def _labels(y: np.ndarray, file: Path, num_classes: int | None = None) -> np.nda
     """``y`` as int64, checked to be integers in ``0 .. num_classes - 1`` (or just >= 0)."""
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise _malformed(file, f"labels must be a 1-d integer array, not {y.dtype} {y.shape}")
-    if len(y) and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
-        bound = "" if num_classes is None else f" and < {num_classes}"
+    largest = np.iinfo(np.int64).max if num_classes is None else num_classes - 1
+    if len(y) and (y.min() < 0 or y.max() > largest):  # uint64 beyond int64 would wrap to negatives
+        bound = f" and < {num_classes}" if num_classes is not None else " and < 2**63" if y.max() > largest else ""
         raise _malformed(file, f"labels must be >= 0{bound}, got {y.min()} .. {y.max()}")
     return y.astype(np.int64)
+
+
+def _class_count(file: Path, *labels: np.ndarray) -> int:
+    """The number of classes, the largest label plus one, once ``labels`` (all splits) look like class indices.
+
+    Indices start at 0 and leave fewer of ``0 .. largest`` absent than present
+    (a class may be absent: held out, or in another file). Ids (1-based, sparse
+    codes, a hash) are refused before anything is allocated by the largest one.
+    """
+    every = np.concatenate(labels)
+    low, high, distinct = int(every.min()), int(every.max()), len(np.unique(every))
+    if low != 0 or high + 1 > 2 * distinct:
+        raise _malformed(
+            file,
+            f"labels must be class indices 0 .. C-1 (C = largest label + 1; label 0 present, most of "
+            f"0 .. C-1 present), but they are {low} .. {high}, {distinct} distinct over all splits; renumber "
+            f"them, e.g. y = np.unique(labels, return_inverse=True)[1] over train and test labels together",
+        )
+    return high + 1
 
 
 def _inputs(source: Path, scale: float | None, *splits: np.ndarray) -> list[np.ndarray]:
@@ -188,10 +208,13 @@ def load_cifar100(path: str | None, scale: float | None = None) -> Dataset:
     return _load_cifar("cifar100", path, layout, scale)
 
 
+_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: the channel counts a 4-d image array's layout is told by
+
+
 def _npz_inputs(x: np.ndarray, file: Path) -> np.ndarray:
-    """(N, D) or (N, C, H, W), as stored: (N, H, W) gets a channel axis."""
+    """(N, D) or (N, C, H, W), as stored: (N, H, W) gets a channel axis; the layout is checked apart."""
     if x.ndim not in (2, 3, 4):
-        raise _malformed(file, f"inputs must be (N, D), (N, H, W) or (N, C, H, W), got {x.shape}")
+        raise _malformed(file, f"inputs must be (N, D), (N, H, W), (N, C, H, W) or (N, H, W, C), got {x.shape}")
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise _malformed(file, f"inputs must be integers or floats, not {x.dtype}")
     if x.ndim == 3:
@@ -199,11 +222,52 @@ def _npz_inputs(x: np.ndarray, file: Path) -> np.ndarray:
     return x
 
 
+def _channels_first(file: Path, *splits: np.ndarray) -> list[np.ndarray]:
+    """4-d ``splits`` as (N, C, H, W), read by the training inputs' shape; one note for them all.
+
+    Channels-last (N, H, W, C), axis 3 in 1, 3 or 4 and axis 1 not, is transposed
+    (a view: scaling copies it C-contiguous). Both axes in 1, 3, 4 cannot be told
+    apart: read channels-first, as before, and said so.
+    """
+    stored = splits[0].shape
+    if len(stored) != 4 or stored[3] not in _CHANNELS:
+        return list(splits)
+    if stored[1] in _CHANNELS:
+        log.warning(
+            "data.path: %s holds inputs of shape %s, which cannot tell channels-first (N, C, H, W) from "
+            "channels-last (N, H, W, C): read as channels-first, %s; store them transposed if they are (N, H, W, C)",
+            file,
+            stored,
+            stored,
+        )
+        return list(splits)
+    transposed = [x.transpose(0, 3, 1, 2) if x.ndim == 4 else x for x in splits]
+    log.warning(
+        "data.path: %s holds channels-last inputs (N, H, W, C) of shape %s: transposed to (N, C, H, W), %s",
+        file,
+        stored,
+        transposed[0].shape,
+    )
+    return transposed
+
+
 def load_npz(path: str | None, test_fraction: float, rng: np.random.Generator, scale: float | None = None) -> Dataset:
     """Arrays ``x``, ``y`` and optionally ``x_test``, ``y_test`` from a ``.npz`` file.
 
-    Without a test split, ``test_fraction`` of each class is held out.
-    ``num_classes`` is the largest label plus one.
+    Inputs are (N, D) vectors, (N, H, W) single-channel images, or 4-d images,
+    channels-first (N, C, H, W) or channels-last (N, H, W, C). A 4-d ``x`` whose
+    last axis is 1, 3 or 4 and whose axis 1 is not is channels-last and is
+    transposed to (N, C, H, W), with a warning naming both shapes; where both
+    axes are 1, 3 or 4 (e.g. (N, 3, 8, 4)) it cannot be told and is read
+    channels-first, with a warning saying so. ``x_test`` is read as ``x`` is.
+
+    Labels are class indices ``0 .. C-1``, ``C`` (``num_classes``) the largest
+    label in either split plus one: label 0 must occur, and most of ``0 .. C-1``
+    (a class may be absent, e.g. held out of this file). Labels that are ids
+    (1-based, sparse codes, a huge hash) are refused with a ConfigError giving
+    their range and number of distinct values, not renumbered: a renumbering
+    would silently change which output is which class. Without a test split,
+    ``test_fraction`` of each class is held out.
     """
     file = _existing_path(path, "npz", "a .npz file with arrays x, y (and maybe x_test, y_test)")
     try:
@@ -217,17 +281,19 @@ def load_npz(path: str | None, test_fraction: float, rng: np.random.Generator, s
     missing = [key for key in keys if key not in arrays]
     if missing:
         raise _malformed(file, f"missing arrays {missing}; it has {sorted(arrays)}")
-    splits = [(_npz_inputs(arrays[f"x{suffix}"], file), _labels(arrays[f"y{suffix}"], file)) for suffix in suffixes]
-    input_shape = splits[0][0].shape[1:]
-    for x, y in splits:
+    xs = [_npz_inputs(arrays[f"x{suffix}"], file) for suffix in suffixes]
+    ys = [_labels(arrays[f"y{suffix}"], file) for suffix in suffixes]
+    xs = _channels_first(file, *xs)
+    input_shape = xs[0].shape[1:]
+    for x, y in zip(xs, ys):
         if len(x) != len(y):
             raise _malformed(file, f"{len(x)} inputs but {len(y)} labels")
         if x.shape[1:] != input_shape:
             raise _malformed(file, f"test inputs {x.shape[1:]} differ from train {input_shape}")
-    if len(splits[0][1]) == 0:
+    if len(ys[0]) == 0:
         raise _malformed(file, "x and y hold no samples")
-    splits = list(zip(_inputs(file, scale, *(x for x, _ in splits)), (y for _, y in splits)))
-    num_classes = max(int(y.max(initial=0)) for _, y in splits) + 1
+    num_classes = _class_count(file, *ys)
+    splits = list(zip(_inputs(file, scale, *xs), ys))
     if num_classes < 2:
         raise _malformed(file, f"labels hold {num_classes} class; a classifier needs at least 2 classes")
     if not has_test:
