@@ -91,5 +91,12 @@ class LwFClient(ClientMethod):
 
     def end(self, model: nn.Module, context: TrainContext) -> dict[str, float]:
         if self.old_classes is None:
-            return {"lwf_distillation": 0.0}
-        return {"lwf_distillation": float(self.distillation) / max(self.batches, 1)}
+            return {"lwf_distillation": 0.0, "lwf_single_class_heads": 0.0}
+        # A head over one class distils nothing (a softmax over one logit is 1 for teacher and student
+        # alike): reported, not silent. The paper's heads cover a task's classes; a client whose share
+        # of an old task held one class has such a head.
+        single = sum(1 for classes in self.old_classes if len(classes) == 1)
+        return {
+            "lwf_distillation": float(self.distillation) / max(self.batches, 1),
+            "lwf_single_class_heads": float(single),
+        }

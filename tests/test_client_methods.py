@@ -157,6 +157,16 @@ def test_lwf_in_task_incremental_streams_distills_each_old_head_on_its_own():
     assert [h.tolist() for h in lwf.old_classes] == [[0, 1], [2, 3]]
 
 
+def test_lwf_reports_an_old_head_over_one_class_which_distils_nothing():
+    model, lwf = _model(), _method(LwFClient)
+    batch = Batch(X[5:10], Y[5:10])
+    for heads, single in (([0, 0, 1, 1], 0.0), ([0, -1, 1, 1], 1.0)):  # the second: head 0 over class 0 alone
+        context = _context({"teacher": flat_parameters(model), "old_heads": np.array(heads)})
+        lwf.begin(model, context)
+        lwf.loss(model, batch, context)
+        assert lwf.end(model, context)["lwf_single_class_heads"] == single
+
+
 def test_lwf_keeps_its_old_classes_when_the_task_it_left_had_no_samples():
     model, lwf = _model(), _method(LwFClient)
     state: dict = {}
