@@ -6,8 +6,9 @@ matrix, the summary, TensorBoard logs, checkpoints and plots.
 
 Exit codes: 0 done; 2 bad input (a config value, an override, a scenario file,
 the data, a checkpoint to resume), with one ``error: ...`` paragraph naming the
-key or file; 1 the run failed: a client (its traceback in the message), or the
-strategy's arrays (not the model's, or not finite; the message names it).
+key or file; 1 the run failed: a client (its traceback in the message), the
+strategy's arrays (not the model's, or not finite; the message names it), or a
+strategy's own method, named with the round (``round 4: FOT.on_task_end raised ...``).
 
 What a run directory holds when the run does not finish:
 

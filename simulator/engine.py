@@ -33,13 +33,13 @@ from simulator.client_state import ClientStateStore
 from simulator.config import ExperimentConfig, to_dict
 from simulator.data import load_dataset
 from simulator.evaluation import FederatedEvaluation, HeadEvaluation, task_accuracies
-from simulator.global_arrays import as_global_arrays
 from simulator.grid import SimulationGrid
 from simulator.hooks import HOOKS, Hook, Hooks, RoundView, RunSetup
 from simulator.probes import Probes
 from simulator.reporting_hooks import Communication, ForgettingPlot, Progress
 from simulator.run_dir import MB, RunDirectory
 from simulator.seeding import Draw, Purpose, derive_seed, seeded_global_state, torch_generator
+from simulator.strategy_calls import as_global_arrays, strategy_call
 from simulator.streams import Stream, build_stream
 from simulator.worker import WorkerData
 from strategies import strategy_layers
@@ -147,13 +147,16 @@ class Experiment:
     ) -> tuple[ArrayRecord, MetricRecord | None]:
         """One round of the strategy's training; the new global arrays (the old where it gives none)."""
         seed = derive_seed(self.config.seed, Purpose.STRATEGY, server_round)
+        call = f"round {server_round}: {type(self.strategy).__name__}"
         with grid.round(server_round), seeded_global_state(seed):
-            messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-            new_arrays, train_metrics = self.strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+            with strategy_call(f"{call}.configure_train"):
+                messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            replies = grid.send_and_receive(messages)
+            with strategy_call(f"{call}.aggregate_train"):
+                new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
         if new_arrays is None:
             return arrays, train_metrics
-        call = f"round {server_round}: {type(self.strategy).__name__}.aggregate_train"
-        return as_global_arrays(new_arrays, arrays, call), train_metrics
+        return as_global_arrays(new_arrays, arrays, f"{call}.aggregate_train"), train_metrics
 
     def _end_task(self, task: int, server_round: int, arrays: ArrayRecord, grid: SimulationGrid) -> ArrayRecord:
         """The strategy's ``on_task_end(task, arrays, grid)``, where it (or one it wraps) has one: its arrays,
@@ -162,11 +165,10 @@ class Experiment:
         if not hooked:
             return arrays
         seed = derive_seed(self.config.seed, Purpose.STRATEGY, server_round, Draw.TASK_END_CALL)
-        with grid.round(server_round), seeded_global_state(seed):
+        call = f"round {server_round}: {type(hooked[0]).__name__}.on_task_end"
+        with grid.round(server_round), seeded_global_state(seed), strategy_call(call):
             ended = hooked[0].on_task_end(task, arrays, grid)
-        if ended is None:
-            return arrays
-        return as_global_arrays(ended, arrays, f"round {server_round}: {type(hooked[0]).__name__}.on_task_end")
+        return arrays if ended is None else as_global_arrays(ended, arrays, call)
 
 
 def assemble_hooks(setup: RunSetup) -> Hooks:

@@ -142,12 +142,30 @@ def check_resumable(
 
 
 def _check_same_config(saved: dict[str, Any], config: ExperimentConfig, where: Path) -> None:
-    """Refuse to resume a checkpoint of a different config; rounds may grow, engines differ."""
-    current = to_dict(config)
-    may_differ = {"rounds", "engine"}  # the numbers do not depend on the engine
-    differing = sorted(k for k in current if k not in may_differ and current[k] != saved.get(k))
+    """Refuse to resume a checkpoint of a different config, naming each differing key with both values;
+    rounds may grow, engines differ (the numbers do not depend on the engine)."""
+    current, before = _leaves(to_dict(config)), _leaves(saved)
+    may_differ = ("rounds", "engine.")
+    differing = sorted(
+        key
+        for key in current.keys() | before.keys()
+        if not key.startswith(may_differ) and current.get(key, _UNSET) != before.get(key, _UNSET)
+    )
     if differing:
-        raise ConfigError(
-            f"resume=true: the checkpoint in {where} was written "
-            f"with different {', '.join(differing)}; resume with the same config"
+        shown = "; ".join(
+            f"{key} = {before.get(key, _UNSET)!r} there, {current.get(key, _UNSET)!r} now" for key in differing
         )
+        raise ConfigError(
+            f"resume=true: the checkpoint in {where} was written with another config: {shown}; "
+            "resume with the same config"
+        )
+
+
+_UNSET = "(not set)"
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Every value of a nested dict under its dotted key (``client.lr``)."""
+    if not isinstance(node, dict):
+        return {prefix.removesuffix("."): node}
+    return {key: value for name, child in node.items() for key, value in _leaves(child, f"{prefix}{name}.").items()}

@@ -213,3 +213,13 @@ def test_global_weights_that_are_not_the_configured_models_are_refused(run_copy)
     _reseal(_last(run_copy))
     with pytest.raises(ConfigError, match="global weights in .* are not the configured model's"):
         run_experiment(run_copy, EWC, resume=True)
+
+
+def test_a_resume_with_another_config_is_refused_naming_each_key_with_both_values(tmp_path):
+    run_experiment(tmp_path, ["engine.backend=local", "rounds=2", "eval.probes=false"])
+    changed = ["engine.backend=local", "rounds=3", "eval.probes=false", "client.lr=0.1", "seed=4"]
+    with pytest.raises(ConfigError) as refused:
+        run_experiment(tmp_path, changed, resume=True)
+    message = str(refused.value)
+    assert "was written with another config: client.lr = 0.05 there, 0.1 now; seed = 0 there, 4 now;" in message
+    assert "rounds" not in message.split("config:")[1]  # more rounds may follow a finished run

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import kill_after_records, numbers_of, run_experiment, run_py_to_the_end, wait_for_free_cpus
+from helpers import ROOT, kill_after_records, numbers_of, run_experiment, run_py_to_the_end, wait_for_free_cpus
 
+import run as cli
 from clients.queries import class_feature_statistics, layer_input_sketches
 from simulator import checkpoint
 from simulator.backends import ClientFailure
@@ -176,3 +177,21 @@ def test_query_answers_are_the_same_in_process_and_on_1_2_and_3_actors(tmp_path,
         assert bases.keys() == local.keys(), f"{actors} actors"
         assert all(np.array_equal(bases[k], local[k]) for k in local), f"{actors} actors"  # from the answers
         assert numbers_of(run_dir) == numbers_of(tmp_path / "local"), f"{actors} actors"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ("RaisesAtTaskEnd", "round 2: RaisesAtTaskEnd.on_task_end raised ValueError: no basis for task 0"),
+        ("ReturnsADict", "round 2: ReturnsADict.on_task_end returned a dict; expected an ArrayRecord (or None)"),
+    ],
+)
+def test_a_task_end_step_that_fails_ends_the_run_naming_the_strategy_the_hook_and_the_round(
+    tmp_path, monkeypatch, capsys, strategy, message
+):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "user_code"))
+    overrides = ["scenario=digits_class_incremental", "engine.backend=local", "stream.rounds_per_task=2"]
+    target = f"strategy._target_=task_end_strategies.{strategy}"
+    assert cli.main_cli([*overrides, target, "eval.probes=false", f"hydra.run.dir={tmp_path}"]) == 1
+    assert f"error: {message}" in capsys.readouterr().err
+    assert message in (tmp_path / "run.log").read_text()

@@ -1,11 +1,32 @@
-"""What a strategy returns as the global model, checked: the model's arrays, in its order, all finite."""
+"""The engine's calls of a strategy, checked: what one raises names the strategy, its method and the round;
+what one returns as the global model must be the model's arrays, in its order, all finite."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 from flwr.app import ArrayRecord
 
 from simulator.backends import ClientFailure
+from simulator.config import ConfigError
 from simulator.worker import all_finite
+
+
+class StrategyFailure(ClientFailure):
+    """A strategy's own method raised: the run failed (exit 1), and the message names where."""
+
+
+@contextlib.contextmanager
+def strategy_call(call: str) -> Iterator[None]:
+    """Run a strategy's method, ``call`` naming it and the round (``round 3: FOT.on_task_end``): an error it
+    raises ends the run as a StrategyFailure that says so; a client's failure or bad input passes as it is."""
+    try:
+        yield
+    except (ClientFailure, ConfigError):
+        raise
+    except Exception as error:
+        raise StrategyFailure(f"{call} raised {type(error).__name__}: {error}") from error
 
 
 def as_global_arrays(returned: ArrayRecord, expected: ArrayRecord, call: str) -> ArrayRecord:
@@ -16,6 +37,8 @@ def as_global_arrays(returned: ArrayRecord, expected: ArrayRecord, call: str) ->
     fail a round later, inside every client's ``load_state_dict``, with no word of
     the strategy that made it.
     """
+    if not isinstance(returned, ArrayRecord):
+        raise ClientFailure(f"{call} returned a {type(returned).__name__}; expected an ArrayRecord (or None)")
     shapes = {name: tuple(array.shape) for name, array in returned.items()}
     wanted = {name: tuple(array.shape) for name, array in expected.items()}
     if shapes != wanted:
