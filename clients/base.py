@@ -202,11 +202,16 @@ class ClientMethod:
         ``state``); evaluation of a client's model calls this, on the client and at the server."""
 
     def train(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: TrainContext) -> LocalResult:
-        """Train ``model`` in place on ``(x, y)``; return the example count, mean loss, metrics and new state."""
+        """Train ``model`` in place on ``(x, y)``; return the example count, mean loss, metrics and new state.
+
+        A client with no samples this round trains nothing: :meth:`fit` is skipped, the model keeps
+        the global weights, and it reports 0 examples and a loss of 0.0 (a weighting strategy gives
+        it weight 0). Every other hook still runs, so its reply carries the same metrics as the others'.
+        """
         if context.new_task and (state := self.begin_task(model, context)) is not None:
             context = dataclasses.replace(context, state=ReadOnlyState(state))
         self.begin(model, context)
-        mean_loss = self.fit(model, x, y, context)
+        mean_loss = self.fit(model, x, y, context) if len(y) else 0.0
         metrics = self.end(model, context)
         state = self.new_state(model, context)
         return LocalResult(len(y), mean_loss, metrics, context.state if state is None else state)
@@ -224,7 +229,10 @@ class ClientMethod:
         context: TrainContext,
         epochs: int,
     ) -> float:
-        """``epochs`` passes of minibatch SGD on ``params`` (the others stay as they are); the mean loss."""
+        """``epochs`` passes of minibatch SGD on ``params`` (the others stay as they are); the mean loss
+        (0.0 where there are no samples: no step is taken)."""
+        if len(y) == 0:  # a batch of nothing has a NaN loss
+            return 0.0
         velocity: dict[int, torch.Tensor] = {}
         model.train()
         total_loss, steps = torch.zeros((), device=x.device), 0

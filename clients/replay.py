@@ -56,7 +56,7 @@ class ReplayClient(ClientMethod):
 
     def prepare_batch(self, batch: Batch, context: TrainContext) -> Batch:
         memory = context.state.get("indices")
-        if memory is None:
+        if memory is None or len(memory) == 0:  # nothing remembered yet (the task it left gave it no samples)
             return batch
         count = self.config.batch_size if self.settings.batch_size is None else self.settings.batch_size
         picks = torch.randint(len(memory), (count,), generator=context.generator).numpy()

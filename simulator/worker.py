@@ -81,8 +81,21 @@ class ClientWorker:
         }
 
     def execute(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
-        """Run ``jobs`` back to back; a failing client becomes an outcome with its traceback."""
-        return [self._run_one(job, weights[job.weights_index]) for job in jobs]
+        """Run ``jobs`` back to back; a failing client becomes an outcome with its traceback.
+
+        The first failure (an error, a timeout) ends the call: it fails the run, so the jobs after
+        it are not run (each blocked client would cost ``engine.client_timeout_s`` more) and come
+        back as outcomes whose error says so. They follow a real failure in job order, which is
+        the one the Grid names.
+        """
+        outcomes: list[ClientOutcome] = []
+        for job in jobs:
+            outcomes.append(self._run_one(job, weights[job.weights_index]))
+            if outcomes[-1].error is not None:
+                failed = outcomes[-1].client_id
+                outcomes.extend(not_run(later, failed) for later in jobs[len(outcomes) :])
+                break
+        return outcomes
 
     def _run_one(self, job: ClientJob, weights: list[np.ndarray]) -> ClientOutcome:
         limit = self.config.engine.client_timeout_s
@@ -200,6 +213,12 @@ def gpu_device(share: float) -> torch.device:
     if share < 1:
         torch.cuda.set_per_process_memory_fraction(share)
     return torch.device("cuda")
+
+
+def not_run(job: ClientJob, failed: int) -> ClientOutcome:
+    """The outcome of ``job``, left unrun because client ``failed`` before it failed the call."""
+    reason = f"not run: client {failed} failed before it in round {job.server_round}"
+    return ClientOutcome(job.client_id, None, {}, error=reason, finite=False)
 
 
 def all_finite(arrays: list[np.ndarray]) -> bool:

@@ -47,7 +47,7 @@ def test_resuming_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_another_config_or_none(tmp_path):
     run_experiment(tmp_path / "run", [*TINY, "rounds=1"])
-    with pytest.raises(ConfigError, match="different client"):
+    with pytest.raises(ConfigError, match=r"written with another config: client\.lr = 0\.05 there, 0\.2 now"):
         run_experiment(tmp_path / "run", [*TINY, "rounds=2", "client.lr=0.2"], resume=True)
     with pytest.raises(ConfigError, match="no checkpoint at"):
         run_experiment(tmp_path / "elsewhere", TINY, resume=True)
