@@ -13,7 +13,6 @@ import run as cli
 from simulator.config import ConfigError, DataConfig
 from simulator.data import load_dataset
 
-QUIET = ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled", "hydra.output_subdir=null"]
 SMALL_RUN = ["engine.backend=local", "rounds=1", "federation.num_clients=4", "federation.clients_per_round=2"]
 
 
@@ -36,7 +35,7 @@ def layout_notes(caplog) -> list[str]:
 
 def cli_error(args: list[str], capsys) -> str:
     """Run the command in this process; assert exit code 2 and one ``error:`` line, and return it."""
-    code = cli.main_cli([*args, *QUIET])
+    code = cli.main_cli(args)
     captured = capsys.readouterr()
     output = captured.out + captured.err
     assert code == 2, output
@@ -120,7 +119,7 @@ def test_the_command_runs_a_cnn_on_channels_last_data(tmp_path, capsys, channels
     file = tmp_path / "last.npz"
     np.savez(file, x=images(48, 32, 32, channels), y=labels(48))
     args = ["scenario=npz", f"data.path={file}", "model.name=cnn", *SMALL_RUN, f"hydra.run.dir={tmp_path / 'run'}"]
-    code = cli.main_cli([*args, *QUIET])
+    code = cli.main_cli(args)
     output = capsys.readouterr()
     assert code == 0, output.out + output.err
     assert (tmp_path / "run" / "metrics.jsonl").read_text()
