@@ -52,11 +52,11 @@ from simulator.backends import ClientFailure
 from simulator.config import SCENARIO_DIR, ConfigError, run_flags, valid_keys
 from simulator.engine import Experiment
 from simulator.plugins import load_config
+from simulator.run_dir import RESOLVED_CONFIG
 from simulator.run_guard import RunDirectoryBusy, claim_run_directory
 from strategies import build_strategy
 from strategies.factory import strategy_arguments, strategy_class, unknown_argument
 
-RESOLVED_CONFIG = "config_resolved.yaml"  # in the run directory, beside Hydra's .hydra/
 _task_started = False  # whether composition got as far as our task function
 _sweep_failures: list[int] = []  # the exit codes of a sweep's failed jobs
 

@@ -108,7 +108,7 @@ class Experiment:
             )
             TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = config.seed, SERVER_NODE_ID, 0
             outputs, elapsed = (
-                RunDirectory(self.run_dir, start.records),
+                RunDirectory(self.run_dir, start.records, {"rounds": rounds, **stream.derived()}),
                 lambda: start.wall_s + time.perf_counter() - started,
             )
             setup = RunSetup(

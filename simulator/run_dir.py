@@ -19,20 +19,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from simulator import metrics
 
 MB = 2**20  # bytes in the megabytes (MiB) the records report: client_state_mb, uplink_mb, downlink_mb
+RESOLVED_CONFIG = "config_resolved.yaml"  # the config with interpolations resolved, and what the run derived
 
 
 class RunDirectory:
     """The files of one run under ``path``."""
 
-    def __init__(self, path: Path, records: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, path: Path, records: list[dict[str, Any]] | None = None, derived: dict[str, Any] | None = None
+    ) -> None:
         """``records``: a resumed run's evaluations, from its checkpoint; metrics.jsonl is rewritten from them.
 
         From the checkpoint, not from metrics.jsonl: a crash may have cut its last
-        line or left rounds past the checkpoint in it.
+        line or left rounds past the checkpoint in it. ``derived``: the values the run
+        derived from its config (its rounds, tasks and each task's classes), which
+        ``config_resolved.yaml`` (where run.py wrote one) and the hyperparameters show
+        under ``derived``, beside keys whose defaults the run overrode.
         """
         from torch.utils.tensorboard import SummaryWriter  # slow import; only when writing
 
@@ -40,6 +47,11 @@ class RunDirectory:
         path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = path / "metrics.jsonl"
         self.records = list(records or [])
+        self.derived = dict(derived or {})
+        resolved = path / RESOLVED_CONFIG
+        if self.derived and resolved.is_file():  # run.py wrote it afresh: the config, then what it derived
+            with resolved.open("a") as file:
+                file.write(yaml.safe_dump({"derived": self.derived}, sort_keys=False, default_flow_style=None))
         self._rewrite_metrics()
         resumed_round = self.records[-1]["round"] if self.records else 0
         self.tensorboard = SummaryWriter(str(path / "tb"), purge_step=resumed_round + 1)
@@ -120,7 +132,8 @@ class RunDirectory:
         for tag, value in scalars.items():
             self.tensorboard.add_scalar(tag, value, rounds)
         # Into tb/ itself (add_hparams would open a subfolder); the metrics are the scalars above.
-        for event in hparams(scalar_leaves(config), scalars):
+        derived = {key: value if np.isscalar(value) else json.dumps(value) for key, value in self.derived.items()}
+        for event in hparams(scalar_leaves({**config, "derived": derived}), scalars):
             self.tensorboard.file_writer.add_summary(event)
         self.tensorboard.close()
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")

@@ -261,6 +261,22 @@ def test_the_resolved_config_is_written_beside_hydras_own(tmp_path):
     assert resolved["rounds"] == 1 and "hydra" not in resolved
 
 
+def test_the_resolved_config_and_the_hparams_show_what_the_run_derived_beside_overridden_defaults(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    tasks = "stream.class_incremental.tasks=[[0,1,2],[3,4,5],[6,7,8]]"  # the scenario says classes_per_task: 2
+    overrides = ["scenario=digits_class_incremental", tasks, "stream.rounds_per_task=1", "engine.backend=local"]
+    assert cli.main_cli([*overrides, "eval.probes=false", f"hydra.run.dir={run_dir}"]) == 0
+    resolved = yaml.safe_load((run_dir / cli.RESOLVED_CONFIG).read_text())
+    assert resolved["stream"]["class_incremental"]["classes_per_task"] == 2  # as given, overridden by tasks
+    assert resolved["derived"] == {"rounds": 3, "num_tasks": 3, "task_classes": [[0, 1, 2], [3, 4, 5], [6, 7, 8]]}
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    hparams = str(events.summary_metadata)
+    assert "derived.num_tasks" in hparams and "derived.task_classes" in hparams and "derived.rounds" in hparams
+
+
 def test_a_strategy_that_keeps_its_own_kwargs_is_built_with_a_key_no_constructor_names(monkeypatch):
     monkeypatch.syspath_prepend(str(USER_CODE))
     cfg = compose_config(["strategy._target_=options_strategy.KeepsOptions", "+strategy.beta=2", "+strategy.mu=0.5"])

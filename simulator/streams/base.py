@@ -9,7 +9,7 @@ domain-incremental stream stores once per domain.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -54,6 +54,10 @@ class Stream(ABC):
     def default_rounds(self) -> int | None:
         """Rounds the stream lasts when the config leaves ``rounds`` unset (None: no default)."""
         return self.num_tasks * self.rounds_per_task if self.num_tasks > 1 else None
+
+    def derived(self) -> dict[str, Any]:
+        """What the stream derived from its settings and the data, for the run directory to show."""
+        return {"num_tasks": self.num_tasks}
 
     def task_of_round(self, server_round: int) -> int:
         """The live task at ``server_round`` (1-based); the last task lasts past its rounds."""

@@ -20,6 +20,7 @@ on its share of task t. Options, all seeded:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -175,6 +176,9 @@ class ClassIncrementalStream(Stream):
 
     def task_test_indices(self, task: int) -> np.ndarray:
         return self.test_of_task[task]
+
+    def derived(self) -> dict[str, Any]:
+        return {**super().derived(), "task_classes": [classes.tolist() for classes in self.classes]}
 
     def task_classes(self, task: int) -> np.ndarray | None:
         return self.classes[task] if self.settings.task_incremental else None
