@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +52,7 @@ from omegaconf.errors import OmegaConfBaseException
 from simulator.backends import ClientFailure
 from simulator.config import SCENARIO_DIR, ConfigError, run_flags, valid_keys
 from simulator.engine import Experiment
+from simulator.interrupts import Interrupted
 from simulator.plugins import load_config
 from simulator.run_dir import RESOLVED_CONFIG
 from simulator.run_guard import RunDirectoryBusy, claim_run_directory
@@ -80,6 +82,13 @@ def main(cfg: DictConfig) -> float | None:
             strategy = build_strategy(cfg.strategy)
             (run_dir / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
             summary = Experiment(config, strategy, run_dir, resume=resume, keep_warm=keep_warm).run()
+    except Interrupted as stop:  # a sweep stops too: the user asked the command to
+        _to_log_file(str(stop))
+        print(
+            f"{stop}; {_resume_command(run_dir, hydra_cfg, checkpointed=bool(config.engine.checkpoint_every))}",
+            file=sys.stderr,
+        )
+        sys.exit(stop.exit_code)
     except RunDirectoryBusy as error:  # the directory, its run.log included, is another live run's
         return _fail(str(error), 2, sweep)
     except ConfigError as error:
@@ -94,6 +103,15 @@ def main(cfg: DictConfig) -> float | None:
     print(f"run directory: {run_dir}")
     print(json.dumps(summary, indent=2))
     return summary["final_accuracy"]
+
+
+def _resume_command(run_dir: Path, hydra_cfg: DictConfig, checkpointed: bool) -> str:
+    """What continues an interrupted run: this job's overrides, its directory, resume=true."""
+    if not checkpointed:
+        return "engine.checkpoint_every = 0: no checkpoint to resume from"
+    kept = [o for o in hydra_cfg.overrides.task if not o.startswith(("resume=", "overwrite=", "hydra.run.dir="))]
+    arguments = [*kept, f"hydra.run.dir={run_dir}", "resume=true"]
+    return "resume with: python run.py " + " ".join(shlex.quote(argument) for argument in arguments)
 
 
 def _save_hydra_files(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> None:

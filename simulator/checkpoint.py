@@ -349,7 +349,7 @@ class Checkpoints(Hook):
         if not self.every:
             states.collect()
             return
-        if view.server_round % self.every and view.server_round != setup.rounds:
+        if view.server_round % self.every and view.server_round != setup.rounds and not view.interrupted:
             return
         snapshot = states.snapshot()
         save(

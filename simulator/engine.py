@@ -35,6 +35,7 @@ from simulator.data import load_dataset
 from simulator.evaluation import FederatedEvaluation, HeadEvaluation, task_accuracies
 from simulator.grid import SimulationGrid
 from simulator.hooks import HOOKS, Hook, Hooks, RoundView, RunSetup
+from simulator.interrupts import Interrupted, stop_requests
 from simulator.probes import Probes
 from simulator.reporting_hooks import Communication, ForgettingPlot, Progress
 from simulator.run_dir import MB, RunDirectory
@@ -116,6 +117,7 @@ class Experiment:
             )
             hooks, arrays = assemble_hooks(setup), start.arrays
             cleanup.callback(hooks.close)
+            stop = cleanup.enter_context(stop_requests())  # Ctrl-C, SIGTERM: stop after the round, checkpointed
             for server_round in range(start.round, rounds + 1):
                 # 4. Train: the strategy samples and configures, clients train, it aggregates.
                 arrays, train_metrics = self._train(server_round, arrays, grid)
@@ -126,8 +128,10 @@ class Experiment:
                     arrays = self._end_task(task, server_round, arrays, grid)
                 # 6. The hooks: evaluations and probes measure, the record is logged, checkpoints save.
                 view = RoundView(setup, server_round, task, task_ended, arrays, self.strategy, train_metrics)
-                measured = hooks.after_round(view)
+                measured, view.interrupted = hooks.after_round(view), stop.signal_number is not None
                 hooks.after_log(view, setup.outputs.log(view.record(measured)) if measured else None)
+                if view.interrupted:
+                    raise Interrupted(stop.signal_number, server_round)
             # 7. The end: the accuracy matrix and summary with what every hook adds, then the plots.
             end = RoundView(setup, rounds, stream.task_of_round(rounds), True, arrays, self.strategy, None)
             summary = setup.outputs.finish(setup.elapsed(), rounds, baseline, hooks.at_end(end), to_dict(config))

@@ -70,6 +70,7 @@ class RoundView:
     arrays: ArrayRecord  # the global arrays now
     strategy: Strategy
     train_metrics: MetricRecord | None
+    interrupted: bool = False  # the run stops after this round (Ctrl-C, SIGTERM): checkpoint it
     _loaded: bool = field(default=False, repr=False)
 
     def record(self, measured: dict[str, Any]) -> dict[str, Any]:

@@ -1,13 +1,17 @@
 """A run directory is its run's own: through the real run.py, one live run at a time, no fresh run over an
-old one without overwrite=true, nothing read, written or deleted through a link out of it."""
+old one without overwrite=true, nothing read, written or deleted through a link out of it; an interrupted
+run stops after a checkpointed round and says how to resume it."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
 import time
 
 import pytest
-from helpers import read_metrics, run_command_line, start_run_py
+from helpers import numbers_of, read_metrics, run_command_line, start_run_py
 
 TINY = ["engine.backend=local", "rounds=2", "eval.probes=false", "engine.checkpoint_every=0"]
 
@@ -74,3 +78,30 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path):
     result = run_command_line([f"hydra.run.dir={run_dir}", *TINY])
     assert result.returncode == 0
     assert "took over the lock of pid 999999" in result.stdout + (run_dir / "run.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signal_number", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_stops_after_a_checkpointed_round_and_its_resume_command_finishes_the_same_run(
+    tmp_path, signal_number, code
+):
+    common = ["engine.backend=local", "rounds=300", "eval.every=50", "engine.checkpoint_every=100", "eval.probes=false"]
+    whole = tmp_path / "whole"
+    assert run_command_line([f"hydra.run.dir={whole}", *common]).returncode == 0
+    run_dir = tmp_path / "run"
+    interrupted = start_run_py(run_dir, common)
+    deadline = time.monotonic() + 60
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().strip()):  # the first record, round 50: in the rounds
+        assert interrupted.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(interrupted.pid, signal_number)
+    _, stderr = interrupted.communicate(timeout=60)
+    assert interrupted.returncode == code
+    (line,) = [line for line in stderr.decode().splitlines() if line.startswith("interrupted after round")]
+    last = int(line.split()[3])
+    assert last < 300 and (run_dir / "checkpoints" / f"round-{last:06d}").is_dir()  # the round it stopped after
+    command = shlex.split(line.split("resume with: ")[1])
+    assert command[:2] == ["python", "run.py"] and f"hydra.run.dir={run_dir}" in command and "resume=true" in command
+    assert run_command_line(command[2:]).returncode == 0
+    assert numbers_of(run_dir) == numbers_of(whole)
