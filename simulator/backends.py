@@ -27,7 +27,6 @@ from simulator.protocol import TRAIN, ClientJob, ClientOutcome
 from simulator.worker import ClientWorker, WorkerData
 
 ADDRESS_TIMEOUT_S = 3.0  # how long engine.ray_address may take to accept a connection
-EMPTY_CLIENTS = "empty_clients"  # train metric: the round's clients with no training samples
 CALL_GRACE_S = 30.0  # on top of the clients' time limits: what an actor call may take beyond them
 log = logging.getLogger("fedstream")
 
@@ -40,53 +39,13 @@ class Backend(ABC):
     """Runs client jobs and returns their outcomes in job order."""
 
     data: WorkerData  # the arrays as this backend holds them, for the driver to read too
-    warned_empty = False  # whether this run was told once that clients with no samples weigh 0
 
     @abstractmethod
     def execute(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
         """Run ``jobs``; ``job.weights_index`` picks each job's weights from ``weights``."""
 
-    def empty_clients(self, jobs: list[ClientJob]) -> list[int]:
-        """The clients of ``jobs`` with no training samples this round; fails where every one has none.
-
-        Such a client trains nothing and replies with the global weights and ``num-examples`` 0,
-        which a weighting strategy (FedAvg and its kin) gives weight 0. A round of only such clients
-        leaves nothing to weigh: Flower's aggregation would divide by zero.
-        """
-        train = [job for job in jobs if job.kind == TRAIN]
-        empty = [job.client_id for job in train if len(job.indices) == 0]
-        if empty and len(empty) == len(train):
-            raise ClientFailure(
-                f"round {train[0].server_round}: no sampled client ({empty}) has training samples this "
-                "round; nothing is left to aggregate (sample more clients per round, or give every client "
-                "data, e.g. data.partition.min_size >= 1)"
-            )
-        if empty and not self.warned_empty:
-            self.warned_empty = True
-            log.warning(
-                "round %d: clients %s have no training samples: they train nothing and weigh 0 in a weighted "
-                "aggregation; train/%s counts such clients per round",
-                train[0].server_round,
-                empty,
-                EMPTY_CLIENTS,
-            )
-        return empty
-
     def close(self, failed: bool = False) -> None:
         """Release what the backend holds (``failed``: the run ended with an error)."""
-
-
-def count_empty_clients(jobs: list[ClientJob], outcomes: list[ClientOutcome], empty: list[int]) -> None:
-    """Add the round's number of clients without samples to every train reply, where there are any.
-
-    Every reply carries it (Flower aggregates only replies with the same metric keys), and the
-    empty ones weigh 0, so the strategy's weighted mean of it is that number: ``train/empty_clients``.
-    """
-    if not empty:
-        return
-    for job, outcome in zip(jobs, outcomes, strict=True):
-        if job.kind == TRAIN and outcome.error is None:
-            outcome.metrics[EMPTY_CLIENTS] = float(len(empty))
 
 
 class LocalBackend(Backend):
@@ -97,10 +56,7 @@ class LocalBackend(Backend):
         self.worker = ClientWorker(config, data)
 
     def execute(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
-        empty = self.empty_clients(jobs)
-        outcomes = self.worker.execute(jobs, weights)
-        count_empty_clients(jobs, outcomes, empty)
-        return outcomes
+        return self.worker.execute(jobs, weights)
 
 
 class WorkerHost:
@@ -262,7 +218,6 @@ class RayBackend(Backend):
                 )
 
     def execute(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
-        empty = self.empty_clients(jobs)
         weights_ref = self.ray.put(weights)
         shares = [[jobs[i] for i in share] for share in balanced_shares(jobs, len(self.actors))]
         calls = [
@@ -283,9 +238,7 @@ class RayBackend(Backend):
             except self.ray.exceptions.RayError as error:
                 raise ClientFailure(f"the actor running clients {clients} failed:\n{error}") from error
             outcomes.update((id(job), result) for job, result in zip(share, results))
-        in_order = [outcomes[id(job)] for job in jobs]
-        count_empty_clients(jobs, in_order, empty)
-        return in_order
+        return [outcomes[id(job)] for job in jobs]
 
     def _call_timeout(self, clients: int) -> float | None:
         """The wait for one actor call: backstop to the worker's per-client timer (C code it cannot interrupt)."""

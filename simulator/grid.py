@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,8 @@ from simulator.run_dir import MB
 from simulator.streams import Stream
 
 _KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE, MessageType.QUERY: QUERY}
+EMPTY_CLIENTS = "empty_clients"  # train metric: the round's clients with no training samples
+log = logging.getLogger("fedstream")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class SimulationGrid(Grid):
         self.jobs = JobPlanner(stream, states, client_test_size, personal)
         self.on_nonfinite = on_nonfinite  # fail | drop: what a client's NaN/inf loss or weights do
         self.nonfinite_dropped = nonfinite_dropped  # replies left out so far (on_nonfinite = drop)
+        self.warned_empty = False  # the run was told once that clients with no samples weigh 0
         self.traffic = traffic  # bytes sent and received so far (a resumed run's included)
         self._run = Run.create_empty(run_id)
         self._ids = itertools.count()
@@ -154,6 +158,7 @@ class SimulationGrid(Grid):
         for message in messages:
             _stamp(message, f"m{next(self._ids)}")
             jobs.append(self._job(message, records, present))
+        empty = self._empty_clients(jobs)
         weights = [record.to_numpy_ndarrays() for record in records]
         outcomes = self.backend.execute(jobs, weights)
         self.traffic = self.traffic.plus(
@@ -178,10 +183,40 @@ class SimulationGrid(Grid):
             )
         self.nonfinite_dropped += len(diverged)
         self.jobs.keep_states(jobs, outcomes)
+        if empty:  # on every train reply: Flower aggregates only keys all replies have; the empty weigh 0
+            for job, outcome in zip(jobs, outcomes):
+                if job.kind == TRAIN:
+                    outcome.metrics[EMPTY_CLIENTS] = float(len(empty))
         return [
             self._reply(message, outcome, list(records[job.weights_index].keys())) if outcome.finite else None
             for message, job, outcome in zip(messages, jobs, outcomes)
         ]
+
+    def _empty_clients(self, jobs: list[ClientJob]) -> list[int]:
+        """The clients of ``jobs`` with no training samples this round; fails where every one has none.
+
+        Such a client trains nothing and replies with the global weights and ``num-examples`` 0,
+        which a weighting strategy (FedAvg and its kin) gives weight 0. A round of only such clients
+        leaves nothing to weigh: Flower's aggregation would divide by zero.
+        """
+        train = [job for job in jobs if job.kind == TRAIN]
+        empty = [job.client_id for job in train if len(job.indices) == 0]
+        if empty and len(empty) == len(train):
+            raise ClientFailure(
+                f"round {train[0].server_round}: no sampled client ({empty}) has training samples this "
+                "round; nothing is left to aggregate (sample more clients per round, or give every client "
+                "data, e.g. data.partition.min_size >= 1)"
+            )
+        if empty and not self.warned_empty:
+            self.warned_empty = True
+            log.warning(
+                "round %d: clients %s have no training samples: they train nothing and weigh 0 in a weighted "
+                "aggregation; train/%s counts such clients per round",
+                train[0].server_round,
+                empty,
+                EMPTY_CLIENTS,
+            )
+        return empty
 
     def _job(self, message: Message, records: list[ArrayRecord], present: set[int]) -> ClientJob:
         """The job for ``message``; its ArrayRecord joins ``records`` unless already there."""
