@@ -24,11 +24,13 @@ from clients.fedprox import FedProxClient
 from simulator.checkpoint import Checkpoint
 from simulator.config import ConfigError, ExperimentConfig, to_dict
 from simulator.protocol import PROXIMAL_MU
+from simulator.run_dir import leaves
 from simulator.streams import Stream
 from simulator.worker import all_finite
 from strategies import check_sampling, strategy_layers
 
 log = logging.getLogger("fedstream")
+_UNSET = "(not set)"  # a key one config has and the other lacks
 
 
 def stream_rounds(config: ExperimentConfig, stream: Stream, strategy: Strategy) -> int:
@@ -144,7 +146,7 @@ def check_resumable(
 def _check_same_config(saved: dict[str, Any], config: ExperimentConfig, where: Path) -> None:
     """Refuse to resume a checkpoint of a different config, naming each differing key with both values;
     rounds may grow, engines differ (the numbers do not depend on the engine)."""
-    current, before = _leaves(to_dict(config)), _leaves(saved)
+    current, before = leaves(to_dict(config)), leaves(saved)
     may_differ = ("rounds", "engine.")
     differing = sorted(
         key
@@ -159,13 +161,3 @@ def _check_same_config(saved: dict[str, Any], config: ExperimentConfig, where: P
             f"resume=true: the checkpoint in {where} was written with another config: {shown}; "
             "resume with the same config"
         )
-
-
-_UNSET = "(not set)"
-
-
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Every value of a nested dict under its dotted key (``client.lr``)."""
-    if not isinstance(node, dict):
-        return {prefix.removesuffix("."): node}
-    return {key: value for name, child in node.items() for key, value in _leaves(child, f"{prefix}{name}.").items()}

@@ -149,16 +149,17 @@ def _per_task_tag(key: str) -> str:
     return f"{name if name == 'acc' else name.removesuffix('_acc')}_task"
 
 
-def scalar_leaves(config: dict[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
+def leaves(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Every value of a nested dict under its dotted key (``client.lr``)."""
+    if not isinstance(config, dict):
+        return {prefix.removesuffix("."): config}
+    return {key: value for name, child in config.items() for key, value in leaves(child, f"{prefix}{name}.").items()}
+
+
+def scalar_leaves(config: dict[str, Any]) -> dict[str, str | int | float | bool]:
     """The str, int, float and bool values of a nested dict under dotted keys (``client.lr``), the
     values TensorBoard's hparams take; lists and None are left out."""
-    leaves: dict[str, str | int | float | bool] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            leaves.update(scalar_leaves(value, f"{prefix}{key}."))
-        elif isinstance(value, (str, int, float, bool)):
-            leaves[f"{prefix}{key}"] = value
-    return leaves
+    return {key: value for key, value in leaves(config).items() if isinstance(value, (str, int, float, bool))}
 
 
 def finite_or_null(value: Any) -> Any:
