@@ -1,22 +1,30 @@
-"""Checkpoints: everything needed to continue a run exactly where it stopped.
+"""Checkpoints: everything needed to continue a run exactly where it stopped, as data only.
 
-A checkpoint holds the global weights, the strategy object itself (adaptive
-optimizers and DP accountants keep state between rounds), the client states
-(the names of their files, written at each checkpoint), the round and the
-evaluations so far (the accuracy matrix and summary are built from them).
+A checkpoint holds the global weights, the strategy's state (adaptive
+optimizers and continual strategies keep some between rounds), the client
+states (the names of their files, written at each checkpoint), the round and
+the evaluations so far (the accuracy matrix and summary are built from them).
 Every other random draw is derived from the seed and the round, so nothing
 more is needed for a resumed run to match an uninterrupted one.
 
 Each checkpoint is a folder ``checkpoints/round-NNNNNN/``; the newest two are kept:
 
-- ``arrays.npz``: the global arrays, in order (numpy, read without pickle);
-- ``strategy.pkl``: the strategy, read back by an unpickler that resolves only
-  classes and functions of Flower, numpy's arrays and scalars, ``strategies``
-  and the configured strategy's own modules, so a crafted file runs no code;
-- ``state.json``: round, run time, config, number of tasks, bytes communicated, the client-state
-  snapshot and the evaluation records;
-- ``manifest.json``: the sha256 of each file above and of each client-state
-  file the snapshot names, and of itself; checked before anything is read.
+- ``arrays.npz``: the global arrays, in order;
+- ``strategy.npz``: the arrays of the strategy's state, referenced from ``state.json``;
+- ``state.json``: the format version, round, run time, config, number of tasks,
+  bytes communicated, the strategy's state (``strategies.state``), the
+  client-state snapshot and the evaluation records;
+- ``manifest.json``: the format version, the sha256 of each file above and of
+  each client-state file the snapshot names, and of itself; checked first.
+
+Nothing is unpickled: a resume rebuilds the strategy from the validated config
+and restores only its state, checked against the global arrays; every ``.npz``
+is read with its sizes bounded before a byte is inflated (``plain_npz``). So a
+checkpoint from someone else can change the numbers (weights, states: the
+manifest is a checksum anyone can recompute), never the code that runs or the
+configuration. :class:`Checkpoints` proves at every checkpoint that the saved
+state restores the live strategy whole, so a strategy with state it does not
+declare fails there, not at resume.
 
 A folder is written under a temporary name and renamed whole, so a crash while
 saving leaves the earlier checkpoints intact. Any damage is a ConfigError naming
@@ -25,16 +33,15 @@ the file; the previous checkpoint is kept, so the run can go back one checkpoint
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
-import pickle
 import re
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,46 +49,21 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
-from flwr.serverapp.strategy import Strategy
 
-from simulator.client_state import StoreSnapshot
+from simulator.client_state import StoreSnapshot, check_state_files
 from simulator.config import ConfigError, to_dict
 from simulator.grid import Traffic
 from simulator.hooks import Hook, RoundView, RunSetup
+from simulator.plain_npz import read_npz, write_npz
+from simulator.strategy_calls import StrategyFailure
+from strategies.state import LayerState, lost_on_resume, restore_strategy_state, strategy_state
 
+FORMAT = 2  # 1: the strategy pickled (strategy.pkl); 2: its state as data
 CLIENT_STATE_DIR = "client_state"  # beside checkpoints/ in the run directory
-ARRAYS, STRATEGY, STATE, MANIFEST = "arrays.npz", "strategy.pkl", "state.json", "manifest.json"
+ARRAYS, STRATEGY, STATE, MANIFEST = "arrays.npz", "strategy.npz", "state.json", "manifest.json"
 KEPT = 2  # checkpoints kept: the last, and the previous in case the last is damaged
 _FOLDER = re.compile(r"round-(\d+)")
-
-# What a strategy's pickle may name: the classes of Flower's record and strategy packages
-# and of the configured strategy's modules; functions only from that list or these modules
-# (a function is a gadget: one that builds objects from a dict can call anything); from
-# numpy only what arrays, scalars and dtypes need (np.load or np.memmap touch files).
-_TRUSTED_PACKAGES = ("flwr.app", "flwr.common", "flwr.serverapp")
-_TRUSTED_FUNCTIONS = {
-    ("flwr.serverapp.strategy.strategy_utils", "aggregate_metricrecords"),  # FedAvg's metric defaults
-    ("flwr.serverapp.strategy.multikrum", "select_multikrum"),
-    *(
-        (f"flwr.app.message.{record}", check)
-        for record in ("arrayrecord", "metricrecord", "configrecord")
-        for check in ("_check_key", "_check_value")
-    ),
-}
-_TRUSTED_GLOBALS = (
-    {("builtins", name) for name in ("complex", "set", "frozenset", "bytearray", "slice", "range", "object")}
-    | {("collections", name) for name in ("OrderedDict", "defaultdict", "deque", "Counter")}
-    | {
-        ("copyreg", "_reconstructor"),
-        ("_codecs", "encode"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-    }
-)
+_ARRAY_REFERENCE = "__array__"  # in state.json's strategy state: {"__array__": key in strategy.npz}
 
 
 @dataclass(frozen=True)
@@ -90,7 +72,7 @@ class Checkpoint:
 
     round: int
     arrays: ArrayRecord
-    strategy: Strategy
+    strategy: list[LayerState]
     client_states: StoreSnapshot
     wall_s: float  # run time so far, so resumed timings continue
     config: dict[str, Any]  # the run config, to refuse resuming a different run
@@ -133,14 +115,19 @@ def save(directory: Path, checkpoint: Checkpoint) -> None:
         shutil.rmtree(leftover)
     temporary = directory / f".{_folder_name(checkpoint.round)}.tmp"
     temporary.mkdir()
-    np.savez(temporary / ARRAYS, **{key: array.numpy() for key, array in checkpoint.arrays.items()})
-    with (temporary / STRATEGY).open("wb") as file:
-        pickle.dump(checkpoint.strategy, file, protocol=pickle.HIGHEST_PROTOCOL)
-    (temporary / STATE).write_text(json.dumps(_plain(checkpoint)))
+    write_npz(temporary / ARRAYS, {key: array.numpy() for key, array in checkpoint.arrays.items()})
+    strategy_arrays: dict[str, np.ndarray] = {}
+    layers = [
+        {"path": layer.path, "class": layer.kind, "state": _encoded(layer.state, strategy_arrays, layer.path)}
+        for layer in checkpoint.strategy
+    ]
+    write_npz(temporary / STRATEGY, strategy_arrays)
+    (temporary / STATE).write_text(json.dumps(_plain(checkpoint, layers)))
     # A client-state file is written once and never changed, so its hash carries over.
     known = _known_state_hashes(directory)
     state_directory = directory.parent / CLIENT_STATE_DIR
     manifest = {
+        "format": FORMAT,
         "files": {name: _sha256(temporary / name) for name in (ARRAYS, STRATEGY, STATE)},
         "client_state": {
             name: known.get(name) or _sha256(state_directory / name) for name in checkpoint.client_states.files.values()
@@ -154,8 +141,8 @@ def save(directory: Path, checkpoint: Checkpoint) -> None:
         shutil.rmtree(old)
 
 
-def load(directory: Path, strategy_modules: Iterable[str] = ()) -> Checkpoint:
-    """Read the newest checkpoint in ``directory``, checked; ``strategy_modules`` may be unpickled too.
+def load(directory: Path) -> Checkpoint:
+    """Read the newest checkpoint in ``directory``, checked.
 
     Any damage is a ConfigError naming the file and what failed, and how to go
     back to the previous checkpoint where one is kept.
@@ -163,13 +150,14 @@ def load(directory: Path, strategy_modules: Iterable[str] = ()) -> Checkpoint:
     found = _checkpoints(directory)
     if not found:
         raise ConfigError(f"resume = true: there is no checkpoint at {directory}")
+    _check_format(found[-1])
     try:
-        return _read(found[-1], tuple(strategy_modules))
+        return _read(found[-1])
     except ConfigError as error:
         if len(found) == 1:
             raise ConfigError(f"resume = true: {error}; no earlier checkpoint is kept") from None
         try:
-            _read(found[-2], tuple(strategy_modules))
+            _read(found[-2])
         except ConfigError as earlier:  # a client-state file both name, say
             raise ConfigError(f"resume = true: {error}; the previous checkpoint is damaged too: {earlier}") from None
         raise ConfigError(
@@ -178,16 +166,17 @@ def load(directory: Path, strategy_modules: Iterable[str] = ()) -> Checkpoint:
         ) from None
 
 
-def _read(folder: Path, strategy_modules: tuple[str, ...]) -> Checkpoint:
+def _read(folder: Path) -> Checkpoint:
     manifest = _read_manifest(folder)
     for name in (ARRAYS, STRATEGY, STATE):
         _verify(folder / name, manifest["files"].get(name))
+    state_directory = folder.parent.parent / CLIENT_STATE_DIR
     for name, digest in manifest["client_state"].items():
-        _verify(folder.parent.parent / CLIENT_STATE_DIR / name, digest)
-    with _reading(folder / ARRAYS), np.load(folder / ARRAYS, allow_pickle=False) as file:
-        arrays = ArrayRecord(array_dict=OrderedDict((key, Array(file[key])) for key in file.files))
-    with _reading(folder / STRATEGY), (folder / STRATEGY).open("rb") as file:
-        strategy = _TrustedUnpickler(file, strategy_modules).load()
+        _verify(state_directory / name, digest)
+    with _reading(folder / ARRAYS):
+        arrays = ArrayRecord(array_dict=OrderedDict((key, Array(v)) for key, v in read_npz(folder / ARRAYS).items()))
+    with _reading(folder / STRATEGY):
+        strategy_arrays = read_npz(folder / STRATEGY)
     with _reading(folder / STATE):
         state = json.loads((folder / STATE).read_text())
         snapshot = StoreSnapshot(
@@ -196,7 +185,11 @@ def _read(folder: Path, strategy_modules: tuple[str, ...]) -> Checkpoint:
                 for field in ("files", "last_round", "sizes")
             }
         )
-        return Checkpoint(
+        strategy = [
+            LayerState(layer["path"], layer["class"], _decoded(layer["state"], strategy_arrays))
+            for layer in state["strategy"]
+        ]
+        checkpoint = Checkpoint(
             round=state["round"],
             arrays=arrays,
             strategy=strategy,
@@ -208,12 +201,60 @@ def _read(folder: Path, strategy_modules: tuple[str, ...]) -> Checkpoint:
             nonfinite_dropped=state["nonfinite_dropped"],
             traffic=Traffic(**state["traffic"]),
         )
+    problem = check_state_files(state_directory, snapshot)
+    if problem:
+        raise ConfigError(f"checkpoint file {problem}")
+    return checkpoint
 
 
-def _plain(checkpoint: Checkpoint) -> dict[str, Any]:
-    """``state.json``'s content: everything but the arrays and the strategy."""
+def restore_strategy(saved: Checkpoint, strategy: Any, where: Path) -> None:
+    """Set the checkpoint's strategy state on ``strategy``, built from the config; a ConfigError if it does not
+    fit (another strategy, or arrays of other shapes than the global weights')."""
+    try:
+        restore_strategy_state(strategy, saved.strategy, saved.arrays)
+    except ValueError as error:
+        file = where / _folder_name(saved.round) / STATE
+        raise ConfigError(f"resume = true: the strategy state in {file} cannot be restored: {error}") from None
+
+
+def _encoded(value: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
+    """``value`` (a strategy's state) as JSON, its arrays moved to ``arrays`` and referenced; a TypeError naming
+    ``where`` (the state's path) for anything else."""
+    if isinstance(value, (np.ndarray, np.generic)) and not isinstance(value, np.bool_):
+        if value.dtype.hasobject:
+            raise TypeError(f"{where}: an array of Python objects")
+        key = f"a{len(arrays)}"
+        arrays[key] = np.asarray(value)
+        return {_ARRAY_REFERENCE: key}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) and k != _ARRAY_REFERENCE for k in value):
+            raise TypeError(f"{where}: dict keys must be strings other than {_ARRAY_REFERENCE!r}")
+        return {k: _encoded(v, arrays, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encoded(v, arrays, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str, np.bool_)):
+        return bool(value) if isinstance(value, np.bool_) else value
+    raise TypeError(
+        f"{where} is a {type(value).__name__}: a strategy's state holds JSON values and numpy arrays "
+        "(simulator.protocol.StatefulStrategy)"
+    )
+
+
+def _decoded(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_ARRAY_REFERENCE}:
+            return arrays[value[_ARRAY_REFERENCE]]
+        return {k: _decoded(v, arrays) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decoded(v, arrays) for v in value]
+    return value
+
+
+def _plain(checkpoint: Checkpoint, strategy: list[dict[str, Any]]) -> dict[str, Any]:
+    """``state.json``'s content: everything but the arrays."""
     snapshot = checkpoint.client_states
     return {
+        "format": FORMAT,
         "round": checkpoint.round,
         "wall_s": checkpoint.wall_s,
         "config": checkpoint.config,
@@ -221,50 +262,27 @@ def _plain(checkpoint: Checkpoint) -> dict[str, Any]:
         "records": checkpoint.records,
         "nonfinite_dropped": checkpoint.nonfinite_dropped,
         "traffic": dataclasses.asdict(checkpoint.traffic),
+        "strategy": strategy,
         "client_states": {"files": snapshot.files, "last_round": snapshot.last_round, "sizes": snapshot.sizes},
     }
 
 
-class _TrustedUnpickler(pickle.Unpickler):
-    """Resolves only trusted globals, so unpickling cannot call anything else (os.system, np.load, ...)."""
-
-    def __init__(self, file: Any, strategy_modules: tuple[str, ...]) -> None:
-        super().__init__(file)
-        self.strategy_modules = strategy_modules  # the configured strategy's: imported already
-
-    def find_class(self, module: str, name: str) -> Any:
-        # Every check on the names comes before the import: importing a module runs it.
-        if (module, name) in _TRUSTED_GLOBALS | _TRUSTED_FUNCTIONS:
-            return super().find_class(module, name)
-        if self._trusted_module(module):
-            found = super().find_class(module, name)
-            # The object itself must be of a trusted module too: a dotted name or an import
-            # may lead elsewhere; and a class, or a function of the strategy's own modules.
-            own = getattr(found, "__module__", None)
-            if (
-                isinstance(found, type)
-                and self._trusted_module(own)
-                or (inspect.isfunction(found) and own in self.strategy_modules)
-            ):
-                return found
-        if module.split(".")[0] == "numpy" and self._numpy_value_type(super().find_class(module, name)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refused global {module}.{name}: a checkpoint's strategy may only name classes of "
-            f"{', '.join((*_TRUSTED_PACKAGES, *self.strategy_modules))}, functions of the last, "
-            "and numpy arrays and scalars"
+def _check_format(folder: Path) -> None:
+    """Refuse a checkpoint of another format, saying which; before its hashes, which an old one cannot pass."""
+    path = folder / MANIFEST
+    with _reading(path):
+        found = json.loads(path.read_bytes()).get("format", 1) if path.exists() else FORMAT
+    if found != FORMAT:
+        age = "an older" if isinstance(found, int) and found < FORMAT else "a newer"
+        raise ConfigError(
+            f"resume = true: checkpoint {folder} is of format {found!r}, written by {age} FedStream; this one reads "
+            f"format {FORMAT} only{' (format 1 pickled the strategy)' if found == 1 else ''}: resume it with the "
+            "FedStream that wrote it, or start the run again with overwrite=true"
         )
 
-    def _trusted_module(self, module: str | None) -> bool:
-        return module is not None and (
-            module in self.strategy_modules
-            or any(module == trusted or module.startswith(f"{trusted}.") for trusted in _TRUSTED_PACKAGES)
-        )
 
-    @staticmethod
-    def _numpy_value_type(found: Any) -> bool:
-        """ndarray itself (not memmap, which opens files), dtypes and scalar types."""
-        return found is np.ndarray or isinstance(found, type) and issubclass(found, (np.dtype, np.generic))
+class StrategyStateLost(StrategyFailure):
+    """A strategy whose checkpointed state would not restore it: the run stops at that checkpoint."""
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
@@ -274,7 +292,11 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise ConfigError(f"checkpoint file {path} is missing")
     with _reading(path):
         manifest = json.loads(path.read_bytes())
-        content = {"files": dict(manifest["files"]), "client_state": dict(manifest["client_state"])}
+        content = {
+            "format": manifest["format"],
+            "files": dict(manifest["files"]),
+            "client_state": dict(manifest["client_state"]),
+        }
         intact = manifest["sha256"] == _digest(content)
     if not intact:
         raise ConfigError(f"checkpoint file {path} is damaged: its sha256 does not match its content")
@@ -352,12 +374,13 @@ class Checkpoints(Hook):
         if view.server_round % self.every and view.server_round != setup.rounds and not view.interrupted:
             return
         snapshot = states.snapshot()
+        saved_strategy = self._whole_strategy_state(view)
         save(
             setup.outputs.path / "checkpoints",
             Checkpoint(
                 round=view.server_round,
                 arrays=view.arrays,
-                strategy=view.strategy,
+                strategy=saved_strategy,
                 client_states=snapshot,
                 wall_s=setup.elapsed(),
                 config=to_dict(setup.config),
@@ -369,6 +392,28 @@ class Checkpoints(Hook):
         )
         states.collect(keep=self.previous_files)
         self.previous_files = list(snapshot.files.values())
+
+    def _whole_strategy_state(self, view: RoundView) -> list[LayerState]:
+        """The strategy's state, proved whole: restored into a copy of the strategy as built, it gives the live
+        strategy back; else the run stops here, naming what a resume would lose."""
+        where = f"round {view.server_round}: the checkpoint of {type(view.strategy).__name__}"
+        try:
+            saved = strategy_state(view.strategy)
+            arrays: dict[str, np.ndarray] = {}
+            encoded = [_encoded(layer.state, arrays, layer.path) for layer in saved]
+            copied = copy.deepcopy(self.setup.strategy_as_built)
+            decoded = [LayerState(s.path, s.kind, _decoded(e, arrays)) for s, e in zip(saved, encoded)]
+            restore_strategy_state(copied, decoded, view.arrays)
+        except Exception as error:  # the strategy's own checkpoint_state or restore_state, or what it returned
+            raise StrategyStateLost(f"{where}: {type(error).__name__}: {error}") from None
+        lost = lost_on_resume(view.strategy, copied)
+        if lost:
+            raise StrategyStateLost(
+                f"{where} would lose {', '.join(lost)}: these attributes changed since it was built, and its "
+                "state does not restore them. Return them from checkpoint_state() and set them in restore_state() "
+                "(simulator.protocol.StatefulStrategy), or run with engine.checkpoint_every=0"
+            )
+        return saved
 
     def at_end(self, view: RoundView) -> dict[str, Any]:
         if not self.every:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.protocol import RESERVED_STATE_KEY, ClientState
+from simulator.plain_npz import UnreadableArchive, read_npz, write_npz
+from simulator.protocol import RESERVED_STATE_KEY, ClientState, ClientStateError, check_state
 
 STATE_FILE = "client{client}_round{round}.npz"  # one version of a client's state, never rewritten
 _STATE_FILE_PATTERN = re.compile(STATE_FILE.format(client=r"\d+", round=r"(\d+)").replace(".", r"\."))
@@ -89,14 +90,17 @@ class ClientStateStore:
         """
         self._last_round[client] = server_round
         self._files.pop(client, None)  # the old version's file stays until collect(): a checkpoint may name it
-        if client in self._memory:
-            self.memory_bytes -= self._bytes[client]
+        old_size = self._bytes.pop(client, 0)
+        self.total_bytes -= old_size
+        if self._memory.pop(client, None) is not None:
+            self.memory_bytes -= old_size
+        if not state:  # a stateless method's: kept as its last round only, never written
+            return
         size = state_bytes(state)
-        self.total_bytes += size - self._bytes.get(client, 0)
+        self.total_bytes += size
         self.memory_bytes += size
         self._bytes[client] = size
         self._memory[client] = _freeze({k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in state.items()})
-        self._memory.move_to_end(client)
         while self._memory and self.memory_bytes > self.memory_budget:
             self._evict(next(iter(self._memory)))
 
@@ -115,7 +119,7 @@ class ClientStateStore:
         scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
         arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
         temporary = self.directory / f".{name}.tmp.npz"
-        np.savez(temporary, **arrays, **{RESERVED_STATE_KEY: np.frombuffer(json.dumps(scalars).encode(), np.uint8)})
+        write_npz(temporary, {**arrays, RESERVED_STATE_KEY: np.frombuffer(json.dumps(scalars).encode(), np.uint8)})
         temporary.replace(self.directory / name)
         self._files[client] = name
 
@@ -164,8 +168,22 @@ def _freeze(state: ClientState) -> ClientState:
     return state
 
 
+def check_state_files(directory: Path, snapshot: StoreSnapshot) -> str | None:
+    """What is wrong with the first of ``snapshot``'s state files that is not a state of its declared size
+    (a resume checks them all before the first round); None if none is. Each is read bounded (``plain_npz``)."""
+    for client, name in snapshot.files.items():
+        try:
+            size = state_bytes(_read(directory / name))
+        except (UnreadableArchive, ClientStateError, ValueError, KeyError) as error:
+            return f"{directory / name} is not a client state: {error}"
+        if size != snapshot.sizes.get(client):
+            return f"{directory / name} holds {size} bytes of state; the checkpoint says {snapshot.sizes.get(client)}"
+    return None
+
+
 def _read(path: Path) -> ClientState:
-    with np.load(path, allow_pickle=False) as file:
-        state = {k: file[k] for k in file.files if k != RESERVED_STATE_KEY}
-        state.update(json.loads(file[RESERVED_STATE_KEY].tobytes().decode()))
-    return _freeze(state)
+    arrays = read_npz(path)
+    scalars = json.loads(arrays.pop(RESERVED_STATE_KEY).tobytes().decode())
+    if not isinstance(scalars, dict):
+        raise ValueError(f"its {RESERVED_STATE_KEY!r} member is not a JSON object")
+    return _freeze(check_state({**arrays, **scalars}))

@@ -14,6 +14,7 @@ checks before any work are ``simulator/preflight.py``'s.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from pathlib import Path
@@ -79,9 +80,10 @@ class Experiment:
         init = torch_generator(config.seed, Purpose.MODEL_INIT)
         model = build_model(stream.x_train.shape[1:], stream.num_classes, config.model, init)
         preflight.check_model_serves(model, method, config)
-        # 2. Resume from the last finished round, if asked (read before Ray starts; the strategy
-        #    only through an allow-list), else start from the model's weights, less its personal layers.
+        # 2. Resume from the last finished round, if asked (read before Ray starts; the strategy as
+        #    built from the config, its state restored), else from the model's weights, less its personal layers.
         initial = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared_keys(model, method)})
+        strategy_as_built = copy.deepcopy(self.strategy)
         start = self._resumed(stream, rounds, initial) if self.resume else Start(initial)
         budget = int(config.engine.client_state_memory_mb * MB)
         states = ClientStateStore(self.run_dir / checkpoint.CLIENT_STATE_DIR, budget, start.client_states)
@@ -113,7 +115,17 @@ class Experiment:
                 lambda: start.wall_s + time.perf_counter() - started,
             )
             setup = RunSetup(
-                config, stream, rounds, start.round, model, method(config.client), states, grid, outputs, elapsed
+                config,
+                stream,
+                rounds,
+                start.round,
+                model,
+                method(config.client),
+                states,
+                grid,
+                outputs,
+                elapsed,
+                strategy_as_built,
             )
             hooks, arrays = assemble_hooks(setup), start.arrays
             cleanup.callback(hooks.close)
@@ -141,9 +153,9 @@ class Experiment:
     def _resumed(self, stream: Stream, rounds: int, initial: ArrayRecord) -> Start:
         """Where the newest checkpoint left the run, checked against this config."""
         where = self.run_dir / "checkpoints"
-        saved = checkpoint.load(where, {type(layer).__module__ for _, layer in strategy_layers(self.strategy)})
-        preflight.check_resumable(saved, where, self.config, self.strategy, stream, rounds, initial)
-        self.strategy = saved.strategy
+        saved = checkpoint.load(where)
+        preflight.check_resumable(saved, where, self.config, stream, rounds, initial)
+        checkpoint.restore_strategy(saved, self.strategy, where)
         return Start.after(saved)
 
     def _train(

@@ -57,6 +57,7 @@ class RunSetup:
     grid: SimulationGrid
     outputs: RunDirectory
     elapsed: Callable[[], float]  # seconds of the run so far (a resumed run's included)
+    strategy_as_built: Strategy  # a copy of the strategy before any round: checkpoints restore its state into it
 
 
 @dataclass

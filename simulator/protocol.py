@@ -10,7 +10,8 @@ It holds:
 - a client's job and its outcome, as the driver hands them to a backend;
 - a client's state (its type and the check on what it may hold) and the task it left;
 - :class:`Query`, what a client's query handler sees;
-- :class:`TaskEndStrategy`, the API a server-side continual strategy implements.
+- :class:`TaskEndStrategy`, the API a server-side continual strategy implements;
+- :class:`StatefulStrategy`, what a strategy with state between rounds adds for checkpoints.
 
 Server-side queries, end to end: a strategy's ``on_task_end(task, arrays, grid)``
 calls ``strategies.queries.ask_clients(grid, arrays, query, query_arrays)``; each
@@ -171,3 +172,28 @@ class TaskEndStrategy(Protocol):
     def on_task_end(self, task: int, arrays: ArrayRecord, grid: Grid) -> ArrayRecord | None: ...
 
     def check_arrays(self, arrays: ArrayRecord) -> None: ...
+
+
+class StatefulStrategy(Protocol):
+    """What a strategy whose attributes change between rounds adds, so that a checkpoint can keep them.
+
+    A checkpoint never keeps the strategy object: on resume the strategy is
+    built again from the validated config, and only its state is restored
+    (docs/architecture.md, "Checkpoints"). Flower's own strategies are covered
+    by ``strategies.state``; a subclass implements only what it adds.
+
+    - ``checkpoint_state()``: the state, as a dict of JSON values (numbers,
+      strings, lists, dicts with string keys) and numpy arrays, at any depth.
+    - ``restore_state(state, arrays)``: set it on a strategy just built from the
+      config; ``arrays`` are the checkpoint's global arrays. Check every shape
+      and dtype against them (raise ValueError saying what was expected): the
+      file may come from someone else.
+
+    At every checkpoint the engine restores the state into a copy of the
+    strategy as built, and fails the run there, naming the attributes, if the
+    copy differs from the live strategy: state that would be lost on resume.
+    """
+
+    def checkpoint_state(self) -> dict[str, Any]: ...
+
+    def restore_state(self, state: dict[str, Any], arrays: ArrayRecord) -> None: ...

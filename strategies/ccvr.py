@@ -45,6 +45,8 @@ from simulator.protocol import (
 )
 from strategies.queries import ask_clients
 
+_VIRTUAL_FEATURES_LIMIT = 2 * 2**30  # bytes of virtual features a task end may draw
+
 
 class CCVR(FedAvg):
     """FedAvg with its linear head recalibrated on virtual features at every task end."""
@@ -66,7 +68,7 @@ class CCVR(FedAvg):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"strategy.{key} = {value!r}: expected an integer >= 1")
-        if not isinstance(calibration_lr, (int, float)) or calibration_lr <= 0:
+        if isinstance(calibration_lr, bool) or not isinstance(calibration_lr, (int, float)) or calibration_lr <= 0:
             raise ConfigError(f"strategy.calibration_lr = {calibration_lr!r}: expected a number > 0")
         self.virtual_per_class = virtual_per_class
         self.calibration_lr = calibration_lr
@@ -75,13 +77,44 @@ class CCVR(FedAvg):
         self.class_statistics: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # class -> (count, mean, cov)
 
     def check_arrays(self, arrays: ArrayRecord) -> None:
-        """Refuse, before any work, global arrays without a linear head to recalibrate."""
+        """Refuse, before any work, global arrays without a linear head to recalibrate, or virtual features
+        that could not fit in memory at the first task end."""
         if HEAD_WEIGHT not in arrays or HEAD_BIAS not in arrays:
             raise ConfigError(
                 "strategy=ccvr recalibrates the global model's linear head (head.weight and "
                 "head.bias), which the global arrays do not hold: use model.head=linear and a "
                 "client method that shares the head"
             )
+        classes, dim = arrays[HEAD_WEIGHT].shape
+        needed = self.virtual_per_class * classes * dim * 8  # float64 features, all classes at once
+        if needed > _VIRTUAL_FEATURES_LIMIT:
+            raise ConfigError(
+                f"strategy.virtual_per_class = {self.virtual_per_class}: {classes} classes x {dim} features would "
+                f"take {needed / 2**30:.1f} GiB of virtual features at each task end (at most "
+                f"{_VIRTUAL_FEATURES_LIMIT // 2**30} GiB); lower it"
+            )
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The class statistics measured so far (simulator.protocol.StatefulStrategy)."""
+        labels = sorted(self.class_statistics)
+        return {
+            "classes": labels,
+            "counts": [self.class_statistics[c][0] for c in labels],
+            "means": [self.class_statistics[c][1] for c in labels],
+            "covariances": [self.class_statistics[c][2] for c in labels],
+        }
+
+    def restore_state(self, state: dict[str, Any], arrays: ArrayRecord) -> None:
+        classes, dim = arrays[HEAD_WEIGHT].shape
+        parts = [state[key] for key in ("classes", "counts", "means", "covariances")]
+        if len({len(part) for part in parts}) != 1:
+            raise ValueError("classes, counts, means and covariances differ in length")
+        for label, count, mean, covariance in zip(*parts):
+            if not (isinstance(label, int) and 0 <= label < classes and isinstance(count, int) and count >= 1):
+                raise ValueError(f"class {label!r} with count {count!r}: expected a class < {classes} and a count >= 1")
+            if (getattr(mean, "shape", None), getattr(covariance, "shape", None)) != ((dim,), (dim, dim)):
+                raise ValueError(f"class {label}: expected a mean of shape ({dim},) and a covariance ({dim}, {dim})")
+            self.class_statistics[label] = (count, mean, covariance)
 
     def on_task_end(self, task: int, arrays: ArrayRecord, grid: Grid) -> ArrayRecord:
         """The global arrays with the head retrained on virtual features of every class seen so far."""

@@ -55,6 +55,7 @@ class FOT(FedAvg):
         self.threshold = threshold  # the paper's epsilon: the energy share a basis keeps (0.96 on PMNIST)
         self.threshold_step = threshold_step
         self.bases: dict[str, np.ndarray] = {}  # weight name -> orthonormal columns in its input space
+        self.tasks_done = 0  # task ends whose inputs the bases hold; the threshold grows with them
         self._round_start: ArrayRecord | None = None
 
     def configure_train(
@@ -80,9 +81,32 @@ class FOT(FedAvg):
             energy = sum(float(a[f"{name}/energy"]) for a in answers)
             residual = sum(float(a[f"{name}/residual_energy"]) for a in answers)
             self.bases[name] = grown_basis(
-                self.bases.get(name), sketch, residual / energy if energy else 0.0, self.threshold
+                self.bases.get(name), sketch, residual / energy if energy else 0.0, self.task_threshold
             )
-        self.threshold = min(1.0, self.threshold + self.threshold_step)
+        self.tasks_done += 1
+
+    @property
+    def task_threshold(self) -> float:
+        """The energy share the bases keep of the next task's inputs: ``threshold``, grown by ``threshold_step``
+        per task already held."""
+        return min(1.0, self.threshold + self.threshold_step * self.tasks_done)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The bases and how many tasks they hold (simulator.protocol.StatefulStrategy)."""
+        return {"bases": dict(self.bases), "tasks_done": self.tasks_done}
+
+    def restore_state(self, state: dict[str, Any], arrays: ArrayRecord) -> None:
+        tasks_done, bases = state["tasks_done"], state["bases"]
+        if isinstance(tasks_done, bool) or not isinstance(tasks_done, int) or tasks_done < 0:
+            raise ValueError(f"tasks_done = {tasks_done!r}: expected an integer >= 0")
+        for name, basis in bases.items():
+            inputs = int(np.prod(arrays[name].shape[1:])) if name in arrays else None
+            if inputs is None or basis.ndim != 2 or basis.shape[0] != inputs or basis.shape[1] > inputs:
+                raise ValueError(
+                    f"bases[{name!r}] has shape {basis.shape}: expected (inputs, k) with k <= inputs for a weight "
+                    f"of the global arrays ({name!r} with {inputs} inputs)"
+                )
+        self.bases, self.tasks_done = dict(bases), tasks_done
 
 
 def grown_basis(basis: np.ndarray | None, sketch: np.ndarray, residual: float, threshold: float) -> np.ndarray:

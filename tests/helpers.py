@@ -83,6 +83,11 @@ def numbers_of(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return timeless_records(run_dir), without_wall_time(summary)
 
 
+def saved_strategy_state(checkpoints: Path, layer: int = 0) -> dict[str, Any]:
+    """What the strategy's ``layer`` (0: the outermost) declared as its own state in the newest checkpoint."""
+    return checkpoint.load(checkpoints).strategy[layer].state["own"]
+
+
 def final_checkpoint(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[int, dict]]:
     """The global arrays and every client's state, as the run's last checkpoint left them."""
     saved = checkpoint.load(run_dir / "checkpoints")

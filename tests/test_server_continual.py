@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, kill_after_records, numbers_of, run_experiment, run_py_to_the_end, wait_for_free_cpus
+from helpers import (
+    ROOT,
+    kill_after_records,
+    numbers_of,
+    run_experiment,
+    run_py_to_the_end,
+    saved_strategy_state,
+    wait_for_free_cpus,
+)
 
 import run as cli
 from clients.queries import class_feature_statistics, layer_input_sketches
@@ -100,7 +108,7 @@ def test_pooled_class_statistics_equal_those_of_all_clients_data_together():
 def test_fot_gathers_bases_at_each_task_end_and_forgets_less_than_fedavg(tmp_path):
     fedavg = run_experiment(tmp_path / "fedavg", PERMUTED)
     fot = run_experiment(tmp_path / "fot", FOT)
-    bases = checkpoint.load(tmp_path / "fot" / "checkpoints", {"strategies.fot"}).strategy.bases
+    bases = saved_strategy_state(tmp_path / "fot" / "checkpoints")["bases"]
     assert sorted(bases) == ["encoder.1.weight", "encoder.3.weight", "head.weight"]
     assert all(np.allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-6) for u in bases.values())
     assert fot["forgetting"] < fedavg["forgetting"]
@@ -110,8 +118,8 @@ def test_ccvr_retrains_only_the_head_and_refuses_a_head_it_cannot_retrain(tmp_pa
     skew = ["scenario=digits_extreme_label_skew", "engine.backend=local", "rounds=4", "eval.probes=false"]
     run_experiment(tmp_path / "fedavg", skew)
     run_experiment(tmp_path / "ccvr", [*skew, "strategy=ccvr"])
-    plain = checkpoint.load(tmp_path / "fedavg" / "checkpoints", {"strategies.ccvr"}).arrays
-    calibrated = checkpoint.load(tmp_path / "ccvr" / "checkpoints", {"strategies.ccvr"}).arrays
+    plain = checkpoint.load(tmp_path / "fedavg" / "checkpoints").arrays
+    calibrated = checkpoint.load(tmp_path / "ccvr" / "checkpoints").arrays
     for name in plain.keys():  # the same rounds; at the (only) task end, the head alone changes
         same = np.array_equal(plain[name].numpy(), calibrated[name].numpy())
         assert same != name.startswith("head."), name
@@ -129,8 +137,11 @@ def test_fot_inside_flowers_dp_wrapper_still_gathers_its_bases(tmp_path):
         "strategy.noise_multiplier=0.0",
     ]
     run_experiment(tmp_path, wrapped)
-    saved = checkpoint.load(tmp_path / "checkpoints", {"strategies.fot"}).strategy
-    assert sorted(saved.strategy.bases) == ["encoder.1.weight", "encoder.3.weight", "head.weight"]
+    assert sorted(saved_strategy_state(tmp_path / "checkpoints", layer=1)["bases"]) == [
+        "encoder.1.weight",
+        "encoder.3.weight",
+        "head.weight",
+    ]
 
 
 def test_an_unknown_query_fails_the_run_naming_the_client_and_the_queries_it_answers(tmp_path, monkeypatch):
@@ -159,21 +170,21 @@ def test_a_fot_run_killed_with_sigkill_resumes_to_the_uninterrupted_bases_and_nu
     assert not (tmp_path / "killed" / "summary.json").exists()
     run_py_to_the_end(tmp_path / "killed", [*overrides, "resume=true"], timeout_s=120)
     assert numbers_of(tmp_path / "killed") == numbers_of(tmp_path / "whole")
-    whole = checkpoint.load(tmp_path / "whole" / "checkpoints", {"strategies.fot"}).strategy.bases
-    resumed_bases = checkpoint.load(tmp_path / "killed" / "checkpoints", {"strategies.fot"}).strategy.bases
+    whole = saved_strategy_state(tmp_path / "whole" / "checkpoints")["bases"]
+    resumed_bases = saved_strategy_state(tmp_path / "killed" / "checkpoints")["bases"]
     assert whole.keys() == resumed_bases.keys() and all(np.array_equal(whole[k], resumed_bases[k]) for k in whole)
 
 
 @pytest.mark.ray
 def test_query_answers_are_the_same_in_process_and_on_1_2_and_3_actors(tmp_path, ray_with_three_cpus):
     run_experiment(tmp_path / "local", FOT)
-    local = checkpoint.load(tmp_path / "local" / "checkpoints", {"strategies.fot"}).strategy.bases
+    local = saved_strategy_state(tmp_path / "local" / "checkpoints")["bases"]
     assert local  # bases for every layer: the comparison below has something to compare
     for actors in (1, 2, 3):
         run_dir = tmp_path / f"ray{actors}"
         wait_for_free_cpus(actors)
         run_experiment(run_dir, [*FOT, "engine.backend=ray", f"engine.num_actors={actors}"])
-        bases = checkpoint.load(run_dir / "checkpoints", {"strategies.fot"}).strategy.bases
+        bases = saved_strategy_state(run_dir / "checkpoints")["bases"]
         assert bases.keys() == local.keys(), f"{actors} actors"
         assert all(np.array_equal(bases[k], local[k]) for k in local), f"{actors} actors"  # from the answers
         assert numbers_of(run_dir) == numbers_of(tmp_path / "local"), f"{actors} actors"

@@ -92,6 +92,16 @@ def test_without_checkpoints_the_state_files_go_at_the_end(tmp_path):
     assert not (tmp_path / "client_state").exists()
 
 
+def test_a_stateless_method_writes_no_state_files_and_still_knows_each_clients_last_round(tmp_path):
+    # Each client's last round is what tells the engine a client starts a new task: kept, but in the checkpoint.
+    common = [*SHORT_TASKS, "engine.backend=local", "client.method=sgd", "engine.client_state_memory_mb=0"]
+    run_experiment(tmp_path, common)
+    assert not (tmp_path / "client_state").exists() or not any((tmp_path / "client_state").iterdir())
+    saved = checkpoint.load(tmp_path / "checkpoints").client_states
+    assert saved.files == {} and saved.sizes == {} and len(saved.last_round) == 20
+    assert read_metrics(tmp_path)[-1]["client_state_mb"] == 0
+
+
 @pytest.mark.slow
 def test_a_run_killed_with_sigkill_mid_task_resumes_to_the_uninterrupted_numbers(tmp_path):
     # EWC: two model-sized arrays per client; a small budget makes some of them leave memory, and
