@@ -36,9 +36,11 @@ run's ``config_resolved.yaml`` (every interpolation resolved); a run older than
 that file is read from ``.hydra/config.yaml``, an interpolation there resolved
 within that config or else taken from the run's overrides.
 
-A path without runs, a Hydra or config file that is not YAML, a metric in no
-run's summary, a ``--by`` key in no run's config, or a metric that is not a number
-exit with status 2 and a message naming it.
+A path without runs (a file, a folder without them, a name the system refuses),
+a Hydra or config file that is not YAML, a ``summary.json`` that is not JSON, a
+metric in no run's summary, a ``--by`` key in no run's config, a metric that is
+not a number, or an option's value it cannot take (``--metrics ,``,
+``--digits`` other than 0 to 17) exit with status 2 and one ``error:`` line naming it.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def read_run(path: Path) -> Run:
     file = path / SUMMARY
     try:
         summary = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RunError(f"{file}: not JSON ({error})") from None
     if not isinstance(summary, dict):
         raise RunError(f"{file}: not a JSON object")
@@ -352,12 +354,38 @@ FORMATS: dict[str, Callable[[Table, int], str]] = {"markdown": to_markdown, "csv
 # --- Command line ---------------------------------------------------------------------------
 
 
+MAX_DIGITS = 17  # a float64 holds no more significant digits than this
+
+
 def _names(text: str) -> tuple[str, ...]:
-    """``a,b`` → ``("a", "b")``; argparse reports a ValueError as a bad value."""
+    """``a,b`` → ``("a", "b")``; none is an error naming the option, as argparse reports it."""
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if not names:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated names, e.g. final_accuracy,forgetting")
     return names
+
+
+def _digits(text: str) -> int:
+    """``--digits``: a whole number of decimals from 0 to :data:`MAX_DIGITS`."""
+    try:
+        digits = int(text)
+    except ValueError:
+        digits = -1
+    if not 0 <= digits <= MAX_DIGITS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of decimals from 0 to {MAX_DIGITS}")
+    return digits
+
+
+def path_problem(path: Path, marker: str) -> str | None:
+    """What makes ``path`` no run directory before any is read: a file (``summary.json`` itself: give its
+    folder), or a name the system refuses (too long, a loop of links); None where it may hold runs."""
+    try:
+        if path.is_dir() or not path.exists():
+            return None  # find_runs names a folder without runs, and one that does not exist
+    except OSError as error:
+        return f"{path}: {error.strerror}"
+    folder = f"; give its folder {path.parent}" if path.name == marker else ""
+    return f"{path}: a file, not a run directory{folder}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -393,7 +421,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--format", choices=FORMATS, default="markdown")
     parser.add_argument(
-        "--digits", type=int, default=3, help="decimals in Markdown and LaTeX (default 3; CSV keeps them all)"
+        "--digits",
+        type=_digits,
+        default=3,
+        help=f"decimals in Markdown and LaTeX, 0 to {MAX_DIGITS} (default 3; CSV keeps them all)",
     )
     return parser
 
@@ -402,11 +433,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the table; errors exit with status 2 through argparse."""
     parser = _parser()
     args = parser.parse_args(argv)
+    for path in args.run_dirs:
+        if problem := path_problem(path, SUMMARY):
+            parser.error(problem)
     try:
         runs = [read_run(path) for path in run_paths(args.run_dirs, SUMMARY)]
         table = build_table(runs, args.metrics, args.by)
     except RunError as error:
         parser.error(str(error))
+    except OSError as error:  # a file or folder the system will not read
+        parser.error(f"{error.filename}: {error.strerror}" if error.filename else str(error))
     for job in unfinished(args.run_dirs):
         print(f"left out {job}: no {SUMMARY} (the job failed or has not finished)", file=sys.stderr)
     print(FORMATS[args.format](table, args.digits), end="")
