@@ -41,16 +41,22 @@ strategy, client method"), over a line of the overrides every group shares
   the end of task i, column j the accuracy on task j (above the diagonal: tasks
   not trained yet, the basis of forward transfer); NaN cells are left blank.
 
-A path with no runs, an unknown metric or task, runs that cannot be compared or
-a ``--label`` count other than the groups' exit with status 2 and a message
-naming the path or the option.
+A path with no runs (a file, a folder without them, a name the system refuses),
+a ``metrics.jsonl`` that is not one JSON object with a whole-number ``round`` and
+``task`` a line, an unknown metric or task, runs that cannot be compared, a
+``--label`` count other than the groups', or an ``--out`` it cannot write (empty,
+a folder, a name without an image format's suffix, in a folder that is a file, a
+name too long; checked before any run is read; a full disk when writing it) exit
+with status 2 and one ``error:`` line naming the path or the option.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import reduce
@@ -75,6 +81,7 @@ from simulator.runs import (
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.lines import Line2D
 
 PlotError = RunError  # input the plots cannot use; the message names the path at fault
@@ -85,6 +92,7 @@ PROBE_KEY = "probe_acc_per_task"  # a linear probe on the frozen global encoder,
 NCM_KEY = "ncm_acc_per_task"  # a nearest-class-mean classifier on those features, same layout
 PROBE_KEYS = (PROBE_KEY, NCM_KEY)  # a record with either carries representation probes
 BANDS = ("minmax", "std")  # --band: lowest..highest seed, or mean ± one standard deviation
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a write the disk (or the user's quota) has no room for
 
 # What a reader sees for a metrics.jsonl key; a key not here is shown as it is.
 METRIC_LABELS = {
@@ -147,14 +155,41 @@ class Band(NamedTuple):
 
 def read_run(path: Path) -> Run:
     """Read a run directory's metrics and, where Hydra wrote them, its overrides and strategy."""
-    lines = (path / "metrics.jsonl").read_text().splitlines()
+    file = path / "metrics.jsonl"
     try:
-        records = [json.loads(line) for line in lines if line.strip()]
-    except json.JSONDecodeError as error:
-        raise PlotError(f"{path / 'metrics.jsonl'}: not one JSON object a line ({error})") from None
+        lines = file.read_text().splitlines()
+    except UnicodeDecodeError as error:
+        raise PlotError(f"{file}: not one JSON object a line ({error})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PlotError(f"{file}: not one JSON object a line (line {number}: {error})") from None
+        if not isinstance(record, dict):
+            raise PlotError(f"{file}: line {number} is not a JSON object")
+        for key in ("round", "task"):
+            if not isinstance(record.get(key), int) or isinstance(record[key], bool):
+                raise PlotError(f"{file}: line {number} has no whole-number {key!r}")
+        records.append(record)
     if not records:
         raise PlotError(f"{path}: metrics.jsonl has no evaluations")
     return replace(read_hydra(path), records=records)
+
+
+def path_problem(path: Path, marker: str = "metrics.jsonl") -> str | None:
+    """What makes ``path`` no run directory before any is read: a file (``metrics.jsonl`` itself: give
+    its folder), or a name the system refuses (too long, a loop of links); None where it may hold runs.
+    (``simulator.report`` checks its paths alike, without importing matplotlib.)"""
+    try:
+        if path.is_dir() or not path.exists():
+            return None  # find_runs names a folder without runs, and one that does not exist
+    except OSError as error:
+        return f"{path}: {error.strerror}"
+    folder = f"; give its folder {path.parent}" if path.name == marker else ""
+    return f"{path}: a file, not a run directory{folder}"
 
 
 def read_accuracy_matrix(path: Path) -> np.ndarray:
@@ -335,9 +370,16 @@ def _mark_tasks(ax: plt.Axes, records: Records) -> None:
 
 
 def _save(fig: plt.Figure, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    """Write ``fig`` to ``out``; an error that does not name the file (a full disk's) is raised naming it."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror, str(out)) from error
+        raise
+    finally:
+        plt.close(fig)
 
 
 def _num_tasks(records: Records, metric: str) -> int:
@@ -542,6 +584,56 @@ def plot_heatmaps(groups: Sequence[Group], out: Path, title: str | None = None) 
 # --- Command line -------------------------------------------------------------------------
 
 
+def image_formats() -> list[str]:
+    """The file name suffixes an image can be written as (``png``, ``pdf``, ``svg``, ...)."""
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def _out(text: str) -> Path:
+    """``--out``: an image file whose name says its format, not a folder, in a folder that is one or can be."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an image file, e.g. runs.png")
+    out = Path(text)
+    formats = image_formats()
+    endings = ", ".join(f".{f}" for f in ["png", "pdf", "svg", *(f for f in formats if f not in ("png", "pdf", "svg"))])
+    try:
+        if out.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: a folder; give an image file in it, e.g. {out / 'runs.png'}")
+        if not out.suffix:
+            raise argparse.ArgumentTypeError(f"{text}: no image format; end it in {endings}")
+        if out.suffix[1:].lower() not in formats:
+            raise argparse.ArgumentTypeError(f"{text}: {out.suffix!r} is no image format; end it in {endings}")
+        folder = next((parent for parent in out.parents if parent.exists()), None)
+        if folder is not None and not folder.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: {folder} is a file, not a folder")
+        name_max = os.pathconf(folder or ".", "PC_NAME_MAX")
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"{text}: {error.strerror}") from None
+    if any(len(os.fsencode(part)) > name_max for part in out.parts):
+        raise argparse.ArgumentTypeError(f"{text}: {os.strerror(errno.ENAMETOOLONG)}")
+    return out
+
+
+def _task(text: str) -> int:
+    """``--task``: a task index, 0 or more."""
+    try:
+        task = int(text)
+    except ValueError:
+        task = -1
+    if task < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a task index, 0 or more")
+    return task
+
+
+def _os_error(error: OSError, out: Path) -> str:
+    """One line for a file or folder the system would not read or write: ``--out``, or the file at fault."""
+    file = error.filename or out
+    where = "argument --out: " if str(file) == str(out) else ""
+    if error.errno in DISK_FULL:
+        return f"{where}no space left on device writing {file}"
+    return f"{where}{file}: {error.strerror or error}"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m simulator.plot",
@@ -557,14 +649,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="a run directory (has metrics.jsonl) or a multirun directory of them",
     )
-    parser.add_argument("--out", type=Path, required=True, help="the image to write, e.g. runs.png")
+    parser.add_argument(
+        "--out", type=_out, required=True, help="the image to write, e.g. runs.png (or .pdf, .svg, ...)"
+    )
     what = parser.add_mutually_exclusive_group()
     what.add_argument(
         "--metric",
         default="acc_seen",
         help="a numeric key of metrics.jsonl: acc_seen (default), train_loss, wall_s, ...",
     )
-    what.add_argument("--task", type=int, metavar="J", help="plot acc_per_task[J], the accuracy on task J")
+    what.add_argument("--task", type=_task, metavar="J", help="plot acc_per_task[J], the accuracy on task J")
     what.add_argument(
         "--heatmap", action="store_true", help="draw each group's accuracy matrix instead (mean over seeds)"
     )
@@ -601,6 +695,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; errors exit with status 2 through argparse."""
     parser = _parser()
     args = parser.parse_args(argv)
+    for path in args.run_dirs:
+        if problem := path_problem(path):
+            parser.error(problem)
     try:
         runs = [read_run(path) for path in run_paths(args.run_dirs)]
         groups = relabel(group_runs(runs), args.label)
@@ -612,6 +709,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_overlay(groups, args.out, args.metric, band=args.band, title=args.title)
     except PlotError as error:
         parser.error(str(error))
+    except OSError as error:  # a run's file it cannot read, or --out it cannot write (a full disk)
+        parser.error(_os_error(error, args.out))
     print(args.out)
     return 0
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from simulator.plot import (
     spread_labels,
     task_segments,
 )
+from simulator.plot import main as plot_main
 from simulator.runs import Run, find_runs, group_runs, shared_overrides
 
 NAN = math.nan
@@ -590,3 +594,91 @@ def test_the_cli_takes_band_title_and_labels_and_exits_2_on_a_wrong_label_count(
     assert result.returncode == 2
     assert "1 --label for 2 groups (FedAvg; FedAdam): give one per group" in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+# --- Command-line arguments it cannot take: one error line naming them, before any work ---------
+
+
+def plot_fails(capsys, *args: str | Path) -> str:
+    """The one ``error:`` line of ``python -m simulator.plot ARGS`` (in this process), which exits 2."""
+    with pytest.raises(SystemExit) as exit_:
+        plot_main([str(a) for a in args])
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err
+    assert "Traceback" not in message, message
+    errors = [line for line in message.splitlines() if "error:" in line]
+    assert len(errors) == 1, message
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "out, names",
+    [
+        ("runs.xyz", ["argument --out", "runs.xyz", "'.xyz'", ".png", ".pdf"]),
+        ("runs", ["argument --out", "runs", "no image format", ".png"]),
+        ("", ["argument --out", "''", "an image file"]),
+        ("folder", ["argument --out", "folder", "a folder"]),
+        ("notes.txt/runs.png", ["argument --out", "notes.txt", "a file, not a folder"]),
+        ("a" * 300 + ".png", ["argument --out", "File name too long"]),
+    ],
+)
+def test_an_out_it_cannot_write_exits_2_naming_it_and_reads_no_run(tmp_path, capsys, monkeypatch, out, names):
+    run = write_run(tmp_path / "run", TWO_TASKS)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("notes\n")
+    monkeypatch.chdir(tmp_path)
+    read = []
+    monkeypatch.setattr("simulator.plot.read_run", lambda path: read.append(path))
+    line = plot_fails(capsys, run, "--out", out)
+    assert all(name in line for name in names), line
+    assert not read  # refused before any run is read
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt", "run"]
+
+
+def test_a_run_dir_that_is_a_file_or_a_name_too_long_exits_2_naming_it(tmp_path, capsys):
+    run = write_run(tmp_path / "run", TWO_TASKS)
+    line = plot_fails(capsys, run / "metrics.jsonl", "--out", tmp_path / "x.png")
+    assert f"{run / 'metrics.jsonl'}: a file, not a run directory; give its folder {run}" in line, line
+    line = plot_fails(capsys, tmp_path / ("a" * 300), "--out", tmp_path / "x.png")
+    assert "File name too long" in line, line
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_negative_task_exits_2_naming_the_option(tmp_path, capsys):
+    run = write_run(tmp_path / "run", TWO_TASKS)
+    line = plot_fails(capsys, run, "--task", "-1", "--out", tmp_path / "x.png")
+    assert "argument --task: '-1': expected a task index, 0 or more" in line, line
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        (b'{"round": 1, "task": 0, "acc_seen": \xff}\n', "not one JSON object a line"),
+        (b"[1, 2]\n", "line 1 is not a JSON object"),
+        (b'{"task": 0, "acc_seen": 0.5}\n', "line 1 has no whole-number 'round'"),
+    ],
+)
+def test_a_metrics_file_it_cannot_read_exits_2_naming_it(tmp_path, capsys, text, says):
+    run = write_run(tmp_path / "run", TWO_TASKS)
+    (run / "metrics.jsonl").write_bytes(text)
+    line = plot_fails(capsys, run, "--out", tmp_path / "x.png")
+    assert f"{run / 'metrics.jsonl'}: {says}" in line, line
+
+
+def test_a_full_disk_under_out_exits_with_one_error_line_naming_the_file(tmp_path, capsys):
+    """On a 64 KiB file system of its own (a tmpfs: mounting one needs root, so skipped where refused)."""
+    run = write_run(tmp_path / "run", TWO_TASKS)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not shutil.which("mount") or sys.platform != "linux":
+        pytest.skip("no mount command: cannot make a small file system to fill")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        stats = os.statvfs(disk)
+        (disk / "filler").write_bytes(bytes(stats.f_bavail * stats.f_frsize - 4096))
+        line = plot_fails(capsys, run, "--out", disk / "runs.png")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    assert line.endswith(f"error: argument --out: no space left on device writing {disk / 'runs.png'}"), line
