@@ -6,7 +6,8 @@ differently (a personal head, a frozen encoder). ``model.name`` chooses the
 encoder (``mlp``, ``cnn``) and ``model.head`` the head (``clients/heads/``).
 
 A user's own model: ``model.name=pkg.module.function``, called as
-``function(input_shape, num_classes, config)`` and returning an ``nn.Module``.
+``function(input_shape, num_classes, config)`` and returning an ``nn.Module``;
+one that cannot take those three arguments is refused with the config.
 Its weights are drawn under the run's seed (global torch RNG seeded from it),
 so every copy of it is the same. Probes need a ``features(x)`` method; a
 personal head (``fedper``, ``fedrep``) needs ``head`` with
@@ -15,6 +16,7 @@ personal head (``fedper``, ``fedrep``) needs ``head`` with
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -87,8 +89,31 @@ ENCODERS: dict[str, Callable[[tuple[int, ...], ModelConfig], nn.Module]] = {
     "mlp": mlp,
     "cnn": cnn,
 }
+
+
+class _ModelRegistry(Registry[Callable[..., nn.Module]]):
+    """The models: a user's must take the arguments it is called with, checked with the config."""
+
+    def resolve(self, name: str, where: str = "") -> Callable[..., nn.Module]:
+        model = super().resolve(name, where)
+        if name not in self.shipped:
+            try:
+                signature = inspect.signature(model)
+            except (TypeError, ValueError):  # a builtin's may not be readable: it is called and tells
+                return model
+            try:
+                signature.bind(None, None, None)
+            except TypeError as error:
+                source = f"{where}: " if where else ""
+                raise ConfigError(
+                    f"{source}model.name = {name!r}: takes {signature}, but a model is called as "
+                    f"{getattr(model, '__name__', name)}(input_shape, num_classes, model_config) ({error})"
+                ) from None
+        return model
+
+
 # A shipped name is an encoder under model.head; a user's dotted path is a whole model.
-MODELS: Registry[Callable[..., nn.Module]] = Registry(
+MODELS = _ModelRegistry(
     "model", "model.name", ENCODERS, "a function (input_shape, num_classes, model_config) -> nn.Module"
 )
 

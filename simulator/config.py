@@ -28,6 +28,17 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names file, key and reason."""
 
 
+# The engine's bounds: values past them overflow where they reach Ray, torch or the OS timer
+# (Ray keeps a call's retries in 32 bits and resources in units of 0.0001, a timer takes seconds
+# below 2**63 ns), or ask for more actors, CPUs or threads than any one run uses.
+MAX_ACTORS = 1024  # engine.num_actors
+MAX_CPUS_PER_ACTOR = 1024  # engine.num_cpus_per_actor, and engine.torch_threads
+RAY_RESOURCE_UNIT = 0.0001  # Ray's smallest share of a CPU or GPU
+MAX_CLIENT_TIMEOUT_S = 1_000_000  # engine.client_timeout_s: 11.6 days; null is no limit
+MAX_ACTOR_RESTARTS = 1000  # engine.max_actor_restarts
+MAX_WIDTH = 65536  # model.hidden and model.feature_dim: a layer's width
+
+
 # A field filled from the rest of the config, not a key a user sets.
 DERIVED = {"derived": True}
 # A section's sub-sections of plugin settings, as given: checked against the chosen plugin's
@@ -348,7 +359,7 @@ def _lookup(config: ExperimentConfig, dotted: str) -> Any:
 
 def _value_problems(config: ExperimentConfig) -> list[tuple[str, str]]:
     """Each (key, reason) whose value is impossible; dataset-dependent checks come later."""
-    data, part, fed = config.data, config.data.partition, config.federation
+    data, part, fed, engine = config.data, config.data.partition, config.federation, config.engine
     checks = [
         ("rounds", config.rounds is None or config.rounds >= 1, "must be at least 1"),
         ("seed", config.seed >= 0, "must be >= 0"),
@@ -371,8 +382,8 @@ def _value_problems(config: ExperimentConfig) -> list[tuple[str, str]]:
         ("client.weight_decay", config.client.weight_decay >= 0, "must be >= 0"),
         ("client.epochs", config.client.epochs >= 1, "must be at least 1"),
         ("client.batch_size", config.client.batch_size >= 1, "must be at least 1"),
-        ("model.hidden", config.model.hidden >= 1, "must be at least 1"),
-        ("model.feature_dim", config.model.feature_dim >= 1, "must be at least 1"),
+        ("model.hidden", 1 <= config.model.hidden <= MAX_WIDTH, f"must be between 1 and {MAX_WIDTH}"),
+        ("model.feature_dim", 1 <= config.model.feature_dim <= MAX_WIDTH, f"must be between 1 and {MAX_WIDTH}"),
         ("eval.every", config.eval.every >= 1, "must be at least 1"),
         ("eval.batch_size", config.eval.batch_size >= 1, "must be at least 1"),
         ("eval.client_test_size", config.eval.client_test_size >= 1, "must be at least 1"),
@@ -383,20 +394,37 @@ def _value_problems(config: ExperimentConfig) -> list[tuple[str, str]]:
             "must be at least 1 (null: task ends only)",
         ),
         ("eval.probe_samples", config.eval.probe_samples >= 2, "must be at least 2"),
-        ("engine.backend", config.engine.backend in ("ray", "local"), "expected 'ray' or 'local'"),
-        ("engine.num_actors", config.engine.num_actors >= 1, "must be at least 1"),
-        ("engine.num_cpus_per_actor", config.engine.num_cpus_per_actor > 0, "must be > 0"),
-        ("engine.num_gpus_per_actor", config.engine.num_gpus_per_actor >= 0, "must be >= 0"),
-        ("engine.torch_threads", config.engine.torch_threads >= 1, "must be at least 1"),
-        ("engine.checkpoint_every", config.engine.checkpoint_every >= 0, "must be >= 0"),
-        ("engine.client_state_memory_mb", config.engine.client_state_memory_mb >= 0, "must be >= 0"),
+        ("engine.backend", engine.backend in ("ray", "local"), "expected 'ray' or 'local'"),
+        ("engine.num_actors", 1 <= engine.num_actors <= MAX_ACTORS, f"must be between 1 and {MAX_ACTORS}"),
+        (
+            "engine.num_cpus_per_actor",
+            RAY_RESOURCE_UNIT <= engine.num_cpus_per_actor <= MAX_CPUS_PER_ACTOR,
+            f"must be between {RAY_RESOURCE_UNIT} (Ray's smallest share of a CPU) and {MAX_CPUS_PER_ACTOR}",
+        ),
+        ("engine.num_gpus_per_actor", engine.num_gpus_per_actor >= 0, "must be >= 0"),
+        (
+            "engine.num_gpus_per_actor",
+            engine.num_gpus_per_actor == 0 or engine.num_gpus_per_actor >= RAY_RESOURCE_UNIT,
+            f"must be 0 or at least {RAY_RESOURCE_UNIT} (Ray's smallest share of a GPU)",
+        ),
+        (
+            "engine.torch_threads",
+            1 <= engine.torch_threads <= MAX_CPUS_PER_ACTOR,
+            f"must be between 1 and {MAX_CPUS_PER_ACTOR}",
+        ),
+        ("engine.checkpoint_every", engine.checkpoint_every >= 0, "must be >= 0"),
+        ("engine.client_state_memory_mb", engine.client_state_memory_mb >= 0, "must be >= 0"),
         (
             "engine.client_timeout_s",
-            config.engine.client_timeout_s is None or config.engine.client_timeout_s > 0,
-            "must be > 0 (null: no limit)",
+            engine.client_timeout_s is None or 0 < engine.client_timeout_s <= MAX_CLIENT_TIMEOUT_S,
+            f"must be > 0 and at most {MAX_CLIENT_TIMEOUT_S} s (11.6 days); null: no limit",
         ),
-        ("engine.max_actor_restarts", config.engine.max_actor_restarts >= 0, "must be >= 0"),
-        ("engine.on_nonfinite", config.engine.on_nonfinite in ("fail", "drop"), "expected 'fail' or 'drop'"),
+        (
+            "engine.max_actor_restarts",
+            0 <= engine.max_actor_restarts <= MAX_ACTOR_RESTARTS,
+            f"must be between 0 and {MAX_ACTOR_RESTARTS}",
+        ),
+        ("engine.on_nonfinite", engine.on_nonfinite in ("fail", "drop"), "expected 'fail' or 'drop'"),
     ]
     return [(key, reason) for key, ok, reason in checks if not ok]
 

@@ -141,6 +141,14 @@ CASES: dict[str, Case] = {
     "period zero": Case(["stream.kind=label_shift", "stream.label_shift.period=0"], ["stream.label_shift.period = 0"]),
     "hidden zero": Case(["model.hidden=0"], ["model.hidden = 0"]),
     "feature dim negative": Case(["model.feature_dim=-1"], ["model.feature_dim = -1"]),
+    "hidden huge": Case(["model.hidden=100000000000"], ["model.hidden = 100000000000", "between 1 and 65536"]),
+    "feature dim huge": Case(
+        ["model.feature_dim=100000000000"], ["model.feature_dim = 100000000000", "between 1 and 65536"]
+    ),
+    "etf dim huge": Case(
+        ["model.head=etf", "model.etf.dim=100000000000"], ["model.etf.dim = 100000000000", "between 2 and 65536"]
+    ),
+    "etf dim 1e11": Case(["model.head=etf", "model.etf.dim=1e11"], ["model.etf.dim = 100000000000.0", "expected int"]),
     "no actors": Case(["engine.num_actors=0"], ["engine.num_actors = 0"]),
     "no cpus per actor": Case(["engine.num_cpus_per_actor=0"], ["engine.num_cpus_per_actor = 0.0"]),
     "gpus negative": Case(["engine.num_gpus_per_actor=-0.5"], ["engine.num_gpus_per_actor = -0.5"]),
@@ -149,6 +157,27 @@ CASES: dict[str, Case] = {
     "state memory negative": Case(["engine.client_state_memory_mb=-1"], ["engine.client_state_memory_mb = -1.0"]),
     "timeout zero": Case(["engine.client_timeout_s=0"], ["engine.client_timeout_s = 0.0"]),
     "restarts negative": Case(["engine.max_actor_restarts=-1"], ["engine.max_actor_restarts = -1"]),
+    # Numbers past what Ray, torch or the OS timer take: refused by the config check, not blamed on a client.
+    "timeout past the timer": Case(
+        ["engine.client_timeout_s=1e10"], ["engine.client_timeout_s = 10000000000.0", "at most 1000000 s", "null"]
+    ),
+    "restarts past Ray's 32 bits": Case(
+        ["engine.max_actor_restarts=2147483648"], ["engine.max_actor_restarts = 2147483648", "between 0 and 1000"]
+    ),
+    "restarts past 64 bits": Case(
+        ["engine.max_actor_restarts=10000000000000000000"], ["engine.max_actor_restarts = 10000000000000000000"]
+    ),
+    "actors huge": Case(["engine.num_actors=100000000000"], ["engine.num_actors = 100000000000", "between 1 and 1024"]),
+    "cpus per actor huge": Case(
+        ["engine.num_cpus_per_actor=1e11"], ["engine.num_cpus_per_actor = 100000000000.0", "and 1024"]
+    ),
+    "cpus per actor below Ray's unit": Case(
+        ["engine.num_cpus_per_actor=0.00001"], ["engine.num_cpus_per_actor = 1e-05", "between 0.0001"]
+    ),
+    "gpus per actor below Ray's unit": Case(
+        ["engine.num_gpus_per_actor=0.00001"], ["engine.num_gpus_per_actor = 1e-05", "at least 0.0001"]
+    ),
+    "threads huge": Case(["engine.torch_threads=10000000000"], ["engine.torch_threads = 10000000000", "and 1024"]),
     "on_nonfinite ignore": Case(["engine.on_nonfinite=ignore"], ["engine.on_nonfinite = 'ignore'", "'drop'"]),
     # Non-finite numbers.
     "lr inf": Case(["client.lr=inf"], ["client.lr = inf", "finite"]),
@@ -177,6 +206,13 @@ CASES: dict[str, Case] = {
         ["model.head=torch.nn.Linear"], ["model.head = 'torch.nn.Linear'", "Head(feature_dim"]
     ),
     "unknown model": Case(["model.name=resnet"], ["model.name", "mlp", "cnn"]),
+    "model of the wrong signature": Case(
+        ["model.name=wrong_models.two_arguments"],
+        ["model.name = 'wrong_models.two_arguments'", "takes (input_shape, num_classes)", "model_config)"],
+    ),
+    "model with keyword-only arguments": Case(
+        ["model.name=wrong_models.keyword_only"], ["model.name = 'wrong_models.keyword_only'", "num_classes, config)"]
+    ),
     "unknown method": Case(["client.method=adam"], ["client.method", "sgd", "fedprox"]),
     "method module missing": Case(["client.method=no_such_module.Method"], ["client.method", "no_such_module"]),
     "unknown backend": Case(["engine.backend=gpu"], ["engine.backend = 'gpu'", "'local'"]),
@@ -243,6 +279,8 @@ CASES: dict[str, Case] = {
     "npz 1-d inputs": npz("flat.npz", "(N, D)"),
     "npz float labels": npz("float_labels.npz", "integer"),
     "npz negative labels": npz("negative_labels.npz", ">= 0"),
+    "npz label 2**40": npz("huge_label.npz", f"0 .. {2**40}", "class indices"),
+    "npz test label 2**40": npz("huge_test_label.npz", f"0 .. {2**40}", "class indices"),
     "npz pickled object": npz("objects.npz", "not a .npz"),
     "npz test shape differs": npz("test_shape.npz", "differ from train"),
     "npz empty": npz("empty.npz", "no samples"),
@@ -303,6 +341,8 @@ def _write_files(root: Path) -> None:
     np.savez(root / "flat.npz", x=x[:, 0], y=y)
     np.savez(root / "float_labels.npz", x=x, y=y.astype(np.float32))
     np.savez(root / "negative_labels.npz", x=x, y=y - 1)
+    np.savez(root / "huge_label.npz", x=x, y=np.where(np.arange(50) == 7, 2**40, y))
+    np.savez(root / "huge_test_label.npz", x=x, y=y, x_test=x[:5], y_test=np.array([0, 1, 2**40, 0, 1]))
     np.savez(root / "objects.npz", x=np.array([{"a": 1}] * 50, dtype=object), y=y)
     np.savez(root / "test_shape.npz", x=x, y=y, x_test=x[:, :3], y_test=y)
     np.savez(root / "empty.npz", x=x[:0], y=y[:0])
@@ -371,7 +411,7 @@ def test_there_are_at_least_80_cases():
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_malformed_input_exits_2_naming_the_key_or_file(name, files, tmp_path, capsys):
+def test_malformed_input_exits_2_naming_the_key_or_file(name, files, tmp_path, capsys, user_code):
     case = CASES[name]
     with _time_limit(LIMIT_S):
         code = cli.main_cli([*_args(case, files, tmp_path / "run"), *QUIET])

@@ -37,18 +37,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simulator.config import ConfigError
+from simulator.config import MAX_WIDTH, ConfigError
 
 
 @dataclass(frozen=True)
 class ETFSettings:
     temperature: float = 0.1  # logits = cosine to the class's ETF vector / temperature
-    dim: int | None = None  # projection width d (>= number of classes); null: the number of classes
+    dim: int | None = None  # projection width d (>= number of classes, <= MAX_WIDTH); null: the number of classes
 
     def problems(self) -> list[tuple[str, str]]:
         checks = [
             ("temperature", self.temperature > 0, "must be > 0"),
-            ("dim", self.dim is None or self.dim >= 2, "must be at least 2 (and at least the number of classes)"),
+            (
+                "dim",
+                self.dim is None or 2 <= self.dim <= MAX_WIDTH,
+                f"must be between 2 and {MAX_WIDTH} (and at least the number of classes); null: the number of classes",
+            ),
         ]
         return [(key, reason) for key, ok, reason in checks if not ok]
 
