@@ -98,6 +98,10 @@ def main(cfg: DictConfig) -> float | None:
         _to_log_file(str(error), error)
         return _fail(str(error), 1, sweep)
     except Exception as error:  # a bug: Hydra prints the traceback and ends the command
+        from simulator.run_dir import disk_full
+
+        if message := disk_full(error, run_dir):  # no bug: one line naming the file (run.log has no room either)
+            return _fail(message, 1, sweep)
         _to_log_file(f"{type(error).__name__}: {error}", error)
         raise
     print(f"run directory: {run_dir}")

@@ -11,11 +11,18 @@ summary's numbers as their metrics, so runs can be filtered and compared there.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import io
 import json
 import math
 import os
+import threading
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -25,6 +32,82 @@ from simulator import metrics
 
 MB = 2**20  # bytes in the megabytes (MiB) the records report: client_state_mb, uplink_mb, downlink_mb
 RESOLVED_CONFIG = "config_resolved.yaml"  # the config with interpolations resolved, and what the run derived
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a write the disk (or the user's quota) has no room for
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Raise an OSError of the block that names no file (a write to a full disk names none) naming ``path``."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
+
+
+def _quiet_writer_threads(hook: Any) -> Any:
+    """``threading.excepthook`` less TensorBoard's writer thread dying of a full disk: the writer raises
+    its error again in the run's thread, at its next write or flush, which names the folder."""
+    if getattr(hook, "quiets_writer_threads", False):
+        return hook
+
+    def quiet(args: Any) -> None:
+        disk = isinstance(args.exc_value, OSError) and args.exc_value.errno in DISK_FULL
+        if not (disk and type(args.thread).__module__.startswith("tensorboard.")):
+            hook(args)
+
+    quiet.quiets_writer_threads = True  # type: ignore[attr-defined]
+    return quiet
+
+
+def disk_full(error: BaseException, run_dir: Path) -> str | None:
+    """``no space left on device writing FILE`` where ``error``, or an error it was raised from or while
+    handling, is a full disk's or a full quota's; None for any other error.
+
+    FILE is the error's own ``filename``; where the writer did not name it (a write
+    or flush names none), the file being written where it was raised (an open file
+    or archive held by the innermost frame that has one); failing that, the run
+    directory, where the run writes everything.
+    """
+    full = _disk_full_errors(error)
+    if not full:
+        return None
+    named = next((e.filename for e in full if e.filename is not None), None)
+    file = named or next(filter(None, (_file_written(e.__traceback__) for e in full)), None)
+    return f"no space left on device writing {file or f'a file in {run_dir}'}"
+
+
+def _disk_full_errors(error: BaseException) -> list[OSError]:
+    """Every OSError of a full disk in ``error``'s chain (its causes and contexts), outermost first."""
+    found, seen, pending = [], set(), [error]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL:
+            found.append(current)
+        pending += [current.__cause__, current.__context__]
+    return found
+
+
+def _file_written(trace: TracebackType | None) -> str | None:
+    """The name of a file open for writing in the innermost frame of ``trace`` that holds one."""
+    frames = []
+    while trace is not None:
+        frames.append(trace.tb_frame)
+        trace = trace.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            if isinstance(value, zipfile.ZipFile) and value.mode in ("w", "a", "x") and value.filename:
+                return value.filename
+            if isinstance(value, io.IOBase):
+                with contextlib.suppress(AttributeError, ValueError):
+                    name, mode = value.name, value.mode  # type: ignore[attr-defined]
+                    if isinstance(name, str) and any(c in mode for c in "wax+"):
+                        return name
+    return None
 
 
 class RunDirectory:
@@ -50,16 +133,19 @@ class RunDirectory:
         self.derived = dict(derived or {})
         resolved = path / RESOLVED_CONFIG
         if self.derived and resolved.is_file():  # run.py wrote it afresh: the config, then what it derived
-            with resolved.open("a") as file:
+            with naming(resolved), resolved.open("a") as file:
                 file.write(yaml.safe_dump({"derived": self.derived}, sort_keys=False, default_flow_style=None))
         self._rewrite_metrics()
         resumed_round = self.records[-1]["round"] if self.records else 0
-        self.tensorboard = SummaryWriter(str(path / "tb"), purge_step=resumed_round + 1)
+        self.tensorboard_path = path / "tb"
+        threading.excepthook = _quiet_writer_threads(threading.excepthook)
+        with naming(self.tensorboard_path):
+            self.tensorboard = SummaryWriter(str(self.tensorboard_path), purge_step=resumed_round + 1)
 
     def _rewrite_metrics(self) -> None:
         """Replace metrics.jsonl by the records so far, atomically: a crash leaves the old or the new."""
         temporary = self.path / f".{self.metrics_path.name}.tmp"
-        with temporary.open("w") as file:
+        with naming(temporary), temporary.open("w") as file:
             file.writelines(json.dumps(record) + "\n" for record in self.records)
         os.replace(temporary, self.metrics_path)
 
@@ -67,18 +153,19 @@ class RunDirectory:
         """Append one evaluation to metrics.jsonl and TensorBoard; return it as written (NaN as None)."""
         record = finite_or_null(record)
         self.records.append(record)
-        with self.metrics_path.open("a") as file:
+        with naming(self.metrics_path), self.metrics_path.open("a") as file:
             file.write(json.dumps(record, allow_nan=False) + "\n")
         step = record["round"]
-        for key, value in record.items():
-            if isinstance(value, float):
-                self.tensorboard.add_scalar(key, value, step)
-        for key, values in record.items():
-            if key.endswith(PER_TASK) and isinstance(values, list):
-                for task, accuracy in enumerate(values):
-                    if accuracy is not None:
-                        self.tensorboard.add_scalar(f"{_per_task_tag(key)}/{task}", accuracy, step)
-        self.tensorboard.flush()
+        with naming(self.tensorboard_path):
+            for key, value in record.items():
+                if isinstance(value, float):
+                    self.tensorboard.add_scalar(key, value, step)
+            for key, values in record.items():
+                if key.endswith(PER_TASK) and isinstance(values, list):
+                    for task, accuracy in enumerate(values):
+                        if accuracy is not None:
+                            self.tensorboard.add_scalar(f"{_per_task_tag(key)}/{task}", accuracy, step)
+            self.tensorboard.flush()
         return record
 
     def accuracy_matrix(self, name: str = "acc") -> np.ndarray:
@@ -93,7 +180,7 @@ class RunDirectory:
 
     def write_matrix(self, R: np.ndarray, file_name: str) -> None:
         """``R`` as ``file_name`` in the run directory, a ``task_J`` header over its columns."""
-        with (self.path / file_name).open("w", newline="") as file:
+        with naming(self.path / file_name), (self.path / file_name).open("w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow([f"task_{j}" for j in range(R.shape[1])])
             writer.writerows([[repr(float(a)) for a in row] for row in R])
@@ -129,14 +216,17 @@ class RunDirectory:
             for key, value in summary.items()
             if isinstance(value, float) and key != "wall_time_s"
         }
-        for tag, value in scalars.items():
-            self.tensorboard.add_scalar(tag, value, rounds)
         # Into tb/ itself (add_hparams would open a subfolder); the metrics are the scalars above.
         derived = {key: value if np.isscalar(value) else json.dumps(value) for key, value in self.derived.items()}
-        for event in hparams(scalar_leaves({**config, "derived": derived}), scalars):
-            self.tensorboard.file_writer.add_summary(event)
-        self.tensorboard.close()
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        with naming(self.tensorboard_path):
+            for tag, value in scalars.items():
+                self.tensorboard.add_scalar(tag, value, rounds)
+            for event in hparams(scalar_leaves({**config, "derived": derived}), scalars):
+                self.tensorboard.file_writer.add_summary(event)
+            self.tensorboard.flush()  # raises what the writer's thread could not write; close() would not
+            self.tensorboard.close()
+        with naming(self.path / "summary.json"):
+            (self.path / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         return summary
 
 

@@ -10,6 +10,8 @@ and leave Ray unstarted: none of these checks needs Ray.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -477,3 +479,43 @@ def test_help_and_cfg_still_print_and_exit_0(capsys):
     assert "scenario: cifar10, digits" in capsys.readouterr().out
     assert cli.main_cli(["--cfg", "job", "rounds=3"]) == 0
     assert "rounds: 3" in capsys.readouterr().out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB file system of its own (a tmpfs: mounting one needs root, so skipped where refused), and
+    ``fill(kib)``, which leaves only ``kib`` KiB of it free."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not shutil.which("mount") or sys.platform != "linux":
+        pytest.skip("no mount command: cannot make a small file system to fill")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+
+    def fill(kib: int) -> None:
+        stats = os.statvfs(disk)
+        (disk / "filler").write_bytes(bytes(max(0, stats.f_bavail * stats.f_frsize - kib * 1024)))
+
+    try:
+        yield disk, fill
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# KiB left free: none (the run's lock file), then room for its first files (config_resolved.yaml, metrics.jsonl,
+# TensorBoard's folder, the matrices, summary.json: where the disk fills depends on the data and the code),
+# with and without checkpoints.
+@pytest.mark.parametrize("kib, checkpoints", [(0, 0), (16, 0), (24, 0), (40, 0), (44, 0), (48, 0), (40, 1), (100, 1)])
+def test_a_full_disk_ends_the_run_with_one_error_line_naming_the_file(small_disk, capsys, kib, checkpoints):
+    disk, fill = small_disk
+    fill(kib)
+    args = ["rounds=3", "engine.backend=local", f"engine.checkpoint_every={checkpoints}"]
+    code = cli.main_cli([*args, f"hydra.run.dir={disk / 'run'}", *QUIET])
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert code == 1, output
+    assert "Traceback" not in output and "Logging error" not in output, output
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    assert re.fullmatch(rf"error: no space left on device writing {re.escape(str(disk / 'run'))}/\S+", errors[0])
