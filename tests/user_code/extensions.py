@@ -212,3 +212,10 @@ class RecordsLabelSums(FedAvg):
 
     def on_task_end(self, task: int, arrays: ArrayRecord, grid: Grid) -> None:
         self.answers[task] = ask_clients(grid, arrays, "extensions.label_sums", sent_arrays(task))
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The answers so far, for checkpoints (JSON keys are strings)."""
+        return {"answers": {str(task): answers for task, answers in self.answers.items()}}
+
+    def restore_state(self, state: dict[str, Any], arrays: ArrayRecord) -> None:
+        self.answers = {int(task): answers for task, answers in state["answers"].items()}
