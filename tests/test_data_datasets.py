@@ -187,6 +187,18 @@ def test_cifar10_missing_batch_is_named(tmp_path):
         load("cifar10", folder)
 
 
+def test_a_crafted_cifar_batch_runs_no_code_and_is_named(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "test_batch"]:
+        write_pickle(folder / name, cifar_images(1, 0), {b"labels": [0]})
+    marker = tmp_path / "marker"
+    (folder / "data_batch_5").write_bytes(b"\x80\x02cos\nsystem\n" + f"(Vtouch {marker}\ntR.".encode())
+    with pytest.raises(ConfigError, match=r"data_batch_5.*refused global os\.system"):
+        load("cifar10", folder)
+    assert not marker.exists()
+
+
 def test_cifar100_round_trip_fine_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()

@@ -162,17 +162,36 @@ class _CifarLayout(NamedTuple):
     num_classes: int
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Resolves only what a CIFAR batch names: numpy's array and dtype (and how Python 2 pickled strings), so
+    unpickling a crafted file calls nothing else (os.system, ...)."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR batch holds only numpy arrays")
+        return super().find_class(module, name)
+
+
 def _cifar_batches(folder: Path, names: list[str], label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate CIFAR pickles, each a dict with b"data" (N x 3072 uint8) and ``label_key``; pixels as stored.
 
-    The official python version is pickled; like any pickle, load only files you trust.
+    The official python version is pickled: it is read by :class:`_ArraysOnlyUnpickler`, so a crafted file
+    runs no code.
     """
     xs, ys = [], []
     for name in names:
         file = _member(folder, name)
         try:
             with file.open("rb") as handle:
-                batch = pickle.load(handle, encoding="bytes")
+                batch = _ArraysOnlyUnpickler(handle, encoding="bytes").load()
         except (pickle.UnpicklingError, EOFError, ValueError) as error:
             raise _malformed(file, f"not a CIFAR pickle ({error})") from None
         if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
