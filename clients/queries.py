@@ -27,6 +27,7 @@ from simulator.protocol import (
     CLASSES,
     COUNTS,
     COVARIANCES,
+    LAYER_INPUT_ENERGIES,
     LAYER_INPUT_SKETCHES,
     MEANS,
     NUM_SAMPLES,
@@ -36,24 +37,50 @@ from simulator.registry import Registry
 
 
 def layer_input_sketches(model: nn.Module, query: Query) -> dict[str, np.ndarray]:
-    """FOT's client side: for each linear and conv layer, a random sketch of the inputs it sees.
+    """FOT's client side, first step: for each linear and conv layer, a random sketch of the inputs it sees
+    outside the server's basis for it, and their energy.
 
     With ``R`` the layer's inputs on the client's data (features x samples; a
-    conv layer's unfolded patches), the answer is ``R @ G`` for a private random
-    ``G`` (samples x features, uniform in [-1, 1]): summed over clients it is a
-    sketch of all clients' inputs side by side, which is all the server needs
-    (Bakman et al. 2024; the sum is what secure aggregation would reveal), with
-    ``R``'s energy (squared Frobenius norm, ``<name>/energy``) and the part of it
-    outside the server's current basis for the layer (``<name>/residual_energy``),
-    which the server sums too, and the sample count.
+    conv layer's unfolded patches) and ``U`` the server's basis for the layer
+    (``query.arrays``; none: empty), the answer is ``(R - U U^T R) @ G`` for a
+    private random ``G`` (samples x (features - width of U), uniform in [-1, 1]),
+    in float32: summed over clients it is a sketch of all clients' residual
+    inputs side by side, which is all the server needs (Bakman et al. 2024; the
+    sum is what secure aggregation would reveal). Its width is the dimension of
+    the space outside ``U``, the most directions the server can still add,
+    whatever the client's size (the sum needs one shape from every client).
+    With it: ``R``'s energy (squared Frobenius norm, ``<name>/energy``) and the
+    part of it outside ``U`` (``<name>/residual_energy``), which the server sums
+    too, in float64, and the sample count.
     """
     inputs = _layer_inputs(model, query.x)
     answer: dict[str, np.ndarray] = {NUM_SAMPLES: np.array(len(query.x), dtype=np.int64)}
     for name, matrix in inputs.items():  # matrix: features x samples
-        sketch = torch.rand(matrix.shape[1], matrix.shape[0], generator=query.generator, dtype=torch.float64) * 2 - 1
-        answer[name] = (matrix @ sketch).numpy()
+        residual = _outside(matrix, query.arrays.get(name))
+        width = matrix.shape[0] - (0 if name not in query.arrays else query.arrays[name].shape[1])
+        mix = torch.rand(matrix.shape[1], width, generator=query.generator, dtype=torch.float64) * 2 - 1
+        answer[name] = (residual @ mix).to(torch.float32).numpy()
         answer[f"{name}/energy"] = np.array(float(matrix.square().sum()))
-        answer[f"{name}/residual_energy"] = np.array(_residual_energy(matrix, query.arrays.get(name)))
+        answer[f"{name}/residual_energy"] = np.array(float(residual.square().sum()))
+    return answer
+
+
+def layer_input_energies(model: nn.Module, query: Query) -> dict[str, np.ndarray]:
+    """FOT's client side, second step: the exact energy of each asked layer's inputs in the server's
+    candidate directions.
+
+    ``query.arrays``: per layer, orthonormal directions ``C`` (features x k) in its
+    input space. With ``R`` the layer's inputs on the client's data, the answer is,
+    per layer, their Gram matrix ``C^T R R^T C`` (k x k, float64; its diagonal: the
+    energy along each direction), additive over clients; and the sample count.
+    """
+    inputs = _layer_inputs(model, query.x)
+    answer: dict[str, np.ndarray] = {NUM_SAMPLES: np.array(len(query.x), dtype=np.int64)}
+    for name, directions in query.arrays.items():
+        if name not in inputs:
+            raise KeyError(f"{name!r}: no linear or conv layer of the model has this weight")
+        along = torch.from_numpy(np.asarray(directions, dtype=np.float64)).T @ inputs[name]  # k x samples
+        answer[name] = (along @ along.T).numpy()
     return answer
 
 
@@ -84,7 +111,11 @@ QueryHandler = Callable[[nn.Module, Query], dict[str, np.ndarray]]
 QUERIES: Registry[QueryHandler] = Registry(
     "query",
     "query",
-    {LAYER_INPUT_SKETCHES: layer_input_sketches, CLASS_FEATURE_STATISTICS: class_feature_statistics},
+    {
+        LAYER_INPUT_SKETCHES: layer_input_sketches,
+        LAYER_INPUT_ENERGIES: layer_input_energies,
+        CLASS_FEATURE_STATISTICS: class_feature_statistics,
+    },
     "a function (model, query) -> dict[str, np.ndarray]",
 )
 
@@ -119,12 +150,12 @@ def _layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: matrix.double().cpu() for name, matrix in captured.items()}
 
 
-def _residual_energy(matrix: torch.Tensor, basis: np.ndarray | None) -> float:
-    """``|R - U U^T R|^2`` (Frobenius): the energy of the inputs the basis ``U`` leaves out."""
+def _outside(matrix: torch.Tensor, basis: np.ndarray | None) -> torch.Tensor:
+    """``R - U U^T R``: the part of the inputs ``R`` outside the basis ``U`` (all of them without one)."""
     if basis is None:
-        return float(matrix.square().sum())
+        return matrix
     u = torch.from_numpy(np.asarray(basis, dtype=np.float64))
-    return float((matrix - u @ (u.T @ matrix)).square().sum())
+    return matrix - u @ (u.T @ matrix)
 
 
 def _unbiased_covariance(features: torch.Tensor) -> torch.Tensor:

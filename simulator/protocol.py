@@ -26,9 +26,14 @@ and its state. The reply's ``REPLY_ARRAYS`` record holds the answer's arrays by
 name. ``ask_clients`` returns one answer dict per present client, in ascending
 client id. The shipped queries answer:
 
-- ``LAYER_INPUT_SKETCHES`` (FOT): per linear/conv weight name ``W``, the sketch
-  ``W`` (features x features), ``W/energy`` and ``W/residual_energy`` (scalars),
-  and ``NUM_SAMPLES``;
+- ``LAYER_INPUT_SKETCHES`` (FOT, its query arrays: the bases by weight name):
+  per linear/conv weight name ``W``, the sketch ``W`` (float32, features x
+  (features - the basis's width)), ``W/energy`` and ``W/residual_energy``
+  (float64 scalars), and ``NUM_SAMPLES``;
+- ``LAYER_INPUT_ENERGIES`` (FOT, its query arrays: orthonormal directions in
+  a weight ``W``'s input space, by weight name): per such ``W``, the inputs'
+  Gram matrix in those directions (``W``, float64, directions x directions;
+  its diagonal: the energy along each), and ``NUM_SAMPLES``;
 - ``CLASS_FEATURE_STATISTICS`` (CCVR): ``CLASSES``, ``COUNTS``, ``MEANS``,
   ``COVARIANCES`` (per class held) and ``NUM_SAMPLES``.
 """
@@ -68,6 +73,7 @@ QUERY_NAME = "query"
 NUM_SAMPLES = "num_samples"  # every answer says on how many samples it was computed
 LAYER_INPUT_SKETCHES = "layer_input_sketches"
 CLASS_FEATURE_STATISTICS = "class_feature_statistics"
+LAYER_INPUT_ENERGIES = "layer_input_energies"  # FOT's second step: exact energies in candidate directions
 CLASSES, COUNTS, MEANS, COVARIANCES = "classes", "counts", "means", "covariances"
 
 # The linear head's weights, by their names in the model's state (CCVR recalibrates them).

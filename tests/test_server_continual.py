@@ -16,14 +16,14 @@ from helpers import (
 )
 
 import run as cli
-from clients.queries import class_feature_statistics, layer_input_sketches
+from clients.queries import class_feature_statistics, layer_input_energies, layer_input_sketches
 from simulator import checkpoint
 from simulator.backends import ClientFailure
 from simulator.config import ConfigError
 from simulator.held_array import held_array_record
 from simulator.protocol import NUM_SAMPLES, Query
 from strategies.ccvr import pooled_statistics
-from strategies.fot import grown_basis, project_updates
+from strategies.fot import grown_basis, principal_directions, project_updates
 
 PERMUTED = [
     "scenario=permuted_digits",
@@ -51,15 +51,26 @@ def test_the_projection_leaves_each_update_exactly_orthogonal_to_a_hand_made_bas
     assert np.array_equal(projected["b"].numpy(), new["b"])  # biases are not projected (as FOT's code)
 
 
-def test_a_basis_grows_by_gpms_energy_rule_and_stays_orthonormal():
-    sketch = np.diag([3.0, 2.0, 1.0, 0.0])  # energies 9, 4, 1: shares 0.64, 0.93, 1.0
-    first = grown_basis(None, sketch, residual=1.0, threshold=0.9)
-    assert np.allclose(np.abs(first), np.eye(4)[:, :2])  # the fewest directions keeping 90%
+def test_a_basis_grows_by_gpms_energy_rule_on_the_exact_energies_and_stays_orthonormal():
+    e = np.eye(4)
+    energies = np.array([9.0, 4.0, 1.0, 0.0])  # exact energies along e1..e4: shares 9/14, 13/14, 1
+    first = grown_basis(np.zeros((4, 0)), e, energies, inside=0.0, energy=14.0, threshold=0.9)
+    assert np.allclose(np.abs(first), e[:, :2])  # the fewest directions keeping 90%
     # The same inputs again: the basis keeps 13/14 = 0.93 of their energy, enough at 0.9: nothing added.
-    assert grown_basis(first, sketch, residual=1 / 14, threshold=0.9).shape == (4, 2)
-    grown = grown_basis(first, sketch, residual=1 / 14, threshold=0.95)  # not enough at 0.95: e3 joins
+    rest = e[:, 2:]
+    assert grown_basis(first, rest, energies[2:], inside=13.0, energy=14.0, threshold=0.9) is first
+    grown = grown_basis(first, rest, energies[2:], inside=13.0, energy=14.0, threshold=0.95)  # not enough: e3 joins
     assert grown.shape == (4, 3) and np.allclose(grown.T @ grown, np.eye(3))
-    assert np.allclose(np.abs(grown[:, 2]), np.eye(4)[:, 2])
+    assert np.allclose(np.abs(grown[:, 2]), e[:, 2])
+
+
+def test_the_gram_in_the_candidates_gives_the_inputs_principal_directions_and_their_exact_energies():
+    # Inputs whose energy lies along (e1 + e2) / sqrt(2) (9) and (e1 - e2) / sqrt(2) (1): along e1 and e2, 5 each.
+    directions, energies = principal_directions(np.eye(3)[:, :2], np.array([[5.0, 4.0], [4.0, 5.0]]))
+    np.testing.assert_allclose(energies, [9.0, 1.0])
+    np.testing.assert_allclose(np.abs(directions), [[2**-0.5, 2**-0.5], [2**-0.5, 2**-0.5], [0, 0]])
+    basis = grown_basis(np.zeros((3, 0)), directions, energies, inside=0.0, energy=10.0, threshold=0.9)
+    assert basis.shape == (3, 1)  # one direction keeps 90%, where e1 or e2 would need both
 
 
 def test_clients_sketch_each_layers_inputs_with_their_residual_outside_the_servers_basis():
@@ -73,10 +84,25 @@ def test_clients_sketch_each_layers_inputs_with_their_residual_outside_the_serve
         torch.Generator().manual_seed(0),
     )
     answer = layer_input_sketches(model, query)
-    assert answer["0.weight"].shape == (3, 3) and answer["2.weight"].shape == (2, 2)
+    # float32, as wide as the space outside the basis: 2 of layer 0's 3 inputs, both of layer 2's
+    assert answer["0.weight"].shape == (3, 2) and answer["2.weight"].shape == (2, 2)
+    assert answer["0.weight"].dtype == answer["2.weight"].dtype == np.float32
     assert answer["0.weight/energy"] == 5.0 and answer["0.weight/residual_energy"] == 0.0  # inputs lie in e1
     assert answer["2.weight/residual_energy"] == answer["2.weight/energy"] and int(answer[NUM_SAMPLES]) == 2
-    np.testing.assert_allclose(answer["0.weight"][1:], 0)  # the sketch of inputs along e1 stays there
+    np.testing.assert_array_equal(answer["0.weight"], 0)  # nothing of them outside the basis
+
+
+def test_clients_measure_their_inputs_gram_matrix_in_the_candidate_directions():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    x = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 4.0]])
+    directions = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
+    query = Query(
+        "layer_input_energies", {"0.weight": directions}, x, torch.zeros(2, dtype=torch.long), torch.Generator()
+    )
+    gram = layer_input_energies(model, query)["0.weight"]
+    along = directions.T @ x.double().numpy().T  # directions x samples
+    np.testing.assert_allclose(gram, along @ along.T)
+    assert np.trace(gram) == pytest.approx(25.0 + 5.0)  # all of the inputs' energy: the directions span their space
 
 
 def test_pooled_class_statistics_equal_those_of_all_clients_data_together():
@@ -148,7 +174,7 @@ def test_an_unknown_query_fails_the_run_naming_the_client_and_the_queries_it_ans
     monkeypatch.setattr("strategies.fot.LAYER_INPUT_SKETCHES", "layer_inputs")
     with pytest.raises(
         ClientFailure,
-        match=r"(?s)client \d+ failed .*query = 'layer_inputs': unknown query; valid: class_feature_statistics, layer_input_sketches",
+        match=r"(?s)client \d+ failed .*query = 'layer_inputs': unknown query; valid: class_feature_statistics, layer_input_energies, layer_input_sketches",
     ):
         run_experiment(tmp_path, FOT)
 
