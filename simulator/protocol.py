@@ -76,6 +76,10 @@ CLASS_FEATURE_STATISTICS = "class_feature_statistics"
 LAYER_INPUT_ENERGIES = "layer_input_energies"  # FOT's second step: exact energies in candidate directions
 CLASSES, COUNTS, MEANS, COVARIANCES = "classes", "counts", "means", "covariances"
 
+# Where a Grid's run config (``grid.run.override_config``) names the stream's number of tasks, under
+# this key, a strategy can tell the last task's end (FOT asks clients nothing there).
+NUM_TASKS = "num-tasks"
+
 # The linear head's weights, by their names in the model's state (CCVR recalibrates them).
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
 

@@ -47,7 +47,10 @@ of ``G``), float32 and float64 sketches with the same ``G`` grow the bases by
 the same number of directions, at principal angles whose sine is below 6e-7,
 keeping the same energy share within 5e-10 (the energies are float64 sums).
 
-Biases are not projected, as in the authors' code. Here the inputs are those of the new global model at the task
+No query at the stream's last task, whose bases would never project an update,
+where the Grid's run config names the stream's task count
+(``grid.run.override_config[NUM_TASKS]``). Biases are not projected, as in the
+authors' code. Here the inputs are those of the new global model at the task
 end (the code uses each client's local model after its last round), from every
 present client.
 """
@@ -63,7 +66,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from simulator.config import ConfigError
 from simulator.held_array import held_array_record
-from simulator.protocol import LAYER_INPUT_ENERGIES, LAYER_INPUT_SKETCHES, NUM_SAMPLES
+from simulator.protocol import LAYER_INPUT_ENERGIES, LAYER_INPUT_SKETCHES, NUM_SAMPLES, NUM_TASKS
 from strategies.queries import ask_clients
 
 _RANK_TOLERANCE = 1e-12  # singular values of a sketch below this share of its largest: numerically zero
@@ -102,7 +105,10 @@ class FOT(FedAvg):
 
     def on_task_end(self, task: int, arrays: ArrayRecord, grid: Grid) -> None:
         """Grow each layer's basis with the inputs it saw on the task just ended: the clients' sketches give
-        candidate directions, their exact second moments in the leading candidates the directions added."""
+        candidate directions, their exact second moments in the leading candidates the directions added;
+        nothing at the stream's last task."""
+        if task + 1 == grid.run.override_config.get(NUM_TASKS):
+            return  # no task follows: its bases would never project an update
         threshold = self.task_threshold
         answers = ask_clients(grid, arrays, LAYER_INPUT_SKETCHES, self.bases)
         short: dict[str, tuple[np.ndarray, int, float, float]] = {}  # candidates, how many to measure, energies

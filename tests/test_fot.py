@@ -1,14 +1,18 @@
-"""FOT's bases against the clients' exact layer inputs: the energy share they keep."""
+"""FOT's bases against the clients' exact layer inputs (the energy share they keep), and the task ends it
+asks clients nothing at."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord
+from helpers import run_experiment
 
 from clients.queries import QUERIES
-from simulator.protocol import LAYER_INPUT_ENERGIES, LAYER_INPUT_SKETCHES, Query
+from simulator.protocol import LAYER_INPUT_ENERGIES, LAYER_INPUT_SKETCHES, NUM_TASKS, Query
 from strategies import fot as fot_module
 from strategies.fot import FOT
 
@@ -45,10 +49,11 @@ def exact_inputs(model: torch.nn.Sequential, x: torch.Tensor) -> dict[str, np.nd
 
 class Federation:
     """Clients answering FOT's queries in this process with the shipped handlers, each on its own inputs;
-    what FOT asks them, recorded. It is the Grid FOT sees."""
+    what FOT asks them, recorded. It is the Grid FOT sees: its run config may name the task count."""
 
-    def __init__(self, model: torch.nn.Module, inputs: list[torch.Tensor]) -> None:
+    def __init__(self, model: torch.nn.Module, inputs: list[torch.Tensor], num_tasks: int | None = None) -> None:
         self.model, self.inputs, self.asked = model, inputs, []
+        self.run = SimpleNamespace(override_config={} if num_tasks is None else {NUM_TASKS: num_tasks})
 
     def ask_clients(self, grid, arrays, query, query_arrays=None):
         self.asked.append(query)
@@ -61,8 +66,8 @@ class Federation:
         ]
 
 
-def task_end(strategy, task: int, model, inputs, monkeypatch) -> Federation:
-    federation = Federation(model, inputs)
+def task_end(strategy, task: int, model, inputs, monkeypatch, num_tasks: int | None = None) -> Federation:
+    federation = Federation(model, inputs, num_tasks)
     monkeypatch.setattr(fot_module, "ask_clients", federation.ask_clients)
     strategy.on_task_end(task, ArrayRecord(model.state_dict()), federation)
     return federation
@@ -109,6 +114,35 @@ def test_the_threshold_grows_by_its_step_per_task_the_bases_hold(monkeypatch):
         exact = exact_inputs(model, torch.cat(inputs))["0.weight"]
         assert kept_share(strategy.bases["0.weight"], exact) >= threshold - 0.005
     assert strategy.threshold == 0.8  # the configured value stays: the step counts tasks_done
+
+
+def test_at_the_streams_last_task_fot_asks_clients_nothing(monkeypatch):
+    model, strategy = small_model(), FOT()
+    assert task_end(strategy, 0, model, task_data("steep", 0), monkeypatch, num_tasks=2).asked
+    held = {name: basis.copy() for name, basis in strategy.bases.items()}
+    assert task_end(strategy, 1, model, task_data("steep", 1), monkeypatch, num_tasks=2).asked == []
+    assert strategy.tasks_done == 1 and all(np.array_equal(strategy.bases[k], v) for k, v in held.items())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the engine does not yet put the stream's task count in the Grid's run config "
+    "(grid.run.override_config[simulator.protocol.NUM_TASKS]), so FOT cannot tell the last task",
+)
+def test_a_fot_run_queries_clients_at_every_task_end_but_the_last(tmp_path, monkeypatch):
+    asked, ask = [], fot_module.ask_clients
+
+    def counted(grid, arrays, query, query_arrays=None):
+        asked.append((grid.server_round, query))
+        return ask(grid, arrays, query, query_arrays)
+
+    monkeypatch.setattr(fot_module, "ask_clients", counted)
+    overrides = ["scenario=permuted_digits", "strategy=fot", "engine.backend=local", "eval.probes=false"]
+    run_experiment(
+        tmp_path,
+        [*overrides, "stream.permuted.num_tasks=3", "stream.rounds_per_task=2", "client.epochs=1"],
+    )
+    assert [r for r, _ in asked] == [2, 2, 4, 4]  # tasks 0 and 1 end at rounds 2 and 4; task 2 at 6: nothing
 
 
 def test_where_the_first_candidates_measured_hold_too_little_the_server_measures_twice_as_many(monkeypatch):
