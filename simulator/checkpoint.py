@@ -275,9 +275,9 @@ def _check_format(folder: Path) -> None:
     if found != FORMAT:
         age = "an older" if isinstance(found, int) and found < FORMAT else "a newer"
         raise ConfigError(
-            f"resume = true: checkpoint {folder} is of format {found!r}, written by {age} FedStream; this one reads "
-            f"format {FORMAT} only{' (format 1 pickled the strategy)' if found == 1 else ''}: resume it with the "
-            "FedStream that wrote it, or start the run again with overwrite=true"
+            f"resume = true: checkpoint {folder} is of format {found!r} ({path}), written by {age} FedStream; this "
+            f"one reads format {FORMAT} only{' (format 1 pickled the strategy)' if found == 1 else ''}: resume it "
+            "with the FedStream that wrote it, or start the run again with overwrite=true"
         )
 
 

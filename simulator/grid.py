@@ -32,6 +32,7 @@ from simulator.jobs import JobPlanner
 from simulator.protocol import (
     EVALUATE,
     GLOBAL_ARRAYS,
+    NUM_TASKS,
     QUERY,
     REPLY_ARRAYS,
     REPLY_METRICS,
@@ -95,6 +96,7 @@ class SimulationGrid(Grid):
         self.warned_empty = False  # the run was told once that clients with no samples weigh 0
         self.traffic = traffic  # bytes sent and received so far (a resumed run's included)
         self._run = Run.create_empty(run_id)
+        self._run.override_config[NUM_TASKS] = stream.num_tasks  # a strategy can tell the last task's end
         self._ids = itertools.count()
         self._replies: dict[str, Message] = {}
         self.server_round = 1  # the round whose clients the nodes are: see round()

@@ -124,11 +124,6 @@ def test_at_the_streams_last_task_fot_asks_clients_nothing(monkeypatch):
     assert strategy.tasks_done == 1 and all(np.array_equal(strategy.bases[k], v) for k, v in held.items())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the engine does not yet put the stream's task count in the Grid's run config "
-    "(grid.run.override_config[simulator.protocol.NUM_TASKS]), so FOT cannot tell the last task",
-)
 def test_a_fot_run_queries_clients_at_every_task_end_but_the_last(tmp_path, monkeypatch):
     asked, ask = [], fot_module.ask_clients
 
