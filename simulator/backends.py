@@ -8,23 +8,27 @@ come back in job order, and no client's result depends on where it ran.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import heapq
 import logging
 import os
 import re
 import socket
+import sys
+import tempfile
 import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from simulator.config import ConfigError, ExperimentConfig
 from simulator.protocol import TRAIN, ClientJob, ClientOutcome
-from simulator.worker import ClientWorker, WorkerData
+from simulator.worker import ClientWorker, WorkerData, os_exit_guard
 
 ADDRESS_TIMEOUT_S = 3.0  # how long engine.ray_address may take to accept a connection
 CALL_GRACE_S = 30.0  # on top of the clients' time limits: what an actor call may take beyond them
@@ -49,14 +53,19 @@ class Backend(ABC):
 
 
 class LocalBackend(Backend):
-    """One worker in the driver process: no Ray, same client code."""
+    """One worker in the driver process: no Ray, same client code.
+
+    A client's ``os._exit`` would end the driver with no message: while clients run it fails the
+    client instead, naming it (:func:`~simulator.worker.os_exit_guard`).
+    """
 
     def __init__(self, config: ExperimentConfig, data: WorkerData) -> None:
         self.data = data
         self.worker = ClientWorker(config, data)
 
     def execute(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
-        return self.worker.execute(jobs, weights)
+        with os_exit_guard(self.worker):
+            return self.worker.execute(jobs, weights)
 
 
 class WorkerHost:
@@ -87,7 +96,8 @@ class WorkerHost:
             self.token, self.device, self.gpu_share = token, str(self.worker.device), self.worker.gpu_share
         assert self.worker is not None
         started = time.perf_counter()
-        outcomes = self.worker.execute(jobs, weights)
+        with os_exit_guard(self.worker, before_exit=lambda what: _note_exit(token, jobs[0].server_round, what)):
+            outcomes = self.worker.execute(jobs, weights)
         self.busy_s += time.perf_counter() - started
         self.trained_samples += sum(len(job.indices) for job in jobs if job.kind == TRAIN)
         return outcomes
@@ -236,7 +246,13 @@ class RayBackend(Backend):
                     f"engine.client_timeout_s = {self.client_timeout_s} s per client"
                 ) from error
             except self.ray.exceptions.RayError as error:
-                raise ClientFailure(f"the actor running clients {clients} failed:\n{error}") from error
+                server_round = share[0].server_round
+                exited = _exit_noted(self.token, server_round, clients)
+                if exited:
+                    raise ClientFailure(f"{exited}, ending the actor that ran clients {clients}:\n{error}") from error
+                raise ClientFailure(
+                    f"the actor running clients {clients} in round {server_round} failed:\n{error}"
+                ) from error
             outcomes.update((id(job), result) for job, result in zip(share, results))
         return [outcomes[id(job)] for job in jobs]
 
@@ -248,12 +264,38 @@ class RayBackend(Backend):
 
     def close(self, failed: bool = False) -> None:
         """Keep the pool warm for the sweep's next run, or release it (always after a failure)."""
+        for note in Path(tempfile.gettempdir()).glob(f"fedstream-{self.token}-round-*.exit"):
+            note.unlink(missing_ok=True)
         if self.keep_warm and not failed:
             for actor in self.pool.actors:  # in call order, after this run's calls: no wait needed
                 actor.reset.remote()
             _WARM.keep(self.pool)
         else:
             self.pool.release()
+
+
+def _exit_note(token: str, server_round: int) -> Path:
+    """Where an actor of run ``token`` notes a client's ``os._exit`` in ``server_round``: this machine's
+    temporary folder, which the driver reads where it runs on the same machine (a local Ray)."""
+    return Path(tempfile.gettempdir()) / f"fedstream-{token}-round-{server_round}.exit"
+
+
+def _note_exit(token: str, server_round: int, what: str) -> None:
+    """In an actor whose client calls ``os._exit``: say which client on the console (Ray forwards an
+    actor's stderr to the driver's) and in a note for the driver, before the process ends."""
+    print(f"error: {what}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):  # the note is a courtesy: the actor's death is reported anyway
+        _exit_note(token, server_round).write_text(what)
+
+
+def _exit_noted(token: str, server_round: int, clients: list[int]) -> str | None:
+    """The note of an ``os._exit`` by one of ``clients`` in ``server_round`` of this run, if one is here."""
+    try:
+        note = _exit_note(token, server_round).read_text()  # "client 3 called os._exit(1) in round 2"
+    except OSError:
+        return None
+    client = note.split()[1] if note.startswith("client ") else ""
+    return note if client.isdigit() and int(client) in clients else None
 
 
 @dataclass

@@ -10,9 +10,14 @@ whole share of a cohort an actor trains, and the global weights once.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
+import threading
 import traceback
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 
 from clients import METHODS
-from clients.base import Batch, ReadOnlyState, TrainContext, shared_keys
+from clients.base import Batch, ClientMethod, ReadOnlyState, TrainContext, shared_keys
 from clients.clipping import clip_if_asked
 from clients.models import build_model, evaluate
 from simulator.config import ExperimentConfig
@@ -40,6 +45,19 @@ from simulator.protocol import (
     check_state,
 )
 from simulator.seeding import Purpose, derive_seed, seed_torch_global, torch_generator
+
+log = logging.getLogger("fedstream")
+
+
+class ExitCalled(BaseException):
+    """A client's code called ``os._exit`` where :func:`os_exit_guard` raises instead (the local backend).
+
+    A BaseException, as SystemExit is, so a client's own ``except Exception`` cannot swallow it.
+    """
+
+
+class BadReply(TypeError):
+    """A client method returned what the protocol cannot carry; the message names the method and the value."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,7 @@ class ClientWorker:
         self.initial_personal = {
             k: v.clone() for k, v in self.model.state_dict().items() if k.startswith(method.personal_prefixes)
         }
+        self.running: ClientJob | None = None  # the job whose client's code runs now, for os_exit_guard
 
     def execute(self, jobs: list[ClientJob], weights: list[list[np.ndarray]]) -> list[ClientOutcome]:
         """Run ``jobs`` back to back; a failing client becomes an outcome with its traceback.
@@ -100,6 +119,7 @@ class ClientWorker:
     def _run_one(self, job: ClientJob, weights: list[np.ndarray]) -> ClientOutcome:
         limit = self.config.engine.client_timeout_s
         late = f"client {job.client_id} ran longer than engine.client_timeout_s = {limit} s in round {job.server_round}"
+        self.running = job
         try:
             with deadline(limit, late):
                 # Randomness a user's model or method draws from torch's global generator
@@ -113,10 +133,14 @@ class ClientWorker:
                 if job.kind == QUERY:
                     return self._answer(job)
                 return self._evaluate(job)
-        # Reported with the client id, failing the run; SystemExit too: a client's sys.exit(0)
-        # must not end the run as a success.
-        except (Exception, SystemExit, ClientTimeout):
+        except BadReply as error:  # raised here, after the method returned: its message says it all
+            return ClientOutcome(job.client_id, None, {}, error=str(error))
+        # Reported with the client id, failing the run; SystemExit and os._exit too: a client's
+        # sys.exit(0) must not end the run as a success.
+        except (Exception, SystemExit, ClientTimeout, ExitCalled):
             return ClientOutcome(job.client_id, None, {}, error=traceback.format_exc())
+        finally:
+            self.running = None
 
     def _load(self, weights: list[np.ndarray]) -> None:
         # Weights from Ray's object store are read-only views; copy_ only reads them.
@@ -161,6 +185,8 @@ class ClientWorker:
             class_mask=self._tensor(job.class_mask),
         )
         result = self.method.train(self.model, x, y, context)
+        hook = "end" if type(self.method).train is ClientMethod.train else "train"  # what gave the metrics
+        check_metrics(result.metrics, f"{type(self.method).__name__}.{hook}")
         arrays = self._weights()
         metrics = {**result.metrics, NUM_EXAMPLES: float(result.num_examples), TRAIN_LOSS: result.train_loss}
         metrics.update(clip_if_asked(arrays, global_weights, job.config))
@@ -213,6 +239,72 @@ def gpu_device(share: float) -> torch.device:
     if share < 1:
         torch.cuda.set_per_process_memory_fraction(share)
     return torch.device("cuda")
+
+
+def check_metrics(metrics: Any, method: str) -> None:
+    """A :class:`BadReply` naming ``method`` unless ``metrics`` is a dict Flower's MetricRecord takes, as it
+    checks: string keys; values ints or floats (not bools), or lists of only ints or only floats."""
+    if not isinstance(metrics, Mapping):
+        raise BadReply(f"{method} returned {_short(metrics)} ({type(metrics).__name__}), not a dict of metrics")
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise BadReply(f"{method} returned a metric named {_short(key)} ({type(key).__name__}): names are strings")
+        items = value if isinstance(value, list) else [value]
+        if all(_number(item) and isinstance(item, type(items[0])) for item in items):
+            continue
+        kind = f"a list of {', '.join(sorted({type(v).__name__ for v in value}))}" if items is value else None
+        raise BadReply(
+            f"{method} returned metrics[{key!r}] = {_short(value)} ({kind or f'a {type(value).__name__}'}); a "
+            "metric is an int or a float, or a list of only ints or only floats (a tensor: .item(); numpy: float())"
+        )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def os_exit_guard(worker: ClientWorker, before_exit: Callable[[str], None] | None = None) -> Iterator[None]:
+    """``os._exit`` replaced while ``worker`` runs clients: a call from a client's code names the client.
+
+    ``os._exit`` ends a process at once, without unwinding or atexit: in the driver (the local backend)
+    it would end the run with the client's exit code and no message, ``os._exit(0)`` as a success. Here,
+    without ``before_exit``, a call in the thread that entered the guard raises :class:`ExitCalled`, which
+    fails the client as an error does; from another thread of the client's it logs the client and ends
+    the process with exit code 1. With ``before_exit`` (a Ray actor, which may die: Ray restarts it),
+    ``before_exit`` gets a line naming the client and round, and the process exits as asked. A forked
+    child's ``os._exit`` (a DataLoader worker's) and a call while no client runs are left alone. What
+    cannot be caught: C code that calls ``exit()`` or ``abort()``, a signal that kills the process;
+    ``engine.backend=ray`` runs clients in actors, and reports such a death naming the actor's clients.
+    """
+    real, pid, thread = os._exit, os.getpid(), threading.get_ident()
+
+    def guarded(code: int) -> None:
+        job = worker.running
+        if os.getpid() != pid or job is None:
+            real(code)
+        what = f"client {job.client_id} called os._exit({code}) in round {job.server_round}"
+        if before_exit is not None:
+            before_exit(what)
+            real(code)
+        if threading.get_ident() == thread:
+            raise ExitCalled(
+                f"{what}: on the local backend clients run in the driver's process, which it would end "
+                "without a word; raise an exception to fail the client"
+            )
+        log.error("%s from a thread of its own: the run ends here, with exit code 1", what)
+        real(1)
+
+    os._exit = guarded
+    try:
+        yield
+    finally:
+        os._exit = real
 
 
 def not_run(job: ClientJob, failed: int) -> ClientOutcome:

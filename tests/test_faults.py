@@ -1,4 +1,4 @@
-"""Faults end the run loudly, naming what failed: hangs, divergence, a client's exit, bad inputs."""
+"""Faults end the run loudly, naming what failed: hangs, divergence, a client's exit or bad reply, bad inputs."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from helpers import (
 
 from simulator.backends import ClientFailure
 from simulator.config import ConfigError
+from simulator.worker import BadReply, check_metrics
 
 EVERY_CLIENT = ["federation.clients_per_round=20", "strategy.min_available_nodes=20"]
 
@@ -92,13 +93,60 @@ def test_a_client_that_exits_fails_the_run_instead_of_ending_it_as_a_success(tmp
 
 
 @pytest.mark.slow
-def test_a_client_exit_gives_a_nonzero_exit_code_from_the_command_line(tmp_path):
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("SysExitsOnClientThree", "SystemExit: 0"),
+        ("OsExitsOnClientThree", "ExitCalled: client 3 called os._exit(0) in round 2: on the local backend"),
+        ("StringMetricOnClientThree", "StringMetricOnClientThree.end returned metrics['note'] = 'hello' (a str)"),
+    ],
+)
+def test_a_client_that_ends_its_process_or_replies_badly_exits_1_naming_client_and_round(tmp_path, method, message):
+    """On the local backend the client runs in the driver: its sys.exit(0) or os._exit(0) would end the
+    command as a success (os._exit with no word at all), and a string metric failed in Flower's MetricRecord
+    with a driver traceback that named no client."""
     done = run_command_line(
-        [f"hydra.run.dir={tmp_path}", *TINY, *EVERY_CLIENT, "client.method=faulty_clients.ExitsOnClientThree"],
+        [f"hydra.run.dir={tmp_path}", *TINY, *EVERY_CLIENT, f"client.method=exiting_clients.{method}"],
         pythonpath=USER_PYTHONPATH,
     )
-    assert done.returncode == 1 and "error: client 3 failed in round 1" in done.stderr
+    assert done.returncode == 1 and "error: client 3 failed in round 2:\n" in done.stderr
+    assert message in done.stderr and message in (tmp_path / "run.log").read_text()
     assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_client_thread_that_calls_os_exit_ends_the_run_with_exit_1_naming_client_and_round(tmp_path):
+    done = run_command_line(
+        [
+            f"hydra.run.dir={tmp_path}",
+            *TINY,
+            *EVERY_CLIENT,
+            "client.method=exiting_clients.OsExitsInAThreadOnClientThree",
+        ],
+        pythonpath=USER_PYTHONPATH,
+    )
+    said = "client 3 called os._exit(0) in round 2 from a thread of its own: the run ends here, with exit code 1"
+    assert done.returncode == 1 and said in done.stdout + done.stderr and said in (tmp_path / "run.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ({"note": "hello"}, r"X\.end returned metrics\['note'\] = 'hello' \(a str\); a metric is an int or a float"),
+        ({"flag": True}, r"metrics\['flag'\] = True \(a bool\)"),
+        ({"loss": np.float32(0.5)}, r"metrics\['loss'\] = np\.float32\(0\.5\) \(a float32\).*numpy: float\(\)"),
+        ({"mixed": [1, 2.0]}, r"metrics\['mixed'\] = \[1, 2\.0\] \(a list of float, int\)"),
+        ({3: 1.0}, r"X\.end returned a metric named 3 \(int\): names are strings"),
+        (None, r"X\.end returned None \(NoneType\), not a dict of metrics"),
+    ],
+)
+def test_metrics_flower_cannot_carry_are_refused_naming_the_method_key_and_value(metrics, message):
+    with pytest.raises(BadReply, match=message):
+        check_metrics(metrics, "X.end")
+
+
+def test_metrics_flower_takes_pass():
+    check_metrics({"a": 1, "b": 0.5, "c": np.float64(2.0), "d": [1, 2], "e": [0.5], "f": []}, "X.end")
 
 
 def test_a_nan_client_stops_the_run_naming_round_and_client(tmp_path, user_code):
@@ -209,7 +257,9 @@ def test_an_actor_that_keeps_dying_fails_the_run_naming_its_clients_after_the_re
         "engine.max_actor_restarts=1",
         "client.method=faulty_clients.KillsItsProcessOnClientThree",
     ]
-    with pytest.raises(ClientFailure, match=r"the actor running clients \[[\d, ]*\b3\b[\d, ]*\] failed"):
+    # The actor's os._exit guard leaves a note naming the client before the process ends.
+    match = r"client 3 called os\._exit\(1\) in round 1, ending the actor that ran clients \[[\d, ]*\b3\b[\d, ]*\]"
+    with pytest.raises(ClientFailure, match=match):
         run_experiment(tmp_path, overrides)
     assert not ray.is_initialized()
 
