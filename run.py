@@ -40,6 +40,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from simulator.interrupts import Interrupted, as_interrupted, exit_while_importing, signals_stop_at_once
+
+if __name__ == "__main__":  # the imports below take a second or more: a signal meanwhile ends it with one line
+    exit_while_importing()
+
 import hydra
 import hydra._internal.utils as hydra_utils
 import yaml
@@ -52,10 +57,9 @@ from omegaconf.errors import OmegaConfBaseException
 from simulator.backends import ClientFailure
 from simulator.config import SCENARIO_DIR, ConfigError, run_flags, valid_keys
 from simulator.engine import Experiment
-from simulator.interrupts import Interrupted
 from simulator.plugins import load_config
 from simulator.run_dir import RESOLVED_CONFIG
-from simulator.run_guard import RunDirectoryBusy, claim_run_directory
+from simulator.run_guard import OUTPUTS, RunDirectoryBusy, claim_run_directory
 from strategies import build_strategy
 from strategies.factory import strategy_arguments, strategy_class, unknown_argument
 
@@ -82,12 +86,10 @@ def main(cfg: DictConfig) -> float | None:
             strategy = build_strategy(cfg.strategy)
             (run_dir / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
             summary = Experiment(config, strategy, run_dir, resume=resume, keep_warm=keep_warm).run()
-    except Interrupted as stop:  # a sweep stops too: the user asked the command to
+    except KeyboardInterrupt as error:  # a sweep stops too: the user asked the command to
+        stop = as_interrupted(error)  # Ray's waits raise a signal's as a plain KeyboardInterrupt
         _to_log_file(str(stop))
-        print(
-            f"{stop}; {_resume_command(run_dir, hydra_cfg, checkpointed=bool(config.engine.checkpoint_every))}",
-            file=sys.stderr,
-        )
+        print(f"{stop}; {_after_interrupt(run_dir, hydra_cfg, stop)}", file=sys.stderr)
         sys.exit(stop.exit_code)
     except RunDirectoryBusy as error:  # the directory, its run.log included, is another live run's
         return _fail(str(error), 2, sweep)
@@ -109,13 +111,22 @@ def main(cfg: DictConfig) -> float | None:
     return summary["final_accuracy"]
 
 
-def _resume_command(run_dir: Path, hydra_cfg: DictConfig, checkpointed: bool) -> str:
-    """What continues an interrupted run: this job's overrides, its directory, resume=true."""
-    if not checkpointed:
-        return "engine.checkpoint_every = 0: no checkpoint to resume from"
+def _after_interrupt(run_dir: Path, hydra_cfg: DictConfig, stop: Interrupted) -> str:
+    """What continues an interrupted run: this job's overrides, its directory, resume=true; where no
+    checkpoint was written, why not, and (stopped before its rounds) the command that starts it again."""
     kept = [o for o in hydra_cfg.overrides.task if not o.startswith(("resume=", "overwrite=", "hydra.run.dir="))]
-    arguments = [*kept, f"hydra.run.dir={run_dir}", "resume=true"]
-    return "resume with: python run.py " + " ".join(shlex.quote(argument) for argument in arguments)
+    saved = sorted(path.name for path in (run_dir / "checkpoints").glob("round-[0-9]*"))
+    if saved:
+        command = _command([*kept, f"hydra.run.dir={run_dir}", "resume=true"])
+        return f"resume with: {command}" + (f" (from round {int(saved[-1][6:])})" if stop.again else "")
+    if stop.last_round is not None:
+        return "engine.checkpoint_every = 0: no checkpoint to resume from"
+    fresh = ["overwrite=true"] if any((run_dir / name).exists() for name in OUTPUTS) else []
+    return f"nothing to resume; run it again with: {_command([*kept, f'hydra.run.dir={run_dir}', *fresh])}"
+
+
+def _command(arguments: list[str]) -> str:
+    return "python run.py " + " ".join(shlex.quote(argument) for argument in arguments)
 
 
 def _save_hydra_files(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
@@ -244,7 +255,12 @@ def main_cli(argv: Sequence[str]) -> int:
     hydra_utils.run_and_report = _reporting(original)
     sys.argv = [str(Path(__file__).resolve()), *argv]
     try:
-        main()
+        with signals_stop_at_once():  # Ctrl-C, SIGTERM: one line and 130, 143 (simulator/interrupts.py)
+            main()
+    except KeyboardInterrupt as error:  # before our task began (Hydra composing the config)
+        stop = as_interrupted(error)
+        print(f"{stop}; nothing to resume", file=sys.stderr)
+        return stop.exit_code
     except SystemExit as exit_:
         code = exit_.code
         if code is None or isinstance(code, int):

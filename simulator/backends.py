@@ -14,12 +14,15 @@ import heapq
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +143,10 @@ class RayBackend(Backend):
     """
 
     def __init__(self, config: ExperimentConfig, data: WorkerData, keep_warm: bool = False) -> None:
+        # A wait in ray.get runs Python's signal handlers each this often (Ray's default: 1000 ms): a Ctrl-C
+        # acts within 0.1 s, and two Ctrl-Cs a second apart are two (within one interval they count once).
+        # Read when Ray's library loads, so only where nothing imported Ray before.
+        os.environ.setdefault("RAY_get_check_signal_interval_milliseconds", "100")
         import ray  # imported here so the local backend never pays for it
 
         self.ray = ray
@@ -162,8 +169,18 @@ class RayBackend(Backend):
 
     def _start(self, config: ExperimentConfig) -> _ActorPool:
         """Ray (unless one runs: a pool of another shape's, a test's, a cluster) and new actors."""
-        ray, engine = self.ray, config.engine
+        ray = self.ray
         owns_ray = not ray.is_initialized()  # shut down only a Ray we started
+        try:
+            with _signals_kept():
+                return self._start_ray(config, owns_ray)
+        except BaseException:  # a bad config, a signal: nothing of a Ray we started outlives this
+            if owns_ray:
+                ray.shutdown()
+            raise
+
+    def _start_ray(self, config: ExperimentConfig, owns_ray: bool) -> _ActorPool:
+        ray, engine = self.ray, config.engine
         if owns_ray:
             if engine.ray_address:
                 check_reachable(engine.ray_address)
@@ -188,12 +205,7 @@ class RayBackend(Backend):
                     logging_level=logging.WARNING,
                     configure_logging=True,
                 )
-        try:
-            self._check_resources(config)
-        except ConfigError:
-            if owns_ray:
-                ray.shutdown()
-            raise
+        self._check_resources(config)
         # A dead actor comes back (a new host) and Ray reruns its call, which names the job:
         # where and how often a share runs never changes its outcomes.
         host = ray.remote(WorkerHost).options(
@@ -357,6 +369,27 @@ class _WarmPools:
 
 
 _WARM = _WarmPools()
+
+
+@contextlib.contextmanager
+def _signals_kept() -> Iterator[None]:
+    """``ray.init`` in the block with this process's SIGTERM handler kept (``simulator/interrupts.py``'s).
+
+    ``ray.init`` replaces it with one that raises ``SystemExit(15)``: exit code 15, with no message. A
+    SIGTERM that lands in Ray's handler meanwhile is handed to the handler it replaced.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    except SystemExit as exit_:
+        if exit_.code == signal.SIGTERM and callable(handler) and signal.getsignal(signal.SIGTERM) is not handler:
+            handler(signal.SIGTERM, None)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _pool_key(config: ExperimentConfig) -> tuple:
