@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -169,17 +170,22 @@ class RayBackend(Backend):
 
     def _start(self, config: ExperimentConfig) -> _ActorPool:
         """Ray (unless one runs: a pool of another shape's, a test's, a cluster) and new actors."""
-        ray = self.ray
+        ray, engine = self.ray, config.engine
         owns_ray = not ray.is_initialized()  # shut down only a Ray we started
+        watchdog = None
         try:
+            if owns_ray and not engine.ray_address:
+                watchdog = RayWatchdog.start(os.path.dirname(ray.__file__))
             with _signals_kept():
-                return self._start_ray(config, owns_ray)
+                return self._start_ray(config, owns_ray, watchdog)
         except BaseException:  # a bad config, a signal: nothing of a Ray we started outlives this
             if owns_ray:
                 ray.shutdown()
+            if watchdog is not None:
+                watchdog.stop()
             raise
 
-    def _start_ray(self, config: ExperimentConfig, owns_ray: bool) -> _ActorPool:
+    def _start_ray(self, config: ExperimentConfig, owns_ray: bool, watchdog: RayWatchdog | None) -> _ActorPool:
         ray, engine = self.ray, config.engine
         if owns_ray:
             if engine.ray_address:
@@ -214,7 +220,7 @@ class RayBackend(Backend):
             max_restarts=engine.max_actor_restarts,
             max_task_retries=engine.max_actor_restarts,
         )
-        return _ActorPool(_pool_key(config), [host.remote() for _ in range(engine.num_actors)], owns_ray)
+        return _ActorPool(_pool_key(config), [host.remote() for _ in range(engine.num_actors)], owns_ray, watchdog)
 
     @property
     def actors(self) -> list:
@@ -317,17 +323,22 @@ class _ActorPool:
     key: tuple
     actors: list
     owns_ray: bool
+    watchdog: RayWatchdog | None = None  # of the Ray we started, if we did
 
     def release(self) -> None:
         """Kill the actors, and shut Ray down where it is ours."""
         import ray
 
         if not ray.is_initialized():  # at exit, Ray's own handler may have shut it down already
+            if self.watchdog is not None:
+                self.watchdog.stop()
             return
         for actor in self.actors:
             ray.kill(actor)
         if self.owns_ray:
             ray.shutdown()
+            if self.watchdog is not None:
+                self.watchdog.stop()
         else:  # Ray stays up and frees the actors' resources when they are gone, a moment later
             _WARM.freeing = (
                 ray.get_runtime_context().get_job_id(),
@@ -390,6 +401,111 @@ def _signals_kept() -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGTERM, handler)
+
+
+class RayWatchdog:
+    """A small process that outlives this one to take down what is left of the Ray it started.
+
+    Ray ties its head processes (GCS, raylet, dashboard) to the driver: they die
+    with it, even on SIGKILL. The raylet's own children do not: its dashboard
+    and runtime-env agents, once the raylet is gone, spend a minute trying to
+    report its death to the dead GCS, deaf to SIGTERM meanwhile, and its
+    workers a few seconds more. The watchdog (Python's standard library only,
+    Linux's ``/proc``) follows the tree of this process's children that run
+    Ray's code (``ray_dir`` in their command line), and their children, by pid
+    and start time; when its end of the pipe closes, because :meth:`stop` was
+    called after ``ray.shutdown`` or because this process died, however it
+    died, it SIGKILLs those still alive, and ends. It kills nothing else: not
+    another Ray, not a process that reused a pid. It ignores SIGINT, SIGTERM
+    and SIGHUP, which stop the run (the run, not the watchdog, decides what
+    happens then); SIGKILL of the whole process group takes Ray with it anyway.
+    """
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+
+    @classmethod
+    def start(cls, ray_dir: str) -> RayWatchdog | None:
+        """A watchdog of this process's Ray (None where there is no ``/proc`` to follow it by)."""
+        if not os.path.exists(f"/proc/{os.getpid()}/stat"):
+            return None
+        command = [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(os.getpid()), ray_dir]
+        return cls(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Close the pipe: the watchdog kills what is left of our Ray; wait for it to end."""
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+# The watchdog's code: argv[1] the driver's pid, argv[2] Ray's package folder; its stdin, the driver's pipe.
+_WATCHDOG = r"""
+import os, select, signal, sys, time
+
+for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(number, signal.SIG_IGN)
+driver, ray_dir = int(sys.argv[1]), sys.argv[2].encode()
+ours = {}  # pid: start time, of the driver's Ray processes and their descendants
+
+
+def processes():
+    table = {}  # pid: (parent pid, start time), of the live processes
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as file:
+                    stat = file.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            if fields[0] not in (b"Z", b"X"):
+                table[int(name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def runs_ray(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return ray_dir in file.read()
+    except OSError:
+        return False
+
+
+def follow(from_driver):
+    table = processes()
+    for pid in [pid for pid, start in ours.items() if table.get(pid, (0, None))[1] != start]:
+        del ours[pid]  # ended (or its pid now another process's)
+    children = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    roots = [pid for pid in children.get(driver, ()) if pid != os.getpid() and runs_ray(pid)] if from_driver else []
+    todo = list(ours) + roots
+    while todo:
+        pid = todo.pop()
+        if pid in table:
+            ours.setdefault(pid, table[pid][1])
+            todo += [child for child in children.get(pid, ()) if child not in ours]
+
+
+while True:
+    follow(from_driver=True)
+    if select.select([0], [], [], 0.5)[0] and not os.read(0, 4096):
+        break
+for attempt in range(3):  # the driver has ended, or is done with this Ray: what is left of it goes
+    follow(from_driver=False)
+    for pid in ours:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if not ours:
+        break
+    time.sleep(0.2)
+"""
 
 
 def _pool_key(config: ExperimentConfig) -> tuple:

@@ -1,8 +1,9 @@
-"""Ctrl-C and SIGTERM in every phase of the real run.py: one line, exit 128 + the signal, no traceback,
-a second signal that stops at once, and no Ray process left behind."""
+"""Ctrl-C and SIGTERM in every phase of the real run.py, and SIGKILL of a Ray driver: one line, exit 128 +
+the signal, no traceback, a second signal that stops at once, and no Ray process left behind."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import time
@@ -170,3 +171,17 @@ def test_a_second_signal_stops_a_ray_round_at_once(tmp_path, user_code, monkeypa
     (line,) = [line for line in _messages(stderr) if line.startswith("interrupted")]  # Ray may say more
     assert line.startswith("interrupted again (SIGTERM): stopped at once; resume with: python run.py ")
     assert line.endswith("resume=true (from round 1)")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_after_a_sigkill_of_the_driver_no_ray_process_outlives_it_by_more_than_a_few_seconds(tmp_path):
+    run = start_run_py(tmp_path / "run", ["engine.backend=ray", "engine.num_actors=1", "rounds=500"])
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    _wait(run, lambda: metrics.exists() and metrics.read_text().strip(), "the first record")
+    ray_processes = _tree(run.pid)
+    names = " ".join(_names(ray_processes))
+    assert "raylet" in names and "DashboardAgent" in names and "RuntimeEnvAgent" in names  # the raylet's agents
+    os.kill(run.pid, signal.SIGKILL)  # the driver only, not its process group
+    run.wait(timeout=30)
+    assert _gone_within(ray_processes, 5) == []  # the agents alone would take 60 s
