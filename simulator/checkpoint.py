@@ -400,7 +400,8 @@ class Checkpoints(Hook):
         try:
             saved = strategy_state(view.strategy)
             arrays: dict[str, np.ndarray] = {}
-            encoded = [_encoded(layer.state, arrays, layer.path) for layer in saved]
+            encoded = json.loads(json.dumps([_encoded(layer.state, arrays, layer.path) for layer in saved]))
+            arrays = {key: np.array(array) for key, array in arrays.items()}  # as a resume reads them: copies
             copied = copy.deepcopy(self.setup.strategy_as_built)
             decoded = [LayerState(s.path, s.kind, _decoded(e, arrays)) for s, e in zip(saved, encoded)]
             restore_strategy_state(copied, decoded, view.arrays)

@@ -31,7 +31,7 @@ from simulator import checkpoint, preflight
 from simulator.backends import make_backend
 from simulator.checkpoint import Checkpoints, Start
 from simulator.client_state import ClientStateStore
-from simulator.config import ExperimentConfig, to_dict
+from simulator.config import ConfigError, ExperimentConfig, to_dict
 from simulator.data import load_dataset
 from simulator.evaluation import FederatedEvaluation, HeadEvaluation, task_accuracies
 from simulator.grid import SimulationGrid
@@ -83,7 +83,7 @@ class Experiment:
         # 2. Resume from the last finished round, if asked (read before Ray starts; the strategy as
         #    built from the config, its state restored), else from the model's weights, less its personal layers.
         initial = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared_keys(model, method)})
-        strategy_as_built = copy.deepcopy(self.strategy)
+        strategy_as_built = self._copy_for_checkpoints() if config.engine.checkpoint_every else None
         start = self._resumed(stream, rounds, initial) if self.resume else Start(initial)
         budget = int(config.engine.client_state_memory_mb * MB)
         states = ClientStateStore(self.run_dir / checkpoint.CLIENT_STATE_DIR, budget, start.client_states)
@@ -149,6 +149,18 @@ class Experiment:
             summary = setup.outputs.finish(setup.elapsed(), rounds, baseline, hooks.at_end(end), to_dict(config))
             hooks.finished(end)
             return summary
+
+    def _copy_for_checkpoints(self) -> Strategy:
+        """A copy of the strategy as built: each checkpoint restores its state into a copy of this, to prove the
+        state whole (checkpoint.Checkpoints)."""
+        try:
+            return copy.deepcopy(self.strategy)
+        except Exception as error:  # a user's strategy holding a lock, a file, a connection
+            raise ConfigError(
+                f"strategy._target_ = {type(self.strategy).__name__}: checkpoints need a copy of the strategy, "
+                f"which cannot be copied ({type(error).__name__}: {error}); make it copyable, or run with "
+                "engine.checkpoint_every=0"
+            ) from None
 
     def _resumed(self, stream: Stream, rounds: int, initial: ArrayRecord) -> Start:
         """Where the newest checkpoint left the run, checked against this config."""

@@ -57,7 +57,8 @@ class RunSetup:
     grid: SimulationGrid
     outputs: RunDirectory
     elapsed: Callable[[], float]  # seconds of the run so far (a resumed run's included)
-    strategy_as_built: Strategy  # a copy of the strategy before any round: checkpoints restore its state into it
+    strategy_as_built: Strategy | None  # a copy of the strategy before any round, where checkpoints are on: each
+    # restores its state into a copy of it
 
 
 @dataclass

@@ -45,7 +45,10 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
             name = member.filename.removesuffix(_SUFFIX)
             if name == member.filename or name in arrays:
                 raise UnreadableArchive(f"member {member.filename!r} is not a .npy array, or is there twice")
-            arrays[name] = _read_member(archive, member)
+            try:
+                arrays[name] = _read_member(archive, member)
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, OSError) as error:
+                raise UnreadableArchive(f"member {member.filename!r} cannot be read ({error})") from None
     return arrays
 
 

@@ -44,6 +44,7 @@ from simulator.protocol import (
     MEANS,
 )
 from strategies.queries import ask_clients
+from strategies.state import expect_keys, float_array
 
 _VIRTUAL_FEATURES_LIMIT = 2 * 2**30  # bytes of virtual features a task end may draw
 
@@ -105,6 +106,7 @@ class CCVR(FedAvg):
         }
 
     def restore_state(self, state: dict[str, Any], arrays: ArrayRecord) -> None:
+        expect_keys(state, {"classes", "counts", "means", "covariances"}, "CCVR's state")
         classes, dim = arrays[HEAD_WEIGHT].shape
         parts = [state[key] for key in ("classes", "counts", "means", "covariances")]
         if len({len(part) for part in parts}) != 1:
@@ -112,8 +114,8 @@ class CCVR(FedAvg):
         for label, count, mean, covariance in zip(*parts):
             if not (isinstance(label, int) and 0 <= label < classes and isinstance(count, int) and count >= 1):
                 raise ValueError(f"class {label!r} with count {count!r}: expected a class < {classes} and a count >= 1")
-            if (getattr(mean, "shape", None), getattr(covariance, "shape", None)) != ((dim,), (dim, dim)):
-                raise ValueError(f"class {label}: expected a mean of shape ({dim},) and a covariance ({dim}, {dim})")
+            mean = float_array(mean, (dim,), f"the mean of class {label}")
+            covariance = float_array(covariance, (dim, dim), f"the covariance of class {label}")
             self.class_statistics[label] = (count, mean, covariance)
 
     def on_task_end(self, task: int, arrays: ArrayRecord, grid: Grid) -> ArrayRecord:

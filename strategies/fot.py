@@ -68,6 +68,7 @@ from simulator.config import ConfigError
 from simulator.held_array import held_array_record
 from simulator.protocol import LAYER_INPUT_ENERGIES, LAYER_INPUT_SKETCHES, NUM_SAMPLES, NUM_TASKS
 from strategies.queries import ask_clients
+from strategies.state import expect_keys, float_array
 
 _RANK_TOLERANCE = 1e-12  # singular values of a sketch below this share of its largest: numerically zero
 _ENERGY_SLACK = 1e-9  # energy shares closer than this count as equal (rounding of the clients' sums)
@@ -144,16 +145,16 @@ class FOT(FedAvg):
         return {"bases": dict(self.bases), "tasks_done": self.tasks_done}
 
     def restore_state(self, state: dict[str, Any], arrays: ArrayRecord) -> None:
+        expect_keys(state, {"bases", "tasks_done"}, "FOT's state")
         tasks_done, bases = state["tasks_done"], state["bases"]
         if isinstance(tasks_done, bool) or not isinstance(tasks_done, int) or tasks_done < 0:
             raise ValueError(f"tasks_done = {tasks_done!r}: expected an integer >= 0")
+        expect_keys(bases, set(bases) & set(arrays.keys()), "bases (by weight of the global arrays)")
         for name, basis in bases.items():
-            inputs = int(np.prod(arrays[name].shape[1:])) if name in arrays else None
-            if inputs is None or basis.ndim != 2 or basis.shape[0] != inputs or basis.shape[1] > inputs:
-                raise ValueError(
-                    f"bases[{name!r}] has shape {basis.shape}: expected (inputs, k) with k <= inputs for a weight "
-                    f"of the global arrays ({name!r} with {inputs} inputs)"
-                )
+            inputs = int(np.prod(arrays[name].shape[1:]))
+            float_array(basis, (inputs, None), f"bases[{name!r}]")
+            if basis.shape[1] > inputs or not np.allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-6):
+                raise ValueError(f"bases[{name!r}]: expected at most {inputs} orthonormal columns")
         self.bases, self.tasks_done = dict(bases), tasks_done
 
 

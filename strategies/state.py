@@ -19,12 +19,14 @@ import functools
 import hashlib
 import inspect
 import math
+import random
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
@@ -97,28 +99,57 @@ def restore_strategy_state(strategy: Strategy, saved: list[LayerState], arrays: 
     layers = strategy_layers(strategy)
     kinds = [class_name(type(layer)) for _, layer in layers]
     if [layer.kind for layer in saved] != kinds:
-        raise StrategyStateError(
-            f"it holds the state of {' around '.join(s.kind for s in saved)}; the config builds {' around '.join(kinds)}"
-        )
+        held = " around ".join(s.kind for s in saved) or "no strategy"
+        raise StrategyStateError(f"it holds the state of {held}; the config builds {' around '.join(kinds)}")
     for (path, layer), layer_state in zip(layers, saved):
-        unknown = set(layer_state.state) - {"flower", "own"}
-        if unknown:
-            raise StrategyStateError(f"{path}: unknown state parts {sorted(unknown)}")
-        kept = _flower_kept(layer)
-        flower = layer_state.state.get("flower", {})
-        expected = set(kept.state) if kept is not None else set()
-        if set(flower) != expected:
-            raise StrategyStateError(f"{path}: holds {sorted(flower)}, {type(layer).__name__} keeps {sorted(expected)}")
-        for name, how in (kept.state if kept is not None else {}).items():
-            setattr(layer, name, _restored(flower[name], how, f"{path}.{name}", arrays))
-        restore = getattr(layer, "restore_state", None)
-        if ("own" in layer_state.state) != callable(restore):
-            raise StrategyStateError(f"{path}: the state and {type(layer).__name__}'s restore_state do not match")
-        if callable(restore):
-            try:
-                restore(layer_state.state["own"], arrays)
-            except (ValueError, TypeError, KeyError, IndexError) as error:
-                raise StrategyStateError(f"{path} ({type(layer).__name__}.restore_state): {error}") from None
+        try:
+            _restore_layer(layer, layer_state.state, arrays, path)
+        except StrategyStateError:
+            raise
+        except Exception as error:  # a crafted state may hold any JSON where a dict or an array belongs
+            raise StrategyStateError(f"{path} ({type(layer).__name__}): {type(error).__name__}: {error}") from None
+
+
+def _restore_layer(layer: Strategy, state: dict[str, Any], arrays: ArrayRecord, path: str) -> None:
+    if not isinstance(state, dict) or not set(state) <= {"flower", "own"}:
+        found = sorted(state) if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise StrategyStateError(f"{path}: holds {found}, expected a dict of 'flower' and 'own' parts")
+    kept = _flower_kept(layer)
+    flower = state.get("flower", {})
+    expected = set(kept.state) if kept is not None else set()
+    if set(flower) != expected:
+        raise StrategyStateError(f"{path}: holds {sorted(flower)}, {type(layer).__name__} keeps {sorted(expected)}")
+    for name, how in (kept.state if kept is not None else {}).items():
+        setattr(layer, name, _restored(flower[name], how, f"{path}.{name}", arrays))
+    restore = getattr(layer, "restore_state", None)
+    if ("own" in state) != callable(restore):
+        raise StrategyStateError(f"{path}: the state and {type(layer).__name__}'s restore_state do not match")
+    if callable(restore):
+        restore(state["own"], arrays)
+
+
+def expect_keys(state: Any, keys: set[str], where: str) -> None:
+    """Refuse a state that is not a dict of exactly ``keys``: one entry more may be an attempt to set what the
+    config decides."""
+    if not isinstance(state, dict) or set(state) != keys:
+        found = sorted(state) if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise StrategyStateError(f"{where}: holds {found}, expected a dict of {sorted(keys)}")
+
+
+def float_array(value: Any, shape: tuple[int | None, ...], where: str) -> np.ndarray:
+    """``value`` if it is a finite float array of ``shape`` (None in ``shape``: any length); else a
+    StrategyStateError naming ``where``."""
+    if (
+        not isinstance(value, np.ndarray)
+        or value.dtype.kind != "f"
+        or value.ndim != len(shape)
+        or any(want is not None and got != want for got, want in zip(value.shape, shape))
+    ):
+        found = f"{value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+        raise StrategyStateError(f"{where}: expected a float array of shape {shape}, found a {found}")
+    if not np.isfinite(value).all():
+        raise StrategyStateError(f"{where}: holds NaN or infinite values")
+    return value
 
 
 def lost_on_resume(live: Strategy, restored: Strategy) -> list[str]:
@@ -166,20 +197,24 @@ def _restored(value: Any, how: str, key: str, arrays: ArrayRecord) -> Any:
     if found is None or sorted(name for name, _ in found) != sorted(shapes):
         raise StrategyStateError(f"{key}: expected {how} for the weights {list(shapes)}")
     for name, array in found:
-        if not isinstance(array, np.ndarray) or (tuple(array.shape), array.dtype.kind) != (
-            tuple(shapes[name][0]),
-            "f",
-        ):
-            raise StrategyStateError(f"{key}[{name!r}]: expected a float array of shape {tuple(shapes[name][0])}")
+        float_array(array, tuple(shapes[name][0]), f"{key}[{name!r}]")
     if how == _RECORD:
         return ArrayRecord(OrderedDict((name, Array(array)) for name, array in found))
     return dict(found) if how == _BY_NAME else [array for _, array in found]
 
 
 def _fingerprint(value: Any, seen: set[int]) -> Any:
-    """A comparable summary of ``value``: equal for equal data, whatever the objects' identities."""
-    if isinstance(value, np.ndarray):
+    """A comparable summary of ``value``: equal for equal data, whatever the objects' identities (a numpy
+    scalar as the 0-d array a checkpoint keeps, a tuple as the list); random generators by their state."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, (np.ndarray, np.generic)) and not isinstance(value, np.bool_):
+        value = np.asarray(value)
         return ("array", value.dtype.str, value.shape, hashlib.sha256(np.ascontiguousarray(value).data).hexdigest())
+    if isinstance(value, np.random.Generator):
+        return ("generator", _fingerprint(value.bit_generator.state, seen))
+    if isinstance(value, (np.random.RandomState, random.Random)):
+        return ("random", _fingerprint(value.get_state() if hasattr(value, "get_state") else value.getstate(), seen))
     if isinstance(value, (bytes, bytearray)):
         return ("bytes", hashlib.sha256(value).hexdigest())
     if value is None or isinstance(value, (bool, int, float, complex, str, np.generic)):
@@ -189,7 +224,7 @@ def _fingerprint(value: Any, seen: set[int]) -> Any:
     if isinstance(value, Mapping):  # dicts, ArrayRecords
         return ("dict", sorted((repr(_fingerprint(k, seen)), _fingerprint(v, seen)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, [_fingerprint(v, seen) for v in value])
+        return ("sequence", [_fingerprint(v, seen) for v in value])
     if isinstance(value, (set, frozenset)):
         return ("set", sorted(repr(_fingerprint(v, seen)) for v in value))
     if isinstance(value, functools.partial):
@@ -200,6 +235,15 @@ def _fingerprint(value: Any, seen: set[int]) -> Any:
         return ("named", getattr(value, "__module__", None), getattr(value, "__qualname__", value.__name__))
     if id(value) in seen:
         return ("seen", type(value).__qualname__)
-    if hasattr(value, "__dict__"):
-        return (type(value).__qualname__, _fingerprint(vars(value), seen | {id(value)}))
+    slots = [
+        name
+        for kind in type(value).__mro__
+        for name in (
+            (lambda declared: (declared,) if isinstance(declared, str) else declared)(vars(kind).get("__slots__", ()))
+        )
+        if name not in ("__dict__", "__weakref__")
+    ]
+    if hasattr(value, "__dict__") or slots:
+        fields = {**getattr(value, "__dict__", {}), **{name: getattr(value, name, None) for name in slots}}
+        return (type(value).__qualname__, _fingerprint(fields, seen | {id(value)}))
     return ("opaque", type(value).__qualname__)

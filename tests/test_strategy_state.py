@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 from helpers import numbers_of, run_experiment
 
 from simulator.checkpoint import StrategyStateLost
 from simulator.config import ConfigError
+from strategies.fot import FOT
+from strategies.state import LayerState, StrategyStateError, restore_strategy_state
 
 LOCAL = ["engine.backend=local", "eval.probes=false", "seed=3"]
 
@@ -47,6 +50,25 @@ def test_a_users_strategy_with_undeclared_state_fails_at_the_first_checkpoint_na
     run_experiment(tmp_path / "unsaved", [*overrides, "engine.checkpoint_every=0"])  # nothing to lose
 
 
+@pytest.mark.parametrize("strategy", ["DrawsFromItsOwnGenerator", "CountsInATensor"])
+def test_undeclared_state_in_a_generator_or_a_tensor_is_found_too(tmp_path, user_code, strategy):
+    overrides = [*LOCAL, "rounds=2", f"strategy._target_=stateful_strategies.{strategy}"]
+    with pytest.raises(StrategyStateLost, match=rf"round 1: the checkpoint of {strategy} would lose strategy\."):
+        run_experiment(tmp_path, overrides)
+
+
+def test_a_declared_numpy_scalar_survives_the_checkpoints_proof(tmp_path, user_code):
+    overrides = [*LOCAL, "strategy._target_=stateful_strategies.KeepsANumpyScalar"]
+    _resumed_equals_whole(tmp_path, overrides, rounds=3, split=2)
+
+
+def test_a_strategy_that_cannot_be_copied_runs_without_checkpoints_and_is_named_with_them(tmp_path, user_code):
+    overrides = [*LOCAL, "rounds=1", "strategy._target_=stateful_strategies.HoldsALock"]
+    run_experiment(tmp_path / "unsaved", [*overrides, "engine.checkpoint_every=0"])
+    with pytest.raises(ConfigError, match=r"HoldsALock: checkpoints need a copy .*engine\.checkpoint_every=0"):
+        run_experiment(tmp_path / "saved", overrides)
+
+
 @pytest.fixture(scope="module")
 def fedadam_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("fedadam")
@@ -74,11 +96,22 @@ def _edit_state(change):
     return edit
 
 
-def _reshape_moment(folder: Path) -> None:
+def _moments(folder: Path) -> tuple[dict[str, np.ndarray], str]:
+    """The arrays of ``folder``'s strategy.npz, and the key of FedAdam's first moment of the head's weight."""
     state = json.loads((folder / "state.json").read_text())
-    key = state["strategy"][0]["state"]["flower"]["m_t"]["head.weight"]["__array__"]
     with np.load(folder / "strategy.npz") as file:
         arrays = {name: file[name] for name in file.files}
+    return arrays, state["strategy"][0]["state"]["flower"]["m_t"]["head.weight"]["__array__"]
+
+
+def _poison_moment(folder: Path) -> None:
+    arrays, key = _moments(folder)
+    arrays[key] = np.full_like(arrays[key], np.nan)
+    np.savez(folder / "strategy.npz", **arrays)
+
+
+def _reshape_moment(folder: Path) -> None:
+    arrays, key = _moments(folder)
     arrays[key] = arrays[key][:, :-1]
     np.savez(folder / "strategy.npz", **arrays)
 
@@ -99,8 +132,17 @@ def _reshape_moment(folder: Path) -> None:
             r"holds the state of flwr\.serverapp\.strategy\.fedyogi\.FedYogi; the config builds .*FedAdam",
         ),
         (_reshape_moment, r"strategy\.m_t\['head\.weight'\]: expected a float array of shape \(10, 64\)"),
+        (_poison_moment, r"strategy\.m_t\['head\.weight'\]: holds NaN or infinite values"),
+        (
+            _edit_state(lambda s: s["strategy"][0]["state"]["flower"].update(m_t=["head.weight"])),
+            r"strategy\.m_t: expected arrays by weight name",
+        ),
+        (
+            _edit_state(lambda s: s["strategy"][0].update(state=[])),
+            r"strategy: holds a list, expected a dict of 'flower' and 'own' parts",
+        ),
     ],
-    ids=["a configured value", "the config", "the class", "a state's shape"],
+    ids=["a configured value", "the config", "the class", "a state's shape", "NaN", "a list", "no dict"],
 )
 def test_an_edited_strategy_state_is_refused_naming_what_differs(fedadam_run, tmp_path, edit, refusal):
     run_dir = _edited(fedadam_run, tmp_path, edit)
@@ -119,3 +161,26 @@ def test_the_noise_of_a_dp_strategy_is_never_in_a_checkpoint(tmp_path):
         },
         {"path": "strategy.strategy", "class": "flwr.serverapp.strategy.fedavg.FedAvg", "state": {}},
     ]
+
+
+def _weights(inputs: int) -> ArrayRecord:
+    return ArrayRecord({"encoder.1.weight": Array(np.zeros((4, inputs), np.float32))})
+
+
+@pytest.mark.parametrize(
+    ("own", "refusal"),
+    [
+        ({"bases": [], "tasks_done": 1}, r"bases \(by weight of the global arrays\): holds a list"),
+        ({"bases": {"other.weight": np.eye(8)[:, :2]}, "tasks_done": 1}, r"holds \['other\.weight'\]"),
+        ({"bases": {"encoder.1.weight": np.ones((8, 2))}, "tasks_done": 1}, "expected at most 8 orthonormal"),
+        ({"bases": {"encoder.1.weight": np.eye(8)[:, :2] * 1j}, "tasks_done": 1}, "expected a float array"),
+        ({"bases": {}, "tasks_done": 1, "threshold": 0.5}, r"FOT's state: holds .*'threshold'"),
+        ({"bases": {}, "tasks_done": -1}, r"tasks_done = -1: expected an integer >= 0"),
+    ],
+    ids=["a list", "another weight", "not orthonormal", "complex", "the threshold", "negative tasks"],
+)
+def test_a_crafted_fot_state_is_refused_naming_what_is_wrong(own, refusal):
+    fot = FOT()
+    with pytest.raises(StrategyStateError, match=refusal):
+        restore_strategy_state(fot, [LayerState("strategy", "strategies.fot.FOT", {"own": own})], _weights(8))
+    assert fot.bases == {} and fot.tasks_done == 0  # nothing was set

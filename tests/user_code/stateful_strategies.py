@@ -1,7 +1,10 @@
-"""A user's strategies that keep a count between rounds: one declares it for checkpoints, one does not."""
+"""Users' strategies with state between rounds: declared for checkpoints or not, of several kinds."""
 
+import threading
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.serverapp.strategy import FedAvg
 
 
@@ -31,3 +34,54 @@ class CountsRounds(CountsRoundsSilently):
         if not isinstance(state["aggregations"], int) or state["aggregations"] < 0:
             raise ValueError(f"aggregations = {state['aggregations']!r}: expected an integer >= 0")
         self.aggregations = state["aggregations"]
+
+
+class DrawsFromItsOwnGenerator(FedAvg):
+    """FedAvg that draws from its own numpy Generator each round: the Generator's state changes."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.generator = np.random.default_rng(0)
+
+    def aggregate_train(self, server_round, replies):
+        self.generator.random()
+        return super().aggregate_train(server_round, replies)
+
+
+class CountsInATensor(FedAvg):
+    """FedAvg that counts its aggregations in a torch tensor, in place."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.count = torch.zeros(())
+
+    def aggregate_train(self, server_round, replies):
+        self.count += 1
+        return super().aggregate_train(server_round, replies)
+
+
+class KeepsANumpyScalar(FedAvg):
+    """FedAvg that keeps the mean of its last aggregated weights, a numpy scalar, declared as its state."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.mean_weight = np.float64(0.0)
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        self.mean_weight = np.mean(arrays.to_numpy_ndarrays()[0])
+        return arrays, metrics
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"mean_weight": self.mean_weight}
+
+    def restore_state(self, state: dict[str, Any], arrays) -> None:
+        self.mean_weight = state["mean_weight"]
+
+
+class HoldsALock(FedAvg):
+    """FedAvg holding what cannot be copied."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lock = threading.Lock()
