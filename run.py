@@ -7,8 +7,12 @@ matrix, the summary, TensorBoard logs, checkpoints and plots.
 Exit codes: 0 done; 2 bad input (a config value, an override, a scenario file,
 the data, a checkpoint to resume), with one ``error: ...`` paragraph naming the
 key or file; 1 the run failed: a client (its traceback in the message), the
-strategy's arrays (not the model's, or not finite; the message names it), or a
-strategy's own method, named with the round (``round 4: FOT.on_task_end raised ...``).
+strategy's arrays (not the model's, or not finite; the message names it), a
+strategy's own method, named with the round (``round 4: FOT.on_task_end raised ...``),
+a strategy whose checkpointed state would not restore it, or a full disk
+(``error: no space left on device writing FILE``, with nothing written to
+``run.log``: it has no room either); 130 / 143 interrupted by SIGINT / SIGTERM,
+with one line saying how to resume.
 
 What a run directory holds when the run does not finish:
 
