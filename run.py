@@ -62,7 +62,7 @@ from simulator.backends import ClientFailure
 from simulator.config import SCENARIO_DIR, ConfigError, run_flags, valid_keys
 from simulator.engine import Experiment
 from simulator.plugins import load_config
-from simulator.run_dir import RESOLVED_CONFIG
+from simulator.run_dir import RESOLVED_CONFIG, disk_full
 from simulator.run_guard import OUTPUTS, RunDirectoryBusy, claim_run_directory
 from strategies import build_strategy
 from strategies.factory import strategy_arguments, strategy_class, unknown_argument
@@ -104,9 +104,7 @@ def main(cfg: DictConfig) -> float | None:
         _to_log_file(str(error), error)
         return _fail(str(error), 1, sweep)
     except Exception as error:  # a bug: Hydra prints the traceback and ends the command
-        from simulator.run_dir import disk_full
-
-        if message := disk_full(error, run_dir):  # no bug: one line naming the file (run.log has no room either)
+        if message := disk_full(error):  # no bug: one line naming the file (run.log has no room either)
             return _fail(message, 1, sweep)
         _to_log_file(f"{type(error).__name__}: {error}", error)
         raise

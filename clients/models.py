@@ -98,7 +98,7 @@ class _ModelRegistry(Registry[Callable[..., nn.Module]]):
         model = super().resolve(name, where)
         if name not in self.shipped:
             try:
-                signature = inspect.signature(model)
+                signature = inspect.signature(model, follow_wrapped=False)  # a decorator may supply arguments
             except (TypeError, ValueError):  # a builtin's may not be readable: it is called and tells
                 return model
             try:

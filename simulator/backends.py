@@ -440,6 +440,7 @@ class RayWatchdog:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()  # reaped: no zombie left behind
 
 
 # The watchdog's code: argv[1] the driver's pid, argv[2] Ray's package folder; its stdin, the driver's pipe.

@@ -31,11 +31,11 @@ class ConfigError(ValueError):
 # The engine's bounds: values past them overflow where they reach Ray, torch or the OS timer
 # (Ray keeps a call's retries in 32 bits and resources in units of 0.0001, a timer takes seconds
 # below 2**63 ns), or ask for more actors, CPUs or threads than any one run uses.
-MAX_ACTORS = 1024  # engine.num_actors
+MAX_ACTORS = 100_000  # engine.num_actors: a large cluster's CPUs
 MAX_CPUS_PER_ACTOR = 1024  # engine.num_cpus_per_actor, and engine.torch_threads
 RAY_RESOURCE_UNIT = 0.0001  # Ray's smallest share of a CPU or GPU
 MAX_CLIENT_TIMEOUT_S = 1_000_000  # engine.client_timeout_s: 11.6 days; null is no limit
-MAX_ACTOR_RESTARTS = 1000  # engine.max_actor_restarts
+MAX_ACTOR_RESTARTS = 1_000_000  # engine.max_actor_restarts: Ray's count is an int32
 MAX_WIDTH = 65536  # model.hidden and model.feature_dim: a layer's width
 
 

@@ -66,6 +66,7 @@ from typing import Any, NamedTuple
 import matplotlib
 import numpy as np
 
+from simulator.disk_writes import DISK_FULL, naming
 from simulator.runs import (
     SEED_STD_DDOF,
     Group,
@@ -74,6 +75,7 @@ from simulator.runs import (
     RunError,
     differing_keys,
     group_runs,
+    path_problem,
     read_hydra,
     run_paths,
     shared_overrides,
@@ -92,7 +94,6 @@ PROBE_KEY = "probe_acc_per_task"  # a linear probe on the frozen global encoder,
 NCM_KEY = "ncm_acc_per_task"  # a nearest-class-mean classifier on those features, same layout
 PROBE_KEYS = (PROBE_KEY, NCM_KEY)  # a record with either carries representation probes
 BANDS = ("minmax", "std")  # --band: lowest..highest seed, or mean ± one standard deviation
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a write the disk (or the user's quota) has no room for
 
 # What a reader sees for a metrics.jsonl key; a key not here is shown as it is.
 METRIC_LABELS = {
@@ -177,19 +178,6 @@ def read_run(path: Path) -> Run:
     if not records:
         raise PlotError(f"{path}: metrics.jsonl has no evaluations")
     return replace(read_hydra(path), records=records)
-
-
-def path_problem(path: Path, marker: str = "metrics.jsonl") -> str | None:
-    """What makes ``path`` no run directory before any is read: a file (``metrics.jsonl`` itself: give
-    its folder), or a name the system refuses (too long, a loop of links); None where it may hold runs.
-    (``simulator.report`` checks its paths alike, without importing matplotlib.)"""
-    try:
-        if path.is_dir() or not path.exists():
-            return None  # find_runs names a folder without runs, and one that does not exist
-    except OSError as error:
-        return f"{path}: {error.strerror}"
-    folder = f"; give its folder {path.parent}" if path.name == marker else ""
-    return f"{path}: a file, not a run directory{folder}"
 
 
 def read_accuracy_matrix(path: Path) -> np.ndarray:
@@ -372,12 +360,9 @@ def _mark_tasks(ax: plt.Axes, records: Records) -> None:
 def _save(fig: plt.Figure, out: Path) -> None:
     """Write ``fig`` to ``out``; an error that does not name the file (a full disk's) is raised naming it."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=120)
-    except OSError as error:
-        if error.filename is None and error.errno is not None:
-            raise OSError(error.errno, error.strerror, str(out)) from error
-        raise
+        with naming(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out, dpi=120)
     finally:
         plt.close(fig)
 
@@ -603,10 +588,10 @@ def _out(text: str) -> Path:
             raise argparse.ArgumentTypeError(f"{text}: no image format; end it in {endings}")
         if out.suffix[1:].lower() not in formats:
             raise argparse.ArgumentTypeError(f"{text}: {out.suffix!r} is no image format; end it in {endings}")
-        folder = next((parent for parent in out.parents if parent.exists()), None)
-        if folder is not None and not folder.is_dir():
+        folder = next(parent for parent in out.parents if parent.exists())  # "." or "/" at the latest
+        if not folder.is_dir():
             raise argparse.ArgumentTypeError(f"{text}: {folder} is a file, not a folder")
-        name_max = os.pathconf(folder or ".", "PC_NAME_MAX")
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
     except OSError as error:
         raise argparse.ArgumentTypeError(f"{text}: {error.strerror}") from None
     if any(len(os.fsencode(part)) > name_max for part in out.parts):
@@ -696,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     for path in args.run_dirs:
-        if problem := path_problem(path):
+        if problem := path_problem(path, "metrics.jsonl"):
             parser.error(problem)
     try:
         runs = [read_run(path) for path in run_paths(args.run_dirs)]

@@ -69,6 +69,7 @@ from simulator.runs import (
     group_runs,
     normal_override,
     override_key,
+    path_problem,
     read_hydra,
     run_paths,
     shared_overrides,
@@ -354,7 +355,7 @@ FORMATS: dict[str, Callable[[Table, int], str]] = {"markdown": to_markdown, "csv
 # --- Command line ---------------------------------------------------------------------------
 
 
-MAX_DIGITS = 17  # a float64 holds no more significant digits than this
+MAX_DIGITS = 17  # --digits: decimals past a float64's 17 significant digits would show only noise
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -374,18 +375,6 @@ def _digits(text: str) -> int:
     if not 0 <= digits <= MAX_DIGITS:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of decimals from 0 to {MAX_DIGITS}")
     return digits
-
-
-def path_problem(path: Path, marker: str) -> str | None:
-    """What makes ``path`` no run directory before any is read: a file (``summary.json`` itself: give its
-    folder), or a name the system refuses (too long, a loop of links); None where it may hold runs."""
-    try:
-        if path.is_dir() or not path.exists():
-            return None  # find_runs names a folder without runs, and one that does not exist
-    except OSError as error:
-        return f"{path}: {error.strerror}"
-    folder = f"; give its folder {path.parent}" if path.name == marker else ""
-    return f"{path}: a file, not a run directory{folder}"
 
 
 def _parser() -> argparse.ArgumentParser:

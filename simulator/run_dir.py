@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import io
 import json
 import math
 import os
 import threading
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -29,21 +27,10 @@ import numpy as np
 import yaml
 
 from simulator import metrics
+from simulator.disk_writes import DISK_FULL, naming
 
 MB = 2**20  # bytes in the megabytes (MiB) the records report: client_state_mb, uplink_mb, downlink_mb
 RESOLVED_CONFIG = "config_resolved.yaml"  # the config with interpolations resolved, and what the run derived
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a write the disk (or the user's quota) has no room for
-
-
-@contextlib.contextmanager
-def naming(path: Path) -> Iterator[None]:
-    """Raise an OSError of the block that names no file (a write to a full disk names none) naming ``path``."""
-    try:
-        yield
-    except OSError as error:
-        if error.filename is not None or error.errno is None:
-            raise
-        raise OSError(error.errno, error.strerror, str(path)) from error
 
 
 def _quiet_writer_threads(hook: Any) -> Any:
@@ -61,34 +48,33 @@ def _quiet_writer_threads(hook: Any) -> Any:
     return quiet
 
 
-def disk_full(error: BaseException, run_dir: Path) -> str | None:
-    """``no space left on device writing FILE`` where ``error``, or an error it was raised from or while
-    handling, is a full disk's or a full quota's; None for any other error.
+def disk_full(error: BaseException) -> str | None:
+    """``no space left on device writing FILE`` where ``error``, or an error it was raised from, is a full
+    disk's or a full quota's; None for any other error (one raised while handling a full disk included: that
+    is a bug of its own, whose traceback must show).
 
     FILE is the error's own ``filename``; where the writer did not name it (a write
     or flush names none), the file being written where it was raised (an open file
-    or archive held by the innermost frame that has one); failing that, the run
-    directory, where the run writes everything.
+    or archive held by the innermost frame that has one).
     """
     full = _disk_full_errors(error)
     if not full:
         return None
     named = next((e.filename for e in full if e.filename is not None), None)
     file = named or next(filter(None, (_file_written(e.__traceback__) for e in full)), None)
-    return f"no space left on device writing {file or f'a file in {run_dir}'}"
+    return f"no space left on device writing {file or 'a file the error does not name'}"
 
 
 def _disk_full_errors(error: BaseException) -> list[OSError]:
-    """Every OSError of a full disk in ``error``'s chain (its causes and contexts), outermost first."""
-    found, seen, pending = [], set(), [error]
-    while pending:
-        current = pending.pop(0)
-        if current is None or id(current) in seen:
-            continue
+    """Every OSError of a full disk along ``error``'s explicit causes (``raise ... from``), outermost first."""
+    found: list[OSError] = []
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in DISK_FULL:
             found.append(current)
-        pending += [current.__cause__, current.__context__]
+        current = current.__cause__
     return found
 
 

@@ -266,3 +266,16 @@ def differing_keys(groups: Sequence[Group]) -> list[str]:
             if override not in shared and named not in keys:
                 keys.append(named)
     return keys
+
+
+def path_problem(path: Path, marker: str) -> str | None:
+    """What makes ``path`` no run directory before any is read: a file (``marker``, a run's ``summary.json``
+    or ``metrics.jsonl``, itself: give its folder), or a name the system refuses (too long, a loop of links);
+    None where it may hold runs."""
+    try:
+        if path.is_dir() or not path.exists():
+            return None  # find_runs names a folder without runs, and one that does not exist
+    except OSError as error:
+        return f"{path}: {error.strerror}"
+    folder = f"; give its folder {path.parent}" if path.name == marker else ""
+    return f"{path}: a file, not a run directory{folder}"

@@ -13,6 +13,8 @@ import psutil
 import pytest
 from helpers import USER_PYTHONPATH, run_command_line, start_run_py
 
+from simulator.interrupts import Interrupted, signals_stop_at_once, stop_requests
+
 NAME = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
@@ -185,3 +187,14 @@ def test_after_a_sigkill_of_the_driver_no_ray_process_outlives_it_by_more_than_a
     os.kill(run.pid, signal.SIGKILL)  # the driver only, not its process group
     run.wait(timeout=30)
     assert _gone_within(ray_processes, 5) == []  # the agents alone would take 60 s
+
+
+def test_after_a_second_signal_the_cleanup_leaves_the_default_action_to_a_third():
+    with signals_stop_at_once():
+        with pytest.raises(Interrupted, match="interrupted again"), stop_requests() as request:
+            os.kill(os.getpid(), signal.SIGINT)  # the first: recorded, the round goes on
+            assert request.signal_number == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)  # the second: stops at once
+            time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # a third during cleanup ends the process
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -358,6 +358,13 @@ def test_a_model_that_cannot_serve_the_run_is_refused_before_any_client_trains(
     assert not trained and not (tmp_path / "run").exists()  # a refused run writes nothing
 
 
+def test_a_users_model_built_through_a_decorator_is_called_as_its_decorator_says(tmp_path, user_code):
+    summary = run_experiment(
+        tmp_path, ["rounds=2", "engine.backend=local", "eval.probes=false", "model.name=plain_models.decorated"]
+    )
+    assert summary["final_accuracy"] > 0.3
+
+
 def test_a_users_model_with_features_is_probed_and_one_with_a_head_keeps_it_personal(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(USER_CODE))
     common = ["rounds=2", "engine.backend=local", "federation.clients_per_round=3"]

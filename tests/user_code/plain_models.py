@@ -1,5 +1,7 @@
-"""Users' models for model.name=plain_models.<function>: no head nor features, features only, both."""
+"""Users' models for model.name=plain_models.<function>: no head nor features, features only, both; one built
+through a decorator."""
 
+import functools
 import math
 
 from torch import nn
@@ -48,3 +50,24 @@ def with_features(input_shape, num_classes, cfg):
 
 def with_head(input_shape, num_classes, cfg):
     return WithHead(input_shape, num_classes, cfg)
+
+
+def with_width(width):
+    """A decorator that supplies the model's width: the decorated function takes one argument more."""
+
+    def decorate(build):
+        @functools.wraps(build)
+        def model(input_shape, num_classes, cfg):
+            return build(input_shape, num_classes, cfg, width)
+
+        return model
+
+    return decorate
+
+
+@with_width(32)
+def decorated(input_shape, num_classes, cfg, width):
+    """Called as any model is, through its decorator (its own signature says four arguments)."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(), nn.Linear(width, num_classes)
+    )
