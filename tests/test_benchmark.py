@@ -124,8 +124,8 @@ def test_the_weight_check_flags_an_aggregate_perturbed_past_the_tolerance(tmp_pa
 
 
 def test_the_sweep_workload_times_a_multirun_separate_runs_and_flower_runs_of_the_same_jobs():
-    timings = speed.sweep(("fedavg",), (0, 1), extra=("rounds=2",))
-    assert timings["sweep.jobs"] == 2
+    timings = speed.sweep(("fedavg",), (0,), extra=("rounds=2",))  # one job: each way starts Ray once
+    assert timings["sweep.jobs"] == 1
     assert min(timings["sweep.multirun_s"], timings["sweep.separate_s"], timings["sweep.flower_s"]) > 0
     assert timings["sweep.separate_over_multirun"] == pytest.approx(
         timings["sweep.separate_s"] / timings["sweep.multirun_s"], abs=2e-3

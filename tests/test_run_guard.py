@@ -9,6 +9,7 @@ import os
 import shlex
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from helpers import numbers_of, read_metrics, run_command_line, start_run_py
@@ -80,19 +81,28 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path):
     assert "took over the lock of pid 999999" in result.stdout + (run_dir / "run.log").read_text()
 
 
+# Long enough for a signal to land mid-run; a record every 25 rounds, a checkpoint every 50.
+INTERRUPTED = ["engine.backend=local", "rounds=150", "eval.every=25", "engine.checkpoint_every=50", "eval.probes=false"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    whole = tmp_path_factory.mktemp("whole")
+    assert run_command_line([f"hydra.run.dir={whole}", *INTERRUPTED]).returncode == 0
+    return whole
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("signal_number", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupt_stops_after_a_checkpointed_round_and_its_resume_command_finishes_the_same_run(
-    tmp_path, signal_number, code
+    tmp_path, uninterrupted, signal_number, code
 ):
-    common = ["engine.backend=local", "rounds=300", "eval.every=50", "engine.checkpoint_every=100", "eval.probes=false"]
-    whole = tmp_path / "whole"
-    assert run_command_line([f"hydra.run.dir={whole}", *common]).returncode == 0
+    common, whole = INTERRUPTED, uninterrupted
     run_dir = tmp_path / "run"
     interrupted = start_run_py(run_dir, common)
     deadline = time.monotonic() + 60
     metrics = run_dir / "metrics.jsonl"
-    while not (metrics.exists() and metrics.read_text().strip()):  # the first record, round 50: in the rounds
+    while not (metrics.exists() and metrics.read_text().strip()):  # the first record, round 25: in the rounds
         assert interrupted.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     os.killpg(interrupted.pid, signal_number)
@@ -100,7 +110,7 @@ def test_an_interrupt_stops_after_a_checkpointed_round_and_its_resume_command_fi
     assert interrupted.returncode == code
     (line,) = [line for line in stderr.decode().splitlines() if line.startswith("interrupted after round")]
     last = int(line.split()[3])
-    assert last < 300 and (run_dir / "checkpoints" / f"round-{last:06d}").is_dir()  # the round it stopped after
+    assert last < 150 and (run_dir / "checkpoints" / f"round-{last:06d}").is_dir()  # the round it stopped after
     command = shlex.split(line.split("resume with: ")[1])
     assert command[:2] == ["python", "run.py"] and f"hydra.run.dir={run_dir}" in command and "resume=true" in command
     assert run_command_line(command[2:]).returncode == 0
