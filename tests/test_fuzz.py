@@ -183,6 +183,13 @@ CASES: dict[str, Case] = {
     "gpus per actor below Ray's unit": Case(
         ["engine.num_gpus_per_actor=0.00001"], ["engine.num_gpus_per_actor = 1e-05", "at least 0.0001"]
     ),
+    "virtual features too many": Case(
+        ["strategy=ccvr", "strategy.virtual_per_class=100000000"],
+        ["strategy.virtual_per_class = 100000000", "GiB of virtual features"],
+    ),
+    "calibration lr a boolean": Case(
+        ["strategy=ccvr", "strategy.calibration_lr=true"], ["strategy.calibration_lr = True", "expected a number > 0"]
+    ),
     "threads huge": Case(["engine.torch_threads=10000000000"], ["engine.torch_threads = 10000000000", "and 1024"]),
     "on_nonfinite ignore": Case(["engine.on_nonfinite=ignore"], ["engine.on_nonfinite = 'ignore'", "'drop'"]),
     # Non-finite numbers.
