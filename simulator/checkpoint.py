@@ -405,9 +405,9 @@ class Checkpoints(Hook):
             copied = copy.deepcopy(self.setup.strategy_as_built)
             decoded = [LayerState(s.path, s.kind, _decoded(e, arrays)) for s, e in zip(saved, encoded)]
             restore_strategy_state(copied, decoded, view.arrays)
-        except Exception as error:  # the strategy's own checkpoint_state or restore_state, or what it returned
+            lost = lost_on_resume(view.strategy, copied)
+        except Exception as error:  # the strategy's own checkpoint_state or restore_state, or what it holds
             raise StrategyStateLost(f"{where}: {type(error).__name__}: {error}") from None
-        lost = lost_on_resume(view.strategy, copied)
         if lost:
             raise StrategyStateLost(
                 f"{where} would lose {', '.join(lost)}: these attributes changed since it was built, and its "

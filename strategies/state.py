@@ -203,12 +203,31 @@ def _restored(value: Any, how: str, key: str, arrays: ArrayRecord) -> Any:
     return dict(found) if how == _BY_NAME else [array for _, array in found]
 
 
+_PYTHON_EXACT = (np.dtype(np.float64), np.dtype(np.int64), np.dtype(np.bool_))  # numpy types Python numbers hold
+
+
+def _tensor_values(tensor: torch.Tensor) -> np.ndarray | tuple[str, ...]:
+    """A tensor's values as numpy (bfloat16 and the like widened to float32, exactly); a tensor numpy cannot
+    hold (sparse, on the meta device) by its dtype, shape and layout."""
+    tensor = tensor.detach()
+    try:
+        return tensor.cpu().numpy()
+    except (TypeError, RuntimeError):
+        try:
+            return tensor.cpu().float().numpy()
+        except (TypeError, RuntimeError, NotImplementedError):
+            return ("tensor", str(tensor.dtype), str(tuple(tensor.shape)), str(tensor.layout))
+
+
 def _fingerprint(value: Any, seen: set[int]) -> Any:
     """A comparable summary of ``value``: equal for equal data, whatever the objects' identities (a numpy
-    scalar as the 0-d array a checkpoint keeps, a tuple as the list); random generators by their state."""
+    scalar as the 0-d array a checkpoint keeps it as, one that is exactly a Python number as that number, a
+    tuple as the list); random generators by their state."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, (np.ndarray, np.generic)) and not isinstance(value, np.bool_):
+        value = _tensor_values(value)
+    if isinstance(value, (np.ndarray, np.generic)) and np.ndim(value) == 0 and value.dtype in _PYTHON_EXACT:
+        value = value.item()  # np.float64, np.int64, np.bool_: what float(), int(), bool() give back exactly
+    if isinstance(value, (np.ndarray, np.generic)):
         value = np.asarray(value)
         return ("array", value.dtype.str, value.shape, hashlib.sha256(np.ascontiguousarray(value).data).hexdigest())
     if isinstance(value, np.random.Generator):

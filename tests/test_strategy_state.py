@@ -57,8 +57,8 @@ def test_undeclared_state_in_a_generator_or_a_tensor_is_found_too(tmp_path, user
         run_experiment(tmp_path, overrides)
 
 
-def test_a_declared_numpy_scalar_survives_the_checkpoints_proof(tmp_path, user_code):
-    overrides = [*LOCAL, "strategy._target_=stateful_strategies.KeepsANumpyScalar"]
+def test_declared_numpy_scalars_and_an_unchanged_bfloat16_tensor_pass_the_checkpoints_proof(tmp_path, user_code):
+    overrides = [*LOCAL, "strategy._target_=stateful_strategies.KeepsNumpyScalars"]
     _resumed_equals_whole(tmp_path, overrides, rounds=3, split=2)
 
 

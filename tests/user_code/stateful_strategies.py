@@ -60,23 +60,28 @@ class CountsInATensor(FedAvg):
         return super().aggregate_train(server_round, replies)
 
 
-class KeepsANumpyScalar(FedAvg):
-    """FedAvg that keeps the mean of its last aggregated weights, a numpy scalar, declared as its state."""
+class KeepsNumpyScalars(FedAvg):
+    """FedAvg that keeps numpy scalars of its last aggregate, declared as they are or as Python numbers, and a
+    bfloat16 buffer it never changes."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.mean_weight = np.float64(0.0)
+        self.largest = np.float64(0.0)
+        self.all_finite = np.bool_(True)
+        self.buffer = torch.zeros(4, dtype=torch.bfloat16)
 
     def aggregate_train(self, server_round, replies):
         arrays, metrics = super().aggregate_train(server_round, replies)
-        self.mean_weight = np.mean(arrays.to_numpy_ndarrays()[0])
+        first = arrays.to_numpy_ndarrays()[0].astype(np.float64)  # a float32 scalar would not be a Python float
+        self.mean_weight, self.largest, self.all_finite = np.mean(first), np.max(first), np.isfinite(first).all()
         return arrays, metrics
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"mean_weight": self.mean_weight}
+        return {"mean_weight": self.mean_weight, "largest": float(self.largest), "all_finite": self.all_finite}
 
     def restore_state(self, state: dict[str, Any], arrays) -> None:
-        self.mean_weight = state["mean_weight"]
+        self.mean_weight, self.largest, self.all_finite = state["mean_weight"], state["largest"], state["all_finite"]
 
 
 class HoldsALock(FedAvg):
