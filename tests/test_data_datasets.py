@@ -10,7 +10,7 @@ import pytest
 from helpers import cifar_images, compose_run, idx_bytes, write_idx_files, write_pickle
 
 from simulator.config import ConfigError, DataConfig, PartitionConfig
-from simulator.data import DATASETS, Dataset, load_dataset, partition
+from simulator.data import DATASETS, Dataset, files, load_dataset, partition
 from simulator.data.synthetic import SyntheticSettings
 
 
@@ -74,7 +74,7 @@ def test_unknown_dataset_lists_valid_names():
     with pytest.raises(ConfigError, match="data.dataset") as error:
         load("imagenet")
     assert all(name in str(error.value) for name in DATASETS)
-    names = ["digits", "mnist5k", "mnist", "cifar10", "cifar100", "npz", "synthetic"]
+    names = ["digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100", "npz", "synthetic"]
     assert sorted(DATASETS) == sorted(names)
 
 
@@ -110,6 +110,27 @@ def test_mnist_idx_round_trip(tmp_path, gz):
     np.testing.assert_array_equal(ds.y_train, arrays["train-labels-idx1-ubyte"])
     np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
     assert ds.num_classes == 10
+
+
+def test_fashion_mnist_reads_the_idx_files_as_distributed(tmp_path):
+    arrays = write_mnist(tmp_path, gz=True)  # the official files, and Debian's, are the four .gz
+    ds = load("fashion_mnist", tmp_path)
+    assert ds.name == "fashion_mnist" and ds.num_classes == 10
+    np.testing.assert_array_equal(ds.x_train[:, 0] * 255, arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
+
+
+def test_fashion_mnist_reads_debians_folder_by_default_and_says_how_to_get_the_files(tmp_path, monkeypatch):
+    (tmp_path / "package").mkdir()
+    write_mnist(tmp_path / "package", gz=True)
+    monkeypatch.setattr(files, "FASHION_MNIST_PACKAGE", str(tmp_path / "package"))
+    assert load("fashion_mnist").x_train.shape[1:] == (1, 5, 4)
+    monkeypatch.setattr(files, "FASHION_MNIST_PACKAGE", str(tmp_path / "absent"))
+    with pytest.raises(ConfigError) as error:
+        load("fashion_mnist")
+    message = str(error.value)
+    assert "data.path = None" in message and str(tmp_path / "absent") in message
+    assert "apt-get install dataset-fashion-mnist" in message and "zalandoresearch/fashion-mnist" in message
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import numpy as np
 from simulator.config import ConfigError, DataConfig
 from simulator.data.dataset import Dataset, DatasetSource
 from simulator.data.embedded import Digits, MNIST5k
-from simulator.data.files import CIFAR10Files, CIFAR100Files, MNISTFiles, NpzFile
+from simulator.data.files import CIFAR10Files, CIFAR100Files, FashionMNISTFiles, MNISTFiles, NpzFile
 from simulator.data.partition import PARTITIONERS, partition, sample_by_label
 from simulator.data.synthetic import Synthetic
 from simulator.registry import Registry
@@ -31,6 +31,7 @@ DATASETS: Registry[type[DatasetSource]] = Registry(
         "mnist5k": MNIST5k,
         "synthetic": Synthetic,
         "mnist": MNISTFiles,
+        "fashion_mnist": FashionMNISTFiles,
         "cifar10": CIFAR10Files,
         "cifar100": CIFAR100Files,
         "npz": NpzFile,

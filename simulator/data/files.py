@@ -147,11 +147,36 @@ def _mnist_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist(path: str | None, scale: float | None = None) -> Dataset:
-    """MNIST (or anything in its layout, e.g. Fashion-MNIST) from the four idx files in a folder."""
+    """MNIST (or anything in its layout) from the four idx files in a folder."""
     folder = _existing_path(path, "mnist", "a folder with the four MNIST idx files (or .gz)")
+    return _idx_dataset("mnist", folder, scale)
+
+
+# Where Debian's (and Ubuntu's) dataset-fashion-mnist package installs the four idx files.
+FASHION_MNIST_PACKAGE = "/usr/share/datasets/fashion-mnist"
+
+
+def load_fashion_mnist(path: str | None, scale: float | None = None) -> Dataset:
+    """Fashion-MNIST (Xiao et al. 2017: 70,000 28x28 grey images of 10 kinds of clothing, MIT licence) from its
+    four idx files, as distributed, in ``path`` or, where it is null, where Debian's package installs them."""
+    folder = Path(path or FASHION_MNIST_PACKAGE).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"data.path = {path!r}: no folder {folder} for data.dataset = 'fashion_mnist', which reads the four "
+            "idx files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
+            "t10k-labels-idx1-ubyte.gz. Get them with Debian's or Ubuntu's package (apt-get install "
+            f"dataset-fashion-mnist: they go to {FASHION_MNIST_PACKAGE}, where data.path = null looks), or "
+            "download them from https://github.com/zalandoresearch/fashion-mnist (data/fashion) into a folder "
+            "and set data.path to it"
+        )
+    return _idx_dataset("fashion_mnist", folder, scale)
+
+
+def _idx_dataset(name: str, folder: Path, scale: float | None) -> Dataset:
+    """The train and t10k splits of the idx files in ``folder``, scaled."""
     (x_train, y_train), (x_test, y_test) = _mnist_split(folder, "train"), _mnist_split(folder, "t10k")
     x_train, x_test = _inputs(folder, scale, x_train, x_test)
-    return Dataset("mnist", x_train, y_train, x_test, y_test, num_classes=10)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes=10)
 
 
 class _CifarLayout(NamedTuple):
@@ -333,9 +358,15 @@ class FolderSource(DatasetSource):
 
 
 class MNISTFiles(FolderSource):
-    """MNIST (or Fashion-MNIST) idx files in the folder ``data.path``."""
+    """MNIST idx files (or any in its layout) in the folder ``data.path``."""
 
     section, reader = "mnist", staticmethod(load_mnist)
+
+
+class FashionMNISTFiles(FolderSource):
+    """Fashion-MNIST's idx files in ``data.path``; null: where Debian's dataset-fashion-mnist installs them."""
+
+    section, reader = "fashion_mnist", staticmethod(load_fashion_mnist)
 
 
 class CIFAR10Files(FolderSource):
