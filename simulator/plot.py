@@ -79,6 +79,7 @@ from simulator.runs import (
     read_hydra,
     run_paths,
     shared_overrides,
+    whole_number,
 )
 
 matplotlib.use("Agg")
@@ -601,13 +602,7 @@ def _out(text: str) -> Path:
 
 def _task(text: str) -> int:
     """``--task``: a task index, 0 or more."""
-    try:
-        task = int(text)
-    except ValueError:
-        task = -1
-    if task < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a task index, 0 or more")
-    return task
+    return whole_number(text, 0, None, "a task index, 0 or more")
 
 
 def _os_error(error: OSError, out: Path) -> str:

@@ -73,6 +73,7 @@ from simulator.runs import (
     read_hydra,
     run_paths,
     shared_overrides,
+    whole_number,
 )
 
 SUMMARY = "summary.json"
@@ -368,13 +369,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def _digits(text: str) -> int:
     """``--digits``: a whole number of decimals from 0 to :data:`MAX_DIGITS`."""
-    try:
-        digits = int(text)
-    except ValueError:
-        digits = -1
-    if not 0 <= digits <= MAX_DIGITS:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of decimals from 0 to {MAX_DIGITS}")
-    return digits
+    return whole_number(text, 0, MAX_DIGITS, f"a whole number of decimals from 0 to {MAX_DIGITS}")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,7 +4,8 @@
 ``summary.json``) both take run directories and Hydra multirun directories, group
 the runs that differ only by ``seed=`` and name each group by what sets it apart;
 this module is that shared part, so a plot's legend and a table's rows name the
-same configuration the same way.
+same configuration the same way; both check their paths and whole-number options
+with it too.
 
 A group is labelled by its strategy class where the groups' strategies differ,
 then by its overrides that not every group shares; the overrides every group
@@ -16,6 +17,7 @@ and ``eval.probes=false`` are one setting.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -279,3 +281,15 @@ def path_problem(path: Path, marker: str) -> str | None:
         return f"{path}: {error.strerror}"
     folder = f"; give its folder {path.parent}" if path.name == marker else ""
     return f"{path}: a file, not a run directory{folder}"
+
+
+def whole_number(text: str, low: int, high: int | None, expected: str) -> int:
+    """A command-line option's ``text`` as an integer from ``low`` to ``high`` (None: no bound); else argparse's
+    error, ``'TEXT': expected EXPECTED``."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = None
+    if number is None or number < low or high is not None and number > high:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+    return number
