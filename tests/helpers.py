@@ -6,19 +6,23 @@ conftest's folder), the same way test modules import ``conftest``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import pickle
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -156,6 +160,36 @@ def wait_for_free_cpus(cpus: float, timeout_s: float = 30.0) -> None:
     while ray.available_resources().get("CPU", 0.0) < cpus:
         assert time.monotonic() < deadline, f"Ray never freed {cpus} CPUs: {ray.available_resources()}"
         time.sleep(0.05)
+
+
+def one_error_line(message: str) -> str:
+    """The one ``error:`` line of a command-line error's ``message``: no traceback, nothing else that says error."""
+    assert "Traceback" not in message, message
+    errors = [line for line in message.splitlines() if "error:" in line]
+    assert len(errors) == 1, message
+    return errors[0]
+
+
+@contextlib.contextmanager
+def small_file_system(folder: Path, size: str) -> Iterator[Path]:
+    """``folder``, made a file system of ``size`` (``1m``, ``64k``) of its own for the block, to fill: a tmpfs
+    (mounting one needs root, so the test is skipped where it is refused)."""
+    folder.mkdir()
+    if not shutil.which("mount") or sys.platform != "linux":
+        pytest.skip("no mount command: cannot make a small file system to fill")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_leaving(disk: Path, free_bytes: int) -> None:
+    """Fill the file system of ``disk`` with one file until only ``free_bytes`` are left."""
+    stats = os.statvfs(disk)
+    (disk / "filler").write_bytes(bytes(max(0, stats.f_bavail * stats.f_frsize - free_bytes)))
 
 
 # --- Data and streams of a config --------------------------------------------------------------

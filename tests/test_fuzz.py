@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import numpy as np
 import psutil
 import pytest
 import ray
-from helpers import ROOT
+from helpers import ROOT, fill_leaving, small_file_system
 
 import run as cli
 from simulator.run_dir import disk_full
@@ -494,24 +493,9 @@ def test_help_and_cfg_still_print_and_exit_0(capsys):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1 MiB file system of its own (a tmpfs: mounting one needs root, so skipped where refused), and
-    ``fill(kib)``, which leaves only ``kib`` KiB of it free."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if not shutil.which("mount") or sys.platform != "linux":
-        pytest.skip("no mount command: cannot make a small file system to fill")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-
-    def fill(kib: int) -> None:
-        stats = os.statvfs(disk)
-        (disk / "filler").write_bytes(bytes(max(0, stats.f_bavail * stats.f_frsize - kib * 1024)))
-
-    try:
-        yield disk, fill
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+    """A 1 MiB file system of its own (skipped where it cannot be mounted)."""
+    with small_file_system(tmp_path / "disk", "1m") as disk:
+        yield disk
 
 
 # KiB left free: none (the run's lock file), then room for its first files (config_resolved.yaml, metrics.jsonl,
@@ -519,8 +503,8 @@ def small_disk(tmp_path):
 # with and without checkpoints.
 @pytest.mark.parametrize("kib, checkpoints", [(0, 0), (16, 0), (24, 0), (40, 0), (44, 0), (48, 0), (40, 1), (100, 1)])
 def test_a_full_disk_ends_the_run_with_one_error_line_naming_the_file(small_disk, capsys, kib, checkpoints):
-    disk, fill = small_disk
-    fill(kib)
+    disk = small_disk
+    fill_leaving(disk, kib * 1024)
     args = ["rounds=3", "engine.backend=local", f"engine.checkpoint_every={checkpoints}"]
     code = cli.main_cli([*args, f"hydra.run.dir={disk / 'run'}", *QUIET])
     captured = capsys.readouterr()

@@ -115,28 +115,28 @@ def test_a_signal_while_the_model_builds_stops_at_once_and_says_how_to_run_it_ag
     assert run_command_line(command[2:], pythonpath=USER_PYTHONPATH).returncode == 0  # the model builds at once
 
 
+def _signalled_twice_in_round_two(tmp_path: Path, monkeypatch, overrides: list[str], number: int) -> list[str]:
+    """What a run whose round-2 clients sleep 20 s each said when ``number`` came twice in that round; it must
+    have stopped at once, with 128 + ``number``."""
+    monkeypatch.setenv("FEDSTREAM_TEST_SENTINEL", str(tmp_path / "round-2"))
+    run = start_run_py(tmp_path / "run", [*overrides, "rounds=3", "client.method=slow_phases.SlowInRoundTwo"])
+    _wait(run, (tmp_path / "round-2").exists, "round 2")
+    started = time.monotonic()
+    run.send_signal(number)  # the first: stop after round 2
+    time.sleep(0.5)
+    run.send_signal(number)  # the second: now
+    _, stderr = run.communicate(timeout=60)
+    assert time.monotonic() - started < 15
+    assert run.returncode == 128 + number
+    return _messages(stderr)
+
+
 @pytest.mark.slow
 def test_a_second_signal_in_a_round_stops_at_once_with_the_last_checkpoint_to_resume_from(
     tmp_path, user_code, monkeypatch
 ):
-    monkeypatch.setenv("FEDSTREAM_TEST_SENTINEL", str(tmp_path / "round-2"))
-    run_dir = tmp_path / "run"
-    overrides = [
-        "engine.backend=local",
-        "rounds=3",
-        "engine.checkpoint_every=1",
-        "client.method=slow_phases.SlowInRoundTwo",
-    ]
-    run = start_run_py(run_dir, overrides)
-    _wait(run, (tmp_path / "round-2").exists, "round 2")
-    started = time.monotonic()
-    run.send_signal(signal.SIGINT)  # the first: stop after round 2, whose clients sleep 20 s each
-    time.sleep(0.5)
-    run.send_signal(signal.SIGINT)  # the second: now
-    _, stderr = run.communicate(timeout=60)
-    assert time.monotonic() - started < 15
-    assert run.returncode == 130
-    (line,) = _messages(stderr)
+    overrides = ["engine.backend=local", "engine.checkpoint_every=1"]
+    (line,) = _signalled_twice_in_round_two(tmp_path, monkeypatch, overrides, signal.SIGINT)
     assert line.startswith("interrupted again (SIGINT): stopped at once; resume with: python run.py ")
     assert line.endswith("resume=true (from round 1)")
 
@@ -159,18 +159,9 @@ def test_a_signal_while_ray_starts_stops_the_run_and_every_ray_process(tmp_path)
 @pytest.mark.slow
 def test_a_second_signal_stops_a_ray_round_at_once(tmp_path, user_code, monkeypatch):
     """ray.get runs signal handlers only between its waits, and only for a KeyboardInterrupt does it stop."""
-    monkeypatch.setenv("FEDSTREAM_TEST_SENTINEL", str(tmp_path / "round-2"))
-    overrides = ["engine.backend=ray", "engine.num_actors=1", "rounds=3", "client.method=slow_phases.SlowInRoundTwo"]
-    run = start_run_py(tmp_path / "run", overrides)
-    _wait(run, (tmp_path / "round-2").exists, "round 2")
-    started = time.monotonic()
-    run.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    run.send_signal(signal.SIGTERM)
-    _, stderr = run.communicate(timeout=60)
-    assert time.monotonic() - started < 15  # round 2's clients sleep 20 s each
-    assert run.returncode == 143
-    (line,) = [line for line in _messages(stderr) if line.startswith("interrupted")]  # Ray may say more
+    overrides = ["engine.backend=ray", "engine.num_actors=1"]
+    messages = _signalled_twice_in_round_two(tmp_path, monkeypatch, overrides, signal.SIGTERM)
+    (line,) = [line for line in messages if line.startswith("interrupted")]  # Ray may say more
     assert line.startswith("interrupted again (SIGTERM): stopped at once; resume with: python run.py ")
     assert line.endswith("resume=true (from round 1)")
 

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from helpers import run_module, write_hydra_overrides
+from helpers import fill_leaving, one_error_line, run_module, small_file_system, write_hydra_overrides
 
 from simulator.plot import (
     Curve,
@@ -604,11 +601,7 @@ def plot_fails(capsys, *args: str | Path) -> str:
     with pytest.raises(SystemExit) as exit_:
         plot_main([str(a) for a in args])
     assert exit_.value.code == 2
-    message = capsys.readouterr().err
-    assert "Traceback" not in message, message
-    errors = [line for line in message.splitlines() if "error:" in line]
-    assert len(errors) == 1, message
-    return errors[0]
+    return one_error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(
@@ -668,17 +661,7 @@ def test_a_metrics_file_it_cannot_read_exits_2_naming_it(tmp_path, capsys, text,
 def test_a_full_disk_under_out_exits_with_one_error_line_naming_the_file(tmp_path, capsys):
     """On a 64 KiB file system of its own (a tmpfs: mounting one needs root, so skipped where refused)."""
     run = write_run(tmp_path / "run", TWO_TASKS)
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if not shutil.which("mount") or sys.platform != "linux":
-        pytest.skip("no mount command: cannot make a small file system to fill")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        stats = os.statvfs(disk)
-        (disk / "filler").write_bytes(bytes(stats.f_bavail * stats.f_frsize - 4096))
+    with small_file_system(tmp_path / "disk", "64k") as disk:
+        fill_leaving(disk, 4096)
         line = plot_fails(capsys, run, "--out", disk / "runs.png")
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
     assert line.endswith(f"error: argument --out: no space left on device writing {disk / 'runs.png'}"), line

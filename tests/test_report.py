@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_module, write_hydra_overrides
+from helpers import one_error_line, run_module, write_hydra_overrides
 
 from simulator.report import DEFAULT_METRICS, Cell, cell, config_value, main, read_run
 from simulator.runs import Run
@@ -373,14 +373,6 @@ def test_by_keys_that_tell_every_row_apart_leave_no_configuration_column(sweep, 
     assert out.splitlines()[:3] == ["| client.method | final_accuracy |", "| --- | ---: |", "| sgd | 0.740 ± 0.040 |"]
 
 
-def _one_error_line(message: str) -> str:
-    """The one ``error:`` line of a command-line error: no traceback, nothing else that says error."""
-    assert "Traceback" not in message, message
-    errors = [line for line in message.splitlines() if "error:" in line]
-    assert len(errors) == 1, message
-    return errors[0]
-
-
 @pytest.mark.parametrize(
     "args, names",
     [
@@ -391,21 +383,21 @@ def _one_error_line(message: str) -> str:
     ],
 )
 def test_bad_option_values_exit_2_with_one_error_line_naming_the_option(sweep, capsys, args, names):
-    line = _one_error_line(report_fails(capsys, sweep, *args))
+    line = one_error_line(report_fails(capsys, sweep, *args))
     assert all(name in line for name in names), line
     assert "_names" not in line  # argparse's word for the type function, which means nothing to a user
 
 
 def test_a_file_or_a_name_too_long_for_the_system_exits_2_naming_it(sweep, tmp_path, capsys):
     run = next(p for p in sweep.iterdir() if (p / "summary.json").is_file())
-    line = _one_error_line(report_fails(capsys, run / "summary.json"))
+    line = one_error_line(report_fails(capsys, run / "summary.json"))
     assert f"{run / 'summary.json'}: a file, not a run directory; give its folder {run}" in line, line
-    line = _one_error_line(report_fails(capsys, tmp_path / ("a" * 300)))
+    line = one_error_line(report_fails(capsys, tmp_path / ("a" * 300)))
     assert f"{tmp_path / ('a' * 300)}" in line and "File name too long" in line, line
 
 
 def test_a_summary_that_is_not_text_exits_2_naming_it(tmp_path, capsys):
     path = write_run(tmp_path / "run", "fedavg", "sgd", 0, {"final_accuracy": 0.5})
     (path / "summary.json").write_bytes(b'{"final_accuracy": \xff}')
-    line = _one_error_line(report_fails(capsys, path))
+    line = one_error_line(report_fails(capsys, path))
     assert f"{path / 'summary.json'}: not JSON" in line, line
