@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +245,121 @@ def test_cifar_without_label_key_is_rejected(tmp_path):
         write_pickle(folder / name, cifar_images(1, 0), {b"labels": [0]})
     with pytest.raises(ConfigError, match="fine_labels"):
         load("cifar100", folder)
+
+
+def python2_pickle(value: object) -> bytes:
+    """``value`` (bytes, ints, lists, dicts, a 2-d uint8 array) as Python 2's cPickle wrote it with protocol 2,
+    the way the official CIFAR batches were written: strings as Python 2 str (SHORT_BINSTRING, BINSTRING; bytes
+    under ``encoding="bytes"``), arrays by ``numpy.core.multiarray._reconstruct`` with their raw bytes."""
+
+    def string(raw: bytes) -> bytes:
+        return (b"U" + bytes([len(raw)]) if len(raw) < 256 else b"T" + struct.pack("<i", len(raw))) + raw
+
+    def integer(number: int) -> bytes:
+        return b"J" + struct.pack("<i", number)
+
+    if isinstance(value, bytes):
+        return string(value)
+    if isinstance(value, int):
+        return integer(value)
+    if isinstance(value, list):
+        return b"](" + b"".join(map(python2_pickle, value)) + b"e"
+    if isinstance(value, dict):
+        return b"}(" + b"".join(python2_pickle(key) + python2_pickle(item) for key, item in value.items()) + b"u"
+    assert isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 2
+    dtype = b"cnumpy\ndtype\n" + string(b"u1") + integer(0) + integer(1) + b"\x87R("  # dtype('u1', 0, 1)
+    dtype += integer(3) + string(b"|") + b"NNN" + integer(-1) + integer(-1) + integer(0) + b"tb"  # its state
+    shape = integer(value.shape[0]) + integer(value.shape[1]) + b"\x86"
+    array = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + integer(0) + b"\x85" + string(b"b")
+    return array + b"\x87R(" + integer(1) + shape + dtype + b"\x89" + string(value.tobytes()) + b"tb"
+
+
+def write_official_batch(file: Path, data: np.ndarray, labels: dict[bytes, list[int]]) -> None:
+    """A CIFAR batch with every key an official one has, pickled as the official ones were."""
+    names = [f"image_{i}.png".encode() for i in range(len(data))]
+    batch = {b"batch_label": b"training batch 1 of 1", b"data": data, **labels, b"filenames": names}
+    file.write_bytes(b"\x80\x02" + python2_pickle(batch) + b".")
+
+
+def write_official_cifar100(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``folder/cifar-100-python`` as cifar-100-python.tar.gz unpacks: train, test and meta."""
+    (folder / "cifar-100-python").mkdir()
+    train, test = cifar_images(4, 1), cifar_images(300, 2)  # 300 labels: more than a byte's worth of list items
+    labels = {b"fine_labels": [99, 0, 42, 7], b"coarse_labels": [19, 4, 0, 3]}
+    write_official_batch(folder / "cifar-100-python" / "train", train, labels)
+    test_labels = {b"fine_labels": [i % 100 for i in range(300)], b"coarse_labels": [i % 20 for i in range(300)]}
+    write_official_batch(folder / "cifar-100-python" / "test", test, test_labels)
+    meta = {b"fine_label_names": [b"apple"] * 100, b"coarse_label_names": [b"fish"] * 20}
+    (folder / "cifar-100-python" / "meta").write_bytes(b"\x80\x02" + python2_pickle(meta) + b".")
+    return train, test
+
+
+def tar_gz(archive: Path, folder: Path, names: list[str]) -> Path:
+    """``archive``, a .tar.gz of ``folder``'s files ``names`` (in that order) under the folder's name."""
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name, recursive=False)
+        for name in names:
+            tar.add(folder / name, arcname=f"{folder.name}/{name}")
+    return archive
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_cifar100_reads_the_official_python2_pickles_folder_or_archive(tmp_path, as_archive):
+    train, test = write_official_cifar100(tmp_path)
+    folder = tmp_path / "cifar-100-python"
+    path = tar_gz(tmp_path / "cifar-100-python.tar.gz", folder, ["meta", "test", "train"]) if as_archive else folder
+    ds = load("cifar100", path)
+    assert_well_formed(ds, (3, 32, 32))
+    np.testing.assert_array_equal(ds.x_train * 255, train.reshape(-1, 3, 32, 32))
+    np.testing.assert_array_equal(ds.x_test * 255, test.reshape(-1, 3, 32, 32))
+    np.testing.assert_array_equal(ds.y_train, [99, 0, 42, 7])
+    np.testing.assert_array_equal(ds.y_test, np.arange(300) % 100)
+
+
+def write_cifar10_archive(tmp_path: Path, leave_out: str = "") -> tuple[Path, list[np.ndarray]]:
+    """cifar-10-python.tar.gz, its members in an order of their own (as the official archive's are)."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    names = ["data_batch_4", "batches.meta", "test_batch", "data_batch_1", "data_batch_5", "data_batch_3"]
+    names += ["data_batch_2"]
+    batches = [cifar_images(2, seed) for seed in range(6)]
+    for i, data in enumerate(batches[:5], start=1):
+        write_official_batch(folder / f"data_batch_{i}", data, {b"labels": [i, 9 - i]})
+    write_official_batch(folder / "test_batch", batches[5], {b"labels": [0, 3]})
+    meta = {b"label_names": [b"airplane"] * 10, b"num_cases_per_batch": 10000, b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(b"\x80\x02" + python2_pickle(meta) + b".")
+    archive = tar_gz(tmp_path / "cifar-10-python.tar.gz", folder, [name for name in names if name != leave_out])
+    return archive, batches
+
+
+def test_cifar10_reads_its_archive_in_batch_order_whatever_the_archives_order(tmp_path):
+    archive, batches = write_cifar10_archive(tmp_path)
+    ds = load("cifar10", archive)
+    np.testing.assert_array_equal(ds.x_train * 255, np.concatenate(batches[:5]).reshape(-1, 3, 32, 32))
+    np.testing.assert_array_equal(ds.x_test * 255, batches[5].reshape(-1, 3, 32, 32))
+    np.testing.assert_array_equal(ds.y_train, [1, 8, 2, 7, 3, 6, 4, 5, 5, 4])
+
+
+def test_cifar10_archive_without_a_batch_names_it(tmp_path):
+    archive, _ = write_cifar10_archive(tmp_path, leave_out="data_batch_3")
+    with pytest.raises(ConfigError, match=r"data.path: the archive .*cifar-10-python.tar.gz has no file"):
+        load("cifar10", archive)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda raw: b"not an archive", "neither a folder nor a tar archive (CIFAR's 'cifar-10-python.tar.gz')"),
+        (lambda raw: raw[:40], "cut short"),  # within the gzip header
+        (lambda raw: raw[: len(raw) // 2], "cut short"),  # within a batch
+    ],
+)
+def test_a_damaged_cifar_archive_is_named(tmp_path, damage, message):
+    archive, _ = write_cifar10_archive(tmp_path)
+    archive.write_bytes(damage(archive.read_bytes()))
+    with pytest.raises(ConfigError, match="data.path: malformed file") as error:
+        load("cifar10", archive)
+    assert str(archive) in str(error.value) and message in str(error.value)
 
 
 # ----- npz -----

@@ -10,12 +10,15 @@ as 0..16, counts) need not be pixels.
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import math
 import pickle
+import tarfile
+import zlib
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -181,6 +184,7 @@ def _idx_dataset(name: str, folder: Path, scale: float | None) -> Dataset:
 
 class _CifarLayout(NamedTuple):
     folder: str  # the folder's name in the official python version
+    archive: str  # the official archive's name; it holds the folder
     train: list[str]
     test: str
     label_key: bytes
@@ -205,50 +209,95 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _cifar_batches(folder: Path, names: list[str], label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate CIFAR pickles, each a dict with b"data" (N x 3072 uint8) and ``label_key``; pixels as stored.
+def _unpickled(handle: IO[bytes], file: Path) -> Any:
+    """The object pickled in ``handle``, by :class:`_ArraysOnlyUnpickler`: a crafted file runs no code.
 
-    The official python version is pickled: it is read by :class:`_ArraysOnlyUnpickler`, so a crafted file
-    runs no code.
+    ``encoding="bytes"``: the official batches were pickled by Python 2, whose strings (the dict's keys) come
+    back as bytes.
     """
-    xs, ys = [], []
+    try:
+        return _ArraysOnlyUnpickler(handle, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise _malformed(file, f"not a CIFAR pickle ({error})") from None
+
+
+def _cifar_arrays(batch: Any, file: Path, layout: _CifarLayout) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's images as (N, 3, 32, 32), pixels as stored, and labels, from its b"data" (N x 3072 uint8)."""
+    if not isinstance(batch, dict) or b"data" not in batch or layout.label_key not in batch:
+        raise _malformed(file, f"expected a dict with keys b'data' and {layout.label_key!r}")
+    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[layout.label_key])
+    if data.ndim != 2 or data.shape[1] != _CIFAR_PIXELS or len(labels) != len(data):
+        got = f"{data.shape} and {len(labels)}"
+        raise _malformed(file, f"expected N x {_CIFAR_PIXELS} pixels and N labels, got {got}")
+    # Each row is the red, then green, then blue 32x32 plane: channel-first as is.
+    return data.reshape(-1, 3, 32, 32), _labels(labels, file, layout.num_classes)
+
+
+def _folder_batches(folder: Path, names: list[str]) -> list[tuple[Path, Any]]:
+    """Each batch ``names`` in ``folder`` (CIFAR's python version, unpacked), unpickled, with its file."""
+    batches = []
     for name in names:
         file = _member(folder, name)
-        try:
-            with file.open("rb") as handle:
-                batch = _ArraysOnlyUnpickler(handle, encoding="bytes").load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as error:
-            raise _malformed(file, f"not a CIFAR pickle ({error})") from None
-        if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
-            raise _malformed(file, f"expected a dict with keys b'data' and {label_key!r}")
-        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
-        if data.ndim != 2 or data.shape[1] != _CIFAR_PIXELS or len(labels) != len(data):
-            got = f"{data.shape} and {len(labels)}"
-            raise _malformed(file, f"expected N x {_CIFAR_PIXELS} pixels and N labels, got {got}")
-        # Each row is the red, then green, then blue 32x32 plane: channel-first as is.
-        xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(_labels(labels, file, num_classes))
+        with file.open("rb") as handle:
+            batches.append((file, _unpickled(handle, file)))
+    return batches
+
+
+def _archive_batches(archive: Path, layout: _CifarLayout, names: list[str]) -> list[tuple[Path, Any]]:
+    """Each batch ``names`` of the folder ``layout.folder`` in a tar archive (CIFAR's .tar.gz, as downloaded),
+    unpickled, with its path in the archive (``archive/folder/name``, for messages).
+
+    One pass over the archive, in its order: a gzipped tar reads backwards only by decompressing from the
+    start again. Members are read in memory; nothing is extracted to disk.
+    """
+    wanted = {PurePosixPath(layout.folder, name): name for name in names}
+    found: dict[str, tuple[Path, Any]] = {}
+    try:
+        if not tarfile.is_tarfile(archive):
+            raise _malformed(archive, f"neither a folder nor a tar archive (CIFAR's {layout.archive!r})")
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                name = wanted.get(PurePosixPath(member.name))
+                handle = tar.extractfile(member) if name is not None else None
+                if handle is not None:  # read whole: an archive cut short is then not taken for a bad pickle
+                    file = archive / member.name
+                    found[name] = (file, _unpickled(io.BytesIO(handle.read()), file))
+    except (tarfile.TarError, EOFError, zlib.error) as error:
+        raise _malformed(archive, f"cut short or corrupt ({error})") from None
+    missing = [f"{layout.folder}/{name}" for name in names if name not in found]
+    if missing:
+        raise ConfigError(f"data.path: the archive {archive.resolve()} has no file {missing[0]!r}")
+    return [found[name] for name in names]
+
+
+def _cifar_split(batches: list[tuple[Path, Any]], layout: _CifarLayout) -> tuple[np.ndarray, np.ndarray]:
+    """The batches' images and labels, concatenated in order."""
+    xs, ys = zip(*(_cifar_arrays(batch, file, layout) for file, batch in batches))
     return np.concatenate(xs), np.concatenate(ys)
 
 
 def _load_cifar(name: str, path: str | None, layout: _CifarLayout, scale: float | None) -> Dataset:
-    folder = _existing_path(path, name, f"the {layout.folder!r} folder (CIFAR's python version)")
-    x_train, y_train = _cifar_batches(folder, layout.train, layout.label_key, layout.num_classes)
-    x_test, y_test = _cifar_batches(folder, [layout.test], layout.label_key, layout.num_classes)
-    x_train, x_test = _inputs(folder, scale, x_train, x_test)
+    """CIFAR's python version from its folder or, where ``path`` is a file, from the archive it comes in."""
+    expected = f"the {layout.folder!r} folder (CIFAR's python version) or the archive {layout.archive!r} holding it"
+    source = _existing_path(path, name, expected)
+    names = [*layout.train, layout.test]
+    batches = _archive_batches(source, layout, names) if source.is_file() else _folder_batches(source, names)
+    (x_train, y_train), (x_test, y_test) = _cifar_split(batches[:-1], layout), _cifar_split(batches[-1:], layout)
+    x_train, x_test = _inputs(source, scale, x_train, x_test)
     return Dataset(name, x_train, y_train, x_test, y_test, layout.num_classes)
 
 
 def load_cifar10(path: str | None, scale: float | None = None) -> Dataset:
-    """CIFAR-10 from the ``cifar-10-batches-py`` folder, as (N, 3, 32, 32)."""
+    """CIFAR-10 from the ``cifar-10-batches-py`` folder or ``cifar-10-python.tar.gz``, as (N, 3, 32, 32)."""
     train = [f"data_batch_{i}" for i in range(1, 6)]
-    layout = _CifarLayout("cifar-10-batches-py", train, "test_batch", b"labels", 10)
+    layout = _CifarLayout("cifar-10-batches-py", "cifar-10-python.tar.gz", train, "test_batch", b"labels", 10)
     return _load_cifar("cifar10", path, layout, scale)
 
 
 def load_cifar100(path: str | None, scale: float | None = None) -> Dataset:
-    """CIFAR-100 (fine labels) from the ``cifar-100-python`` folder, as (N, 3, 32, 32)."""
-    layout = _CifarLayout("cifar-100-python", ["train"], "test", b"fine_labels", 100)
+    """CIFAR-100 (fine labels) from the ``cifar-100-python`` folder or ``cifar-100-python.tar.gz``, as
+    (N, 3, 32, 32)."""
+    layout = _CifarLayout("cifar-100-python", "cifar-100-python.tar.gz", ["train"], "test", b"fine_labels", 100)
     return _load_cifar("cifar100", path, layout, scale)
 
 
@@ -370,13 +419,13 @@ class FashionMNISTFiles(FolderSource):
 
 
 class CIFAR10Files(FolderSource):
-    """The CIFAR-10 python pickles in ``data.path``."""
+    """The CIFAR-10 python pickles in ``data.path``: the folder, or the .tar.gz it is distributed in."""
 
     section, reader = "cifar10", staticmethod(load_cifar10)
 
 
 class CIFAR100Files(FolderSource):
-    """The CIFAR-100 python pickles in ``data.path``."""
+    """The CIFAR-100 python pickles in ``data.path``: the folder, or the .tar.gz it is distributed in."""
 
     section, reader = "cifar100", staticmethod(load_cifar100)
 
