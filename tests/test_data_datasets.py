@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import cifar_images, compose_run, idx_bytes, write_idx_files, write_pickle
+from PIL import Image
 
 from simulator.config import ConfigError, DataConfig, PartitionConfig
 from simulator.data import DATASETS, Dataset, files, load_dataset, partition
@@ -76,7 +77,7 @@ def test_unknown_dataset_lists_valid_names():
     with pytest.raises(ConfigError, match="data.dataset") as error:
         load("imagenet")
     assert all(name in str(error.value) for name in DATASETS)
-    names = ["digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100", "npz", "synthetic"]
+    names = ["digits", "mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "npz", "synthetic"]
     assert sorted(DATASETS) == sorted(names)
 
 
@@ -360,6 +361,110 @@ def test_a_damaged_cifar_archive_is_named(tmp_path, damage, message):
     with pytest.raises(ConfigError, match="data.path: malformed file") as error:
         load("cifar10", archive)
     assert str(archive) in str(error.value) and message in str(error.value)
+
+
+# ----- Tiny-ImageNet -----
+
+WNIDS = ["n02124075", "n01443537", "n09193705"]  # not sorted: labels follow wnids.txt's order
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]  # one a class: each image's label shows in its pixels
+VAL = [("val_0.JPEG", 2), ("val_1.JPEG", 0), ("val_2.JPEG", 1)]
+
+
+def write_jpeg(file: Path, colour: tuple[int, int, int] | int, mode: str = "RGB", size: int = 64) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (size, size), colour).save(file, "JPEG", quality=95)
+
+
+def write_tiny_imagenet(folder: Path) -> Path:
+    """``folder/tiny-imagenet-200`` as tiny-imagenet-200.zip unzips, small: 3 wnids, 4 training images each
+    (the first class's last one greyscale, as a few official ones are), 3 val images and an unlabelled test/."""
+    root = folder / "tiny-imagenet-200"
+    root.mkdir()
+    (root / "wnids.txt").write_text("".join(f"{wnid}\n" for wnid in WNIDS))
+    (root / "words.txt").write_text("".join(f"{wnid}\tsomething\n" for wnid in WNIDS))
+    for wnid, colour in zip(WNIDS, COLOURS):
+        for k in range(4):
+            write_jpeg(root / "train" / wnid / "images" / f"{wnid}_{k}.JPEG", colour)
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text(f"{wnid}_0.JPEG\t0\t0\t63\t63\n")
+    write_jpeg(root / "train" / WNIDS[0] / "images" / f"{WNIDS[0]}_3.JPEG", 128, mode="L")
+    lines = [f"{name}\t{WNIDS[label]}\t1\t2\t60\t61\n" for name, label in VAL]
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "val" / "val_annotations.txt").write_text("".join(lines))
+    for name, label in VAL:
+        write_jpeg(root / "val" / "images" / name, COLOURS[label])
+    write_jpeg(root / "test" / "images" / "test_0.JPEG", (0, 0, 0))
+    return root
+
+
+def mean_colours(x: np.ndarray) -> np.ndarray:
+    """Each image's mean red, green and blue, 0..255."""
+    return x.mean(axis=(2, 3)) * 255
+
+
+def test_tiny_imagenet_reads_the_unzipped_folder(tmp_path):
+    ds = load("tiny_imagenet", write_tiny_imagenet(tmp_path))
+    assert_well_formed(ds, (3, 64, 64))
+    assert (len(ds.x_train), len(ds.x_test), ds.num_classes) == (12, 3, 3)
+    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+    np.testing.assert_array_equal(ds.y_train, np.repeat([0, 1, 2], 4))
+    np.testing.assert_array_equal(ds.y_test, [label for _, label in VAL])  # val_annotations.txt's wnids
+    colour = np.array(COLOURS, dtype=float)
+    np.testing.assert_allclose(mean_colours(ds.x_test), colour[ds.y_test], atol=3)  # JPEG is lossy
+    np.testing.assert_allclose(mean_colours(ds.x_train[4:]), colour[ds.y_train[4:]], atol=3)
+    grey = ds.x_train[3]  # the first class's last image, the greyscale one: three equal channels
+    np.testing.assert_array_equal(grey[0], grey[1])
+    np.testing.assert_array_equal(grey[0], grey[2])
+    assert abs(grey.mean() * 255 - 128) < 2
+
+
+def test_tiny_imagenet_respects_data_scale(tmp_path):
+    ds = load("tiny_imagenet", write_tiny_imagenet(tmp_path), scale=1.0)
+    assert ds.x_train.max() > 100  # the pixels as stored
+
+
+def test_tiny_imagenet_without_a_path_says_where_to_get_it():
+    with pytest.raises(ConfigError, match="data.path = None") as error:
+        load("tiny_imagenet")
+    message = str(error.value)
+    assert "http://cs231n.stanford.edu/tiny-imagenet-200.zip" in message
+    assert "unzip it and pass data.path=.../tiny-imagenet-200" in message
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda root: (root / "wnids.txt").unlink(), "has no file 'wnids.txt'; data.dataset = 'tiny_imagenet' reads"),
+        (lambda root: (root / "wnids.txt").write_text("n01\nn02\nn01\n"), "wnids.txt: wnids listed more than once"),
+        (lambda root: (root / "train").rename(root / "training"), "has no folder 'train'"),
+        (
+            lambda root: (root / "train" / WNIDS[1]).rename(root / "train" / "elsewhere"),
+            f"{WNIDS[1]}/images holds no .JPEG images for {WNIDS[1]}, line 2 of wnids.txt",
+        ),
+        (
+            lambda root: write_jpeg(root / "train" / WNIDS[2] / "images" / f"{WNIDS[2]}_1.JPEG", 0, "L", 32),
+            f"{WNIDS[2]}_1.JPEG: 32x32 pixels; Tiny-ImageNet's images are 64x64",
+        ),
+        (
+            lambda root: (root / "val" / "images" / "val_1.JPEG").write_bytes(b"not a JPEG"),
+            "val_1.JPEG: not a readable image",
+        ),
+        (lambda root: (root / "val" / "val_annotations.txt").unlink(), "has no file 'val_annotations.txt'"),
+        (
+            lambda root: (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99999999\t0\t0\t9\t9\n"),
+            "val_annotations.txt: line 1: wnid 'n99999999' is not in wnids.txt",
+        ),
+        (
+            lambda root: (root / "val" / "images" / "val_2.JPEG").unlink(),
+            "val_annotations.txt: line 3 names val_2.JPEG, but there is no file",
+        ),
+    ],
+)
+def test_tiny_imagenet_problems_name_the_file_and_what_was_expected(tmp_path, damage, message):
+    root = write_tiny_imagenet(tmp_path)
+    damage(root)
+    with pytest.raises(ConfigError, match="data.path") as error:
+        load("tiny_imagenet", root)
+    assert message in str(error.value)
 
 
 # ----- npz -----

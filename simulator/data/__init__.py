@@ -1,7 +1,7 @@
 """The data layer: datasets in memory, and how they are split across clients.
 
 ``DATASETS`` ships the datasets ``data.dataset`` names (loaders in ``embedded``,
-``files`` and ``synthetic``, each a :class:`DatasetSource` returning a
+``files``, ``tiny_imagenet`` and ``synthetic``, each a :class:`DatasetSource` returning a
 ``Dataset``); a user's is the dotted path of a ``DatasetSource`` subclass, with
 its settings under ``data.<section>``. ``partition`` splits a training set
 over the clients, and ``sample_by_label`` draws samples with given label
@@ -18,6 +18,7 @@ from simulator.data.embedded import Digits, MNIST5k
 from simulator.data.files import CIFAR10Files, CIFAR100Files, FashionMNISTFiles, MNISTFiles, NpzFile
 from simulator.data.partition import PARTITIONERS, partition, sample_by_label
 from simulator.data.synthetic import Synthetic
+from simulator.data.tiny_imagenet import TinyImageNetFiles
 from simulator.registry import Registry
 from simulator.seeding import Purpose, rng
 
@@ -34,6 +35,7 @@ DATASETS: Registry[type[DatasetSource]] = Registry(
         "fashion_mnist": FashionMNISTFiles,
         "cifar10": CIFAR10Files,
         "cifar100": CIFAR100Files,
+        "tiny_imagenet": TinyImageNetFiles,
         "npz": NpzFile,
     },
     "a simulator.data.DatasetSource subclass",
