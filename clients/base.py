@@ -20,6 +20,7 @@ the generator in it, so a client's result does not depend on which actor ran it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable, Mapping
@@ -86,6 +87,8 @@ class TrainContext:
     new_task: bool = False  # the client's first round on ``task``: begin_task runs first
     previous: PreviousTask | None = None  # with new_task: the task it left (None: its first task)
     class_mask: torch.Tensor | None = None  # task-incremental: the labels logits may take
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # data.augment, drawing from this client's seed
+    autocast: torch.dtype | None = None  # engine.amp: forward pass and loss under autocast to this type
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, ReadOnlyState):  # however the context was built, its state is read-only
@@ -130,6 +133,13 @@ def sgd_step(params: list[torch.Tensor], velocity: dict[int, torch.Tensor], conf
         param.add_(step, alpha=-lr)
 
 
+def autocast(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``'s type; None: nothing (a disabled ``torch.autocast`` still costs
+    microseconds a step, which a small model's step would notice). The weights, their gradients and the
+    optimiser step stay float32, so what is sent and aggregated is float32."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 class ClientMethod:
     """Minibatch SGD over ``client.epochs`` passes, with hooks for what a method adds.
 
@@ -139,7 +149,8 @@ class ClientMethod:
       it left in ``context.previous`` and the global weights in the model;
       returns the client's state from now on (None: unchanged);
     - :meth:`begin`: once per round, before the first step;
-    - :meth:`prepare_batch`: each minibatch, before the forward pass (add samples);
+    - :meth:`prepare_batch`: each minibatch, before the forward pass (add samples); the batch it returns
+      is then augmented where ``data.augment`` asks (``context.augment``);
     - :meth:`loss`: the loss of a batch (add terms);
     - :meth:`adjust_gradients`: after each backward pass (add gradient terms);
     - :meth:`end`: after the last step; returns the method's own metrics;
@@ -240,9 +251,12 @@ class ClientMethod:
             order = torch.randperm(len(y), generator=context.generator)
             for positions in order.split(self.config.batch_size):
                 batch = self.prepare_batch(Batch(x[positions], y[positions], context.class_mask), context)
+                if context.augment is not None:
+                    batch = dataclasses.replace(batch, x=context.augment(batch.x))
                 for param in model.parameters():
                     param.grad = None
-                loss = self.loss(model, batch, context)
+                with autocast(context.autocast, x.device):
+                    loss = self.loss(model, batch, context)
                 loss.backward()
                 self.adjust_gradients(model, context)
                 sgd_step(params, velocity, self.config, context.lr)

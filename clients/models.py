@@ -3,7 +3,8 @@
 Keeping the two apart lets evaluation probe the representation (linear probe,
 nearest class mean) as well as the head, and lets client methods treat them
 differently (a personal head, a frozen encoder). ``model.name`` chooses the
-encoder (``mlp``, ``cnn``) and ``model.head`` the head (``clients/heads/``).
+encoder (``mlp``, ``cnn``, and the CIFAR ResNets ``resnet18``, ``resnet32`` of
+``clients/resnets.py``) and ``model.head`` the head (``clients/heads/``).
 
 A user's own model: ``model.name=pkg.module.function``, called as
 ``function(input_shape, num_classes, config)`` and returning an ``nn.Module``;
@@ -25,6 +26,7 @@ from torch import nn
 
 from clients.base import masked
 from clients.heads import HEADS
+from clients.resnets import NATURAL_WIDTH, resnet18, resnet32
 from simulator.config import ConfigError, ModelConfig
 from simulator.registry import Registry
 
@@ -45,13 +47,23 @@ class RepresentationModel(nn.Module):
         return self.head(self.encoder(x))
 
 
+SMALL_FEATURE_DIM = 64  # the MLP's and the CNN's features with model.feature_dim null
+
+
+def feature_width(config: ModelConfig) -> int:
+    """The width of the encoder's features: ``model.feature_dim``, or where null the encoder's own."""
+    if config.feature_dim is not None:
+        return config.feature_dim
+    return NATURAL_WIDTH.get(config.name, SMALL_FEATURE_DIM)
+
+
 def mlp(input_shape: tuple[int, ...], config: ModelConfig) -> nn.Module:
     """Two hidden layers on the flattened input."""
     return nn.Sequential(
         nn.Flatten(),
         nn.Linear(math.prod(input_shape), config.hidden),
         nn.ReLU(),
-        nn.Linear(config.hidden, config.feature_dim),
+        nn.Linear(config.hidden, feature_width(config)),
         nn.ReLU(),
     )
 
@@ -59,13 +71,8 @@ def mlp(input_shape: tuple[int, ...], config: ModelConfig) -> nn.Module:
 def cnn(input_shape: tuple[int, ...], config: ModelConfig) -> nn.Module:
     """Two 3x3 conv blocks with 2x2 pooling, then a dense layer to the features.
 
-    Needs (channels, height, width) inputs of at least 4x4 pixels; a ConfigError otherwise.
+    Needs inputs of at least 4x4 pixels; a ConfigError otherwise.
     """
-    if len(input_shape) != 3:
-        raise ConfigError(
-            f"model.name = 'cnn' needs image inputs (channels, height, width); "
-            f"the dataset gives shape {input_shape}: use model.name=mlp"
-        )
     channels, height, width = input_shape
     if height < 4 or width < 4:
         raise ConfigError(
@@ -80,7 +87,7 @@ def cnn(input_shape: tuple[int, ...], config: ModelConfig) -> nn.Module:
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(32 * (height // 4) * (width // 4), config.feature_dim),
+        nn.Linear(32 * (height // 4) * (width // 4), feature_width(config)),
         nn.ReLU(),
     )
 
@@ -88,7 +95,10 @@ def cnn(input_shape: tuple[int, ...], config: ModelConfig) -> nn.Module:
 ENCODERS: dict[str, Callable[[tuple[int, ...], ModelConfig], nn.Module]] = {
     "mlp": mlp,
     "cnn": cnn,
+    "resnet18": resnet18,
+    "resnet32": resnet32,
 }
+IMAGE_ENCODERS = ("cnn", "resnet18", "resnet32")  # convolutional: they take (channels, height, width) inputs
 
 
 class _ModelRegistry(Registry[Callable[..., nn.Module]]):
@@ -124,12 +134,17 @@ def build_model(
     """Build ``config.name`` with weights drawn from ``generator`` (same seed, same weights)."""
     if config.name not in ENCODERS:
         return _users_model(input_shape, num_classes, config, generator)
+    if config.name in IMAGE_ENCODERS and len(input_shape) != 3:
+        raise ConfigError(
+            f"model.name = {config.name!r} needs image inputs (channels, height, width); "
+            f"the dataset gives shape {input_shape}: use model.name=mlp"
+        )
     encoder = _initialized(ENCODERS[config.name](input_shape, config), generator)
     # The head draws after the encoder: every head starts from the same encoder.
     head = HEADS.resolve(config.head)
     settings = head.Settings() if config.head_settings is None else config.head_settings
     try:
-        built = head(config.feature_dim, num_classes, settings, generator)
+        built = head(feature_width(config), num_classes, settings, generator)
     except Exception as error:  # a user's class that is no head: name the key, not a traceback
         raise ConfigError(
             f"model.head = {config.head!r}: Head(feature_dim, num_classes, settings, generator) failed: "

@@ -59,7 +59,7 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which dataset, where its files are, and how it is split; a dataset's own settings
+    """Which dataset, where its files are, how it is split and augmented; a dataset's own settings
     (``data.synthetic.alpha``) come from ``data.<its section>``."""
 
     dataset: str = "digits"
@@ -68,6 +68,8 @@ class DataConfig:
     # null: by 255 where the file stores uint8 (pixels 0..255), else used as stored.
     scale: float | None = None
     test_fraction: float = 0.2  # held-out share for datasets without a test split
+    augment: str = "none"  # training batches: none | crop_flip | pkg.module.function (clients/augment.py)
+    normalize: bool | None = None  # standardise inputs per channel by the training set; null: with augment only
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     sections: dict[str, Any] = field(default_factory=dict, metadata=PLUGIN_SECTIONS)  # data.<section>, as given
     settings: Any = field(default=None, metadata=DERIVED)  # the dataset's Settings, from its data.<section>
@@ -100,9 +102,9 @@ class ModelConfig:
     """The representation model: an encoder to ``feature_dim`` features and a head; the head's own
     settings come from ``model.<its section>`` (``model.normalized.temperature=0.1``)."""
 
-    name: str = "mlp"  # mlp | cnn | pkg.module.function (a user's model, see clients/models.py)
-    hidden: int = 128
-    feature_dim: int = 64
+    name: str = "mlp"  # mlp | cnn | resnet18 | resnet32 | pkg.module.function (a user's model, clients/models.py)
+    hidden: int = 128  # the MLP's hidden width
+    feature_dim: int | None = None  # the encoder's output width; null: its own (mlp, cnn: 64; resnet18: 512)
     head: str = "linear"  # linear | normalized | etf | pkg.module.Class (clients/heads/)
     sections: dict[str, Any] = field(default_factory=dict, metadata=PLUGIN_SECTIONS)  # model.<section>, as given
     head_settings: Any = field(default=None, metadata=DERIVED)  # the head's Settings, from its model.<section>
@@ -152,6 +154,8 @@ class EngineConfig:
     client_timeout_s: float | None = 1800.0  # a client training longer fails the run; null: no limit
     on_nonfinite: str = "fail"  # a client's NaN/inf loss or weights: fail the run | drop its reply
     max_actor_restarts: int = 2  # a dead actor is restarted and its share of the round rerun, this often
+    amp: str = "off"  # off | bf16: local training's forward pass and loss under bfloat16 autocast
+    channels_last: bool = False  # image models and batches in channels-last memory (faster convolutions on GPUs)
 
 
 @dataclass(frozen=True)
@@ -383,7 +387,11 @@ def _value_problems(config: ExperimentConfig) -> list[tuple[str, str]]:
         ("client.epochs", config.client.epochs >= 1, "must be at least 1"),
         ("client.batch_size", config.client.batch_size >= 1, "must be at least 1"),
         ("model.hidden", 1 <= config.model.hidden <= MAX_WIDTH, f"must be between 1 and {MAX_WIDTH}"),
-        ("model.feature_dim", 1 <= config.model.feature_dim <= MAX_WIDTH, f"must be between 1 and {MAX_WIDTH}"),
+        (
+            "model.feature_dim",
+            config.model.feature_dim is None or 1 <= config.model.feature_dim <= MAX_WIDTH,
+            f"must be between 1 and {MAX_WIDTH} (null: the encoder's own width)",
+        ),
         ("eval.every", config.eval.every >= 1, "must be at least 1"),
         ("eval.batch_size", config.eval.batch_size >= 1, "must be at least 1"),
         ("eval.client_test_size", config.eval.client_test_size >= 1, "must be at least 1"),
@@ -425,6 +433,7 @@ def _value_problems(config: ExperimentConfig) -> list[tuple[str, str]]:
             f"must be between 0 and {MAX_ACTOR_RESTARTS}",
         ),
         ("engine.on_nonfinite", engine.on_nonfinite in ("fail", "drop"), "expected 'fail' or 'drop'"),
+        ("engine.amp", engine.amp in ("off", "bf16"), "expected 'off' or 'bf16'"),
     ]
     return [(key, reason) for key, ok, reason in checks if not ok]
 
@@ -474,3 +483,8 @@ def register_with_hydra() -> None:
 
 
 register_with_hydra()
+
+
+def normalizes(data: DataConfig) -> bool:
+    """Whether inputs are standardised: ``data.normalize``, or where null, whether training is augmented."""
+    return data.augment != "none" if data.normalize is None else data.normalize

@@ -80,6 +80,7 @@ class Experiment:
         init = torch_generator(config.seed, Purpose.MODEL_INIT)
         model = build_model(stream.x_train.shape[1:], stream.num_classes, config.model, init)
         preflight.check_model_serves(model, method, config)
+        preflight.check_augmentation(config, stream.x_train)
         # 2. Resume from the last finished round, if asked (read before Ray starts; the strategy as
         #    built from the config, its state restored), else from the model's weights, less its personal layers.
         initial = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared_keys(model, method)})

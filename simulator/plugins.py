@@ -15,6 +15,7 @@ import dataclasses
 from omegaconf import DictConfig
 
 from clients import METHODS
+from clients.augment import AUGMENTATIONS, NONE
 from clients.heads import HEADS
 from clients.models import MODELS
 from simulator.config import ConfigError, ExperimentConfig, parse_config, scenario_source
@@ -29,6 +30,8 @@ def load_config(cfg: DictConfig) -> ExperimentConfig:
     where = scenario_source(cfg)
     client, model, stream, data = config.client, config.model, config.stream, config.data
     MODELS.resolve(model.name, where)
+    if data.augment != NONE:
+        AUGMENTATIONS.resolve(data.augment, where)
     for hook in config.eval.hooks:
         HOOKS.resolve(hook, where)
     source = DATASETS.resolve(data.dataset, where)

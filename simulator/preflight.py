@@ -20,12 +20,14 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from clients.augment import AUGMENTATIONS, NONE
 from clients.base import ClientMethod
 from clients.fedprox import FedProxClient
 from simulator.checkpoint import Checkpoint
 from simulator.config import ConfigError, ExperimentConfig, to_dict
 from simulator.protocol import PROXIMAL_MU
 from simulator.run_dir import leaves
+from simulator.seeding import Purpose, torch_generator
 from simulator.streams import Stream
 from simulator.worker import all_finite
 from strategies import check_sampling, strategy_layers
@@ -81,6 +83,36 @@ def check_model_serves(model: torch.nn.Module, method: type[ClientMethod], confi
         "scores each client's own model, the probes the encoder",
         config.client.method,
     )
+
+
+def check_augmentation(config: ExperimentConfig, images: np.ndarray) -> None:
+    """Refuse ``data.augment`` on inputs it cannot take: every augmentation takes a batch of images
+    ``(N, C, H, W)``; one that fails on two training samples, or returns another shape or type, fails here."""
+    augment = config.data.augment
+    if augment == NONE:
+        return
+    if images.ndim != 4:
+        raise ConfigError(
+            f"data.augment = {augment!r} augments images (channels, height, width); "
+            f"data.dataset = {config.data.dataset!r} gives inputs of shape {images.shape[1:]}: use data.augment=none"
+        )
+    x = torch.from_numpy(images[:2].copy())
+    try:
+        augmented = AUGMENTATIONS.resolve(augment)(x, torch_generator(config.seed, Purpose.AUGMENT))
+    except Exception as error:
+        raise ConfigError(
+            f"data.augment = {augment!r} failed on two training samples: {type(error).__name__}: {error}"
+        ) from None
+    if not isinstance(augmented, torch.Tensor) or augmented.shape != x.shape or augmented.dtype != x.dtype:
+        found = (
+            f"{augmented.dtype} {tuple(augmented.shape)}"
+            if isinstance(augmented, torch.Tensor)
+            else type(augmented).__name__
+        )
+        raise ConfigError(
+            f"data.augment = {augment!r} returned {found} for a batch of {x.dtype} {tuple(x.shape)}: "
+            "an augmentation returns a batch of the shape and type it was given"
+        )
 
 
 def warn_if_proximal_term_unused(strategy: Strategy, method: type[ClientMethod], method_name: str) -> None:

@@ -29,6 +29,7 @@ class Purpose(IntEnum):
     PROBE = 7  # the training samples representation probes fit on
     CLIENT_GLOBAL = 8  # torch's global generator during a client's job (a user's dropout)
     CLIENT_QUERY = 9  # a client's answer to a server's query (FOT's random sketches)
+    AUGMENT = 10  # a client's training-batch augmentation (data.augment)
 
 
 class Draw:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from clients import METHODS
+from clients.augment import AUGMENTATIONS, NONE
 from clients.base import Batch, ClientMethod, ReadOnlyState, TrainContext, shared_keys
 from clients.clipping import clip_if_asked
 from clients.models import build_model, evaluate
@@ -90,6 +91,10 @@ class ClientWorker:
         self.device = gpu_device(config.engine.num_gpus_per_actor) if gpu else torch.device("cpu")
         generator = torch_generator(config.seed, Purpose.MODEL_INIT)
         self.model = build_model(data.x_train.shape[1:], data.num_classes, config.model, generator).to(self.device)
+        if config.engine.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.augment = None if config.data.augment == NONE else AUGMENTATIONS.resolve(config.data.augment)
+        self.autocast = torch.bfloat16 if config.engine.amp == "bf16" else None
         method = METHODS.resolve(config.client.method)
         self.method = method(config.client)
         self.shared = shared_keys(self.model, method)  # the names of what the server sends and gets
@@ -159,17 +164,32 @@ class ClientWorker:
     def _tensor(self, array: np.ndarray | None) -> torch.Tensor | None:
         return None if array is None else torch.from_numpy(array).to(self.device)
 
+    def _inputs(self, array: np.ndarray) -> torch.Tensor:
+        """Model inputs on the device, in channels-last memory where ``engine.channels_last`` asks."""
+        x = torch.from_numpy(array).to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.config.engine.channels_last else x
+
+    def _augmentation(self, job: ClientJob) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``data.augment`` drawing from the client's own generator for the round (clients/augment.py)."""
+        if self.augment is None:
+            return None
+        augment, generator = (
+            self.augment,
+            torch_generator(self.config.seed, Purpose.AUGMENT, job.server_round, job.client_id),
+        )
+        return lambda x: augment(x, generator)
+
     def _samples(self, indices: np.ndarray, task: np.ndarray | int) -> Batch:
         """Training samples by index, masked as their task(s) are (methods fetch replayed data so)."""
         masks = self.data.task_masks
         return Batch(
-            self._tensor(self.data.x_train[indices]),
+            self._inputs(self.data.x_train[indices]),
             self._tensor(self.data.y_train[indices]),
             None if masks is None else self._tensor(masks[task]),
         )
 
     def _train(self, job: ClientJob, global_weights: list[np.ndarray]) -> ClientOutcome:
-        x = self._tensor(self.data.x_train[job.indices])
+        x = self._inputs(self.data.x_train[job.indices])
         y = self._tensor(self.data.y_train[job.indices])
         context = TrainContext(
             server_round=job.server_round,
@@ -183,6 +203,8 @@ class ClientWorker:
             new_task=job.new_task,
             previous=job.previous,
             class_mask=self._tensor(job.class_mask),
+            augment=self._augmentation(job),
+            autocast=self.autocast,
         )
         result = self.method.train(self.model, x, y, context)
         hook = "end" if type(self.method).train is ClientMethod.train else "train"  # what gave the metrics
@@ -203,7 +225,7 @@ class ClientWorker:
         query = Query(
             name=str(job.config.get(QUERY_NAME, "")),  # none: an unknown query, which the error lists
             arrays=job.query_arrays,
-            x=self._tensor(self.data.x_train[job.indices]),
+            x=self._inputs(self.data.x_train[job.indices]),
             y=self._tensor(self.data.y_train[job.indices]),
             generator=torch_generator(self.config.seed, Purpose.CLIENT_QUERY, job.server_round, job.client_id),
             state=ReadOnlyState(job.state),
@@ -215,7 +237,7 @@ class ClientWorker:
 
     def _evaluate(self, job: ClientJob) -> ClientOutcome:
         self.method.personalize(self.model, job.state)  # the client's own model, where it has one
-        x = self._tensor(self.data.x_test[job.indices])
+        x = self._inputs(self.data.x_test[job.indices])
         y = self._tensor(self.data.y_test[job.indices])
         mask = self._tensor(job.class_mask)
         loss, accuracy = evaluate(self.model, x, y, self.config.eval.batch_size, mask)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulator.config import ConfigError, DataConfig
-from simulator.data.dataset import Dataset, DatasetSource
+from simulator.config import ConfigError, DataConfig, normalizes
+from simulator.data.dataset import Dataset, DatasetSource, standardized
 from simulator.data.embedded import Digits, MNIST5k
 from simulator.data.files import CIFAR10Files, CIFAR100Files, FashionMNISTFiles, MNISTFiles, NpzFile
 from simulator.data.partition import PARTITIONERS, partition, sample_by_label
@@ -44,7 +44,8 @@ DATASETS: Registry[type[DatasetSource]] = Registry(
 
 
 def load_dataset(data: DataConfig, num_clients: int, seed: int) -> Dataset:
-    """Load ``data.dataset``; its random parts (test split, synthetic data) depend only on ``seed``.
+    """Load ``data.dataset``, standardised where ``data.normalize`` says; its random parts (test split,
+    synthetic data) depend only on ``seed``.
 
     ``num_clients`` matters only to a dataset that makes one group per client (``synthetic``).
     """
@@ -57,4 +58,4 @@ def load_dataset(data: DataConfig, num_clients: int, seed: int) -> Dataset:
             bad = int(np.count_nonzero(~np.isfinite(inputs).reshape(len(inputs), -1).all(axis=1)))
             where = f"data.path = {data.path!r}" if data.path else f"data.dataset = {data.dataset!r}"
             raise ConfigError(f"{where}: {bad} samples of {name} hold NaN or infinite values")
-    return dataset
+    return standardized(dataset) if normalizes(data) else dataset
