@@ -201,7 +201,7 @@ def test_an_unknown_key_in_composition_leaves_no_run_directory(tmp_path):
             (
                 [f"data.dataset={name}", "data.scale=16"],
                 f"data.scale = 16.0: applies only to datasets read "
-                f"from files (mnist, fashion_mnist, cifar10, cifar100, npz), not data.dataset = '{name}'",
+                f"from files (mnist, fashion_mnist, cifar10, cifar100, tiny_imagenet, npz), not data.dataset = '{name}'",
             )
             for name in ("digits", "mnist5k", "synthetic")
         ],
