@@ -70,6 +70,7 @@ REPLY_METRICS = "metrics"  # a reply's MetricRecord
 
 # Queries: the ConfigRecord key naming one, the shipped names and their answer keys.
 QUERY_NAME = "query"
+QUERY_SAMPLES = "query-samples"  # the ConfigRecord key capping the samples a client answers on (a seeded subset)
 NUM_SAMPLES = "num_samples"  # every answer says on how many samples it was computed
 LAYER_INPUT_SKETCHES = "layer_input_sketches"
 CLASS_FEATURE_STATISTICS = "class_feature_statistics"

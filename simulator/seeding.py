@@ -47,6 +47,7 @@ class Draw:
     EVALUATE_CALL = 1  # STRATEGY: configure/aggregate_evaluate of a round (its training call has no key)
     TASK_END_CALL = 2  # STRATEGY: on_task_end of a round
     LABEL_SHIFT_SAMPLE = 1  # CLIENT_TRAIN: a label-shift client's training sample of a round
+    QUERY_SAMPLE = 1  # CLIENT_QUERY: the samples a client answers a capped query on
 
 
 def _sequence(seed: int, purpose: Purpose, keys: tuple[int, ...]) -> np.random.SeedSequence:

@@ -38,6 +38,7 @@ from simulator.protocol import (
     NUM_EXAMPLES,
     QUERY,
     QUERY_NAME,
+    QUERY_SAMPLES,
     TRAIN,
     TRAIN_LOSS,
     ClientJob,
@@ -45,7 +46,7 @@ from simulator.protocol import (
     Query,
     check_state,
 )
-from simulator.seeding import Purpose, derive_seed, seed_torch_global, torch_generator
+from simulator.seeding import Draw, Purpose, derive_seed, rng, seed_torch_global, torch_generator
 
 log = logging.getLogger("fedstream")
 
@@ -222,17 +223,22 @@ class ClientWorker:
         )
 
     def _answer(self, job: ClientJob) -> ClientOutcome:
+        indices = job.indices
+        cap = job.config.get(QUERY_SAMPLES)
+        if cap is not None and len(indices) > cap:  # the same subset for every query of the round
+            draw = rng(self.config.seed, Purpose.CLIENT_QUERY, job.server_round, job.client_id, Draw.QUERY_SAMPLE)
+            indices = np.sort(draw.choice(indices, int(cap), replace=False))
         query = Query(
             name=str(job.config.get(QUERY_NAME, "")),  # none: an unknown query, which the error lists
             arrays=job.query_arrays,
-            x=self._inputs(self.data.x_train[job.indices]),
-            y=self._tensor(self.data.y_train[job.indices]),
+            x=self._inputs(self.data.x_train[indices]),
+            y=self._tensor(self.data.y_train[indices]),
             generator=torch_generator(self.config.seed, Purpose.CLIENT_QUERY, job.server_round, job.client_id),
             state=ReadOnlyState(job.state),
         )
         answer = self.method.answer(self.model, query)
         return ClientOutcome(
-            job.client_id, list(answer.values()), {NUM_EXAMPLES: float(len(job.indices))}, array_names=list(answer)
+            job.client_id, list(answer.values()), {NUM_EXAMPLES: float(len(indices))}, array_names=list(answer)
         )
 
     def _evaluate(self, job: ClientJob) -> ClientOutcome:

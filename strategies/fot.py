@@ -77,12 +77,26 @@ _ENERGY_SLACK = 1e-9  # energy shares closer than this count as equal (rounding 
 class FOT(FedAvg):
     """FedAvg whose aggregated updates stay orthogonal to the old tasks' layer-input subspaces."""
 
-    def __init__(self, *args: Any, threshold: float = 0.96, threshold_step: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        threshold: float = 0.96,
+        threshold_step: float = 0.0,
+        query_samples: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         if not 0.0 < threshold <= 1.0:
             raise ConfigError(f"strategy.threshold = {threshold!r}: expected an energy share in (0, 1]")
         if threshold_step < 0:
             raise ConfigError(f"strategy.threshold_step = {threshold_step!r}: expected a number >= 0")
+        if query_samples is not None and (
+            isinstance(query_samples, bool) or not isinstance(query_samples, int) or query_samples < 1
+        ):
+            raise ConfigError(f"strategy.query_samples = {query_samples!r}: expected a whole number >= 1, or null")
+        # The most samples a client's inputs are taken on (null: all): a conv layer's inputs are its input
+        # patches, (C k k) x (samples x positions) each, gigabytes on a ResNet at CIFAR client sizes.
+        self.query_samples = query_samples
         self.threshold = threshold  # the paper's epsilon: the energy share a basis keeps (0.96 on PMNIST)
         self.threshold_step = threshold_step
         self.bases: dict[str, np.ndarray] = {}  # weight name -> orthonormal columns in its input space
@@ -111,7 +125,7 @@ class FOT(FedAvg):
         if task + 1 == grid.run.override_config.get(NUM_TASKS):
             return  # no task follows: its bases would never project an update
         threshold = self.task_threshold
-        answers = ask_clients(grid, arrays, LAYER_INPUT_SKETCHES, self.bases)
+        answers = ask_clients(grid, arrays, LAYER_INPUT_SKETCHES, self.bases, self.query_samples)
         short: dict[str, tuple[np.ndarray, int, float, float]] = {}  # candidates, how many to measure, energies
         for name in (k for k in answers[0] if k != NUM_SAMPLES and "/" not in k):
             energy = sum(float(a[f"{name}/energy"]) for a in answers)
@@ -124,7 +138,8 @@ class FOT(FedAvg):
                 width = gram_width(sketched, (residual - (1.0 - threshold) * energy) / residual)
                 short[name] = (candidates, width, energy - residual, energy)
         while short:  # the second query; again, measuring twice as many candidates, where too few held enough
-            measured = ask_clients(grid, arrays, LAYER_INPUT_ENERGIES, {n: c[:, :w] for n, (c, w, *_) in short.items()})
+            candidates_asked = {n: c[:, :w] for n, (c, w, *_) in short.items()}
+            measured = ask_clients(grid, arrays, LAYER_INPUT_ENERGIES, candidates_asked, self.query_samples)
             for name, (candidates, width, inside, energy) in list(short.items()):
                 directions, energies = principal_directions(candidates[:, :width], sum(a[name] for a in measured))
                 if inside + energies.sum() < (threshold - _ENERGY_SLACK) * energy and width < candidates.shape[1]:

@@ -15,21 +15,27 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from simulator.held_array import held_array_record
-from simulator.protocol import GLOBAL_ARRAYS, QUERY_ARRAYS, QUERY_NAME, REPLY_ARRAYS
+from simulator.protocol import GLOBAL_ARRAYS, QUERY_ARRAYS, QUERY_NAME, QUERY_SAMPLES, REPLY_ARRAYS
 
 
 def ask_clients(
-    grid: Grid, arrays: ArrayRecord, query: str, query_arrays: dict[str, np.ndarray] | None = None
+    grid: Grid,
+    arrays: ArrayRecord,
+    query: str,
+    query_arrays: dict[str, np.ndarray] | None = None,
+    max_samples: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Each present client's answer to ``query`` on the global ``arrays``: one dict of named arrays per
     client present in the round, in ascending client id.
 
     ``query``: a shipped query's name (``simulator.protocol`` lists them and their answers' keys) or the
     dotted path of a user's handler; ``query_arrays``: the strategy's own arrays, which the handler gets
-    as ``query.arrays``. A client's failure fails the run, naming it (the Grid raises); a reply with an
+    as ``query.arrays``; ``max_samples``: each client answers on at most this many of its samples, a subset
+    drawn from (seed, round, client), the same for every query of the round. A client's failure fails the run, naming it (the Grid raises); a reply with an
     error raises here.
     """
-    content = RecordDict({GLOBAL_ARRAYS: arrays, "config": ConfigRecord({QUERY_NAME: query})})
+    config = {QUERY_NAME: query} if max_samples is None else {QUERY_NAME: query, QUERY_SAMPLES: max_samples}
+    content = RecordDict({GLOBAL_ARRAYS: arrays, "config": ConfigRecord(config)})
     if query_arrays:
         content[QUERY_ARRAYS] = held_array_record(
             list(query_arrays), [np.require(v, requirements="C") for v in query_arrays.values()]

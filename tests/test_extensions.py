@@ -233,6 +233,26 @@ def test_a_users_strategy_asks_a_users_query_handler_at_every_task_end(query_run
     assert len({tuple(int(a["label_sum"]) for a in answers) for answers in strategy.answers.values()}) == 5
 
 
+def test_a_capped_query_is_answered_on_a_seeded_subset_of_that_many_samples(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "user_code"))
+    import extensions
+
+    capped = [*QUERY_RUN, "+strategy.max_samples=4"]
+    extensions.BUILT.clear()
+    for run_dir in ("a", "b"):
+        run_experiment(tmp_path / run_dir, capped)
+    first, second = (strategy.answers for strategy in extensions.BUILT)
+    run = compose_run(capped)
+    stream = build_stream(run, load_dataset(run.data, run.federation.num_clients, run.seed))
+    for task, answers in first.items():
+        for client, answer, again in zip(stream.available_clients(task + 1), answers, second[task]):
+            labels = np.sort(stream.y_train[stream.train_indices(task + 1, client)])
+            assert int(answer["num_samples"]) == 4 < len(labels)
+            assert labels[:4].sum() <= int(answer["label_sum"]) <= labels[-4:].sum()
+            assert int(again["label_sum"]) == int(answer["label_sum"])  # the subset is drawn from the seed
+    assert len({int(a["label_sum"]) for answers in first.values() for a in answers}) > 1
+
+
 def test_a_0d_array_a_strategy_sends_with_its_query_reaches_the_handler_as_0d(query_run):
     strategy, _ = query_run
     for task, answers in strategy.answers.items():

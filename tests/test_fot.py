@@ -55,7 +55,7 @@ class Federation:
         self.model, self.inputs, self.asked = model, inputs, []
         self.run = SimpleNamespace(override_config={} if num_tasks is None else {NUM_TASKS: num_tasks})
 
-    def ask_clients(self, grid, arrays, query, query_arrays=None):
+    def ask_clients(self, grid, arrays, query, query_arrays=None, max_samples=None):
         self.asked.append(query)
         handler = QUERIES.resolve(query)
         labels = [torch.zeros(len(x), dtype=torch.long) for x in self.inputs]
@@ -127,9 +127,9 @@ def test_at_the_streams_last_task_fot_asks_clients_nothing(monkeypatch):
 def test_a_fot_run_queries_clients_at_every_task_end_but_the_last(tmp_path, monkeypatch):
     asked, ask = [], fot_module.ask_clients
 
-    def counted(grid, arrays, query, query_arrays=None):
+    def counted(grid, arrays, query, query_arrays=None, max_samples=None):
         asked.append((grid.server_round, query))
-        return ask(grid, arrays, query, query_arrays)
+        return ask(grid, arrays, query, query_arrays, max_samples)
 
     monkeypatch.setattr(fot_module, "ask_clients", counted)
     overrides = ["scenario=permuted_digits", "strategy=fot", "engine.backend=local", "eval.probes=false"]

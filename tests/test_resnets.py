@@ -95,7 +95,9 @@ def test_every_method_trains_a_resnet_through_a_task_change(tmp_path, method):
 
 @pytest.mark.parametrize("strategy", ["fot", "ccvr", "fedadam"])
 def test_the_server_side_continual_strategies_and_an_adaptive_one_aggregate_a_resnet(tmp_path, strategy):
-    run_experiment(tmp_path, [*CLASS_IL, f"strategy={strategy}"])
+    # FOT: two tasks, so one task end grows bases (none at the last), on 16 samples a client (its cap).
+    fot = ["strategy.query_samples=16", "stream.class_incremental.tasks=[[0,1],[2,3]]"] if strategy == "fot" else []
+    run_experiment(tmp_path, [*CLASS_IL, f"strategy={strategy}", *fot])
     records = read_metrics(tmp_path)
     assert len(records) == 2 and all(np.isfinite(r["acc_seen"]) for r in records)
 

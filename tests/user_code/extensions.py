@@ -205,13 +205,14 @@ def sent_arrays(task: int) -> dict[str, np.ndarray]:
 class RecordsLabelSums(FedAvg):
     """FedAvg that asks every present client :func:`label_sums` at each task end and keeps the answers."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, max_samples: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.answers: dict[int, list[dict[str, np.ndarray]]] = {}  # task -> one answer per client, by id
+        self.max_samples = max_samples  # each client answers on at most this many of its samples
         BUILT.append(self)
 
     def on_task_end(self, task: int, arrays: ArrayRecord, grid: Grid) -> None:
-        self.answers[task] = ask_clients(grid, arrays, "extensions.label_sums", sent_arrays(task))
+        self.answers[task] = ask_clients(grid, arrays, "extensions.label_sums", sent_arrays(task), self.max_samples)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The answers so far, for checkpoints (JSON keys are strings)."""
