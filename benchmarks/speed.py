@@ -2,6 +2,10 @@
 
 ``python benchmarks/speed.py [--quick] [--workloads A B C] [--repeat N] [--no-probes]``
 
+ResNet-18 per round, FedStream in-process against the bare loop, with and without
+``data.augment=crop_flip`` (synthetic CIFAR-100-shaped images; about 7 minutes on 2 cores):
+``python benchmarks/speed.py --workloads R18 R18aug --no-probes --no-sweep``
+
 Each implementation runs the same workload (``benchmarks/workloads.py``) in a
 process of its own, three times by default (``--quick``: once), in an order
 that spreads drift over all of them (:func:`run`). This parent times each
@@ -12,7 +16,11 @@ samples it trained. The table and, as the last line, one JSON object with every
 figure and ratio go to stdout. Last, unless ``--no-probes``, :func:`probe_overhead`
 times the default class-incremental scenario with and without the
 representation probes. Ratios compare implementations measured in this
-same invocation, never numbers from another machine.
+same invocation, never numbers from another machine. An augmented workload
+(``R18aug``) adds what its augmentation costs a round: its bare loop's warm
+round over its unaugmented twin's (``R18``), where both ran, and a direct
+timing of the augmentation on one round's training batches
+(:func:`augmentation_cost`).
 """
 
 from __future__ import annotations
@@ -26,10 +34,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,10 +46,14 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.workloads import (
     WEIGHTS_ENV,
     WEIGHTS_TOLERANCE,
+    WORKLOADS,
     load_weights,
     max_difference,
     parse_report,
+    shared_data,
 )
+from clients.augment import AUGMENTATIONS, NONE
+from simulator.seeding import Purpose, torch_generator
 
 IMPLEMENTATIONS = {
     "fedstream_ray": ["benchmarks/run_fedstream.py", "{workload}", "ray"],
@@ -53,6 +66,9 @@ PSS_EVERY = 10  # PSS on every 10th sample
 # Stateful methods: Flower's baseline trains plain SGD and keeps no client state, so it is left out.
 STATEFUL = ["fedstream_ray", "fedstream_local", "bare_loop"]
 SCALE = STATEFUL  # C: Flower's simulation is left out at 100,000 clients; the bare loop checks the weights
+# ResNet-18 on 2 cores: FedStream's overhead per round over the floor, in one process each (Ray's two actors
+# would train the round's two clients side by side, and Flower's baseline brings nothing new here).
+LOCAL_VS_BARE = ["fedstream_local", "bare_loop"]
 COMPARED = {
     "A": list(IMPLEMENTATIONS),
     "B": list(IMPLEMENTATIONS),
@@ -62,6 +78,9 @@ COMPARED = {
     "C1k": SCALE,
     "A_ewc": STATEFUL,
     "tiny_ewc": STATEFUL,
+    "R18": LOCAL_VS_BARE,
+    "R18aug": LOCAL_VS_BARE,
+    "tiny_r18aug": LOCAL_VS_BARE,
 }
 FULL = ["A", "B", "A_ewc", "C", "C1k"]
 QUICK = ["quick", "A_ewc", "C", "C1k"]  # A_ewc whole: a run is mostly start-up, its ten rounds ~3 s
@@ -85,6 +104,10 @@ class Measurement:
     samples: int
     steal_percent: float  # CPU time the hypervisor gave to other guests meanwhile: a noisy neighbour
     runs: int
+    # Median of rounds 2..n in CPU seconds of the reporting process: all the work of fedstream_local and the bare
+    # loop (one torch thread each), so a busy host's other processes weigh on it less than on the wall clock;
+    # the driver's alone for Ray and Flower, whose actors train.
+    warm_round_cpu_s: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -99,6 +122,7 @@ class Run:
     accuracy: float
     samples: int
     steal_percent: float
+    warm_rounds_cpu_s: list[float] = field(default_factory=list)
 
 
 def tree_memory(process: psutil.Process, proportional: bool) -> int:
@@ -153,6 +177,7 @@ def measure(implementation: str, workload: str, weights_path: str | None = None)
         result["accuracy"],
         result["samples"],
         100 * stolen / ((ended - started) * (psutil.cpu_count() or 1)),
+        [b - a for a, b in zip(result["round_cpu"], result["round_cpu"][1:])],
     )
 
 
@@ -165,6 +190,7 @@ def combine(implementation: str, workload: str, runs: list[Run]) -> Measurement:
     if len({r.samples for r in runs}) != 1:
         raise RuntimeError(f"{implementation} on {workload}: repeats trained different samples: {runs}")
     warm = [w for r in runs for w in r.warm_rounds_s]
+    warm_cpu = [w for r in runs for w in r.warm_rounds_cpu_s]
     return Measurement(
         implementation,
         workload,
@@ -177,6 +203,7 @@ def combine(implementation: str, workload: str, runs: list[Run]) -> Measurement:
         runs[0].samples,
         round(statistics.mean(r.steal_percent for r in runs), 1),
         len(runs),
+        round(statistics.median(warm_cpu), 4) if warm_cpu else float("nan"),
     )
 
 
@@ -190,6 +217,10 @@ def ratios(results: dict[str, dict[str, Measurement]]) -> dict[str, float]:
             out[f"{workload}.warm_round_ray_over_bare"] = round(ray.warm_round_s / bare.warm_round_s, 3)
         if local and bare:
             out[f"{workload}.warm_round_local_over_bare"] = round(local.warm_round_s / bare.warm_round_s, 3)
+            if local.warm_round_cpu_s > 0 and bare.warm_round_cpu_s > 0:  # NaN where not reported: False
+                out[f"{workload}.warm_round_cpu_local_over_bare"] = round(
+                    local.warm_round_cpu_s / bare.warm_round_cpu_s, 3
+                )
             out[f"{workload}.end_to_end_local_over_bare"] = round(local.end_to_end_s / bare.end_to_end_s, 3)
         if ray and flower:
             out[f"{workload}.end_to_end_flower_over_ray"] = round(flower.end_to_end_s / ray.end_to_end_s, 3)
@@ -200,6 +231,74 @@ def ratios(results: dict[str, dict[str, Measurement]]) -> dict[str, float]:
     if big and small:
         out["C.warm_round_100k_over_1k"] = round(big.warm_round_s / small.warm_round_s, 3)
         out["C.peak_memory_100k_mb"] = big.peak_memory_mb
+    for workload, by_impl in results.items():  # an augmented workload against its unaugmented twin
+        twin = unaugmented(workload)
+        for implementation, label in (("bare_loop", "bare"), ("fedstream_local", "local")):
+            augmented, plain = by_impl.get(implementation), results.get(twin or "", {}).get(implementation)
+            if augmented and plain:
+                out[f"{workload}.{label}_round_over_{twin}"] = round(augmented.warm_round_s / plain.warm_round_s, 3)
+                if augmented.warm_round_cpu_s > 0 and plain.warm_round_cpu_s > 0:
+                    ratio = augmented.warm_round_cpu_s / plain.warm_round_cpu_s
+                    out[f"{workload}.{label}_round_cpu_over_{twin}"] = round(ratio, 3)
+    return out
+
+
+def unaugmented(name: str) -> str | None:
+    """The workload that is ``name``'s but for ``data.augment`` (none), if ``name`` is augmented and it exists."""
+    workload = WORKLOADS.get(name)
+    if workload is None or workload.augment == NONE:
+        return None
+    return next(
+        (other for other, w in WORKLOADS.items() if w == replace(workload, name=other, augment=NONE)),
+        None,
+    )
+
+
+def augmentation_cost(name: str, repeat: int = 5) -> float:
+    """Seconds workload ``name``'s ``data.augment`` takes on one round's training batches, on one torch
+    thread as the implementations train: each round's cohort's batches as ``ClientMethod.run_epochs`` cuts
+    them (the client's seeded order, ``batch_size``, every epoch), augmented from the client's generator;
+    per round the fastest of ``repeat`` passes, and the median over the rounds."""
+    workload = WORKLOADS[name]
+    config, stream = shared_data(workload)
+    augment = AUGMENTATIONS.resolve(config.data.augment)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        per_round = []
+        for server_round in range(1, workload.rounds + 1):
+            batches = []  # (client, its batches)
+            for client in workload.cohort(server_round):
+                x = torch.from_numpy(stream.x_train[stream.train_indices(server_round, client)])
+                order = torch_generator(config.seed, Purpose.CLIENT_TRAIN, server_round, client)
+                positions = [torch.randperm(len(x), generator=order) for _ in range(workload.epochs)]
+                batches.append((client, [x[p] for epoch in positions for p in epoch.split(workload.batch_size)]))
+            fastest = float("inf")
+            for _ in range(repeat):
+                started = time.perf_counter()
+                for client, xs in batches:
+                    generator = torch_generator(config.seed, Purpose.AUGMENT, server_round, client)
+                    for x in xs:
+                        augment(x, generator)
+                fastest = min(fastest, time.perf_counter() - started)
+            per_round.append(fastest)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(per_round)
+
+
+def augmentation_costs(results: dict[str, dict[str, Measurement]]) -> dict[str, float]:
+    """Per augmented workload: its augmentation's seconds a round (:func:`augmentation_cost`), and their
+    share of its bare loop's warm round (in CPU seconds, where reported: the steadier measure)."""
+    out: dict[str, float] = {}
+    for workload, by_impl in results.items():
+        if WORKLOADS[workload].augment == NONE:
+            continue
+        seconds = augmentation_cost(workload)
+        out[f"{workload}.augment_s_per_round"] = round(seconds, 5)
+        if bare := by_impl.get("bare_loop"):
+            round_s = bare.warm_round_cpu_s if bare.warm_round_cpu_s > 0 else bare.warm_round_s
+            out[f"{workload}.augment_share_of_bare_round"] = round(seconds / round_s, 5)
     return out
 
 
@@ -209,16 +308,17 @@ def same_samples(results: dict[str, dict[str, Measurement]]) -> dict[str, bool]:
 
 
 def table(results: dict[str, dict[str, Measurement]]) -> str:
+    width = max([9, *(len(w) + 1 for w in results)])  # the workload column
     header = (
-        f"{'workload':9}{'implementation':17}{'end to end s':>13}{'1st round s':>12}{'warm round s':>13}"
-        f"{'PSS MB':>8}{'RSS MB':>8}{'accuracy':>9}{'samples':>9}{'steal %':>8}"
+        f"{'workload':{width}}{'implementation':17}{'end to end s':>13}{'1st round s':>12}{'warm round s':>13}"
+        f"{'warm CPU s':>11}{'PSS MB':>8}{'RSS MB':>8}{'accuracy':>9}{'samples':>9}{'steal %':>8}"
     )
     rows = [header, "-" * len(header)]  # one row per implementation, over its repeats
     for by_impl in results.values():
         for m in by_impl.values():
             rows.append(
-                f"{m.workload:9}{m.implementation:17}{m.end_to_end_s:13.2f}{m.first_round_s:12.2f}"
-                f"{m.warm_round_s:13.4f}{m.peak_memory_mb:8.0f}{m.peak_rss_mb:8.0f}"
+                f"{m.workload:{width}}{m.implementation:17}{m.end_to_end_s:13.2f}{m.first_round_s:12.2f}"
+                f"{m.warm_round_s:13.4f}{m.warm_round_cpu_s:11.4f}{m.peak_memory_mb:8.0f}{m.peak_rss_mb:8.0f}"
                 f"{m.accuracy:9.3f}{m.samples:9d}{m.steal_percent:8.1f}"
             )
     return "\n".join(rows)
@@ -251,7 +351,7 @@ def run(workloads: list[str], repeat: int = 1) -> dict:
     print(table(results))
     return {
         "results": {w: {i: asdict(m) for i, m in by.items()} for w, by in results.items()},
-        "ratios": ratios(results),
+        "ratios": {**ratios(results), **augmentation_costs(results)},
         "same_samples": same_samples(results),
         "weights_max_abs_diff": differences,
         # FedStream's own: Flower's simulation aggregates in arrival order, so its last bits may differ.

@@ -6,10 +6,23 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import speed
-from benchmarks.workloads import WEIGHTS_TOLERANCE, WORKLOADS, samples_of, shared_data
+from benchmarks.workloads import (
+    DATA_ENV,
+    WEIGHTS_ENV,
+    WEIGHTS_TOLERANCE,
+    WORKLOADS,
+    load_weights,
+    max_difference,
+    parse_report,
+    samples_of,
+    shared_data,
+)
+from clients.augment import crop_flip
 from simulator.jobs import task_change
+from simulator.seeding import Purpose, torch_generator
 
 pytestmark = pytest.mark.ray
 
@@ -60,6 +73,66 @@ def test_ewc_crosses_task_boundaries_and_the_bare_loop_matches_fedstream():
     assert "tiny_ewc.warm_round_ray_over_bare" in _measured("tiny_ewc")["ratios"]
 
 
+def test_resnet18_with_crop_flip_trains_the_same_samples_to_the_same_weights_in_fedstream_and_the_bare_loop(
+    tmp_path, monkeypatch, capsys
+):
+    """R18's path, shrunk (tiny_r18aug: 2 clients of 8 16x16 images, 2 rounds), in this process: the bare
+    loop builds the same ResNet-18, augments each batch from the client's own generator as FedStream's
+    worker does, and loads batch norm's averaged counters rounded as the engine does."""
+    from benchmarks import run_bare, run_fedstream
+
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))  # the images' .npz goes here
+    name, threads = "tiny_r18aug", torch.get_num_threads()
+    reports, weights = {}, {}
+    try:
+        for implementation, run in (
+            ("bare_loop", lambda: run_bare.main(name)),
+            ("fedstream_local", lambda: run_fedstream.main(name, "local")),
+        ):
+            monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / f"{implementation}.npz"))
+            run()
+            reports[implementation] = parse_report(capsys.readouterr().out)
+            weights[implementation] = load_weights(str(tmp_path / f"{implementation}.npz"))
+    finally:
+        torch.set_num_threads(threads)  # both train on one thread, as an actor with one CPU does
+    assert [p.name for p in tmp_path.glob("images-*.npz")] == ["images-v1-16-8-100-16-0.npz"]
+    config, stream = shared_data(WORKLOADS[name])
+    assert (config.model.name, config.data.augment, stream.x_train.shape[1:]) == ("resnet18", "crop_flip", (3, 16, 16))
+    assert (
+        reports["bare_loop"]["samples"] == reports["fedstream_local"]["samples"] == samples_of(stream, WORKLOADS[name])
+    )
+    assert len(weights["bare_loop"]) > 100  # ResNet-18's tensors, batch norm's statistics and counters included
+    assert max_difference(weights["fedstream_local"], weights["bare_loop"]) <= WEIGHTS_TOLERANCE
+    # The bare loop's batches are augmented, from the generator FedStream's worker draws from.
+    context = run_bare.ClientMemory(config, stream).context(2, 1)
+    x = torch.from_numpy(stream.x_train[:4])
+    assert torch.equal(context.augment(x), crop_flip(x, torch_generator(config.seed, Purpose.AUGMENT, 2, 1)))
+    assert not torch.equal(context.augment(x), x)
+
+
+def test_an_augmented_workload_is_timed_against_its_unaugmented_twin_and_its_augmentation_directly():
+    assert (speed.unaugmented("R18aug"), speed.unaugmented("R18"), speed.unaugmented("tiny_r18aug")) == (
+        "R18",
+        None,
+        None,
+    )
+    assert set(speed.COMPARED["R18"]) == set(speed.COMPARED["R18aug"]) == {"fedstream_local", "bare_loop"}
+
+    def row(implementation, workload, warm):
+        return speed.combine(implementation, workload, [_run([warm], 2**20)])
+
+    results = {
+        w: {"fedstream_local": row("fedstream_local", w, 1.05 * warm), "bare_loop": row("bare_loop", w, warm)}
+        for w, warm in (("R18", 8.0), ("R18aug", 8.2))
+    }
+    ratios = speed.ratios(results)
+    assert ratios["R18.warm_round_local_over_bare"] == ratios["R18aug.warm_round_local_over_bare"] == 1.05
+    assert ratios["R18aug.bare_round_over_R18"] == ratios["R18aug.local_round_over_R18"] == round(8.2 / 8.0, 3)
+    assert "R18.bare_round_over_R18" not in ratios
+    seconds = speed.augmentation_cost("tiny_r18aug", repeat=2)  # its 2 rounds of 2 batches of 8
+    assert 0 < seconds < 1
+
+
 def test_cohorts_are_seeded_sorted_and_distinct():
     workload = WORKLOADS["A"]
     cohort = workload.cohort(3)
@@ -95,7 +168,10 @@ def test_probe_overhead_times_the_class_incremental_scenario_with_the_probes_on_
     assert overhead["probes.on_over_off"] == pytest.approx(ratio, abs=2e-3)
 
 
-def test_gpu_check_reports_each_actors_device_memory_and_throughput_on_the_cpu_path(monkeypatch, capsys):
+# The gpu_check tests share one Ray (each run still starts its actors): it is not theirs to shut down.
+def test_gpu_check_reports_each_actors_device_memory_and_throughput_on_the_cpu_path(
+    monkeypatch, capsys, ray_with_three_cpus
+):
     from benchmarks import gpu_check
 
     monkeypatch.setattr(gpu_check, "ACTORS", (1, 2))
@@ -104,6 +180,27 @@ def test_gpu_check_reports_each_actors_device_memory_and_throughput_on_the_cpu_p
     assert [(r["actors"], r["actor"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
     assert len({r["pid"] for r in rows if r["actors"] == 2}) == 2  # two actor processes
     assert all(r["device"] == "cpu" and r["samples_per_s"] > 0 and r["peak_gpu_mb"] == 0.0 for r in rows)
+
+
+def test_gpu_check_times_resnet18_per_setting_on_one_warm_pool_on_the_cpu_path(capsys, ray_with_three_cpus):
+    from benchmarks import gpu_check
+
+    # The r18 shape shrunk for the CPU (4 clients of 8 16x16 images, 2 rounds); two settings, one actor.
+    argv = ["--cpu", "--workload", "r18", "--actors", "1", "--augment", "crop_flip", "--amp", "off", "bf16"]
+    gpu_check.main([*argv, "--channels-last", "true"])
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = json.loads(out[-1])
+    assert out[0].split()[:4] == ["actors", "augment", "amp", "ch.last"] and len(out) == 4  # header, 2 rows, JSON
+    assert [(r["actors"], r["augment"], r["amp"], r["channels_last"]) for r in rows] == [
+        (1, "crop_flip", "off", True),
+        (1, "crop_flip", "bf16", True),
+    ]
+    assert rows[0]["pids"] == rows[1]["pids"] and len(rows[0]["pids"]) == 1  # the second run: the warm actor
+    for r in rows:
+        assert r["devices"] == ["cpu"] and r["peak_gpu_mb"] == 0.0 and r["gpu_memory_cap"] is None
+        assert r["round_samples_per_s"] > 0 and r["actor_samples_per_s"] > 0
+        # Each run counts its own samples (4 clients x 8 images x 2 rounds), though its actors trained the one before.
+        assert r["samples"] == sum(r["per_actor_samples"]) == 64
 
 
 def test_the_weight_check_flags_an_aggregate_perturbed_past_the_tolerance(tmp_path):
