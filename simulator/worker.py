@@ -171,13 +171,14 @@ class ClientWorker:
         return x.contiguous(memory_format=torch.channels_last) if self.config.engine.channels_last else x
 
     def _augmentation(self, job: ClientJob) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """``data.augment`` drawing from the client's own generator for the round (clients/augment.py)."""
+        """``data.augment`` drawing from the client's own generator for the round (clients/augment.py), its
+        batches back in channels-last memory where ``engine.channels_last`` asks (a gather makes them plain)."""
         if self.augment is None:
             return None
-        augment, generator = (
-            self.augment,
-            torch_generator(self.config.seed, Purpose.AUGMENT, job.server_round, job.client_id),
-        )
+        augment = self.augment
+        generator = torch_generator(self.config.seed, Purpose.AUGMENT, job.server_round, job.client_id)
+        if self.config.engine.channels_last:
+            return lambda x: augment(x, generator).contiguous(memory_format=torch.channels_last)
         return lambda x: augment(x, generator)
 
     def _samples(self, indices: np.ndarray, task: np.ndarray | int) -> Batch:
