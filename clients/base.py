@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
 
@@ -271,8 +271,27 @@ def shared_keys(model: nn.Module, method: type[ClientMethod]) -> list[str]:
 
 
 def flat_parameters(model: nn.Module) -> np.ndarray:
-    """The model's parameters as one float32 vector (for client state)."""
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy()
+    """The model's parameters as one float32 vector (for client state), whatever their memory layout."""
+    return _flat(model.parameters())
+
+
+def flat_statistics(model: nn.Module) -> np.ndarray:
+    """The model's floating-point buffers (batch norm's running mean and variance) as one vector."""
+    return _flat(b for b in model.buffers() if b.is_floating_point())
+
+
+def load_statistics(vector: np.ndarray, model: nn.Module) -> None:
+    """Copy ``vector`` (as :func:`flat_statistics` gives it) into the model's floating-point buffers."""
+    flat, start = torch.tensor(np.asarray(vector)), 0
+    with torch.no_grad():
+        for buffer in (b for b in model.buffers() if b.is_floating_point()):
+            buffer.copy_(flat[start : start + buffer.numel()].view_as(buffer))
+            start += buffer.numel()
+
+
+def _flat(tensors: Iterable[torch.Tensor]) -> np.ndarray:
+    # reshape, not parameters_to_vector's view: a channels-last conv weight cannot be viewed flat
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).cpu().numpy()
 
 
 def parameter_views(vector: np.ndarray, model: nn.Module) -> list[torch.Tensor]:

@@ -7,8 +7,9 @@ over the old classes' logits softened by temperature ``T``: the model keeps
 answering on old classes as the teacher did, from new data alone. In
 task-incremental streams (masked logits) each old task is a head of its own
 and is distilled on its own softmax, as in the paper; otherwise the old
-classes share one. The teacher's weights and each class's old head (-1: not
-old) are the client's state.
+classes share one. The teacher's weights (and batch norm's statistics, where
+the model has them) and each class's old head (-1: not old) are the client's
+state.
 
 The teacher is the global model at the client's first round on the new task
 (the weights it then holds), not at the last round of the old one: a client
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clients.base import Batch, ClientMethod, TrainContext, flat_parameters, masked
+from clients.base import Batch, ClientMethod, TrainContext, flat_parameters, flat_statistics, load_statistics, masked
 from simulator.protocol import ClientState
 
 
@@ -54,7 +55,10 @@ class LwFClient(ClientMethod):
         heads = np.array(context.state.get("old_heads", np.zeros(0, np.int64)))
         heads = np.pad(heads, (0, max(int(labels.max(initial=-1)) + 1 - len(heads), 0)), constant_values=-1)
         heads[labels] = context.previous.task if context.class_mask is not None else 0
-        return {**context.state, "teacher": flat_parameters(model), "old_heads": heads}
+        state = {**context.state, "teacher": flat_parameters(model), "old_heads": heads}
+        if any(b.is_floating_point() for b in model.buffers()):  # batch norm: the teacher's statistics too
+            state["teacher_statistics"] = flat_statistics(model)
+        return state
 
     def begin(self, model: nn.Module, context: TrainContext) -> None:
         self.old_classes = None
@@ -65,6 +69,8 @@ class LwFClient(ClientMethod):
         device = next(model.parameters()).device
         weights = torch.tensor(np.asarray(context.state["teacher"]), device=device)
         torch.nn.utils.vector_to_parameters(weights, self.teacher.parameters())
+        if "teacher_statistics" in context.state:
+            load_statistics(context.state["teacher_statistics"], self.teacher)
         heads = context.state["old_heads"]
         self.old_classes = [
             torch.from_numpy(np.flatnonzero(heads == head)).to(device) for head in np.unique(heads[heads >= 0])

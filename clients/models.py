@@ -17,6 +17,7 @@ personal head (``fedper``, ``fedrep``) needs ``head`` with
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable
@@ -176,7 +177,7 @@ def _users_model(
         )
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(generator.initial_seed())
-        model = factory(input_shape, num_classes, config)
+        model = factory(input_shape, num_classes, dataclasses.replace(config, feature_dim=feature_width(config)))
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name = {config.name!r}: returned {type(model).__name__}, expected an nn.Module")
     return model

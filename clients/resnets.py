@@ -8,10 +8,11 @@ Learning for Image Recognition").
   16, 32, 64 channels) as iCaRL, PyCIL and TARGET build it: parameter-free shortcuts (option A: stride-2
   subsampling, zero channels appended); 64 features.
 
-Both take any (channels, height, width) input (global pooling), have batch norm after every convolution and
+Both take (channels, height, width) inputs of any channel count and size (global pooling) above 8x8
+(``resnet18``) or 4x4 (``resnet32``), have batch norm after every convolution and
 end in a ReLU, so features are non-negative as the MLP's and CNN's are. ``model.feature_dim`` null keeps the
 architecture's width; a number adds a linear layer and ReLU to that width (a projection, not in the papers).
-Batch norm's running statistics travel with the weights: docs/architecture.md, "Batch norm".
+Batch norm's running statistics are averaged beside the strategy: simulator/running_statistics.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from simulator.config import ModelConfig
+from simulator.config import ConfigError, ModelConfig
 
 
 class BasicBlock(nn.Module):
@@ -73,6 +74,18 @@ class CifarResNet(nn.Module):
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
 
+def _big_enough(input_shape: tuple[int, ...], name: str) -> None:
+    """Refuse images its strides take to 1x1: the last batch norm would then normalise one value per channel
+    on a client's one-sample batch, which it cannot (a client with ``n % batch_size == 1`` samples has one)."""
+    if max(input_shape[1:]) <= DOWNSAMPLING[name]:
+        raise ConfigError(
+            f"model.name = {name!r} halves images {DOWNSAMPLING[name].bit_length() - 1} times, so the dataset's "
+            f"{input_shape[1]}x{input_shape[2]} images reach its last batch norm as 1x1, which cannot train on a "
+            f"one-sample batch; it needs images larger than {DOWNSAMPLING[name]}x{DOWNSAMPLING[name]}: use "
+            f"{'resnet32 or ' if name == 'resnet18' else ''}model.name=cnn"
+        )
+
+
 def _with_width(network: CifarResNet, config: ModelConfig) -> nn.Module:
     if config.feature_dim is None or config.feature_dim == network.width:
         return network
@@ -81,14 +94,17 @@ def _with_width(network: CifarResNet, config: ModelConfig) -> nn.Module:
 
 def resnet18(input_shape: tuple[int, ...], config: ModelConfig) -> nn.Module:
     """ResNet-18, CIFAR variant (3x3 stem, no max-pool): 11.2M parameters, 512 features."""
+    _big_enough(input_shape, "resnet18")
     network = CifarResNet(input_shape[0], 64, [(64, 2), (128, 2), (256, 2), (512, 2)], zero_pad_shortcut=False)
     return _with_width(network, config)
 
 
 def resnet32(input_shape: tuple[int, ...], config: ModelConfig) -> nn.Module:
     """ResNet-32 of iCaRL and TARGET (option-A shortcuts): 0.46M parameters, 64 features."""
+    _big_enough(input_shape, "resnet32")
     network = CifarResNet(input_shape[0], 16, [(16, 5), (32, 5), (64, 5)], zero_pad_shortcut=True)
     return _with_width(network, config)
 
 
 NATURAL_WIDTH = {"resnet18": 512, "resnet32": 64}  # the features each gives with model.feature_dim null
+DOWNSAMPLING = {"resnet18": 8, "resnet32": 4}  # how many times smaller its last stage's images are

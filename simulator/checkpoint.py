@@ -207,11 +207,12 @@ def _read(folder: Path) -> Checkpoint:
     return checkpoint
 
 
-def restore_strategy(saved: Checkpoint, strategy: Any, where: Path) -> None:
+def restore_strategy(saved: Checkpoint, strategy: Any, where: Path, parameters: ArrayRecord) -> None:
     """Set the checkpoint's strategy state on ``strategy``, built from the config; a ConfigError if it does not
-    fit (another strategy, or arrays of other shapes than the global weights')."""
+    fit (another strategy, or arrays of other shapes than the global ``parameters``', the saved arrays less
+    batch norm's buffers, which strategies never see: simulator/running_statistics.py)."""
     try:
-        restore_strategy_state(strategy, saved.strategy, saved.arrays)
+        restore_strategy_state(strategy, saved.strategy, parameters)
     except ValueError as error:
         file = where / _folder_name(saved.round) / STATE
         raise ConfigError(f"resume = true: the strategy state in {file} cannot be restored: {error}") from None
@@ -404,7 +405,7 @@ class Checkpoints(Hook):
             arrays = {key: np.array(array) for key, array in arrays.items()}  # as a resume reads them: copies
             copied = copy.deepcopy(self.setup.strategy_as_built)
             decoded = [LayerState(s.path, s.kind, _decoded(e, arrays)) for s, e in zip(saved, encoded)]
-            restore_strategy_state(copied, decoded, view.arrays)
+            restore_strategy_state(copied, decoded, self.setup.grid.statistics.parameters_of(view.arrays))
             lost = lost_on_resume(view.strategy, copied)
         except Exception as error:  # the strategy's own checkpoint_state or restore_state, or what it holds
             raise StrategyStateLost(f"{where}: {type(error).__name__}: {error}") from None

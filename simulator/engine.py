@@ -40,6 +40,7 @@ from simulator.interrupts import Interrupted, stop_requests
 from simulator.probes import Probes
 from simulator.reporting_hooks import Communication, ForgettingPlot, Progress
 from simulator.run_dir import MB, RunDirectory
+from simulator.running_statistics import RunningStatistics
 from simulator.seeding import Draw, Purpose, derive_seed, seeded_global_state, torch_generator
 from simulator.strategy_calls import as_global_arrays, strategy_call
 from simulator.streams import Stream, build_stream
@@ -80,16 +81,17 @@ class Experiment:
         init = torch_generator(config.seed, Purpose.MODEL_INIT)
         model = build_model(stream.x_train.shape[1:], stream.num_classes, config.model, init)
         preflight.check_model_serves(model, method, config)
-        preflight.check_augmentation(config, stream.x_train)
+        preflight.check_image_options(config, stream.x_train)
         # 2. Resume from the last finished round, if asked (read before Ray starts; the strategy as
         #    built from the config, its state restored), else from the model's weights, less its personal layers.
         initial = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared_keys(model, method)})
+        statistics = RunningStatistics(list(initial.keys()), (name for name, _ in model.named_buffers()))
         strategy_as_built = self._copy_for_checkpoints() if config.engine.checkpoint_every else None
-        start = self._resumed(stream, rounds, initial) if self.resume else Start(initial)
+        start = self._resumed(stream, rounds, initial, statistics) if self.resume else Start(initial)
         budget = int(config.engine.client_state_memory_mb * MB)
         states = ClientStateStore(self.run_dir / checkpoint.CLIENT_STATE_DIR, budget, start.client_states)
         preflight.warn_if_proximal_term_unused(self.strategy, method, config.client.method)
-        preflight.check_strategy_serves(self.strategy, start.arrays)
+        preflight.check_strategy_serves(self.strategy, statistics.parameters_of(start.arrays))
         # 3. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface, started as
         #    soon as every check has passed; the run directory only then (a refused run writes
         #    nothing); the hooks. What needs no client runs while new actors import torch.
@@ -109,6 +111,7 @@ class Experiment:
                 nonfinite_dropped=start.nonfinite_dropped,
                 traffic=start.traffic,
                 personal=bool(method.personal_prefixes),
+                statistics=statistics,
             )
             TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = config.seed, SERVER_NODE_ID, 0
             outputs, elapsed = (
@@ -163,12 +166,12 @@ class Experiment:
                 "engine.checkpoint_every=0"
             ) from None
 
-    def _resumed(self, stream: Stream, rounds: int, initial: ArrayRecord) -> Start:
+    def _resumed(self, stream: Stream, rounds: int, initial: ArrayRecord, statistics: RunningStatistics) -> Start:
         """Where the newest checkpoint left the run, checked against this config."""
         where = self.run_dir / "checkpoints"
         saved = checkpoint.load(where)
         preflight.check_resumable(saved, where, self.config, stream, rounds, initial)
-        checkpoint.restore_strategy(saved, self.strategy, where)
+        checkpoint.restore_strategy(saved, self.strategy, where, statistics.parameters_of(saved.arrays))
         return Start.after(saved)
 
     def _train(
@@ -177,15 +180,16 @@ class Experiment:
         """One round of the strategy's training; the new global arrays (the old where it gives none)."""
         seed = derive_seed(self.config.seed, Purpose.STRATEGY, server_round)
         call = f"round {server_round}: {type(self.strategy).__name__}"
+        parameters = grid.statistics.for_strategy(arrays)  # buffers: simulator/running_statistics.py
         with grid.round(server_round), seeded_global_state(seed):
             with strategy_call(f"{call}.configure_train"):
-                messages = self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+                messages = self.strategy.configure_train(server_round, parameters, ConfigRecord(), grid)
             replies = grid.send_and_receive(messages)
             with strategy_call(f"{call}.aggregate_train"):
                 new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
-        if new_arrays is None:
-            return arrays, train_metrics
-        return as_global_arrays(new_arrays, arrays, f"{call}.aggregate_train"), train_metrics
+        if new_arrays is not None:
+            parameters = as_global_arrays(new_arrays, parameters, f"{call}.aggregate_train")
+        return grid.statistics.with_averaged(parameters), train_metrics
 
     def _end_task(self, task: int, server_round: int, arrays: ArrayRecord, grid: SimulationGrid) -> ArrayRecord:
         """The strategy's ``on_task_end(task, arrays, grid)``, where it (or one it wraps) has one: its arrays,
@@ -195,9 +199,10 @@ class Experiment:
             return arrays
         seed = derive_seed(self.config.seed, Purpose.STRATEGY, server_round, Draw.TASK_END_CALL)
         call = f"round {server_round}: {type(hooked[0]).__name__}.on_task_end"
+        parameters = grid.statistics.for_strategy(arrays)
         with grid.round(server_round), seeded_global_state(seed), strategy_call(call):
-            ended = hooked[0].on_task_end(task, arrays, grid)
-        return arrays if ended is None else as_global_arrays(ended, arrays, call)
+            ended = hooked[0].on_task_end(task, parameters, grid)
+        return arrays if ended is None else grid.statistics.with_averaged(as_global_arrays(ended, parameters, call))
 
 
 def assemble_hooks(setup: RunSetup) -> Hooks:

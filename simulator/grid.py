@@ -32,6 +32,7 @@ from simulator.jobs import JobPlanner
 from simulator.protocol import (
     EVALUATE,
     GLOBAL_ARRAYS,
+    NUM_EXAMPLES,
     NUM_TASKS,
     QUERY,
     REPLY_ARRAYS,
@@ -41,6 +42,7 @@ from simulator.protocol import (
     ClientOutcome,
 )
 from simulator.run_dir import MB
+from simulator.running_statistics import RunningStatistics
 from simulator.streams import Stream
 
 _KINDS = {MessageType.TRAIN: TRAIN, MessageType.EVALUATE: EVALUATE, MessageType.QUERY: QUERY}
@@ -87,6 +89,7 @@ class SimulationGrid(Grid):
         nonfinite_dropped: int = 0,
         personal: bool = False,
         traffic: Traffic = Traffic(),
+        statistics: RunningStatistics | None = None,
     ) -> None:
         self.backend = backend
         self.stream = stream
@@ -95,6 +98,8 @@ class SimulationGrid(Grid):
         self.nonfinite_dropped = nonfinite_dropped  # replies left out so far (on_nonfinite = drop)
         self.warned_empty = False  # the run was told once that clients with no samples weigh 0
         self.traffic = traffic  # bytes sent and received so far (a resumed run's included)
+        # The model's buffers, added to messages and kept out of replies (none: a model without buffers).
+        self.statistics = RunningStatistics([], []) if statistics is None else statistics
         self._run = Run.create_empty(run_id)
         self._run.override_config[NUM_TASKS] = stream.num_tasks  # a strategy can tell the last task's end
         self._ids = itertools.count()
@@ -161,7 +166,7 @@ class SimulationGrid(Grid):
             _stamp(message, f"m{next(self._ids)}")
             jobs.append(self._job(message, records, present))
         empty = self._empty_clients(jobs)
-        weights = [record.to_numpy_ndarrays() for record in records]
+        weights = [self.statistics.full_weights(record) for record in records]
         outcomes = self.backend.execute(jobs, weights)
         self.traffic = self.traffic.plus(
             uplink_bytes=sum(_nbytes(outcome.arrays or ()) for outcome in outcomes),
@@ -190,7 +195,7 @@ class SimulationGrid(Grid):
                 if job.kind == TRAIN:
                     outcome.metrics[EMPTY_CLIENTS] = float(len(empty))
         return [
-            self._reply(message, outcome, list(records[job.weights_index].keys())) if outcome.finite else None
+            self._reply(message, job, outcome, list(records[job.weights_index].keys())) if outcome.finite else None
             for message, job, outcome in zip(messages, jobs, outcomes)
         ]
 
@@ -244,11 +249,14 @@ class SimulationGrid(Grid):
             records.append(arrays)
         return self.jobs.job(kind, client, self.server_round, index, config, query_arrays)
 
-    def _reply(self, message: Message, outcome: ClientOutcome, keys: list[str]) -> Message:
+    def _reply(self, message: Message, job: ClientJob, outcome: ClientOutcome, keys: list[str]) -> Message:
         content = RecordDict({REPLY_METRICS: MetricRecord(outcome.metrics)})
         if outcome.arrays is not None:  # the weights as the message's, or a query's named answer
-            names = keys if outcome.array_names is None else outcome.array_names
-            content[REPLY_ARRAYS] = held_array_record(names, outcome.arrays)
+            names, arrays = keys if outcome.array_names is None else outcome.array_names, outcome.arrays
+            if self.statistics and outcome.array_names is None:  # trained weights: the buffers stay here
+                examples = outcome.metrics[NUM_EXAMPLES] if job.kind == TRAIN else None
+                names, arrays = self.statistics.reply_arrays(arrays, examples)
+            content[REPLY_ARRAYS] = held_array_record(names, arrays)
         reply = Message(content, reply_to=message)
         _stamp(reply, f"r{message.metadata.message_id}")
         return reply

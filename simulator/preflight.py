@@ -85,9 +85,15 @@ def check_model_serves(model: torch.nn.Module, method: type[ClientMethod], confi
     )
 
 
-def check_augmentation(config: ExperimentConfig, images: np.ndarray) -> None:
-    """Refuse ``data.augment`` on inputs it cannot take: every augmentation takes a batch of images
-    ``(N, C, H, W)``; one that fails on two training samples, or returns another shape or type, fails here."""
+def check_image_options(config: ExperimentConfig, images: np.ndarray) -> None:
+    """Refuse what only images can take on other inputs: ``engine.channels_last``, and ``data.augment``,
+    whose every augmentation takes a batch ``(N, C, H, W)``; one that fails on two training samples, or
+    returns another shape or type, fails here."""
+    if config.engine.channels_last and images.ndim != 4:
+        raise ConfigError(
+            f"engine.channels_last = true lays out images (channels, height, width); data.dataset = "
+            f"{config.data.dataset!r} gives inputs of shape {images.shape[1:]}: set engine.channels_last=false"
+        )
     augment = config.data.augment
     if augment == NONE:
         return

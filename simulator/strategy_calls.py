@@ -1,14 +1,12 @@
 """The engine's calls of a strategy, checked: what one raises names the strategy, its method and the round;
-what one returns as the global model must be the model's arrays, in its order, all finite, its integer
-arrays (batch norm's counters) integers again."""
+what one returns as the global model must be the model's arrays, in its order, all finite."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
-import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 from simulator.backends import ClientFailure
 from simulator.config import ConfigError
@@ -57,19 +55,6 @@ def as_global_arrays(returned: ArrayRecord, expected: ArrayRecord, call: str) ->
         )
     if not all_finite(returned.to_numpy_ndarrays()):
         raise ClientFailure(f"{call} returned non-finite global weights (training diverged)")
-    counters = [name for name, array in expected.items() if np.dtype(array.dtype).kind in "iu"]
-    if list(returned) != list(expected) or any(returned[name].dtype != expected[name].dtype for name in counters):
-        return ArrayRecord({name: _as_counter(returned[name], expected[name]) for name in expected})
+    if list(returned) != list(expected):
+        return ArrayRecord({name: returned[name] for name in expected})
     return returned
-
-
-def _as_counter(returned: Array, expected: Array) -> Array:
-    """An integer array (batch norm's ``num_batches_tracked``) back in its type, rounded to the nearest.
-
-    A weighted mean turns integers into floats (Flower's FedAvg: ``int64 * weight``), and loading
-    ``9.999999`` into an integer tensor would truncate it to 9: FedAvg of identical clients would
-    then change the counter. Float arrays keep the type the strategy gave them.
-    """
-    if np.dtype(expected.dtype).kind not in "iu" or returned.dtype == expected.dtype:
-        return returned
-    return Array(np.asarray(np.rint(returned.numpy()), dtype=expected.dtype))

@@ -99,6 +99,8 @@ class ClientWorker:
         method = METHODS.resolve(config.client.method)
         self.method = method(config.client)
         self.shared = shared_keys(self.model, method)  # the names of what the server sends and gets
+        buffers = {name for name, _ in self.model.named_buffers()}  # batch norm's statistics: never clipped
+        self.clipped = [i for i, name in enumerate(self.shared) if name not in buffers]
         # Personal tensors restart from the initial model for each client: its own come from its state.
         self.initial_personal = {
             k: v.clone() for k, v in self.model.state_dict().items() if k.startswith(method.personal_prefixes)
@@ -213,7 +215,8 @@ class ClientWorker:
         check_metrics(result.metrics, f"{type(self.method).__name__}.{hook}")
         arrays = self._weights()
         metrics = {**result.metrics, NUM_EXAMPLES: float(result.num_examples), TRAIN_LOSS: result.train_loss}
-        metrics.update(clip_if_asked(arrays, global_weights, job.config))
+        clipped = [arrays[i] for i in self.clipped], [global_weights[i] for i in self.clipped]
+        metrics.update(clip_if_asked(*clipped, job.config))
         finite = math.isfinite(result.train_loss) and all_finite(arrays)
         return ClientOutcome(
             job.client_id,

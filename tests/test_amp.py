@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from helpers import final_checkpoint, read_metrics, run_experiment
+
+from simulator.config import ConfigError
 
 CNN = ["engine.backend=local", "rounds=3", "model.name=cnn", "federation.clients_per_round=4"]
 
@@ -34,3 +37,15 @@ def test_channels_last_memory_gives_the_same_numbers(tmp_path):
     for name, array in weights.items():
         assert cl_weights[name].flags.c_contiguous, name  # what is sent is in the usual layout
         np.testing.assert_allclose(cl_weights[name], array, atol=1e-6, err_msg=name)
+
+
+def test_channels_last_serves_methods_that_keep_flat_weights_and_is_refused_on_vectors(tmp_path):
+    class_il = ["scenario=digits_class_incremental", "model.name=cnn", "stream.rounds_per_task=1", "rounds=2"]
+    class_il.append("engine.backend=local")
+    for method in ("ewc", "lwf"):  # their state holds the weights flat: a channels-last conv weight too
+        run_experiment(tmp_path / method, [*class_il, f"client.method={method}", "engine.channels_last=true"])
+        assert len(read_metrics(tmp_path / method)) == 2
+    with pytest.raises(ConfigError, match="engine.channels_last = true lays out images .* gives inputs of shape"):
+        run_experiment(
+            tmp_path / "synthetic", ["scenario=synthetic", "engine.channels_last=true", "engine.backend=local"]
+        )

@@ -12,9 +12,10 @@ from torch.nn import functional as F
 from clients.base import Batch, ReadOnlyState, TrainContext, flat_parameters
 from clients.ewc import EWCClient
 from clients.lwf import LwFClient
+from clients.models import build_model
 from clients.replay import ReplayClient
 from clients.sgd import SGDClient
-from simulator.config import ClientConfig
+from simulator.config import ClientConfig, ModelConfig
 from simulator.protocol import PreviousTask
 
 X, Y = tiny_images()
@@ -218,3 +219,26 @@ def test_a_new_state_of_none_keeps_the_state_the_round_trained_with():
     context = _context(ReadOnlyState({"seen": 0}), PreviousTask(0, np.arange(3)), True)
     state = _method(KeepsAll, buffer_size=4).train(_model(), X[20:28], Y[20:28], context).state
     assert state["indices"].tolist() == [0, 1, 2] and state["seen"] == 3  # begin_task's, not the one it came with
+
+
+def _batch_norm_model(seed: int) -> torch.nn.Module:
+    """A ResNet-32 whose running statistics moved on seeded batches: a round's global model."""
+    model = build_model((3, 8, 8), 10, ModelConfig(name="resnet32"), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for step in range(3):
+            model.train()(torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(10 * seed + step)) * seed)
+    return model
+
+
+def test_lwfs_teacher_keeps_its_batch_norm_statistics_whatever_the_worker_ran_before():
+    teacher = _batch_norm_model(1)
+    lwf = _method(LwFClient)
+    state = lwf.begin_task(teacher, _context({}, PreviousTask(0, np.arange(5)), True))
+    x, y = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 4 + 5
+    fresh, used = _method(LwFClient), _method(LwFClient)
+    used.train(_batch_norm_model(3), x, y, _context(state))  # the worker's teacher first served another round
+    losses = [method.train(_batch_norm_model(2), x, y, _context(state)).train_loss for method in (fresh, used)]
+    assert losses[0] == losses[1]
+    assert "teacher_statistics" in state and "teacher_statistics" not in lwf.begin_task(
+        _model(), _context({}, PreviousTask(0, np.arange(5)), True)
+    )  # a model without buffers keeps the state it always had

@@ -209,3 +209,10 @@ def test_a_users_model_builds_its_own_head():
             ModelConfig(name="tests.user_code.plain_models.with_features", head="etf"),
             torch.Generator().manual_seed(0),
         )
+
+
+def test_a_users_model_gets_the_encoders_width_where_feature_dim_is_null():
+    model = build_model(
+        (1, 8, 8), 10, ModelConfig(name="tests.user_code.plain_models.with_features"), torch.Generator().manual_seed(0)
+    )
+    assert model.features(torch.rand(2, 1, 8, 8)).shape == (2, 64)  # feature_dim null: the MLP's and CNN's 64

@@ -19,3 +19,15 @@ class ReversesKeys(FedAvg):
     def aggregate_train(self, server_round, replies):
         arrays, metrics = super().aggregate_train(server_round, replies)
         return ArrayRecord(dict(reversed(list(arrays.items())))), metrics
+
+
+SEEN: list[list[str]] = []  # the keys of every reply KeysSeen aggregated, in this process
+
+
+class KeysSeen(FedAvg):
+    """FedAvg that records the keys of the arrays each reply brings it."""
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        SEEN.extend(list(reply.content["arrays"].keys()) for reply in replies)
+        return super().aggregate_train(server_round, replies)
