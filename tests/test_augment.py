@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import USER_CODE, compose_run, dataset_of, read_metrics, run_experiment, timeless_records
+from helpers import USER_CODE, compose_run, dataset_of, read_metrics, run_experiment, stream_of, timeless_records
 
 from clients.augment import PADDING, crop_flip
 from simulator.config import ConfigError
@@ -113,3 +113,13 @@ def test_an_augmentation_that_cannot_serve_the_data_is_refused_before_any_client
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run_experiment(tmp_path, ["engine.backend=local", *overrides])
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_rotation_of_standardised_images_brings_in_black_not_the_mean_colour():
+    run = compose_run(["scenario=rotated_digits", "data.normalize=true"])
+    dataset, stream = dataset_of(run), stream_of(run)
+    black = float(dataset.blank.ravel()[0])  # digits' background is 0: black
+    assert black < -0.5 and float(dataset.x_train[:, 0, 0, 0].max()) == black  # a corner pixel is background
+    n = len(dataset.y_train)
+    by_45_degrees = stream.x_train[2 * n : 3 * n]  # task 2 of 5 up to 90 degrees: its corners come from outside
+    np.testing.assert_allclose(by_45_degrees[:, 0, 0, 0], black, atol=1e-5)

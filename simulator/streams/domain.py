@@ -89,6 +89,10 @@ class RotatedStream(DomainStream):
     Settings = RotatedSettings
     section = "rotated"
 
+    def __init__(self, config: ExperimentConfig, dataset: Dataset) -> None:
+        self.blank = dataset.blank  # standardised data: what a rotation brings in at the corners is black
+        super().__init__(config, dataset)
+
     def transform(self, x: np.ndarray, task: int) -> np.ndarray:
         if x.ndim != 4:
             raise ConfigError(
@@ -100,6 +104,7 @@ class RotatedStream(DomainStream):
         angle = math.radians(task * self.settings.max_angle / max(self.num_tasks - 1, 1))
         cos, sin = math.cos(angle), math.sin(angle)
         theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float32)
-        images = torch.from_numpy(x)
+        images = torch.from_numpy(x if self.blank is None else x - self.blank)
         grid = F.affine_grid(theta.expand(len(x), 2, 3), list(images.shape), align_corners=False)
-        return F.grid_sample(images, grid, align_corners=False).numpy()
+        rotated = F.grid_sample(images, grid, align_corners=False).numpy()  # zero outside the image
+        return rotated if self.blank is None else rotated + self.blank
