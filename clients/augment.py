@@ -10,13 +10,14 @@ user's is the dotted path of a function ``(x, generator) -> x`` taking a batch
 Its random draws come only from ``generator``, a CPU generator seeded from
 (run seed, round, client id) apart from the one that orders batches, so
 turning augmentation on changes no batch's samples, and the same client gives
-the same numbers on any actor, backend or device (the draws are made on the CPU
-and moved to the batch's device). Only training batches are augmented, after a
+the same numbers on any actor or backend. The draws are made on the CPU and
+moved to the batch's device, so a GPU crops and flips the same images the same
+way (its arithmetic, not the draws, makes GPU numbers differ from the CPU's). Only training batches are augmented, after a
 method has added its own samples (replay's); evaluation and probes never are.
 
-Padding fills with 0: with ``crop_flip`` the data are standardised per channel
-(``data.normalize``, ``simulator/data/dataset.py``), so 0 is the dataset's mean
-colour; torchvision pads before normalising, with black.
+Padding fills with 0: with ``crop_flip`` the data are by default standardised
+per channel (``data.normalize``, ``simulator/data/dataset.py``), so 0 is the
+dataset's mean colour; torchvision pads before normalising, with black.
 """
 
 from __future__ import annotations
@@ -54,4 +55,3 @@ AUGMENTATIONS: Registry[Augmentation] = Registry(
     {"crop_flip": crop_flip},
     "a function (x, generator) -> x over a batch of images",
 )
-NONE = "none"  # data.augment's default: train on the samples as they are

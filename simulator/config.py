@@ -36,6 +36,7 @@ MAX_CPUS_PER_ACTOR = 1024  # engine.num_cpus_per_actor, and engine.torch_threads
 RAY_RESOURCE_UNIT = 0.0001  # Ray's smallest share of a CPU or GPU
 MAX_CLIENT_TIMEOUT_S = 1_000_000  # engine.client_timeout_s: 11.6 days; null is no limit
 MAX_ACTOR_RESTARTS = 1_000_000  # engine.max_actor_restarts: Ray's count is an int32
+NO_AUGMENTATION = "none"  # data.augment's default: train on the samples as they are
 MAX_WIDTH = 65536  # model.hidden and model.feature_dim: a layer's width
 
 
@@ -68,7 +69,7 @@ class DataConfig:
     # null: by 255 where the file stores uint8 (pixels 0..255), else used as stored.
     scale: float | None = None
     test_fraction: float = 0.2  # held-out share for datasets without a test split
-    augment: str = "none"  # training batches: none | crop_flip | pkg.module.function (clients/augment.py)
+    augment: str = NO_AUGMENTATION  # training batches: none | crop_flip | pkg.module.fn (clients/augment.py)
     normalize: bool | None = None  # standardise inputs per channel by the training set; null: with augment only
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     sections: dict[str, Any] = field(default_factory=dict, metadata=PLUGIN_SECTIONS)  # data.<section>, as given
@@ -104,7 +105,7 @@ class ModelConfig:
 
     name: str = "mlp"  # mlp | cnn | resnet18 | resnet32 | pkg.module.function (a user's model, clients/models.py)
     hidden: int = 128  # the MLP's hidden width
-    feature_dim: int | None = None  # the encoder's output width; null: its own (mlp, cnn: 64; resnet18: 512)
+    feature_dim: int | None = None  # the encoder's output width; null: its own (mlp, cnn, resnet32: 64; resnet18: 512)
     head: str = "linear"  # linear | normalized | etf | pkg.module.Class (clients/heads/)
     sections: dict[str, Any] = field(default_factory=dict, metadata=PLUGIN_SECTIONS)  # model.<section>, as given
     head_settings: Any = field(default=None, metadata=DERIVED)  # the head's Settings, from its model.<section>
@@ -487,4 +488,4 @@ register_with_hydra()
 
 def normalizes(data: DataConfig) -> bool:
     """Whether inputs are standardised: ``data.normalize``, or where null, whether training is augmented."""
-    return data.augment != "none" if data.normalize is None else data.normalize
+    return data.augment != NO_AUGMENTATION if data.normalize is None else data.normalize

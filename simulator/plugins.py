@@ -15,10 +15,10 @@ import dataclasses
 from omegaconf import DictConfig
 
 from clients import METHODS
-from clients.augment import AUGMENTATIONS, NONE
+from clients.augment import AUGMENTATIONS
 from clients.heads import HEADS
 from clients.models import MODELS
-from simulator.config import ConfigError, ExperimentConfig, parse_config, scenario_source
+from simulator.config import NO_AUGMENTATION, ConfigError, ExperimentConfig, parse_config, scenario_source
 from simulator.data import DATASETS
 from simulator.hooks import HOOKS
 from simulator.streams import STREAMS
@@ -30,7 +30,7 @@ def load_config(cfg: DictConfig) -> ExperimentConfig:
     where = scenario_source(cfg)
     client, model, stream, data = config.client, config.model, config.stream, config.data
     MODELS.resolve(model.name, where)
-    if data.augment != NONE:
+    if data.augment != NO_AUGMENTATION:
         AUGMENTATIONS.resolve(data.augment, where)
     for hook in config.eval.hooks:
         HOOKS.resolve(hook, where)

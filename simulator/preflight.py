@@ -20,11 +20,11 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from clients.augment import AUGMENTATIONS, NONE
+from clients.augment import AUGMENTATIONS
 from clients.base import ClientMethod
 from clients.fedprox import FedProxClient
 from simulator.checkpoint import Checkpoint
-from simulator.config import ConfigError, ExperimentConfig, to_dict
+from simulator.config import NO_AUGMENTATION, ConfigError, ExperimentConfig, to_dict
 from simulator.protocol import PROXIMAL_MU
 from simulator.run_dir import leaves
 from simulator.seeding import Purpose, torch_generator
@@ -95,7 +95,7 @@ def check_image_options(config: ExperimentConfig, images: np.ndarray) -> None:
             f"{config.data.dataset!r} gives inputs of shape {images.shape[1:]}: set engine.channels_last=false"
         )
     augment = config.data.augment
-    if augment == NONE:
+    if augment == NO_AUGMENTATION:
         return
     if images.ndim != 4:
         raise ConfigError(

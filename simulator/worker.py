@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from clients import METHODS
-from clients.augment import AUGMENTATIONS, NONE
+from clients.augment import AUGMENTATIONS
 from clients.base import Batch, ClientMethod, ReadOnlyState, TrainContext, shared_keys
 from clients.clipping import clip_if_asked
 from clients.models import build_model, evaluate
-from simulator.config import ExperimentConfig
+from simulator.config import NO_AUGMENTATION, ExperimentConfig
 from simulator.deadline import ClientTimeout, deadline
 from simulator.protocol import (
     ACCURACY,
@@ -94,7 +94,7 @@ class ClientWorker:
         self.model = build_model(data.x_train.shape[1:], data.num_classes, config.model, generator).to(self.device)
         if config.engine.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.augment = None if config.data.augment == NONE else AUGMENTATIONS.resolve(config.data.augment)
+        self.augment = None if config.data.augment == NO_AUGMENTATION else AUGMENTATIONS.resolve(config.data.augment)
         self.autocast = torch.bfloat16 if config.engine.amp == "bf16" else None
         method = METHODS.resolve(config.client.method)
         self.method = method(config.client)

@@ -34,6 +34,10 @@ def ask_clients(
     drawn from (seed, round, client), the same for every query of the round. A client's failure fails the run, naming it (the Grid raises); a reply with an
     error raises here.
     """
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise ValueError(f"ask_clients(max_samples={max_samples!r}): expected a whole number >= 1, or None for all")
     config = {QUERY_NAME: query} if max_samples is None else {QUERY_NAME: query, QUERY_SAMPLES: max_samples}
     content = RecordDict({GLOBAL_ARRAYS: arrays, "config": ConfigRecord(config)})
     if query_arrays:

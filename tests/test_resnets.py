@@ -140,11 +140,15 @@ def test_a_strategy_never_sees_batch_norms_buffers(tmp_path, monkeypatch):
     assert "encoder.stem.1.running_var" in final_checkpoint(tmp_path)[0]  # the global model has them
 
 
-@pytest.mark.parametrize("method", ["sgd", "replay", "ewc", "lwf", "fedrep"])
+@pytest.mark.parametrize("method", ["sgd", "fedprox", "replay", "ewc", "lwf", "fedper", "fedrep"])
 def test_every_method_trains_a_resnet_through_a_task_change(tmp_path, method):
     run_experiment(tmp_path, [*CLASS_IL, f"client.method={method}"])
     records = read_metrics(tmp_path)
     assert [r["task"] for r in records] == [0, 1] and all(np.isfinite(r["train_loss"]) for r in records)
+    # Where a method acts only after a task change, it did act: on what the first task left.
+    acted = {"lwf": "train/lwf_distillation", "ewc": "train/ewc_penalty", "replay": "train/replay_memory"}
+    if method in acted:
+        assert records[0][acted[method]] == 0 < records[1][acted[method]]
 
 
 @pytest.mark.parametrize("strategy", ["fot", "ccvr", "fedadam"])
