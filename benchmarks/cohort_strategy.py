@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from benchmarks.workloads import WORKLOADS, RoundClock
+from simulator.hooks import Hook, RoundView
 from simulator.protocol import NUM_EXAMPLES, SERVER_ROUND
 
 PARTITION_ID = "partition-id"
@@ -57,3 +58,14 @@ class FixedCohortFedAvg(FedAvg):
         self.final = result[0] if result[0] is not None else self.final
         self.clock.tick()
         return result
+
+
+class FinalGlobalWeights(Hook):
+    """FedStream's global model after the last round, batch norm's buffers included (a strategy sees the
+    parameters only): what the benchmark compares with the bare loop's. ``eval.hooks=[this class]``."""
+
+    arrays: list = []  # the last run's, in the model's order
+
+    def at_end(self, view: RoundView) -> dict:
+        FinalGlobalWeights.arrays = view.arrays.to_numpy_ndarrays()
+        return {}

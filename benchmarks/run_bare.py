@@ -23,13 +23,13 @@ import torch
 
 from benchmarks.workloads import WORKLOADS, RoundClock, report, save_weights, shared_data
 from clients import METHODS
-from clients.augment import AUGMENTATIONS, NONE
+from clients.augment import AUGMENTATIONS
 from clients.base import Batch, ReadOnlyState, TrainContext
 from clients.models import (
     build_model,
     evaluate,
 )
-from simulator.config import ExperimentConfig
+from simulator.config import NO_AUGMENTATION, ExperimentConfig
 from simulator.jobs import task_change
 from simulator.protocol import ClientState
 from simulator.seeding import Purpose, torch_generator
@@ -85,7 +85,9 @@ class ClientMemory:
             new_task=new_task,
             previous=previous,
             class_mask=as_tensor(self.stream.class_mask(server_round, client)),
-            augment=None if augment == NONE else augmentation(augment, self.config.seed, server_round, client),
+            augment=None
+            if augment == NO_AUGMENTATION
+            else augmentation(augment, self.config.seed, server_round, client),
             autocast=torch.bfloat16 if self.config.engine.amp == "bf16" else None,
         )
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cohort_strategy import FixedCohortFedAvg
+from benchmarks.cohort_strategy import FinalGlobalWeights, FixedCohortFedAvg
 from benchmarks.workloads import WORKLOADS, report, save_weights
 from simulator.config import compose_config
 from simulator.engine import Experiment
@@ -22,11 +22,12 @@ from simulator.plugins import load_config
 def main(name: str, backend: str) -> None:
     workload = WORKLOADS[name]
     engine = [f"engine.backend={backend}", "engine.num_actors=2", "engine.num_cpus_per_actor=1"]
-    config = load_config(compose_config([*workload.overrides(), *engine]))
+    final = f"eval.hooks=[{FinalGlobalWeights.__module__}.{FinalGlobalWeights.__name__}]"
+    config = load_config(compose_config([*workload.overrides(), *engine, final]))
     strategy = FixedCohortFedAvg(workload.name, epochs=workload.epochs, fraction_evaluate=0.0)
     with tempfile.TemporaryDirectory() as run_dir:
         summary = Experiment(config, strategy, Path(run_dir)).run()
-    save_weights(strategy.final.to_numpy_ndarrays())
+    save_weights(FinalGlobalWeights.arrays)
     report(strategy.clock, summary["final_accuracy"], strategy.samples)
 
 

@@ -52,7 +52,8 @@ from benchmarks.workloads import (
     parse_report,
     shared_data,
 )
-from clients.augment import AUGMENTATIONS, NONE
+from clients.augment import AUGMENTATIONS
+from simulator.config import NO_AUGMENTATION
 from simulator.seeding import Purpose, torch_generator
 
 IMPLEMENTATIONS = {
@@ -246,10 +247,10 @@ def ratios(results: dict[str, dict[str, Measurement]]) -> dict[str, float]:
 def unaugmented(name: str) -> str | None:
     """The workload that is ``name``'s but for ``data.augment`` (none), if ``name`` is augmented and it exists."""
     workload = WORKLOADS.get(name)
-    if workload is None or workload.augment == NONE:
+    if workload is None or workload.augment == NO_AUGMENTATION:
         return None
     return next(
-        (other for other, w in WORKLOADS.items() if w == replace(workload, name=other, augment=NONE)),
+        (other for other, w in WORKLOADS.items() if w == replace(workload, name=other, augment=NO_AUGMENTATION)),
         None,
     )
 
@@ -292,7 +293,7 @@ def augmentation_costs(results: dict[str, dict[str, Measurement]]) -> dict[str, 
     share of its bare loop's warm round (in CPU seconds, where reported: the steadier measure)."""
     out: dict[str, float] = {}
     for workload, by_impl in results.items():
-        if WORKLOADS[workload].augment == NONE:
+        if WORKLOADS[workload].augment == NO_AUGMENTATION:
             continue
         seconds = augmentation_cost(workload)
         out[f"{workload}.augment_s_per_round"] = round(seconds, 5)
