@@ -7,7 +7,15 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAvg
-from helpers import USER_CODE, final_checkpoint, flower_task_identity, read_metrics, run_experiment, train_reply
+from helpers import (
+    USER_CODE,
+    final_checkpoint,
+    flower_task_identity,
+    read_metrics,
+    run_experiment,
+    timeless_records,
+    train_reply,
+)
 
 from clients.base import shared_keys
 from clients.heads import HEADS
@@ -170,3 +178,21 @@ CLASS_IL = [
     "client.epochs=1",
     "eval.probe_samples=200",
 ]
+
+
+def test_a_resnet_run_resumed_from_a_checkpoint_matches_the_uninterrupted_one(tmp_path):
+    # FedAdam's moments hold the parameters only; the checkpoint holds the buffers; LwF keeps its teacher's.
+    common = [*CLASS_IL, "strategy=fedadam", "client.method=lwf", "federation.clients_per_round=10"]
+    run_experiment(tmp_path / "whole", [*common, "rounds=3"])
+    run_experiment(tmp_path / "split", common)
+    run_experiment(tmp_path / "split", [*common, "rounds=3"], resume=True)
+    # Resumed states are read back from the checkpoint's files, which the spill gauge counts (as it
+    # always has, whatever the model); every number of the training is the same.
+    spill = "client_state_spilled_mb"
+    split_records, whole_records = timeless_records(tmp_path / "split"), timeless_records(tmp_path / "whole")
+    assert [{k: v for k, v in r.items() if k != spill} for r in split_records] == [
+        {k: v for k, v in r.items() if k != spill} for r in whole_records
+    ]
+    whole, _ = final_checkpoint(tmp_path / "whole")
+    split, _ = final_checkpoint(tmp_path / "split")
+    assert all(np.array_equal(whole[name], split[name]) for name in whole)
