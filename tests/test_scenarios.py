@@ -93,6 +93,7 @@ PROTOCOLS = {
     "tinyimagenet_target": (tiny_imagenet_folder, ["stream.class_incremental.tasks=[[0,1],[2,3]]"]),
     "pmnist_fot": (mnist_folder, ["stream.permuted.num_tasks=2"]),
 }
+SMALL_EVALUATION = ["eval.probe_samples=500", "eval.max_clients=10"]  # probes on 4,000 images would take most
 SMALL_DATA = {  # 1,000 images, not 50,000; 5,000, not 70,000
     "cifar10": ["data.partition.min_size=5"],
     "fashion_class_incremental": ["data.partition.min_size=2"],
@@ -125,7 +126,7 @@ def tiny_budget(name: str) -> tuple[list[str], int]:
 @pytest.mark.slow
 def test_scenario_runs_every_task_on_a_tiny_budget(tmp_path, name):
     budget, rounds = tiny_budget(name)
-    overrides = [f"scenario={name}", "engine.backend=local", "client.epochs=1", *budget]
+    overrides = [f"scenario={name}", "engine.backend=local", "client.epochs=1", *budget, *SMALL_EVALUATION]
     if name in DATA_FILES:
         overrides += [f"data.path={DATA_FILES[name](tmp_path)}", *SMALL_DATA.get(name, [])]
     summary = run_experiment(tmp_path / "run", overrides)
