@@ -187,9 +187,10 @@ class Experiment:
             replies = grid.send_and_receive(messages)
             with strategy_call(f"{call}.aggregate_train"):
                 new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
-        if new_arrays is not None:
-            parameters = as_global_arrays(new_arrays, parameters, f"{call}.aggregate_train")
-        return grid.statistics.with_averaged(parameters), train_metrics
+        if new_arrays is None:  # the model stays as it was, its buffers too
+            return arrays, train_metrics
+        new_parameters = as_global_arrays(new_arrays, parameters, f"{call}.aggregate_train")
+        return grid.statistics.with_averaged(new_parameters), train_metrics
 
     def _end_task(self, task: int, server_round: int, arrays: ArrayRecord, grid: SimulationGrid) -> ArrayRecord:
         """The strategy's ``on_task_end(task, arrays, grid)``, where it (or one it wraps) has one: its arrays,

@@ -43,8 +43,10 @@ class RunningStatistics:
         return arrays if not self.names else ArrayRecord({name: arrays[name] for name in self.parameters})
 
     def for_strategy(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The global ``arrays``' parameters for a strategy's call; their buffers kept for its messages."""
+        """The global ``arrays``' parameters for a strategy's call; their buffers kept for its messages, and
+        trained buffers a call before left unused (its strategy kept the model) forgotten."""
         self.current = {name: arrays[name].numpy() for name in self.names}
+        self._trained = []
         return self.parameters_of(arrays)
 
     def full_weights(self, record: ArrayRecord) -> list[np.ndarray]:
