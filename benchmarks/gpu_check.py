@@ -49,12 +49,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.cohort_strategy import FixedCohortFedAvg
 from benchmarks.workloads import WORKLOADS, Workload
 from simulator import backends
-from simulator.config import compose_config
+from simulator.config import NO_AUGMENTATION, compose_config
 from simulator.engine import Experiment
 from simulator.plugins import load_config
 
 ACTORS = (1, 2, 4)
-AUGMENT = ("none", "crop_flip")
+AUGMENT = (NO_AUGMENTATION, "crop_flip")
 AMP = ("off", "bf16")
 CHANNELS_LAST = ("false", "true")
 

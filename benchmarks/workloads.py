@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from simulator.config import NO_AUGMENTATION
 from simulator.seeding import Purpose, rng
 
 REPORT_PREFIX = "BENCHMARK_REPORT "
@@ -91,7 +92,7 @@ class Workload:
     extra: tuple[str, ...] = ()  # further config overrides (the stream)
     partition: str = "dirichlet"  # data.partition.kind: dirichlet (alpha 0.5) | iid
     images: Images | None = None  # the data of data.dataset=npz
-    augment: str = "none"  # data.augment
+    augment: str = NO_AUGMENTATION  # data.augment
 
     def overrides(self) -> list[str]:
         """FedStream config overrides (as run.py takes them; simulator.config.compose_config) for this workload."""
@@ -147,7 +148,7 @@ def r18(
     num_clients: int,
     rounds: int,
     batch_size: int,
-    augment: str = "none",
+    augment: str = NO_AUGMENTATION,
     clients_per_round: int = 2,
     epochs: int = 1,
     extra: tuple[str, ...] = (),
