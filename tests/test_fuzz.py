@@ -144,6 +144,10 @@ CASES: dict[str, Case] = {
     "period zero": Case(["stream.kind=label_shift", "stream.label_shift.period=0"], ["stream.label_shift.period = 0"]),
     "hidden zero": Case(["model.hidden=0"], ["model.hidden = 0"]),
     "feature dim negative": Case(["model.feature_dim=-1"], ["model.feature_dim = -1"]),
+    "amp unknown": Case(["engine.amp=fp8"], ["engine.amp = 'fp8'", "expected 'off' or 'bf16'"]),
+    "normalize not a bool": Case(["data.normalize=maybe"], ["data.normalize"]),
+    "augment typo": Case(["data.augment=crop_flp"], ["data.augment = 'crop_flp'", "valid: crop_flip"]),
+    "query samples zero": Case(["strategy=fot", "strategy.query_samples=0"], ["strategy.query_samples = 0"]),
     "hidden huge": Case(["model.hidden=100000000000"], ["model.hidden = 100000000000", "between 1 and 65536"]),
     "feature dim huge": Case(
         ["model.feature_dim=100000000000"], ["model.feature_dim = 100000000000", "between 1 and 65536"]
