@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
 
@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from clients.queries import QUERIES
 from simulator.config import ClientConfig
-from simulator.protocol import PreviousTask, Query
+from simulator.protocol import TRAIN_ONLY, PreviousTask, Query
 from simulator.registry import NoSettings
 
 
@@ -89,6 +89,9 @@ class TrainContext:
     class_mask: torch.Tensor | None = None  # task-incremental: the labels logits may take
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # data.augment, drawing from this client's seed
     autocast: torch.dtype | None = None  # engine.amp: forward pass and loss under autocast to this type
+    # The strategy's payload for the round (simulator.protocol.PAYLOAD_ARRAYS: a control variate, a teacher,
+    # synthetic samples), by name, on the model's device, read-only: shared by the clients of a worker's call.
+    payload: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, ReadOnlyState):  # however the context was built, its state is read-only
@@ -240,12 +243,37 @@ class ClientMethod:
         context: TrainContext,
         epochs: int,
     ) -> float:
-        """``epochs`` passes of minibatch SGD on ``params`` (the others stay as they are); the mean loss
-        (0.0 where there are no samples: no step is taken)."""
+        """``epochs`` passes of minibatch SGD on ``params`` (the others stay as they are: no gradient is
+        computed for them); the mean loss (0.0 where there are no samples: no step is taken).
+
+        Where the strategy's train config names ``TRAIN_ONLY`` prefixes, only the parameters of ``params``
+        under them train, and the modules outside them run in eval mode (a frozen encoder's batch norm
+        keeps the global statistics).
+        """
         if len(y) == 0:  # a batch of nothing has a NaN loss
             return 0.0
+        prefixes = train_only(context.config)
+        if prefixes:
+            names = {id(param): name for name, param in model.named_parameters()}
+            params = [param for param in params if names[id(param)].startswith(prefixes)]
+        with only_these_trained(model, params):
+            model.train()
+            if prefixes:
+                for name, module in model.named_modules():
+                    if name and not f"{name}.".startswith(prefixes) and not _holds_any(name, prefixes):
+                        module.eval()
+            return self._epochs(model, params, x, y, context, epochs)
+
+    def _epochs(
+        self,
+        model: nn.Module,
+        params: list[torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        context: TrainContext,
+        epochs: int,
+    ) -> float:
         velocity: dict[int, torch.Tensor] = {}
-        model.train()
         total_loss, steps = torch.zeros((), device=x.device), 0
         for _ in range(epochs):
             order = torch.randperm(len(y), generator=context.generator)
@@ -263,6 +291,34 @@ class ClientMethod:
                 total_loss += loss.detach()
                 steps += 1
         return float(total_loss) / max(steps, 1)
+
+
+def train_only(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The parameter-name prefixes a train config's ``TRAIN_ONLY`` names (comma-separated); () for all."""
+    value = config.get(TRAIN_ONLY)
+    return () if value is None else tuple(prefix for prefix in str(value).split(",") if prefix)
+
+
+def _holds_any(module_name: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether the module ``module_name`` holds a module or parameter under one of ``prefixes``."""
+    return any(prefix.startswith(f"{module_name}.") for prefix in prefixes)
+
+
+@contextlib.contextmanager
+def only_these_trained(model: nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
+    """In the block, every parameter of ``model`` not in ``params`` is frozen (no gradient is computed for it);
+    a parameter the model froze itself stays frozen. A ValueError where ``params`` leaves nothing to train."""
+    trainable = {id(p) for p in params}
+    was = [(param, param.requires_grad) for param in model.parameters()]
+    if not any(requires_grad and id(param) in trainable for param, requires_grad in was):
+        raise ValueError("nothing to train: no trainable parameter is left (a train-only prefix matching none?)")
+    for param, requires_grad in was:
+        param.requires_grad_(requires_grad and id(param) in trainable)
+    try:
+        yield
+    finally:
+        for param, requires_grad in was:
+            param.requires_grad_(requires_grad)
 
 
 def shared_keys(model: nn.Module, method: type[ClientMethod]) -> list[str]:

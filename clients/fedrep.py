@@ -37,26 +37,5 @@ class FedRepClient(FedPerClient):
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: TrainContext) -> float:
         head = [p for n, p in model.named_parameters() if n.startswith(self.personal_prefixes)]
         body = [p for n, p in model.named_parameters() if not n.startswith(self.personal_prefixes)]
-        self._train_only(model, head, x, y, context, self.settings.head_epochs)
-        return self._train_only(model, body, x, y, context, self.config.epochs)
-
-    def _train_only(
-        self,
-        model: nn.Module,
-        params: list[torch.Tensor],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        context: TrainContext,
-        epochs: int,
-    ) -> float:
-        """``run_epochs`` on ``params`` with every other parameter frozen; a parameter the model
-        froze itself stays frozen."""
-        trainable = {id(p) for p in params}
-        was = [(param, param.requires_grad) for param in model.parameters()]
-        for param, requires_grad in was:
-            param.requires_grad_(requires_grad and id(param) in trainable)
-        try:
-            return self.run_epochs(model, [p for p in params if p.requires_grad], x, y, context, epochs)
-        finally:
-            for param, requires_grad in was:
-                param.requires_grad_(requires_grad)
+        self.run_epochs(model, head, x, y, context, self.settings.head_epochs)
+        return self.run_epochs(model, body, x, y, context, self.config.epochs)

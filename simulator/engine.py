@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.task_identity import TaskIdentity
@@ -91,6 +92,7 @@ class Experiment:
         budget = int(config.engine.client_state_memory_mb * MB)
         states = ClientStateStore(self.run_dir / checkpoint.CLIENT_STATE_DIR, budget, start.client_states)
         preflight.warn_if_proximal_term_unused(self.strategy, method, config.client.method)
+        preflight.check_both_halves(self.strategy, method, config.client.method)
         preflight.check_strategy_serves(self.strategy, statistics.parameters_of(start.arrays))
         # 3. Clients: a backend (Ray actors or in-process) behind Flower's Grid interface, started as
         #    soon as every check has passed; the run directory only then (a refused run writes
@@ -113,6 +115,7 @@ class Experiment:
                 personal=bool(method.personal_prefixes),
                 statistics=statistics,
             )
+            bind_server_model(self.strategy, model, statistics)
             TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = config.seed, SERVER_NODE_ID, 0
             outputs, elapsed = (
                 RunDirectory(self.run_dir, start.records, {"rounds": rounds, **stream.derived()}),
@@ -204,6 +207,22 @@ class Experiment:
         with grid.round(server_round), seeded_global_state(seed), strategy_call(call):
             ended = hooked[0].on_task_end(task, parameters, grid)
         return arrays if ended is None else grid.statistics.with_averaged(as_global_arrays(ended, parameters, call))
+
+
+def bind_server_model(strategy: Strategy, model: torch.nn.Module, statistics: RunningStatistics) -> None:
+    """Give each layer of ``strategy`` that asks for it (``bind_model``: ``simulator.protocol.ServerModelStrategy``)
+    the way to the global model on the driver: ``model_for(arrays)``, a new copy of ``model`` holding those
+    parameters and the current global buffers, in eval mode (TARGET inverts it)."""
+
+    def model_for(arrays: ArrayRecord) -> torch.nn.Module:
+        server_model = copy.deepcopy(model)
+        weights = zip(statistics.shared, statistics.full_weights(arrays), strict=True)
+        server_model.load_state_dict({name: torch.from_numpy(array) for name, array in weights}, strict=False)
+        return server_model.eval()
+
+    for _, layer in strategy_layers(strategy):
+        if callable(getattr(layer, "bind_model", None)):
+            layer.bind_model(model_for)
 
 
 def assemble_hooks(setup: RunSetup) -> Hooks:

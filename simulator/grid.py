@@ -34,12 +34,14 @@ from simulator.protocol import (
     GLOBAL_ARRAYS,
     NUM_EXAMPLES,
     NUM_TASKS,
+    PAYLOAD_ARRAYS,
     QUERY,
     REPLY_ARRAYS,
     REPLY_METRICS,
     TRAIN,
     ClientJob,
     ClientOutcome,
+    Payload,
 )
 from simulator.run_dir import MB
 from simulator.running_statistics import RunningStatistics
@@ -159,19 +161,26 @@ class SimulationGrid(Grid):
         """The replies in message order; None for a reply left out as non-finite."""
         if not messages:
             return []
-        records: list[ArrayRecord] = []
+        records: list[ArrayRecord] = []  # the distinct models and payloads of the messages, each converted once
         present = set(self.stream.available_clients(self.server_round))
         jobs = []
         for message in messages:
             _stamp(message, f"m{next(self._ids)}")
             jobs.append(self._job(message, records, present))
         empty = self._empty_clients(jobs)
-        weights = [self.statistics.full_weights(record) for record in records]
+        payloads = {job.payload.index for job in jobs if job.payload is not None}
+        weights = [
+            record.to_numpy_ndarrays() if i in payloads else self.statistics.full_weights(record)
+            for i, record in enumerate(records)
+        ]
         outcomes = self.backend.execute(jobs, weights)
         self.traffic = self.traffic.plus(
             uplink_bytes=sum(_nbytes(outcome.arrays or ()) for outcome in outcomes),
             downlink_bytes=sum(
-                _nbytes(weights[job.weights_index]) + _nbytes(job.query_arrays.values()) for job in jobs
+                _nbytes(weights[job.weights_index])
+                + _nbytes(job.query_arrays.values())
+                + (_nbytes(weights[job.payload.index]) if job.payload is not None else 0)
+                for job in jobs
             ),
         )
         failed = next((o for o in outcomes if o.error is not None), None)
@@ -226,7 +235,8 @@ class SimulationGrid(Grid):
         return empty
 
     def _job(self, message: Message, records: list[ArrayRecord], present: set[int]) -> ClientJob:
-        """The job for ``message``; its ArrayRecord joins ``records`` unless already there."""
+        """The job for ``message``; its model's ArrayRecord, and its payload's, join ``records`` unless already
+        there (a strategy gives every client the same objects: each is shipped once per actor)."""
         kind = _KINDS.get(message.metadata.message_type)
         if kind is None:
             raise ValueError(f"unsupported message type {message.metadata.message_type!r}")
@@ -235,6 +245,12 @@ class SimulationGrid(Grid):
             raise ValueError(f"message to node {client}, not a client present in round {self.server_round}")
         content = message.content
         records_in = dict(content.array_records)
+        payload = records_in.pop(PAYLOAD_ARRAYS, None)
+        if payload is not None and kind != TRAIN:
+            raise ValueError(
+                f"a {message.metadata.message_type} message carries a {PAYLOAD_ARRAYS!r} record: a payload goes "
+                "with train messages (a query's own arrays are its other ArrayRecords)"
+            )
         if len(records_in) > 1 and GLOBAL_ARRAYS not in records_in:
             raise ValueError(
                 f"a message with several ArrayRecords ({', '.join(records_in)}) must name the model's {GLOBAL_ARRAYS!r}"
@@ -244,10 +260,8 @@ class SimulationGrid(Grid):
         config: dict[str, Any] = {}
         for record in content.config_records.values():
             config.update(record)
-        index = next((i for i, r in enumerate(records) if r is arrays), len(records))
-        if index == len(records):
-            records.append(arrays)
-        return self.jobs.job(kind, client, self.server_round, index, config, query_arrays)
+        sent = None if payload is None else Payload(_position(payload, records), tuple(payload.keys()))
+        return self.jobs.job(kind, client, self.server_round, _position(arrays, records), config, query_arrays, sent)
 
     def _reply(self, message: Message, job: ClientJob, outcome: ClientOutcome, keys: list[str]) -> Message:
         content = RecordDict({REPLY_METRICS: MetricRecord(outcome.metrics)})
@@ -260,6 +274,14 @@ class SimulationGrid(Grid):
         reply = Message(content, reply_to=message)
         _stamp(reply, f"r{message.metadata.message_id}")
         return reply
+
+
+def _position(record: ArrayRecord, records: list[ArrayRecord]) -> int:
+    """Where ``record`` (this very object) is in ``records``, appended if it is not there yet."""
+    index = next((i for i, r in enumerate(records) if r is record), len(records))
+    if index == len(records):
+        records.append(record)
+    return index
 
 
 def _nbytes(arrays: Iterable[np.ndarray]) -> int:

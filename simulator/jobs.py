@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from simulator.client_state import ClientStateStore
-from simulator.protocol import EVALUATE, QUERY, TRAIN, ClientJob, ClientOutcome, PreviousTask
+from simulator.protocol import EVALUATE, QUERY, TRAIN, ClientJob, ClientOutcome, Payload, PreviousTask
 from simulator.streams.base import Stream
 
 
@@ -57,6 +57,7 @@ class JobPlanner:
         weights_index: int,
         config: dict[str, Any],
         query_arrays: dict[str, np.ndarray],
+        payload: Payload | None = None,
     ) -> ClientJob:
         """Client ``client``'s job of ``kind`` in ``server_round``, on the call's weights ``weights_index``."""
         stream = self.stream
@@ -83,6 +84,7 @@ class JobPlanner:
             new_task=new_task,
             previous=previous,
             query_arrays=query_arrays,
+            payload=payload,
         )
 
     def keep_states(self, jobs: Sequence[ClientJob], outcomes: Sequence[ClientOutcome]) -> None:

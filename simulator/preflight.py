@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from clients import METHODS
 from clients.augment import AUGMENTATIONS
 from clients.base import ClientMethod
 from clients.fedprox import FedProxClient
@@ -131,6 +132,26 @@ def warn_if_proximal_term_unused(strategy: Strategy, method: type[ClientMethod],
             PROXIMAL_MU,
             mu,
             method_name,
+        )
+
+
+def check_both_halves(strategy: Strategy, method: type[ClientMethod], method_name: str) -> None:
+    """A method in two halves runs with both, or not at all: a strategy (or one it wraps) that names its
+    client half (``client_half``, a ``client.method`` name) needs ``client.method`` to be it or to build on
+    it, and a client method that names its server half (``server_half``) needs a strategy whose client half
+    it is (``simulator.protocol.PairedStrategy``)."""
+    halves = [(path, layer) for path, layer in strategy_layers(strategy) if getattr(layer, "client_half", None)]
+    for path, layer in halves:
+        if not issubclass(method, METHODS.resolve(layer.client_half, f"{path}.client_half")):
+            raise ConfigError(
+                f"{path}._target_ = {type(layer).__name__} needs its client half, client.method="
+                f"{layer.client_half}; client.method = {method_name!r} is not it"
+            )
+    server_half = getattr(method, "server_half", None)
+    if server_half and not any(issubclass(method, METHODS.resolve(layer.client_half)) for _, layer in halves):
+        raise ConfigError(
+            f"client.method = {method_name!r} is the client half of strategy={server_half}, which the strategy "
+            f"({type(strategy).__name__}) is not: run it with strategy={server_half}"
         )
 
 

@@ -11,7 +11,11 @@ It holds:
 - a client's state (its type and the check on what it may hold) and the task it left;
 - :class:`Query`, what a client's query handler sees;
 - :class:`TaskEndStrategy`, the API a server-side continual strategy implements;
-- :class:`StatefulStrategy`, what a strategy with state between rounds adds for checkpoints.
+- :class:`StatefulStrategy`, what a strategy with state between rounds adds for checkpoints;
+- :class:`PairedStrategy` and :class:`ServerModelStrategy`: a method in two halves, and one that runs the
+  global model on the driver;
+- ``PAYLOAD_ARRAYS`` and :class:`Payload`: what a strategy adds to train messages beside the model
+  (``strategies.payload.add_payload``), which a client method reads as ``context.payload``.
 
 Server-side queries, end to end: a strategy's ``on_task_end(task, arrays, grid)``
 calls ``strategies.queries.ask_clients(grid, arrays, query, query_arrays)``; each
@@ -40,7 +44,7 @@ client id. The shipped queries answer:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -61,10 +65,14 @@ TRAIN_LOSS = "train_loss"  # mean local training loss (QFedAvg reads it)
 ACCURACY = "accuracy"
 EVAL_LOSS = "eval_loss"
 LEARNING_RATE = "lr"  # a strategy's per-round client learning rate (Flower's convention)
+# A train config's prefixes (comma-separated) of the parameters clients train this round; the others stay as
+# sent, and modules with none of their parameters trained keep batch norm's statistics too (a frozen encoder).
+TRAIN_ONLY = "train-only"
 
 # The records of messages and replies.
 GLOBAL_ARRAYS = "arrays"  # a message's model weights (where it carries several ArrayRecords)
 QUERY_ARRAYS = "query"  # a query message's own arrays (FOT's bases)
+PAYLOAD_ARRAYS = "payload"  # a train message's extra arrays from the strategy (SCAFFOLD's control variate)
 REPLY_ARRAYS = "arrays"  # a reply's weights (train) or answer (query)
 REPLY_METRICS = "metrics"  # a reply's MetricRecord
 
@@ -76,6 +84,10 @@ LAYER_INPUT_SKETCHES = "layer_input_sketches"
 CLASS_FEATURE_STATISTICS = "class_feature_statistics"
 LAYER_INPUT_ENERGIES = "layer_input_energies"  # FOT's second step: exact energies in candidate directions
 CLASSES, COUNTS, MEANS, COVARIANCES = "classes", "counts", "means", "covariances"
+# FeTrIL: the encoder's features (float32, samples x features) of the client's samples and their LABELS (int64),
+# at most QUERY_SAMPLES of them where the query caps them, and NUM_SAMPLES.
+CLASS_FEATURES = "class_features"
+FEATURES, LABELS = "features", "labels"
 
 # Where a Grid's run config (``grid.run.override_config``) names the stream's number of tasks, under
 # this key, a strategy can tell the last task's end (FOT asks clients nothing there).
@@ -119,6 +131,15 @@ class PreviousTask:
 
 
 @dataclass(frozen=True)
+class Payload:
+    """Where a train job's payload (a strategy's extra arrays, ``PAYLOAD_ARRAYS``) is among the call's array
+    sets, and its arrays' names: one set per distinct payload, shipped once per actor like the weights."""
+
+    index: int  # into the list of array sets sent with the call
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ClientJob:
     """One client's work in a backend call: train, evaluate or answer a query, on which of the call's weights."""
 
@@ -135,6 +156,7 @@ class ClientJob:
     new_task: bool = False  # TRAIN: the client's first round on ``task``
     previous: PreviousTask | None = None  # with new_task: the task it left
     query_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # QUERY: the server's arrays for it
+    payload: Payload | None = None  # TRAIN: the strategy's extra arrays for the round, where it sent any
 
 
 @dataclass(frozen=True)
@@ -208,3 +230,22 @@ class StatefulStrategy(Protocol):
     def checkpoint_state(self) -> dict[str, Any]: ...
 
     def restore_state(self, state: dict[str, Any], arrays: ArrayRecord) -> None: ...
+
+
+class PairedStrategy(Protocol):
+    """A strategy whose method has a client half (SCAFFOLD, TARGET): ``client_half`` names it as ``client.method``
+    does, and that method's class names the strategy back as ``server_half``. The pre-flight checks refuse a run
+    with one half and not the other, before any work."""
+
+    client_half: str
+
+
+class ServerModelStrategy(Protocol):
+    """A strategy that runs the global model on the driver (TARGET inverts it into synthetic samples).
+
+    ``bind_model(model_for)`` is called once before the first round (again on resume: it is not state);
+    ``model_for(arrays)`` returns a new copy of the model holding ``arrays``' parameters and the current
+    global buffers (batch norm's statistics), in eval mode, on the driver's CPU.
+    """
+
+    def bind_model(self, model_for: Callable[[ArrayRecord], torch.nn.Module]) -> None: ...

@@ -19,6 +19,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -116,15 +117,20 @@ class ClientWorker:
         the one the Grid names.
         """
         outcomes: list[ClientOutcome] = []
+        payloads: dict[int, Mapping[str, torch.Tensor]] = {}  # on the device once per call, whatever its clients
         for job in jobs:
-            outcomes.append(self._run_one(job, weights[job.weights_index]))
+            outcomes.append(self._run_one(job, weights, payloads))
             if outcomes[-1].error is not None:
                 failed = outcomes[-1].client_id
                 outcomes.extend(not_run(later, failed) for later in jobs[len(outcomes) :])
                 break
         return outcomes
 
-    def _run_one(self, job: ClientJob, weights: list[np.ndarray]) -> ClientOutcome:
+    def _run_one(
+        self, job: ClientJob, sets: list[list[np.ndarray]], payloads: dict[int, Mapping[str, torch.Tensor]]
+    ) -> ClientOutcome:
+        """``sets``: the call's weights and payloads, by index; ``payloads``: those on the device so far."""
+        weights = sets[job.weights_index]
         limit = self.config.engine.client_timeout_s
         late = f"client {job.client_id} ran longer than engine.client_timeout_s = {limit} s in round {job.server_round}"
         self.running = job
@@ -137,7 +143,7 @@ class ClientWorker:
                 )
                 self._load(weights)
                 if job.kind == TRAIN:
-                    return self._train(job, weights)
+                    return self._train(job, weights, self._payload(job, sets, payloads))
                 if job.kind == QUERY:
                     return self._answer(job)
                 return self._evaluate(job)
@@ -192,7 +198,22 @@ class ClientWorker:
             None if masks is None else self._tensor(masks[task]),
         )
 
-    def _train(self, job: ClientJob, global_weights: list[np.ndarray]) -> ClientOutcome:
+    def _payload(
+        self, job: ClientJob, sets: list[list[np.ndarray]], payloads: dict[int, Mapping[str, torch.Tensor]]
+    ) -> Mapping[str, torch.Tensor]:
+        """The job's payload by name on the device, read-only, copied there once per call (the empty mapping for
+        none): every client of the call that shares it gets the same tensors."""
+        if job.payload is None:
+            return MappingProxyType({})
+        if job.payload.index not in payloads:
+            arrays = sets[job.payload.index]
+            tensors = {name: torch.tensor(array, device=self.device) for name, array in zip(job.payload.names, arrays)}
+            payloads[job.payload.index] = MappingProxyType(tensors)
+        return payloads[job.payload.index]
+
+    def _train(
+        self, job: ClientJob, global_weights: list[np.ndarray], payload: Mapping[str, torch.Tensor]
+    ) -> ClientOutcome:
         x = self._inputs(self.data.x_train[job.indices])
         y = self._tensor(self.data.y_train[job.indices])
         context = TrainContext(
@@ -209,6 +230,7 @@ class ClientWorker:
             class_mask=self._tensor(job.class_mask),
             augment=self._augmentation(job),
             autocast=self.autocast,
+            payload=payload,
         )
         result = self.method.train(self.model, x, y, context)
         hook = "end" if type(self.method).train is ClientMethod.train else "train"  # what gave the metrics

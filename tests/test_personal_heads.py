@@ -176,7 +176,6 @@ class RecordingFedRep(FedRepClient):
             "trains": [names[id(p)] for p in params],
             "epochs": epochs,
             "before": _parameters(model),
-            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         }
         self.calls.append(call)
         if len(self.calls) == self.fail_in_phase:
@@ -184,6 +183,10 @@ class RecordingFedRep(FedRepClient):
         loss = super().run_epochs(model, params, x, y, context, epochs)
         call["after"] = _parameters(model)
         return loss
+
+    def loss(self, model, batch, context):  # what is frozen while the phase trains
+        self.calls[-1].setdefault("requires_grad", {n: p.requires_grad for n, p in model.named_parameters()})
+        return super().loss(model, batch, context)
 
 
 def test_fedrep_trains_the_head_on_a_frozen_encoder_then_the_encoder_under_the_new_head():
