@@ -16,6 +16,7 @@ from clients.fedprox import FedProxClient
 from clients.fedrep import FedRepClient
 from clients.lwf import LwFClient
 from clients.replay import ReplayClient
+from clients.scaffold import ScaffoldClient
 from clients.sgd import SGDClient
 from simulator.registry import Registry
 
@@ -30,6 +31,7 @@ METHODS: Registry[type[ClientMethod]] = Registry(
         "lwf": LwFClient,
         "fedper": FedPerClient,
         "fedrep": FedRepClient,
+        "scaffold": ScaffoldClient,
     },
     "a clients.ClientMethod subclass",
     lambda plugin: isinstance(plugin, type) and issubclass(plugin, ClientMethod),

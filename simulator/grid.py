@@ -260,8 +260,9 @@ class SimulationGrid(Grid):
         config: dict[str, Any] = {}
         for record in content.config_records.values():
             config.update(record)
+        index = _position(arrays, records)
         sent = None if payload is None else Payload(_position(payload, records), tuple(payload.keys()))
-        return self.jobs.job(kind, client, self.server_round, _position(arrays, records), config, query_arrays, sent)
+        return self.jobs.job(kind, client, self.server_round, index, config, query_arrays, sent)
 
     def _reply(self, message: Message, job: ClientJob, outcome: ClientOutcome, keys: list[str]) -> Message:
         content = RecordDict({REPLY_METRICS: MetricRecord(outcome.metrics)})

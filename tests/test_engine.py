@@ -117,6 +117,10 @@ def test_all_flower_strategies_and_ours_have_a_short_name():
         "dp_adaptive_client",
         "fot",
         "ccvr",  # FedStream's server-side continual methods (strategies/)
+        "fsa",
+        "fetril",
+        "target",
+        "scaffold",  # FedStream's methods with a client half or a payload
     }
     assert set(STRATEGIES) == expected
 
