@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, compose_run, run_experiment, stream_of
+from helpers import TINY, compose_run, numbers_of, run_experiment, stream_of
 from torch import nn
 from torch.nn import functional as F
 
+from clients.base import sgd_step
 from clients.heads import (
     HEADS,
     ETFHead,
@@ -22,7 +24,8 @@ from clients.heads import (
 )
 from clients.heads.etf import simplex_etf
 from clients.models import build_model
-from simulator.config import ConfigError, ModelConfig
+from simulator import checkpoint
+from simulator.config import ClientConfig, ConfigError, ModelConfig
 from simulator.seeding import Purpose, torch_generator
 from simulator.worker import ClientWorker, WorkerData
 
@@ -51,10 +54,10 @@ def test_the_etf_is_drawn_from_the_generator_alone():
     assert (first - other).abs().max() > 0.1
 
 
-def test_the_etf_is_not_in_state_dict_and_stays_fixed_while_the_projection_trains():
+def test_the_etf_is_not_in_state_dict_and_stays_fixed_while_the_projection_and_scale_train():
     head = ETFHead(6, 4, ETFSettings(), _generator())
-    assert set(head.state_dict()) == {"projection.weight", "projection.bias"}
-    assert [name for name, _ in head.named_parameters()] == ["projection.weight", "projection.bias"]
+    assert set(head.state_dict()) == {"scale", "projection.weight", "projection.bias"}
+    assert [name for name, _ in head.named_parameters()] == ["scale", "projection.weight", "projection.bias"]
     etf, projection = head.etf.clone(), head.projection.weight.detach().clone()
     data = _generator(1)
     x, y = torch.randn(32, 6, generator=data), torch.randint(0, 4, (32,), generator=data)
@@ -71,6 +74,7 @@ def test_the_etf_is_not_in_state_dict_and_stays_fixed_while_the_projection_train
     assert not head.etf.requires_grad and head.etf.grad is None
     assert torch.equal(head.etf, etf)
     assert (head.projection.weight - projection).abs().max() > 1e-3
+    assert head.scale.item() != 1.0
     assert losses[-1] < losses[0]
 
 
@@ -78,19 +82,42 @@ def test_loading_a_state_dict_leaves_the_etf_alone():
     sender, receiver = ETFHead(6, 4, ETFSettings(), _generator(0)), ETFHead(6, 4, ETFSettings(), _generator(0))
     with torch.no_grad():
         sender.projection.weight.add_(1.0)
+        sender.scale.fill_(7.5)
     receiver.load_state_dict(sender.state_dict())  # strict: the ETF is neither expected nor sent
     assert torch.equal(receiver.projection.weight, sender.projection.weight)
+    assert receiver.scale.item() == 7.5
     assert torch.equal(receiver.etf, sender.etf)
 
 
-def test_etf_logits_are_cosines_to_the_etf_columns_over_the_temperature():
-    head = ETFHead(5, 3, ETFSettings(temperature=0.5, dim=4), _generator())
+@pytest.mark.parametrize("learn", [True, False])
+def test_etf_logits_are_cosines_to_the_etf_columns_over_the_temperature(learn):
+    head = ETFHead(5, 3, ETFSettings(temperature=0.5, learn_temperature=learn, dim=4), _generator())
     features = torch.randn(7, 5, generator=_generator(2))
     logits = head(features)
     z = head.projection(features)
     expected = (z @ head.etf) / (z.norm(dim=1, keepdim=True) * head.etf.norm(dim=0)) / 0.5
-    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(logits, expected)  # the learnable scale starts at 1 / temperature
     assert logits.shape == (7, 3) and logits.abs().max() <= 2.0 + 1e-6
+
+
+def test_a_fixed_temperature_is_no_parameter_and_gives_the_fixed_heads_logits_exactly():
+    head = ETFHead(5, 3, ETFSettings(temperature=0.1, learn_temperature=False), _generator())
+    assert head.scale is None and head.temperature == 0.1
+    assert set(head.state_dict()) == {"projection.weight", "projection.bias"}
+    assert [name for name, _ in head.named_parameters()] == ["projection.weight", "projection.bias"]
+    features = torch.randn(7, 5, generator=_generator(2))
+    assert torch.equal(head(features), F.normalize(head.projection(features), dim=1) @ head.etf / 0.1)
+
+
+def test_the_learnable_scale_gets_a_gradient_and_moves_in_a_clients_sgd_step():
+    head = ETFHead(6, 4, ETFSettings(temperature=0.5), _generator())
+    assert isinstance(head.scale, nn.Parameter) and head.scale.shape == () and head.scale.item() == 2.0
+    data = _generator(1)
+    x, y = torch.randn(16, 6, generator=data), torch.randint(0, 4, (16,), generator=data)
+    F.cross_entropy(head(x), y).backward()
+    assert head.scale.grad is not None and head.scale.grad.item() != 0.0
+    sgd_step(list(head.parameters()), {}, ClientConfig(momentum=0.9, weight_decay=1e-4), lr=0.05)
+    assert head.scale.item() != 2.0
 
 
 def test_etf_dim_below_the_class_count_is_a_config_error():
@@ -169,7 +196,11 @@ def test_heads_move_to_the_gpu_with_their_etf():
             "model.normalised.temperature=0.1",
             "model.normalised: no head has this section; did you mean model.normalized?",
         ),
-        ("model.etf.dimension=4", "model.etf.dimension: unknown key; valid keys: temperature, dim"),
+        (
+            "model.etf.dimension=4",
+            "model.etf.dimension: unknown key; valid keys: temperature, learn_temperature, dim",
+        ),
+        ("model.etf.learn_temperature=maybe", "model.etf.learn_temperature = 'maybe': expected bool"),
         ("model.temperature=0.1", "model.temperature = 0.1: unknown key; valid keys: name, hidden, feature_dim, head"),
     ],
 )
@@ -183,14 +214,26 @@ def test_a_heads_settings_reach_the_model_and_others_sections_are_checked_but_un
     run = compose_run(["model.head=etf", "model.etf.temperature=0.5", "model.normalized.temperature=2"])
     assert run.model.head_settings == ETFSettings(temperature=0.5)
     model = build_model((1, 8, 8), 10, run.model, torch.Generator().manual_seed(0))
-    assert isinstance(model.head, ETFHead) and model.head.temperature == 0.5
+    assert isinstance(model.head, ETFHead) and model.head.scale.item() == 2.0
+    fixed = compose_run(["model.head=etf", "model.etf.learn_temperature=false", "model.etf.temperature=0.5"])
+    assert fixed.model.head_settings == ETFSettings(temperature=0.5, learn_temperature=False)
+    model = build_model((1, 8, 8), 10, fixed.model, torch.Generator().manual_seed(0))
+    assert model.head.scale is None and model.head.temperature == 0.5
 
 
-def test_an_etf_run_sends_the_projection_but_never_the_fixed_frame(tmp_path):
-    run_experiment(tmp_path, [*TINY, "model.head=etf"])
-    sent = np.load(tmp_path / "checkpoints" / "round-000003" / "arrays.npz")
+@pytest.fixture(scope="module")
+def etf_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 3-round run with the ETF head and its learnable scale."""
+    run_dir = tmp_path_factory.mktemp("etf")
+    run_experiment(run_dir, [*TINY, "model.head=etf", "eval.probes=false"])
+    return run_dir
+
+
+def test_an_etf_run_sends_the_projection_and_scale_but_never_the_fixed_frame(etf_run):
+    sent = np.load(etf_run / "checkpoints" / "round-000003" / "arrays.npz")
     head_arrays = sorted(k for k in sent.files if k.startswith("head."))
-    assert head_arrays == ["head.projection.bias", "head.projection.weight"]
+    assert head_arrays == ["head.projection.bias", "head.projection.weight", "head.scale"]
+    assert sent["head.scale"].shape == () and sent["head.scale"] > 1.0  # trained, aggregated, saved (from 1)
     # The frame a worker builds from the seed is the server's, and its encoder starts as a linear head's does.
     cfg = compose_run([*TINY, "model.head=etf"])
     stream = stream_of(cfg)
@@ -199,6 +242,19 @@ def test_an_etf_run_sends_the_projection_but_never_the_fixed_frame(tmp_path):
     assert torch.equal(worker.model.head.etf, server.head.etf)
     linear = build_model(stream.x_train.shape[1:], 10, ModelConfig(), torch_generator(cfg.seed, Purpose.MODEL_INIT))
     assert all(torch.equal(a, b) for a, b in zip(linear.encoder.parameters(), server.encoder.parameters()))
+
+
+def test_an_etf_run_resumes_to_the_uninterrupted_runs_numbers_and_scale(etf_run, tmp_path):
+    common = ["engine.backend=local", "model.head=etf", "eval.probes=false"]
+    run_experiment(tmp_path, [*common, "rounds=2"])
+    run_experiment(tmp_path, [*common, "rounds=3"], resume=True)
+    (records, summary), (whole_records, whole_summary) = numbers_of(tmp_path), numbers_of(etf_run)
+    assert summary == whole_summary
+    # The split run's round 2 ended a run, so it may have end-of-run measurements the whole run's lacks.
+    assert [{k: r[k] for k in w} for r, w in zip(records, whole_records, strict=True)] == whole_records
+    resumed, whole = (checkpoint.load(run / "checkpoints").arrays for run in (tmp_path, etf_run))
+    assert resumed.keys() == whole.keys() and "head.scale" in whole
+    assert all(np.array_equal(resumed[name].numpy(), whole[name].numpy()) for name in whole.keys())
 
 
 def test_a_users_model_builds_its_own_head():
