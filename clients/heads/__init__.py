@@ -6,8 +6,9 @@ Every head takes features ``(batch, feature_dim)`` and returns logits
 frozen dataclass, ``Head.Settings``, read from the config section
 ``Head.section``. Trainable weights are ``nn.Linear`` submodules, so
 ``clients.models.build_model`` draws them from the seeded generator like the
-encoder's; anything else a head holds is a non-persistent buffer, which never
-travels and never goes into a checkpoint.
+encoder's, or parameters with a fixed starting value (the ETF head's learnable
+scale); both travel and are checkpointed. Anything else a head holds is a
+non-persistent buffer, which never travels and never goes into a checkpoint.
 
 A new head is one new file plus one line in ``HEADS``; a user's head is the dotted
 path of its class (``model.head=my_pkg.MyHead``), its settings under ``model.<section>``.
