@@ -18,6 +18,7 @@ from clients.lwf import LwFClient
 from clients.replay import ReplayClient
 from clients.scaffold import ScaffoldClient
 from clients.sgd import SGDClient
+from clients.target import TargetClient
 from simulator.registry import Registry
 
 METHODS: Registry[type[ClientMethod]] = Registry(
@@ -31,6 +32,7 @@ METHODS: Registry[type[ClientMethod]] = Registry(
         "lwf": LwFClient,
         "fedper": FedPerClient,
         "fedrep": FedRepClient,
+        "target": TargetClient,
         "scaffold": ScaffoldClient,
     },
     "a clients.ClientMethod subclass",
