@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -115,11 +116,14 @@ FIT: dict[str, Callable[[np.ndarray, np.ndarray], FittedProbe]] = {"probe": fit_
 
 
 def stratified_sample(indices: np.ndarray, labels: np.ndarray, size: int, generator: np.random.Generator) -> np.ndarray:
-    """About ``size`` of ``indices``, each label in proportion to its share but never fewer than one.
+    """About ``size`` of ``indices``, each label in proportion to its share but never fewer than one; all of
+    them where there are no more than ``size``.
 
     A class left out of the sample could never be predicted, and its task would
     read as forgotten.
     """
+    if len(indices) <= size:
+        return indices
     classes, counts = np.unique(labels, return_counts=True)
     quotas = np.maximum(1, counts * size // len(labels))
     chosen = [generator.choice(indices[labels == c], q, replace=False) for c, q in zip(classes, quotas)]
@@ -146,15 +150,8 @@ class Probes(Hook):
         return self._probe(view)
 
     def _probe(self, view: RoundView) -> dict[str, Any]:
-        config = self.setup.config
-        return probe_record(
-            view.global_model(),
-            self.setup.stream,
-            view.server_round,
-            config.seed,
-            config.eval.probe_samples,
-            config.eval.batch_size,
-        )
+        sample, batch_size = encoded_probe_sample(view), self.setup.config.eval.batch_size
+        return probe_record(view.global_model(), self.setup.stream, view.server_round, sample, batch_size)
 
     def at_end(self, view: RoundView) -> dict[str, Any]:
         """Each probe's matrix and its metrics as ``<probe>_<metric>``; no forward transfer (the
@@ -168,18 +165,44 @@ class Probes(Hook):
         return summary
 
 
+def probe_sample(stream: Stream, server_round: int, seed: int, max_samples: int) -> np.ndarray:
+    """Indices into ``x_train`` that the probes fit on at ``server_round``: the training data of the tasks
+    seen so far, or where there is more, a seeded stratified sample of about ``max_samples`` of it."""
+    seen = np.flatnonzero(stream.seen_tasks(server_round))
+    indices = np.unique(np.concatenate([stream.task_train_indices(t) for t in seen]))
+    return stratified_sample(indices, stream.y_train[indices], max_samples, rng(seed, Purpose.PROBE, server_round))
+
+
+class EncodedSample(NamedTuple):
+    """The probe sample of a round and the global encoder's features of it."""
+
+    indices: np.ndarray  # into x_train
+    features: np.ndarray  # a row per sample, float64
+
+
+_encoded: tuple[weakref.ref[RoundView], EncodedSample] | None = None  # the last round's, while its view lives
+
+
+def encoded_probe_sample(view: RoundView) -> EncodedSample:
+    """The probe sample of ``view``'s round and its features, encoded once for every hook that asks that
+    round (the probes, and the diagnostics of ``simulator/diagnostics.py`` at task ends): the same inputs
+    through the same weights give the same features, and encoding them is most of what either costs."""
+    global _encoded
+    if _encoded is None or _encoded[0]() is not view:
+        stream, config = view.setup.stream, view.setup.config
+        indices = probe_sample(stream, view.server_round, config.seed, config.eval.probe_samples)
+        features = encode(view.global_model(), stream.x_train[indices], config.eval.batch_size)
+        _encoded = (weakref.ref(view), EncodedSample(indices, features))
+    return _encoded[1]
+
+
 def probe_record(
-    model: torch.nn.Module, stream: Stream, server_round: int, seed: int, max_samples: int, batch_size: int
+    model: torch.nn.Module, stream: Stream, server_round: int, sample: EncodedSample, batch_size: int
 ) -> dict[str, Any]:
-    """Each probe's accuracy per task (``<probe>_acc_per_task`` etc.) on the model's current features."""
+    """Each probe's accuracy per task (``<probe>_acc_per_task`` etc.), the probes fitted on ``sample``."""
     seen = stream.seen_tasks(server_round)
-    indices = np.unique(np.concatenate([stream.task_train_indices(t) for t in np.flatnonzero(seen)]))
-    if len(indices) > max_samples:
-        indices = stratified_sample(
-            indices, stream.y_train[indices], max_samples, rng(seed, Purpose.PROBE, server_round)
-        )
-    features, labels = encode(model, stream.x_train[indices], batch_size), stream.y_train[indices]
-    probes = {name: FIT[name](features, labels) for name in PROBES}
+    labels = stream.y_train[sample.indices]
+    probes = {name: FIT[name](sample.features, labels) for name in PROBES}
     accuracies: dict[str, list[float]] = {name: [] for name in probes}
     for task in range(stream.num_tasks):
         test = stream.task_test_indices(task)
