@@ -8,6 +8,9 @@ shows, at those rounds only, each task's head accuracy (solid), linear probe
 accuracy (dashed) and nearest-class-mean accuracy (dotted) on the frozen global
 encoder's features, in the task's colour from the left panel and on the same
 axes: where the probes stay above the head, the encoder kept what the head lost.
+Where the run measured representation diagnostics (``eval.diagnostics``), it
+also saves ``plots/cka.png`` (:func:`plot_cka`): ``cka_matrix.csv``, how alike
+the encoder's features were at each pair of task ends, as a heatmap.
 
 To compare runs afterwards::
 
@@ -85,6 +88,7 @@ from simulator.runs import (
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 
 PlotError = RunError  # input the plots cannot use; the message names the path at fault
@@ -113,6 +117,10 @@ METRIC_LABELS = {
     "client_state_mb": "client state held (MiB)",
     "uplink_mb": "sent by clients so far (MiB)",
     "downlink_mb": "sent to clients so far (MiB)",
+    "nc1": "within-class variability (NC1)",
+    "nc2_equinorm": "class means' norms, std/mean (NC2)",
+    "nc2_equiangular": "class means' cosines, std (NC2)",
+    "nc2_max_angle": "class means' cosines, mean |cos + 1/(C-1)| (NC2)",
 }
 PROBE_NAMES = {"probe": "linear probe", "ncm": "nearest class mean"}  # probe_acc_seen, ncm_...
 # What a reader sees for a config key that tells groups apart in a title.
@@ -540,21 +548,10 @@ def heatmap_figure(groups: Sequence[Group], title: str | None = None) -> plt.Fig
         rows, cols, figsize=(side * cols + 1, side * rows + 0.6), layout="constrained", squeeze=False
     )
     for ax, group, R in zip(axes.flat, groups, matrices):
-        image = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
-        for (i, j), value in np.ndenumerate(R):
-            if not np.isnan(value):
-                ax.text(
-                    j,
-                    i,
-                    f"{value:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if value < 0.6 else "black",
-                )
+        image = _draw_matrix(ax, R)
         seeds = len(group.runs)
         ax.set_title(group.label + (f"\nmean of {seeds} seeds" if seeds > 1 else ""), fontsize=9)
-        ax.set(xticks=range(R.shape[1]), yticks=range(R.shape[0]), xlabel="accuracy on task j", ylabel="after task i")
+        ax.set(xlabel="accuracy on task j", ylabel="after task i")
     for ax in axes.flat[len(groups) :]:
         ax.set_visible(False)
     fig.suptitle(describe(groups, "accuracy matrix") if title is None else title, fontsize=10)
@@ -565,6 +562,35 @@ def heatmap_figure(groups: Sequence[Group], title: str | None = None) -> plt.Fig
 def plot_heatmaps(groups: Sequence[Group], out: Path, title: str | None = None) -> None:
     """Save :func:`heatmap_figure`."""
     _save(heatmap_figure(groups, title), out)
+
+
+def _draw_matrix(ax: plt.Axes, R: np.ndarray) -> AxesImage:
+    """``R`` (values in [0, 1]) as a heatmap, each cell annotated; NaN cells left blank."""
+    image = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+    for (i, j), value in np.ndenumerate(R):
+        if not np.isnan(value):
+            ax.text(
+                j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if value < 0.6 else "black"
+            )
+    ax.set(xticks=range(R.shape[1]), yticks=range(R.shape[0]))
+    return image
+
+
+def cka_figure(R: np.ndarray, title: str = "") -> plt.Figure:
+    """A run's ``cka_matrix.csv`` as a heatmap: cell (i, j) the linear CKA between the global encoder's
+    features at the ends of tasks i and j (the caller closes the figure)."""
+    side = max(3.0, 0.6 * R.shape[1] + 1.5)
+    fig, ax = plt.subplots(figsize=(side + 1, side + 0.6), layout="constrained")
+    image = _draw_matrix(ax, R)
+    ax.set(xlabel="end of task j", ylabel="end of task i")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="linear CKA", shrink=0.8)
+    return fig
+
+
+def plot_cka(R: np.ndarray, out: Path, title: str = "") -> None:
+    """Save :func:`cka_figure`."""
+    _save(cka_figure(R, title), out)
 
 
 # --- Command line -------------------------------------------------------------------------

@@ -159,10 +159,14 @@ class RunDirectory:
 
         ``name``: whose accuracy, the head's (``acc``) or a probe's (``probe_acc``, ``ncm_acc``).
         """
+        return self.task_end_matrix(f"{name}_all_tasks")
+
+    def task_end_matrix(self, key: str) -> np.ndarray:
+        """Row i: the list under ``key`` in the last evaluation of task i (null as NaN), for each task reached."""
         last_of_task: dict[int, dict[str, Any]] = {}
         for record in self.records:
             last_of_task[record["task"]] = record
-        return np.array([last_of_task[t][f"{name}_all_tasks"] for t in sorted(last_of_task)], dtype=float)
+        return np.array([last_of_task[t][key] for t in sorted(last_of_task)], dtype=float)
 
     def write_matrix(self, R: np.ndarray, file_name: str) -> None:
         """``R`` as ``file_name`` in the run directory, a ``task_J`` header over its columns."""
@@ -216,11 +220,12 @@ class RunDirectory:
         return summary
 
 
-PER_TASK = "_per_task"  # metrics.jsonl lists of a value per task (acc_per_task, probe_acc_per_task, ...)
+PER_TASK = "_per_task"  # metrics.jsonl lists of a value per task (acc_per_task, probe_acc_per_task, cka_per_task)
 
 
 def _per_task_tag(key: str) -> str:
-    """The TensorBoard tag of a per-task list: acc_task for the head's, probe_task, ncm_task for probes'."""
+    """The TensorBoard tag of a per-task list: acc_task for the head's, probe_task, ncm_task for probes',
+    cka_task for the CKA with each task end's features."""
     name = key.removesuffix(PER_TASK)
     return f"{name if name == 'acc' else name.removesuffix('_acc')}_task"
 

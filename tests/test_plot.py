@@ -21,6 +21,7 @@ from helpers import fill_leaving, one_error_line, run_module, small_file_system,
 from simulator.plot import (
     Curve,
     PlotError,
+    cka_figure,
     describe,
     forgetting_figure,
     group_band,
@@ -462,6 +463,7 @@ def test_metrics_are_named_in_words_and_unknown_keys_as_they_are():
     assert metric_label("my_metric") == "my_metric"
     assert metric_label("probe_thing") == "probe_thing"
     assert metric_label("my_list", task=1) == "my_list[1]"
+    assert metric_label("nc1") == "within-class variability (NC1)"
 
 
 def shifted(offset: float) -> list[dict[str, Any]]:
@@ -542,6 +544,13 @@ def test_titles_name_what_differs_in_words_and_the_shared_overrides_below(close_
 
     heads = group_runs([run(str(i), [f"model.head={h}"], "FedAvg") for i, h in enumerate(["linear", "etf"])])
     assert describe(heads, "accuracy matrix") == "accuracy matrix by head"
+
+
+def test_the_cka_figure_annotates_each_pair_of_task_ends(close_figures):
+    fig = close_figures(cka_figure(np.array([[1.0, 0.8], [0.8, 1.0]]), title="run"))
+    ax = fig.axes[0]
+    assert sorted(text.get_text() for text in ax.texts) == ["0.80", "0.80", "1.00", "1.00"]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("end of task j", "end of task i", "run")
 
 
 def test_labels_replace_the_group_names_one_per_group_in_order(close_figures, tmp_path):
