@@ -137,6 +137,8 @@ class EvalConfig:
     probes: bool = True  # score the global encoder's features (linear probe, NCM) at every task end
     probe_every: int | None = None  # and every N rounds
     probe_samples: int = 10000  # the most training samples the probes fit on (a seeded sample)
+    diagnostics: bool = True  # neural collapse (NC1, NC2) and CKA of the global encoder at every task end
+    cka_samples: int = 1000  # the most test samples CKA compares task ends on (one seeded sample for the run)
     hooks: list[str] = field(default_factory=list)  # a user's hooks by dotted path (simulator/hooks.py)
 
 
@@ -403,6 +405,7 @@ def _value_problems(config: ExperimentConfig) -> list[tuple[str, str]]:
             "must be at least 1 (null: task ends only)",
         ),
         ("eval.probe_samples", config.eval.probe_samples >= 2, "must be at least 2"),
+        ("eval.cka_samples", config.eval.cka_samples >= 2, "must be at least 2"),
         ("engine.backend", engine.backend in ("ray", "local"), "expected 'ray' or 'local'"),
         ("engine.num_actors", 1 <= engine.num_actors <= MAX_ACTORS, f"must be between 1 and {MAX_ACTORS}"),
         (

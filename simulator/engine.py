@@ -34,6 +34,7 @@ from simulator.checkpoint import Checkpoints, Start
 from simulator.client_state import ClientStateStore
 from simulator.config import ConfigError, ExperimentConfig, to_dict
 from simulator.data import load_dataset
+from simulator.diagnostics import Diagnostics
 from simulator.evaluation import FederatedEvaluation, HeadEvaluation, task_accuracies
 from simulator.grid import SimulationGrid
 from simulator.hooks import HOOKS, Hook, Hooks, RoundView, RunSetup
@@ -232,6 +233,8 @@ def assemble_hooks(setup: RunSetup) -> Hooks:
     hooks: list[Hook] = [HeadEvaluation(setup)]
     if evaluation.probes:
         hooks.append(Probes(setup))
+    if evaluation.diagnostics:
+        hooks.append(Diagnostics(setup))
     if evaluation.federated:
         hooks.append(FederatedEvaluation(setup))
     hooks += [HOOKS.resolve(name)(setup) for name in evaluation.hooks]

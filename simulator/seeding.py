@@ -30,6 +30,7 @@ class Purpose(IntEnum):
     CLIENT_GLOBAL = 8  # torch's global generator during a client's job (a user's dropout)
     CLIENT_QUERY = 9  # a client's answer to a server's query (FOT's random sketches)
     AUGMENT = 10  # a client's training-batch augmentation (data.augment)
+    CKA_SAMPLE = 11  # the fixed test sample CKA compares the encoder's features on at every task end
 
 
 class Draw:
