@@ -34,15 +34,8 @@ from torch.nn import functional as F
 
 from simulator.config import ConfigError
 from simulator.held_array import held_array_record
-from simulator.protocol import (
-    CLASS_FEATURE_STATISTICS,
-    CLASSES,
-    COUNTS,
-    COVARIANCES,
-    HEAD_BIAS,
-    HEAD_WEIGHT,
-    MEANS,
-)
+from simulator.protocol import CLASS_FEATURE_STATISTICS, HEAD_BIAS, HEAD_WEIGHT
+from strategies.class_statistics import pooled_statistics
 from strategies.queries import ask_clients
 from strategies.state import expect_keys, float_array
 
@@ -154,18 +147,3 @@ class CCVR(FedAvg):
                 w -= self.calibration_lr * grad_w
                 b -= self.calibration_lr * grad_b
         return w.detach().numpy(), b.detach().numpy()
-
-
-def pooled_statistics(answers: list[dict[str, np.ndarray]]) -> dict[int, tuple[int, np.ndarray, np.ndarray]]:
-    """Per class, the count, mean and unbiased covariance of all clients' features together (exact)."""
-    by_class: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
-    for answer in answers:
-        for label, count, mean, covariance in zip(answer[CLASSES], answer[COUNTS], answer[MEANS], answer[COVARIANCES]):
-            by_class.setdefault(int(label), []).append((int(count), mean, covariance))
-    pooled = {}
-    for label, parts in by_class.items():
-        total = sum(n for n, _, _ in parts)
-        mean = sum(n * m for n, m, _ in parts) / total
-        scatter = sum((n - 1) * c + n * np.outer(m, m) for n, m, c in parts) - total * np.outer(mean, mean)
-        pooled[label] = (total, mean, scatter / max(total - 1, 1))
-    return pooled
