@@ -24,9 +24,12 @@ from torch.nn import functional as F
 
 from simulator.protocol import (
     CLASS_FEATURE_STATISTICS,
+    CLASS_FEATURES,
     CLASSES,
     COUNTS,
     COVARIANCES,
+    FEATURES,
+    LABELS,
     LAYER_INPUT_ENERGIES,
     LAYER_INPUT_SKETCHES,
     MEANS,
@@ -107,6 +110,23 @@ def class_feature_statistics(model: nn.Module, query: Query) -> dict[str, np.nda
     }
 
 
+def class_features(model: nn.Module, query: Query) -> dict[str, np.ndarray]:
+    """FeTrIL's client side: the encoder's features (the head's inputs, under the global model) of the client's
+    samples, float32, and their labels.
+
+    Petit et al. 2023 train the head on the new classes' real features and on old classes' pseudo-features
+    translated from them; a capped query (``ask_clients(max_samples=N)``) answers on a seeded subset.
+    """
+    model.eval()
+    with torch.no_grad():
+        features = model.features(query.x).float().cpu()
+    return {
+        FEATURES: features.numpy(),
+        LABELS: query.y.cpu().numpy().astype(np.int64),
+        NUM_SAMPLES: np.array(len(query.y), dtype=np.int64),
+    }
+
+
 QueryHandler = Callable[[nn.Module, Query], dict[str, np.ndarray]]
 QUERIES: Registry[QueryHandler] = Registry(
     "query",
@@ -115,6 +135,7 @@ QUERIES: Registry[QueryHandler] = Registry(
         LAYER_INPUT_SKETCHES: layer_input_sketches,
         LAYER_INPUT_ENERGIES: layer_input_energies,
         CLASS_FEATURE_STATISTICS: class_feature_statistics,
+        CLASS_FEATURES: class_features,
     },
     "a function (model, query) -> dict[str, np.ndarray]",
 )

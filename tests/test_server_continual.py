@@ -22,7 +22,7 @@ from simulator.backends import ClientFailure
 from simulator.config import ConfigError
 from simulator.held_array import held_array_record
 from simulator.protocol import NUM_SAMPLES, Query
-from strategies.ccvr import pooled_statistics
+from strategies.class_statistics import pooled_statistics
 from strategies.fot import grown_basis, principal_directions, project_updates
 
 PERMUTED = [
@@ -174,7 +174,7 @@ def test_an_unknown_query_fails_the_run_naming_the_client_and_the_queries_it_ans
     monkeypatch.setattr("strategies.fot.LAYER_INPUT_SKETCHES", "layer_inputs")
     with pytest.raises(
         ClientFailure,
-        match=r"(?s)client \d+ failed .*query = 'layer_inputs': unknown query; valid: class_feature_statistics, layer_input_energies, layer_input_sketches",
+        match=r"(?s)client \d+ failed .*query = 'layer_inputs': unknown query; valid: class_feature_statistics, class_features, layer_input_energies, layer_input_sketches",
     ):
         run_experiment(tmp_path, FOT)
 
