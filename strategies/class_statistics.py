@@ -32,8 +32,10 @@ ClassStatistics = dict[int, tuple[int, np.ndarray, np.ndarray | None]]
 
 HEAD_PREFIX = "head."  # the linear head's parameters (protocol.HEAD_WEIGHT, HEAD_BIAS): all a frozen encoder trains
 # An unseen class's logit lies below every seen class's for any feature up to this many times as far from the origin
-# as the seen classes' features reach (their mean's norm plus their root-mean-square spread).
-UNSEEN_REACH = 100.0
+# as the seen classes' features reach (FSA: a class's mean norm plus its features' RMS distance from it, at most;
+# FeTrIL: the largest norm of the features it trains on). Measured: under FSA's frozen MLP on digits (seed 7) every
+# test image's features, unseen classes' included, lie within 1.06 times that reach.
+UNSEEN_REACH = 10.0
 
 
 def pooled_statistics(answers: list[dict[str, np.ndarray]]) -> ClassStatistics:
