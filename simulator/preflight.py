@@ -57,11 +57,15 @@ def fewest_present(stream: Stream, rounds: int) -> int:
 
 
 def check_model_serves(model: torch.nn.Module, method: type[ClientMethod], config: ExperimentConfig) -> None:
-    """Refuse, before any client trains, a model that lacks what probes or personal layers need."""
-    if config.eval.probes and not callable(getattr(model, "features", None)):
+    """Refuse, before any client trains, a model that lacks what probes, diagnostics or personal layers need."""
+    measured = [
+        key for key, on in (("eval.probes", config.eval.probes), ("eval.diagnostics", config.eval.diagnostics)) if on
+    ]
+    if measured and not callable(getattr(model, "features", None)):
         raise ConfigError(
             f"model.name = {config.model.name!r}: the model has no features(x) method, which the "
-            "representation probes need; add one or set eval.probes=false"
+            f"representation {' and '.join(k.split('.')[1] for k in measured)} need; add one or set "
+            + " ".join(f"{key}=false" for key in measured)
         )
     if not method.personal_prefixes:
         return

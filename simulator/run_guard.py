@@ -36,6 +36,8 @@ OUTPUTS = (
     "accuracy_matrix.csv",
     "probe_matrix.csv",
     "ncm_matrix.csv",
+    "cka_matrix.csv",
+    "cka_features",
     "config_resolved.yaml",
     "tb",
     "checkpoints",

@@ -338,7 +338,12 @@ def test_personal_heads_beat_the_global_model_on_each_clients_own_classes(tmp_pa
     [
         ("plain_models.sequential", "fedper", "false", r"client\.method = 'fedper' keeps head\.\*"),
         ("plain_models.with_features", "fedrep", "false", r"client\.method = 'fedrep' keeps head\.\*"),
-        ("plain_models.sequential", "sgd", "true", r"no features\(x\) method.*eval\.probes=false"),
+        (
+            "plain_models.sequential",
+            "sgd",
+            "true",
+            r"no features\(x\) method.*eval\.probes=false eval\.diagnostics=false",
+        ),
     ],
 )
 def test_a_model_that_cannot_serve_the_run_is_refused_before_any_client_trains(
@@ -356,6 +361,7 @@ def test_a_model_that_cannot_serve_the_run_is_refused_before_any_client_trains(
                 f"model.name={model}",
                 f"client.method={method}",
                 f"eval.probes={probes}",
+                f"eval.diagnostics={probes}",
             ],
         )
     assert not trained and not (tmp_path / "run").exists()  # a refused run writes nothing
@@ -363,7 +369,14 @@ def test_a_model_that_cannot_serve_the_run_is_refused_before_any_client_trains(
 
 def test_a_users_model_built_through_a_decorator_is_called_as_its_decorator_says(tmp_path, user_code):
     summary = run_experiment(
-        tmp_path, ["rounds=2", "engine.backend=local", "eval.probes=false", "model.name=plain_models.decorated"]
+        tmp_path,
+        [
+            "rounds=2",
+            "engine.backend=local",
+            "eval.probes=false",
+            "eval.diagnostics=false",
+            "model.name=plain_models.decorated",
+        ],
     )
     assert summary["final_accuracy"] > 0.3
 
