@@ -26,7 +26,9 @@ LwF's), into which each round's payload parameters are loaded by name.
 Strategies see and send parameters only, not batch norm's buffers: the
 teacher takes the model's buffers as training starts (the global ones of the
 round, not those at the task end; the same where the model has no batch norm).
-Nothing is kept per client.
+Without augmentation the teacher's logits on all the samples are computed
+once a round (the teacher and the samples do not change within it). Nothing
+is kept per client.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clients.base import Batch, ClientMethod, TrainContext, masked
+from clients.base import Batch, ClientMethod, TrainContext, autocast, masked
 from simulator.protocol import NUM_SAMPLES, Query
 
 # The payload's names and the describe_data answer's keys, as strategies/target.py writes and reads them.
@@ -98,6 +100,12 @@ class TargetClient(ClientMethod):
                 buffer.copy_(buffers[name])
         self.synthetic = payload[SYNTHETIC]
         self.old_classes = payload[OLD_CLASSES].long()
+        self.teacher_logits = None  # without augmentation, the teacher's logits on the samples, once a round
+        if context.augment is None:
+            with torch.no_grad(), autocast(context.autocast, self.synthetic.device):
+                self.teacher_logits = torch.cat(
+                    [self.teacher(part)[:, self.old_classes] for part in self.synthetic.split(self.config.batch_size)]
+                ).float()
         seed = int(torch.randint(2**62, (1,), generator=context.generator))
         self.draws = torch.Generator().manual_seed(seed)  # which synthetic samples each step distils on
         self.distillation_sum = torch.zeros((), device=self.synthetic.device)
@@ -115,11 +123,13 @@ class TargetClient(ClientMethod):
         size = min(self.settings.synthetic_batch_size, len(self.synthetic))
         chosen = torch.randint(len(self.synthetic), (size,), generator=self.draws).to(self.synthetic.device)
         samples = self.synthetic[chosen]
-        if context.augment is not None:
+        if self.teacher_logits is not None:
+            teacher = self.teacher_logits[chosen]
+        else:  # augmented samples: the teacher sees each as the student does
             samples = context.augment(samples)
+            with torch.no_grad():
+                teacher = self.teacher(samples)[:, self.old_classes]
         student = model(samples)[:, self.old_classes]
-        with torch.no_grad():
-            teacher = self.teacher(samples)[:, self.old_classes]
         kd = distillation(student, teacher, self.settings.temperature)
         self.distillation_sum = self.distillation_sum + kd.detach()
         self.batches += 1
