@@ -296,7 +296,7 @@ class ClientMethod:
 def train_only(config: Mapping[str, Any]) -> tuple[str, ...]:
     """The parameter-name prefixes a train config's ``TRAIN_ONLY`` names (comma-separated); () for all."""
     value = config.get(TRAIN_ONLY)
-    return () if value is None else tuple(prefix for prefix in str(value).split(",") if prefix)
+    return () if value is None else tuple(prefix.strip() for prefix in str(value).split(",") if prefix.strip())
 
 
 def _holds_any(module_name: str, prefixes: tuple[str, ...]) -> bool:

@@ -116,7 +116,7 @@ class Experiment:
                 personal=bool(method.personal_prefixes),
                 statistics=statistics,
             )
-            bind_server_model(self.strategy, model, statistics)
+            bind_server_model([self.strategy, strategy_as_built], model, statistics)
             TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = config.seed, SERVER_NODE_ID, 0
             outputs, elapsed = (
                 RunDirectory(self.run_dir, start.records, {"rounds": rounds, **stream.derived()}),
@@ -210,10 +210,11 @@ class Experiment:
         return arrays if ended is None else grid.statistics.with_averaged(as_global_arrays(ended, parameters, call))
 
 
-def bind_server_model(strategy: Strategy, model: torch.nn.Module, statistics: RunningStatistics) -> None:
-    """Give each layer of ``strategy`` that asks for it (``bind_model``: ``simulator.protocol.ServerModelStrategy``)
+def bind_server_model(strategies: list[Strategy | None], model: torch.nn.Module, statistics: RunningStatistics) -> None:
+    """Give each layer of ``strategies`` that asks for it (``bind_model``: ``simulator.protocol.ServerModelStrategy``)
     the way to the global model on the driver: ``model_for(arrays)``, a new copy of ``model`` holding those
-    parameters and the current global buffers, in eval mode (TARGET inverts it)."""
+    parameters and the current global buffers, in eval mode (TARGET inverts it). The strategy as built for
+    the checkpoints' check gets the same function: what binding sets is no state a checkpoint must keep."""
 
     def model_for(arrays: ArrayRecord) -> torch.nn.Module:
         server_model = copy.deepcopy(model)
@@ -221,9 +222,10 @@ def bind_server_model(strategy: Strategy, model: torch.nn.Module, statistics: Ru
         server_model.load_state_dict({name: torch.from_numpy(array) for name, array in weights}, strict=False)
         return server_model.eval()
 
-    for _, layer in strategy_layers(strategy):
-        if callable(getattr(layer, "bind_model", None)):
-            layer.bind_model(model_for)
+    for strategy in filter(None, strategies):
+        for _, layer in strategy_layers(strategy):
+            if callable(getattr(layer, "bind_model", None)):
+                layer.bind_model(model_for)
 
 
 def assemble_hooks(setup: RunSetup) -> Hooks:

@@ -146,6 +146,12 @@ def check_both_halves(strategy: Strategy, method: type[ClientMethod], method_nam
     it is (``simulator.protocol.PairedStrategy``)."""
     halves = [(path, layer) for path, layer in strategy_layers(strategy) if getattr(layer, "client_half", None)]
     for path, layer in halves:
+        if path != "strategy":  # a wrapper (DP clipping) changes the updates the client half's state was made from
+            raise ConfigError(
+                f"{path}._target_ = {type(layer).__name__}: a strategy with a client half cannot be wrapped "
+                f"(here by {type(strategy).__name__}): its clients' state follows the updates they sent, not "
+                "the wrapper's clipped or noised ones"
+            )
         if not issubclass(method, METHODS.resolve(layer.client_half, f"{path}.client_half")):
             raise ConfigError(
                 f"{path}._target_ = {type(layer).__name__} needs its client half, client.method="

@@ -201,8 +201,8 @@ class ClientWorker:
     def _payload(
         self, job: ClientJob, sets: list[list[np.ndarray]], payloads: dict[int, Mapping[str, torch.Tensor]]
     ) -> Mapping[str, torch.Tensor]:
-        """The job's payload by name on the device, read-only, copied there once per call (the empty mapping for
-        none): every client of the call that shares it gets the same tensors."""
+        """The job's payload by name on the device, copied there once per call (the empty mapping for none): every
+        client of the call that shares it gets the same tensors, which ``_train`` checks no client changed."""
         if job.payload is None:
             return MappingProxyType({})
         if job.payload.index not in payloads:
@@ -232,7 +232,14 @@ class ClientWorker:
             autocast=self.autocast,
             payload=payload,
         )
+        versions = {name: tensor._version for name, tensor in payload.items()}
         result = self.method.train(self.model, x, y, context)
+        changed = [name for name, tensor in payload.items() if tensor._version != versions[name]]
+        if changed:  # the clients after it on this worker would see the change: results would depend on the actor
+            raise BadReply(
+                f"client {job.client_id} changed the payload's {changed} in place in round {job.server_round}; the "
+                "payload is shared by a worker's clients: copy it first (.clone())"
+            )
         hook = "end" if type(self.method).train is ClientMethod.train else "train"  # what gave the metrics
         check_metrics(result.metrics, f"{type(self.method).__name__}.{hook}")
         arrays = self._weights()

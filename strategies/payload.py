@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from simulator.held_array import held_array_record
 from simulator.protocol import PAYLOAD_ARRAYS
@@ -26,12 +26,21 @@ PAYLOAD_CONFIG = "payload-config"  # the ConfigRecord of a payload's settings (e
 def add_payload(
     messages: Iterable[Message], arrays: Mapping[str, np.ndarray], config: Mapping[str, int | float | str] | None = None
 ) -> list[Message]:
-    """``messages`` with ``arrays`` (one shared record) and ``config`` added to each; their other records kept."""
+    """``messages`` with ``arrays`` (one shared record) and ``config`` added to each; their other records kept.
+
+    Each message gets a content of its own (Flower's strategies give all of a round's messages one), so a
+    strategy may call this per message with a payload per client. A ValueError where a setting would
+    replace one the message's config already holds (``lr``, ``train-only``)."""
     record = held_array_record(list(arrays), [np.require(array, requirements="C") for array in arrays.values()])
     settings = ConfigRecord(dict(config or {}))
     messages = list(messages)
     for message in messages:
-        message.content[PAYLOAD_ARRAYS] = record
+        taken = {key for other in message.content.config_records.values() for key in other} & set(settings)
+        if taken:
+            raise ValueError(f"add_payload: the message's config already holds {sorted(taken)}; name them apart")
+        content = RecordDict(dict(message.content))
+        content[PAYLOAD_ARRAYS] = record
         if config:
-            message.content[PAYLOAD_CONFIG] = settings
+            content[PAYLOAD_CONFIG] = settings
+        message.content = content
     return messages

@@ -11,11 +11,14 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from helpers import (
     TINY,
+    USER_CODE,
     final_checkpoint,
     kill_after_records,
     numbers_of,
+    read_metrics,
     run_experiment,
     run_py_to_the_end,
     saved_strategy_state,
@@ -27,9 +30,10 @@ from torch.nn import functional as F
 
 from clients.base import ClientMethod, flat_parameters, train_only
 from clients.scaffold import STEP_SUM, ScaffoldClient
-from simulator.backends import LocalBackend
+from simulator.backends import ClientFailure, LocalBackend
 from simulator.config import ClientConfig, ConfigError
 from simulator.protocol import TRAIN
+from strategies.payload import add_payload
 
 SCAFFOLD = ["strategy=scaffold", "client.method=scaffold"]
 
@@ -126,6 +130,48 @@ def test_one_half_of_scaffold_without_the_other_is_refused_before_any_work(tmp_p
     with pytest.raises(ConfigError, match=message):
         run_experiment(tmp_path, [*TINY, *overrides])
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_scaffold_with_the_default_momentum_counts_its_steps_reach_and_learns(tmp_path):
+    # Momentum 0.9 moves the weights up to 10 lr a step; counted as lr, the control variates blew up (round 11).
+    summary = run_experiment(tmp_path, ["rounds=15", "engine.backend=local", *SCAFFOLD])
+    assert summary["final_accuracy"] > 0.75  # it learns; counting lr a step: loss 2.6e4 at round 7
+    assert all(record["train_loss"] < 1.5 for record in read_metrics(tmp_path)[5:])
+    model, (x, y) = tiny_model(), tiny_images()
+    config = ClientConfig(lr=0.05, momentum=0.9, epochs=1, batch_size=10)
+    context = train_context(lr=0.05, payload={n: torch.zeros_like(p) for n, p in model.named_parameters()})
+    metrics = ScaffoldClient(config).train(model, x, y, context).metrics
+    assert metrics[STEP_SUM] == pytest.approx(sum(0.05 * (1 - 0.9**k) / 0.1 for k in range(1, 5)))
+
+
+def test_each_message_may_carry_its_own_payload_and_none_replaces_the_strategys_settings():
+    shared = RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"lr": 0.1})})
+    messages = [Message(content=shared, dst_node_id=node, message_type=MessageType.TRAIN) for node in (1, 2)]
+    for node, message in zip((1, 2), messages):
+        add_payload([message], {"mine": np.full(2, float(node))})
+    assert [m.content["payload"]["mine"].numpy().tolist() for m in messages] == [[1.0, 1.0], [2.0, 2.0]]
+    assert "payload" not in shared  # the strategy's content is left as it built it
+    with pytest.raises(ValueError, match=r"already holds \['lr'\]"):
+        add_payload(messages, {}, {"lr": 0.5})
+
+
+def test_a_client_that_changes_the_shared_payload_fails_the_run_naming_it(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(USER_CODE))
+    overrides = [*TINY, "strategy=scaffold", "client.method=payload_users.MutatingScaffold"]
+    with pytest.raises(ClientFailure, match=r"client \d+ changed the payload's \['head.bias'\] in place"):
+        run_experiment(tmp_path, overrides)
+
+
+def test_scaffold_inside_a_dp_wrapper_is_refused(tmp_path):
+    overrides = [*TINY, "strategy=dp_fixed_server", "strategy.strategy._target_=strategies.scaffold.Scaffold"]
+    with pytest.raises(ConfigError, match=r"strategy.strategy._target_ = Scaffold: .* cannot be wrapped"):
+        run_experiment(tmp_path, [*overrides, "client.method=scaffold"])
+
+
+def test_a_strategy_that_keeps_the_server_model_function_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(USER_CODE))
+    summary = run_experiment(tmp_path, [*TINY, "strategy._target_=payload_users.BoundToTheModel"])
+    assert summary["rounds"] == 3 and (tmp_path / "checkpoints" / "round-000003").is_dir()
 
 
 def test_train_only_names_the_parameters_a_round_trains_and_keeps_the_rest_as_sent():
