@@ -90,7 +90,8 @@ class TrainContext:
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # data.augment, drawing from this client's seed
     autocast: torch.dtype | None = None  # engine.amp: forward pass and loss under autocast to this type
     # The strategy's payload for the round (simulator.protocol.PAYLOAD_ARRAYS: a control variate, a teacher,
-    # synthetic samples), by name, on the model's device, shared by the clients of a worker's call (never change them in place).
+    # synthetic samples), by name, on the model's device, shared by the clients of a worker's call: never change
+    # them in place (the worker fails the client that does).
     payload: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
