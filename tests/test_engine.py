@@ -84,6 +84,7 @@ def test_default_scenario_reaches_90_percent(tmp_path):
 
 
 STRATEGIES = sorted(p.stem for p in (ROOT / "scenarios" / "strategy").glob("*.yaml"))
+PAIRED = ("scaffold", "target")  # their client.method has the same name
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -92,6 +93,8 @@ def test_every_shipped_strategy_trains_the_global_model_through_our_grid(tmp_pat
     # IID data: this checks the aggregation path, not robustness to skew. The best round,
     # not the last: adaptive server optimizers (FedAdagrad at eta=0.1) oscillate.
     overrides = ["engine.backend=local", "rounds=5", f"strategy={name}", "data.partition.kind=iid"]
+    if name in PAIRED:  # a method in two halves runs with its client half
+        overrides.append(f"client.method={name}")
     run_experiment(tmp_path, overrides)
     curve = [r["acc_seen"] for r in read_metrics(tmp_path)]
     assert max(curve) >= curve[0] + 0.25, (name, curve)

@@ -99,7 +99,14 @@ def test_a_signal_while_the_model_builds_stops_at_once_and_says_how_to_run_it_ag
     monkeypatch.setenv("FEDSTREAM_TEST_SENTINEL", str(tmp_path / "building"))
     run_dir = tmp_path / "run"
     run = start_run_py(
-        run_dir, ["engine.backend=local", "rounds=2", "eval.probes=false", "model.name=slow_phases.slow_to_build"]
+        run_dir,
+        [
+            "engine.backend=local",
+            "rounds=2",
+            "eval.probes=false",
+            "eval.diagnostics=false",
+            "model.name=slow_phases.slow_to_build",
+        ],
     )
     _wait(run, (tmp_path / "building").exists, "the model's build")
     started = time.monotonic()

@@ -17,7 +17,8 @@ from simulator.config import ConfigError
 from strategies.fot import FOT
 from strategies.state import LayerState, StrategyStateError, restore_strategy_state
 
-LOCAL = ["engine.backend=local", "eval.probes=false", "seed=3"]
+# A run extended by resume measured at its first last round what the whole run does not (a task end).
+LOCAL = ["engine.backend=local", "eval.probes=false", "eval.diagnostics=false", "seed=3"]
 
 
 def _resumed_equals_whole(tmp_path: Path, overrides: list[str], rounds: int, split: int) -> None:
