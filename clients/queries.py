@@ -98,6 +98,15 @@ def class_feature_statistics(model: nn.Module, query: Query) -> dict[str, np.nda
         features = model.features(query.x).double().cpu()
     labels = query.y.cpu()
     classes = torch.unique(labels)
+    if len(classes) == 0:  # a present client with no data of the task: no class to describe
+        dim = features.shape[1]
+        return {
+            CLASSES: classes.numpy(),
+            COUNTS: np.zeros(0, np.int64),
+            MEANS: np.zeros((0, dim)),
+            COVARIANCES: np.zeros((0, dim, dim)),
+            NUM_SAMPLES: np.array(0, dtype=np.int64),
+        }
     counts = torch.stack([(labels == c).sum() for c in classes])
     means = torch.stack([features[labels == c].mean(dim=0) for c in classes])
     covariances = torch.stack([_unbiased_covariance(features[labels == c]) for c in classes])

@@ -125,6 +125,11 @@ class TARGET(FedAvg):
                 raise ConfigError(
                     f"strategy.{key} = {value!r}: expected a number {'>' if key in _POSITIVE else '>='} 0"
                 )
+        if min(synthetic_samples, synthesis_batch_size) > 1 and synthetic_samples % synthesis_batch_size == 1:
+            raise ConfigError(  # the generator's batch norm cannot train on a batch of one
+                f"strategy.synthetic_samples = {synthetic_samples} leaves a last batch of 1 sample with "
+                f"strategy.synthesis_batch_size = {synthesis_batch_size}; change either"
+            )
         self.synthesis = SynthesisSettings(
             samples=synthetic_samples,
             batch_size=synthesis_batch_size,

@@ -131,6 +131,21 @@ def test_pooled_class_statistics_equal_those_of_all_clients_data_together():
         np.testing.assert_allclose(covariance, np.cov(mine, rowvar=False))
 
 
+def test_a_client_with_no_data_of_the_task_answers_no_class():
+    model = type("Features", (), {"features": lambda self, x: x, "eval": lambda self: None})()
+    query = Query(
+        "class_feature_statistics", {}, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.Generator()
+    )
+    answer = class_feature_statistics(model, query)
+    assert [answer[key].shape for key in ("classes", "counts", "means", "covariances")] == [
+        (0,),
+        (0,),
+        (0, 4),
+        (0, 4, 4),
+    ]
+    assert pooled_statistics([answer]) == {}
+
+
 def test_fot_gathers_bases_at_each_task_end_and_forgets_less_than_fedavg(tmp_path):
     fedavg = run_experiment(tmp_path / "fedavg", PERMUTED)
     fot = run_experiment(tmp_path / "fot", FOT)

@@ -215,6 +215,7 @@ def test_synthesis_depends_on_torchs_seed_alone_and_makes_balanced_labels_in_ran
         ("strategy.generator_lr=0", r"strategy\.generator_lr = 0(\.0)?: expected a number > 0"),
         ("client.target.temperature=0", r"client\.target\.temperature"),
         ("client.target.synthetic_batch_size=0", r"client\.target\.synthetic_batch_size"),
+        ("strategy.synthetic_samples=257", r"strategy\.synthetic_samples = 257 leaves a last batch of 1 sample"),
     ],
 )
 def test_impossible_settings_are_refused_naming_the_key(tmp_path, override, message):
