@@ -83,6 +83,12 @@ class FeTrIL(FrozenEncoderHead):
         labels = np.concatenate([answer[LABELS] for answer in answers])
         if not len(labels):
             raise ValueError("no client holds a sample of the task that ended: no features to train the head on")
+        unsampled = sorted(set(measured) - set(labels.tolist()))
+        if unsampled:  # a capped query's subset left them out: neither they nor the old classes they lend to train
+            raise ValueError(
+                f"strategy.query_samples = {self.query_samples}: the clients' features hold no sample of the new "
+                f"classes {unsampled}, whose head could not be trained; raise it, or null for all"
+            )
         x, y = translated_features(
             features,
             labels,
