@@ -257,40 +257,25 @@ class ClientMethod:
         if prefixes:
             names = {id(param): name for name, param in model.named_parameters()}
             params = [param for param in params if names[id(param)].startswith(prefixes)]
-        with only_these_trained(model, params):
-            model.train()
-            if prefixes:
-                for name, module in model.named_modules():
-                    if name and not f"{name}.".startswith(prefixes) and not _holds_any(name, prefixes):
-                        module.eval()
-            return self._epochs(model, params, x, y, context, epochs)
-
-    def _epochs(
-        self,
-        model: nn.Module,
-        params: list[torch.Tensor],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        context: TrainContext,
-        epochs: int,
-    ) -> float:
         velocity: dict[int, torch.Tensor] = {}
         total_loss, steps = torch.zeros((), device=x.device), 0
-        for _ in range(epochs):
-            order = torch.randperm(len(y), generator=context.generator)
-            for positions in order.split(self.config.batch_size):
-                batch = self.prepare_batch(Batch(x[positions], y[positions], context.class_mask), context)
-                if context.augment is not None:
-                    batch = dataclasses.replace(batch, x=context.augment(batch.x))
-                for param in model.parameters():
-                    param.grad = None
-                with autocast(context.autocast, x.device):
-                    loss = self.loss(model, batch, context)
-                loss.backward()
-                self.adjust_gradients(model, context)
-                sgd_step(params, velocity, self.config, context.lr)
-                total_loss += loss.detach()
-                steps += 1
+        with only_these_trained(model, params):
+            train_mode(model, prefixes)
+            for _ in range(epochs):
+                order = torch.randperm(len(y), generator=context.generator)
+                for positions in order.split(self.config.batch_size):
+                    batch = self.prepare_batch(Batch(x[positions], y[positions], context.class_mask), context)
+                    if context.augment is not None:
+                        batch = dataclasses.replace(batch, x=context.augment(batch.x))
+                    for param in model.parameters():
+                        param.grad = None
+                    with autocast(context.autocast, x.device):
+                        loss = self.loss(model, batch, context)
+                    loss.backward()
+                    self.adjust_gradients(model, context)
+                    sgd_step(params, velocity, self.config, context.lr)
+                    total_loss += loss.detach()
+                    steps += 1
         return float(total_loss) / max(steps, 1)
 
 
@@ -300,9 +285,14 @@ def train_only(config: Mapping[str, Any]) -> tuple[str, ...]:
     return () if value is None else tuple(prefix.strip() for prefix in str(value).split(",") if prefix.strip())
 
 
-def _holds_any(module_name: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether the module ``module_name`` holds a module or parameter under one of ``prefixes``."""
-    return any(prefix.startswith(f"{module_name}.") for prefix in prefixes)
+def train_mode(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """``model`` in train mode, but for the modules outside ``prefixes`` (none: all in train mode), which run in
+    eval mode: a module neither under a prefix nor holding one (a frozen encoder's batch norm)."""
+    model.train()
+    for name, module in model.named_modules():
+        outside = not f"{name}.".startswith(prefixes) and not any(p.startswith(f"{name}.") for p in prefixes)
+        if prefixes and name and outside:
+            module.eval()
 
 
 @contextlib.contextmanager
